@@ -1,0 +1,3 @@
+from poste.cli import main
+
+main()

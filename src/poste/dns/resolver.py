@@ -1,0 +1,112 @@
+"""One DNS resolver for every service, built from `--nameserver` flags.
+
+A flag is `[tcp:|udp:]IP[:PORT]` (ptt's form); IPv6 addresses go in brackets
+when a port follows (`[::1]:53`).  With no flag, the system's resolv.conf is
+used.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+
+import dns.asyncresolver
+import dns.resolver
+
+
+class NameserverError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Nameserver:
+    ip: str
+    port: int = 53
+    tcp: bool = False
+
+    def __str__(self) -> str:
+        host = f"[{self.ip}]" if ":" in self.ip else self.ip
+        return f"{'tcp' if self.tcp else 'udp'}:{host}:{self.port}"
+
+
+def parse_nameserver(spec: str) -> Nameserver:
+    """Parse `[tcp:|udp:]IP[:PORT]`; raises NameserverError with a one-line reason."""
+    text = spec.strip()
+    tcp = False
+    low = text.lower()
+    if low.startswith("tcp:"):
+        tcp, text = True, text[4:]
+    elif low.startswith("udp:"):
+        text = text[4:]
+    port = 53
+    if text.startswith("["):
+        host, sep, rest = text[1:].partition("]")
+        if not sep:
+            raise NameserverError(f"bad nameserver {spec!r}: missing ']'")
+        if rest:
+            if not rest.startswith(":"):
+                raise NameserverError(f"bad nameserver {spec!r}")
+            port = _port(rest[1:], spec)
+    elif text.count(":") == 1:
+        host, _, p = text.partition(":")
+        port = _port(p, spec)
+    else:
+        host = text
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise NameserverError(f"bad nameserver {spec!r}: {host!r} is not an IP address") from None
+    return Nameserver(host, port, tcp)
+
+
+def _port(text: str, spec: str) -> int:
+    if not text.isdigit() or not 0 < int(text) < 65536:
+        raise NameserverError(f"bad nameserver {spec!r}: bad port {text!r}")
+    return int(text)
+
+
+class Resolver(dns.asyncresolver.Resolver):
+    """dnspython's async resolver, pointed at our nameservers, TCP when asked."""
+
+    def __init__(self, nameservers: list[Nameserver] | None = None, timeout: float = 5.0) -> None:
+        super().__init__(configure=not nameservers)
+        self.use_tcp = False
+        if nameservers:
+            self.nameservers = [ns.ip for ns in nameservers]
+            self.nameserver_ports = {ns.ip: ns.port for ns in nameservers}
+            self.port = nameservers[0].port
+            self.use_tcp = any(ns.tcp for ns in nameservers)
+        self.lifetime = timeout
+        self.timeout = timeout
+        self.cache = dns.resolver.LRUCache()
+
+    async def resolve(self, *args, **kwargs):  # type: ignore[no-untyped-def, override]
+        kwargs.setdefault("tcp", self.use_tcp)
+        return await super().resolve(*args, **kwargs)
+
+
+class SyncResolver(dns.resolver.Resolver):
+    """The same nameservers for code that must be synchronous (pyspf runs in a thread)."""
+
+    def __init__(self, nameservers: list[Nameserver] | None = None, timeout: float = 5.0) -> None:
+        super().__init__(configure=not nameservers)
+        self.use_tcp = False
+        if nameservers:
+            self.nameservers = [ns.ip for ns in nameservers]
+            self.nameserver_ports = {ns.ip: ns.port for ns in nameservers}
+            self.port = nameservers[0].port
+            self.use_tcp = any(ns.tcp for ns in nameservers)
+        self.lifetime = timeout
+        self.timeout = timeout
+
+    def resolve(self, *args, **kwargs):  # type: ignore[no-untyped-def, override]
+        kwargs.setdefault("tcp", self.use_tcp)
+        return super().resolve(*args, **kwargs)
+
+
+def make_resolver(specs: list[str] | tuple[str, ...], timeout: float = 5.0) -> Resolver:
+    return Resolver([parse_nameserver(s) for s in specs], timeout)
+
+
+def make_sync_resolver(specs: list[str] | tuple[str, ...], timeout: float = 5.0) -> SyncResolver:
+    return SyncResolver([parse_nameserver(s) for s in specs], timeout)

@@ -1,0 +1,128 @@
+"""The contract between the SMTP core and the services.
+
+A service is one SMTP listener in front of one *stage* and one *next hop*
+(design.md section 1).  The stage only judges: it sees the envelope as it is
+built and the raw bytes at the end of DATA, and answers with header fields to
+prepend or a refusal.  It never re-serialises a message, so the bytes that go
+out are the bytes that came in, with fields prepended.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from dataclasses import dataclass, field
+
+
+def new_queue_id() -> str:
+    """A short, sortable, unique id, shown in Received: and in every log line."""
+    return f"{int(time.time() * 1000):x}{secrets.token_hex(3)}".upper()
+
+
+@dataclass(frozen=True)
+class Reply:
+    """One SMTP reply: a code and its text (with the enhanced status code in front)."""
+
+    code: int
+    text: str
+
+    @property
+    def ok(self) -> bool:
+        return 200 <= self.code < 300
+
+    @property
+    def transient(self) -> bool:
+        return 400 <= self.code < 500
+
+    def __str__(self) -> str:
+        lines = self.text.splitlines() or [""]
+        out = [f"{self.code}-{line}" for line in lines[:-1]]
+        out.append(f"{self.code} {lines[-1]}")
+        return "\r\n".join(out)
+
+
+OK = Reply(250, "2.0.0 Ok")
+
+
+@dataclass
+class Envelope:
+    """What the SMTP session knows about the mail in transit."""
+
+    queue_id: str = field(default_factory=new_queue_id)
+    helo: str = ""
+    peer_ip: str = ""
+    peer_port: int = 0
+    peer_name: str | None = None  # reverse DNS of peer_ip, when known
+    local_ip: str = ""
+    tls: bool = False
+    tls_version: str | None = None
+    tls_cipher: str | None = None
+    auth_user: str | None = None
+    esmtp: bool = True
+    mail_from: str = ""  # "" is the null sender <>
+    mail_options: list[str] = field(default_factory=list)
+    rcpt_tos: list[str] = field(default_factory=list)
+    rcpt_options: list[list[str]] = field(default_factory=list)
+
+    @property
+    def protocol(self) -> str:
+        """The `with` word of Received: (RFC 3848)."""
+        if not self.esmtp:
+            return "SMTP"
+        word = "ESMTP"
+        if self.tls:
+            word += "S"
+        if self.auth_user:
+            word += "A"
+        return word
+
+    def copy_for_transaction(self) -> Envelope:
+        """A fresh envelope for the next transaction on the same connection."""
+        return Envelope(
+            helo=self.helo,
+            peer_ip=self.peer_ip,
+            peer_port=self.peer_port,
+            peer_name=self.peer_name,
+            local_ip=self.local_ip,
+            tls=self.tls,
+            tls_version=self.tls_version,
+            tls_cipher=self.tls_cipher,
+            auth_user=self.auth_user,
+            esmtp=self.esmtp,
+        )
+
+
+@dataclass
+class Verdict:
+    """What a stage says at the end of DATA.
+
+    `reply` None means: accept, prepend `prepend` (complete header lines, each
+    ending in CRLF, stage fields above our Received:) and pass on to the next
+    hop.  A 4xx or 5xx `reply` refuses the mail with that reply.
+    """
+
+    prepend: bytes = b""
+    reply: Reply | None = None
+
+
+class Stage:
+    """The do-nothing stage: accepts every sender, recipient and message.
+
+    Services subclass it.  Hooks return None to accept or a Reply to refuse.
+    CPU-heavy work in `on_data` must run off the event loop
+    (`await asyncio.to_thread(...)`).
+    """
+
+    name = "forward"
+
+    async def on_connect(self, env: Envelope) -> Reply | None:
+        return None
+
+    async def on_mail(self, env: Envelope, sender: str) -> Reply | None:
+        return None
+
+    async def on_rcpt(self, env: Envelope, rcpt: str) -> Reply | None:
+        return None
+
+    async def on_data(self, env: Envelope, data: bytes) -> Verdict:
+        return Verdict()
