@@ -1,0 +1,413 @@
+"""The users repository: a Git repository read with pygit2 (design.md section 4).
+
+Layout (ptt's): at the root, one file per local part of the default domain,
+named after it, holding JSON
+`{"targets": ["a@b"], "password": "<hash>", "insecure": false}`; further
+domains live in a folder named after the domain, with the same files inside.
+poste adds an optional `"aliases": ["other", "x@another.domain"]` (more local
+addresses that reach, and may be sent from by, the same user).
+
+Only the committed tree at HEAD counts, never the working directory: a commit
+is the unit of change, so an admin's half-edited file is never served.  A
+snapshot (`UsersDB`) is immutable; `UsersWatcher` swaps in a new one when HEAD
+moves and the new commit is valid, and keeps the last good one otherwise.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import signal
+import threading
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from email.utils import parseaddr
+from pathlib import Path
+from typing import Any
+
+import pygit2
+
+from poste.users import passwords
+
+log = logging.getLogger("poste.users")
+
+_ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+_LOCAL = re.compile(rf"{_ATOM}(?:\.{_ATOM})*")
+_LABEL = r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)"
+_DOMAIN = re.compile(rf"{_LABEL}(?:\.{_LABEL})+")
+# Repository files that are not users (dotfiles are skipped too).
+_IGNORED = {"README", "README.md", "README.txt", "LICENSE"}
+
+
+class UsersRepoError(Exception):
+    """The repository is missing or a commit in it is not a valid users database."""
+
+
+def is_local_part(text: str) -> bool:
+    return len(text) <= 64 and _LOCAL.fullmatch(text) is not None
+
+
+def is_domain(text: str) -> bool:
+    return len(text) <= 253 and _DOMAIN.fullmatch(text) is not None
+
+
+def normalize_domain(domain: str) -> str:
+    return domain.strip().rstrip(".").lower()
+
+
+def split_address(address: str) -> tuple[str, str]:
+    """`local@domain` (angle brackets allowed) -> (local, lower-cased domain).
+
+    Raises ValueError for anything that is not a plain mailbox address.
+    """
+    text = address.strip()
+    if text.startswith("<") and text.endswith(">"):
+        text = text[1:-1]
+    local, at, domain = text.rpartition("@")
+    domain = normalize_domain(domain)
+    if not at or not is_local_part(local) or not is_domain(domain):
+        raise ValueError(f"not a mail address: {address!r}")
+    return local, domain
+
+
+def parse_target(value: object) -> str:
+    """A target as ptt writes it (`a@b` or `Name <a@b>`) -> `a@b`."""
+    if not isinstance(value, str):
+        raise ValueError(f"target is not a string: {value!r}")
+    _, addr = parseaddr(value)
+    local, domain = split_address(addr or value)
+    return f"{local}@{domain}"
+
+
+@dataclass(frozen=True)
+class User:
+    """One local address and what the services need to know about it."""
+
+    local: str
+    domain: str
+    targets: list[str]
+    password: str | None = field(repr=False)
+    insecure: bool = False
+    aliases: tuple[str, ...] = ()  # further full addresses of this user
+    path: str = ""  # where the entry lives in the repository tree
+
+    @property
+    def address(self) -> str:
+        return f"{self.local}@{self.domain}"
+
+    @property
+    def addresses(self) -> tuple[str, ...]:
+        """Every address this user receives at and may send from."""
+        return (self.address, *self.aliases)
+
+
+def parse_entry(local: str, domain: str, data: bytes, path: str) -> User:
+    """One repository file -> User; raises UsersRepoError saying what is wrong."""
+    if not is_local_part(local):
+        raise UsersRepoError(f"{path}: file name is not a valid local part")
+    try:
+        obj = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UsersRepoError(f"{path}: invalid JSON: {exc}") from None
+    if not isinstance(obj, dict):
+        raise UsersRepoError(f"{path}: not a JSON object")
+    try:
+        return user_from_json(local, domain, obj, path)
+    except ValueError as exc:
+        raise UsersRepoError(f"{path}: {exc}") from None
+
+
+def user_from_json(local: str, domain: str, obj: Mapping[str, Any], path: str = "") -> User:
+    """Validate one entry's JSON object (raises ValueError)."""
+    targets_raw = obj.get("targets", [])
+    if not isinstance(targets_raw, list):
+        raise ValueError("targets is not a list")
+    targets = [parse_target(t) for t in targets_raw]
+    password = obj.get("password")
+    if password is not None:
+        if not isinstance(password, str):
+            raise ValueError("password is not a string")
+        if password == "":
+            password = None
+        elif not passwords.is_valid_hash(password):
+            raise ValueError("password is neither hex BLAKE2B-512 nor an argon2id PHC string")
+    insecure = obj.get("insecure", False)
+    if not isinstance(insecure, bool):
+        raise ValueError("insecure is not true/false")
+    aliases_raw = obj.get("aliases", [])
+    if not isinstance(aliases_raw, list):
+        raise ValueError("aliases is not a list")
+    aliases: list[str] = []
+    for alias in aliases_raw:
+        if not isinstance(alias, str):
+            raise ValueError(f"alias is not a string: {alias!r}")
+        if "@" in alias:
+            a_local, a_domain = split_address(alias)
+        elif is_local_part(alias):
+            a_local, a_domain = alias, domain
+        else:
+            raise ValueError(f"alias is not a local part or address: {alias!r}")
+        aliases.append(f"{a_local}@{a_domain}")
+    return User(
+        local=local,
+        domain=domain,
+        targets=targets,
+        password=password,
+        insecure=insecure,
+        aliases=tuple(aliases),
+        path=path,
+    )
+
+
+def user_to_json(user: User) -> bytes:
+    """The file content for `user`, in ptt's field order (aliases only when set)."""
+    obj: dict[str, Any] = {
+        "targets": list(user.targets),
+        "password": user.password or "",
+        "insecure": user.insecure,
+    }
+    if user.aliases:
+        obj["aliases"] = [
+            a.partition("@")[0] if a.endswith("@" + user.domain) else a for a in user.aliases
+        ]
+    return (json.dumps(obj, indent=2) + "\n").encode("utf-8")
+
+
+@dataclass(frozen=True)
+class UsersDB:
+    """An immutable snapshot of the users repository at one commit."""
+
+    default_domain: str
+    users: Mapping[tuple[str, str], User] = field(default_factory=dict)  # (local.lower(), domain)
+    domains: frozenset[str] = frozenset()
+    commit: str | None = None  # hex id of the commit it was read from (None: empty repository)
+
+    def lookup(self, address: str) -> User | None:
+        """The user an address belongs to: exact local part, then without `+tag`, then aliases.
+
+        `address` may be a bare local part (then it is in the default domain),
+        which is what users type as their login.
+        """
+        text = address.strip()
+        if text.startswith("<") and text.endswith(">"):
+            text = text[1:-1]
+        local, at, domain = text.rpartition("@")
+        if not at:
+            local, domain = text, self.default_domain
+        domain = normalize_domain(domain)
+        if not local:
+            return None
+        key = local.lower()
+        user = self.users.get((key, domain))
+        if user is None and "+" in key:
+            user = self.users.get((key.split("+", 1)[0], domain))
+        return user
+
+    def is_local_domain(self, domain: str) -> bool:
+        return normalize_domain(domain) in self.domains
+
+    def __iter__(self) -> Iterator[User]:
+        """Each user once (aliases are not repeated), sorted by address."""
+        seen: dict[str, User] = {}
+        for user in self.users.values():
+            seen.setdefault(user.path, user)
+        return iter(sorted(seen.values(), key=lambda u: (u.domain, u.local)))
+
+    def __len__(self) -> int:
+        return len({u.path for u in self.users.values()})
+
+
+def _open(path: str | Path) -> pygit2.Repository:
+    try:
+        return pygit2.Repository(str(path))
+    except (pygit2.GitError, KeyError) as exc:
+        raise UsersRepoError(f"{path}: not a Git repository ({exc})") from None
+
+
+def head_commit(path: str | Path) -> str | None:
+    """Hex id of HEAD's commit, None for a repository with no commit yet."""
+    repo = _open(path)
+    if repo.head_is_unborn:
+        return None
+    return str(repo.head.target)
+
+
+def load_snapshot(
+    path: str | Path,
+    default_domain: str,
+    commit: str | None = None,
+    extra_domains: tuple[str, ...] = (),
+) -> UsersDB:
+    """Read the tree of `commit` (default HEAD) into a UsersDB; UsersRepoError if invalid."""
+    default_domain = normalize_domain(default_domain)
+    domains = {default_domain, *(normalize_domain(d) for d in extra_domains)}
+    repo = _open(path)
+    if commit is None:
+        if repo.head_is_unborn:
+            return UsersDB(default_domain, {}, frozenset(domains), None)
+        commit = str(repo.head.target)
+    try:
+        tree = repo.get(commit).peel(pygit2.Tree)  # type: ignore[union-attr]
+    except (AttributeError, ValueError, pygit2.GitError, KeyError) as exc:
+        raise UsersRepoError(f"{path}: cannot read commit {commit}: {exc}") from None
+
+    entries: list[User] = []
+    for item in tree:
+        name = item.name or ""
+        if name.startswith(".") or name in _IGNORED:
+            continue
+        if item.type_str == "tree":
+            domain = normalize_domain(name)
+            if not is_domain(domain):
+                raise UsersRepoError(f"{name}/: folder name is not a domain")
+            domains.add(domain)
+            for sub in repo[item.id].peel(pygit2.Tree):
+                sub_name = sub.name or ""
+                if sub_name.startswith(".") or sub_name in _IGNORED:
+                    continue
+                if sub.type_str != "blob":
+                    raise UsersRepoError(f"{name}/{sub_name}: nested folders are not allowed")
+                blob = repo[sub.id].peel(pygit2.Blob)
+                entries.append(parse_entry(sub_name, domain, blob.data, f"{name}/{sub_name}"))
+        elif item.type_str == "blob":
+            blob = repo[item.id].peel(pygit2.Blob)
+            entries.append(parse_entry(name, default_domain, blob.data, name))
+        else:
+            raise UsersRepoError(f"{name}: submodules are not allowed")
+
+    users: dict[tuple[str, str], User] = {}
+    for user in entries:
+        key = (user.local.lower(), user.domain)
+        if key in users:
+            raise UsersRepoError(f"{user.path}: {user.address} is defined twice")
+        users[key] = user
+    for user in entries:
+        for alias in user.aliases:
+            a_local, _, a_domain = alias.rpartition("@")
+            if a_domain not in domains:
+                raise UsersRepoError(f"{user.path}: alias {alias} is not in a local domain")
+            key = (a_local.lower(), a_domain)
+            if key in users:
+                raise UsersRepoError(
+                    f"{user.path}: alias {alias} is already {users[key].path}'s address"
+                )
+            users[key] = user
+    return UsersDB(default_domain, users, frozenset(domains), commit)
+
+
+class UsersWatcher:
+    """Keeps a current `UsersDB` and reloads it when HEAD moves (poll, SIGHUP).
+
+    A commit that does not load is refused with one log line and the last
+    good snapshot stays in service; the next commit (e.g. the fix) is tried
+    again.  `reload` is thread-safe and cheap when nothing changed (it reads
+    HEAD only), so our own commits (password upgrades) are simply picked up.
+    """
+
+    def __init__(
+        self,
+        repo_path: str | Path,
+        default_domain: str,
+        poll_interval: float = 2.0,
+        extra_domains: tuple[str, ...] = (),
+    ) -> None:
+        self.repo_path = Path(repo_path)
+        self.default_domain = normalize_domain(default_domain)
+        self.poll_interval = poll_interval
+        self.extra_domains = extra_domains
+        self.last_error: str | None = None
+        self.reloads = 0  # successful swaps after the first load
+        self._lock = threading.Lock()
+        self._refused: str | None = None
+        self._db = self._initial()
+
+    @property
+    def db(self) -> UsersDB:
+        return self._db
+
+    def _load(self, commit: str | None) -> UsersDB:
+        return load_snapshot(self.repo_path, self.default_domain, commit, self.extra_domains)
+
+    def _initial(self) -> UsersDB:
+        """HEAD, or if HEAD is bad the newest good commit on its first-parent line."""
+        repo = _open(self.repo_path)
+        if repo.head_is_unborn:
+            log.warning("users repo %s has no commit yet: no users", self.repo_path)
+            return self._load(None)
+        head = str(repo.head.target)
+        oid: str | None = head
+        first_error: UsersRepoError | None = None
+        for _ in range(100):
+            if oid is None:
+                break
+            try:
+                db = self._load(oid)
+            except UsersRepoError as exc:
+                first_error = first_error or exc
+                log.error("users repo: refusing commit %s: %s", oid[:12], exc)
+                parents = repo[oid].peel(pygit2.Commit).parent_ids
+                oid = str(parents[0]) if parents else None
+                continue
+            if oid != head:
+                self._refused = head
+                self.last_error = str(first_error)
+                log.warning("users repo: serving older commit %s (HEAD is invalid)", oid[:12])
+            log.info("users repo: loaded %d users at %s", len(db), oid[:12])
+            return db
+        raise first_error or UsersRepoError(f"{self.repo_path}: no valid commit")
+
+    def reload(self) -> bool:
+        """Load HEAD if it moved; True when a new snapshot is in service."""
+        with self._lock:
+            try:
+                head = head_commit(self.repo_path)
+            except UsersRepoError as exc:
+                self.last_error = str(exc)
+                log.error("users repo: %s", exc)
+                return False
+            if head == self._db.commit or head == self._refused:
+                return False
+            try:
+                db = self._load(head)
+            except UsersRepoError as exc:
+                self._refused = head
+                self.last_error = str(exc)
+                log.error(
+                    "users repo: refusing commit %s: %s; keeping %s",
+                    (head or "")[:12],
+                    exc,
+                    (self._db.commit or "empty")[:12],
+                )
+                return False
+            self._db = db
+            self._refused = None
+            self.last_error = None
+            self.reloads += 1
+            log.info("users repo: loaded %d users at %s", len(db), (head or "")[:12])
+            return True
+
+    async def areload(self) -> bool:
+        return await asyncio.to_thread(self.reload)
+
+    async def run(self) -> None:
+        """Poll HEAD every `poll_interval` seconds until cancelled."""
+        while True:
+            await asyncio.sleep(self.poll_interval)
+            try:
+                await self.areload()
+            except Exception:  # a watcher that dies silently would freeze the users
+                log.exception("users repo: reload failed")
+
+    def install_sighup(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        """Reload on SIGHUP (off the event loop)."""
+        loop = loop or asyncio.get_running_loop()
+        tasks: set[asyncio.Task[bool]] = set()
+
+        def on_hup() -> None:
+            task = loop.create_task(self.areload())
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+
+        loop.add_signal_handler(signal.SIGHUP, on_hup)
