@@ -1,0 +1,137 @@
+"""`poste queue`: look into the relay's spool and act on it.
+
+Works on the files directly (the format is in docs/relay.md), so it is usable
+whether the relay runs or not; a running relay notices `retry` and `delete`
+at its next spool rescan.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import sys
+import time
+
+import click
+
+from poste.relay.spool import PENDING, Spool, SpoolError
+
+spool_option = click.option(
+    "--spool",
+    "spool_dir",
+    required=True,
+    type=click.Path(file_okay=False),
+    help="The relay's spool folder.",
+)
+
+
+def _open(spool_dir: str) -> Spool:
+    try:
+        return Spool(spool_dir, create=False)
+    except SpoolError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+def _when(ts: float | None) -> str:
+    if not ts:
+        return "-"
+    return dt.datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """Inspect and manage the relay's spool (the queue of mail not yet delivered)."""
+
+
+@main.command("list")
+@spool_option
+@click.option("--json", "as_json", is_flag=True, help="One JSON envelope per line.")
+def list_cmd(spool_dir: str, as_json: bool) -> None:
+    """List queued messages: id, arrival, size, sender, pending recipients."""
+    spool = _open(spool_dir)
+    count = 0
+    for entry in spool.entries():
+        count += 1
+        if as_json:
+            click.echo(json.dumps(entry.to_json(), sort_keys=True))
+            continue
+        pending = entry.pending
+        sender = entry.return_path or "<>"
+        click.echo(
+            f"{entry.id}  {_when(entry.created)}  {entry.size:>8}  {sender}"
+            f"  next={_when(entry.next_attempt)}  tries={entry.attempts}"
+        )
+        for r in pending:
+            reply = f"  ({r.last_reply})" if r.last_reply else ""
+            click.echo(f"    {r.address}{reply}")
+    if not as_json:
+        click.echo(f"-- {count} message(s) in queue", err=True)
+
+
+@main.command()
+@spool_option
+@click.argument("queue_id")
+@click.option("--body", is_flag=True, help="Also print the message itself.")
+def show(spool_dir: str, queue_id: str, body: bool) -> None:
+    """Show a message's envelope and delivery state (and the message with --body)."""
+    spool = _open(spool_dir)
+    try:
+        entry = spool.load(queue_id)
+    except SpoolError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"id:           {entry.id}")
+    peer = f"{entry.peer or '-'} ({entry.helo or '-'})"
+    click.echo(f"arrived:      {_when(entry.created)} from {peer}")
+    click.echo(f"return-path:  <{entry.return_path}>")
+    click.echo(f"size:         {entry.size}")
+    click.echo(f"attempts:     {entry.attempts}, next {_when(entry.next_attempt)}")
+    click.echo(f"dsn:          {'yes' if entry.is_dsn else 'no'}, warned={entry.warned}")
+    for r in entry.recipients:
+        orig = f" (for {r.original})" if r.original and r.original != r.address else ""
+        click.echo(f"rcpt:         {r.address}{orig} {r.state}, from <{r.sender}>")
+        if r.last_reply:
+            click.echo(f"              {_when(r.last_attempt)} {r.remote_mta}: {r.last_reply}")
+    if body:
+        click.echo("")
+        try:
+            sys.stdout.buffer.write(spool.read_message(queue_id))
+        except SpoolError as exc:
+            raise click.ClickException(str(exc)) from None
+
+
+@main.command()
+@spool_option
+@click.argument("queue_ids", nargs=-1)
+@click.option("--all", "everything", is_flag=True, help="Every queued message.")
+def retry(spool_dir: str, queue_ids: tuple[str, ...], everything: bool) -> None:
+    """Make messages due now (a running relay picks them up at its next rescan)."""
+    spool = _open(spool_dir)
+    ids = spool.ids() if everything else list(queue_ids)
+    if not ids:
+        raise click.UsageError("give queue ids or --all")
+    for qid in ids:
+        try:
+            entry = spool.load(qid)
+        except SpoolError as exc:
+            raise click.ClickException(str(exc)) from None
+        entry.next_attempt = time.time()
+        spool.update(entry)
+        n = sum(1 for r in entry.recipients if r.state == PENDING)
+        click.echo(f"{qid}: retry now ({n} recipient(s) pending)")
+
+
+@main.command()
+@spool_option
+@click.argument("queue_ids", nargs=-1)
+@click.option("--all", "everything", is_flag=True, help="Every queued message.")
+def delete(spool_dir: str, queue_ids: tuple[str, ...], everything: bool) -> None:
+    """Remove messages from the queue, without any DSN."""
+    spool = _open(spool_dir)
+    ids = spool.ids() if everything else list(queue_ids)
+    if not ids:
+        raise click.UsageError("give queue ids or --all")
+    for qid in ids:
+        if not spool.envelope_path(qid).exists():
+            raise click.ClickException(f"no message {qid} in {spool.path}")
+        spool.remove(qid)
+        click.echo(f"{qid}: deleted")

@@ -1,0 +1,305 @@
+"""When to try each queued message again, and what to tell its sender.
+
+Every message in the spool has a next-attempt time.  A new message is tried at
+once; after a temporary failure it waits `retry_min * 2**(attempts-1)` seconds,
+capped at `retry_max`, times a random factor (jitter, so that a destination
+coming back up is not hit by the whole queue at the same second).  A recipient
+still undelivered `lifetime` after arrival fails for good.  5xx answers fail at
+once.  Failures produce one RFC 3464 DSN per attempt to the original sender
+(never to `<>`, never for a DSN), and a message still pending after
+`warn_after` produces one "delayed" DSN.
+
+Concurrency is bounded twice: `max_active` messages in flight, and
+`max_per_domain` SMTP sessions per destination domain, so one slow domain
+cannot hold every slot and we never hammer one receiver.
+
+On start the whole spool is read and resumed; a rescan every `rescan` seconds
+picks up `poste queue retry|delete` done while the relay runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import heapq
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from poste.relay.delivery import Result
+from poste.relay.dsn import DELAYED, FAILED, make_dsn
+from poste.relay.spool import DELIVERED, PENDING, Entry, Recipient, Spool, SpoolError
+from poste.smtp.stage import new_queue_id
+
+log = logging.getLogger("poste.relay")
+
+DeliverFn = Callable[[str, str, list[str], bytes], Awaitable[dict[str, Result]]]
+# address -> [(target address, sender to use)]; lets a DSN to a local user reach its targets
+ExpandFn = Callable[[str], list[tuple[str, str]]]
+
+
+@dataclass
+class Policy:
+    retry_min: float = 300.0
+    retry_max: float = 4 * 3600.0
+    jitter: float = 0.25
+    lifetime: float = 5 * 86400.0
+    warn_after: float = 4 * 3600.0  # 0 disables the delay warning
+    max_per_domain: int = 10
+    max_active: int = 50
+    rescan: float = 30.0
+
+    def backoff(self, attempts: int) -> float:
+        base = min(self.retry_min * (2 ** max(attempts - 1, 0)), self.retry_max)
+        return float(base) * random.uniform(1 - self.jitter, 1 + self.jitter)
+
+
+class Scheduler:
+    def __init__(
+        self,
+        spool: Spool,
+        deliver: DeliverFn,
+        *,
+        hostname: str,
+        domain: str,
+        policy: Policy | None = None,
+        expand: ExpandFn | None = None,
+    ) -> None:
+        self.spool = spool
+        self.deliver = deliver
+        self.hostname = hostname
+        self.domain = domain
+        self.policy = policy or Policy()
+        self.expand = expand
+        self._heap: list[tuple[float, str]] = []
+        self._due: dict[str, float] = {}
+        self._busy: set[str] = set()
+        self._wake = asyncio.Event()
+        self._active = asyncio.Semaphore(self.policy.max_active)
+        self._domains: dict[str, asyncio.Semaphore] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._runner: asyncio.Task[None] | None = None
+        self._stopping = False
+
+    # -- life cycle ----------------------------------------------------------
+
+    async def start(self) -> None:
+        """Resume the spool: every message on disk gets scheduled."""
+        removed = await asyncio.to_thread(self.spool.recover)
+        if removed:
+            log.info("spool: removed %d leftovers of interrupted writes", len(removed))
+        entries = await asyncio.to_thread(lambda: list(self.spool.entries()))
+        for entry in entries:
+            self._schedule(entry.id, entry.next_attempt)
+        log.info("spool %s: %d message(s) queued", self.spool.path, len(entries))
+        self._runner = asyncio.create_task(self._run(), name="relay-scheduler")
+
+    async def stop(self) -> None:
+        self._stopping = True
+        if self._runner:
+            self._runner.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._runner
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def submit(self, entry: Entry) -> None:
+        """A message just written to the spool: try it now."""
+        self._schedule(entry.id, entry.next_attempt)
+
+    async def enqueue(self, entry: Entry, message: bytes) -> None:
+        await asyncio.to_thread(self.spool.put, entry, message)
+        self.submit(entry)
+
+    def _schedule(self, qid: str, when: float) -> None:
+        self._due[qid] = when
+        heapq.heappush(self._heap, (when, qid))
+        self._wake.set()
+
+    async def idle(self) -> bool:
+        """True when nothing is in flight (for tests)."""
+        return not self._busy
+
+    # -- the loop ------------------------------------------------------------
+
+    async def _run(self) -> None:
+        next_scan = time.time() + self.policy.rescan
+        while True:
+            now = time.time()
+            if now >= next_scan:
+                await self._rescan()
+                next_scan = now + self.policy.rescan
+            while self._heap and self._heap[0][0] <= now:
+                when, qid = heapq.heappop(self._heap)
+                if self._due.get(qid) != when or qid in self._busy:
+                    continue  # superseded, or running (it reschedules itself)
+                del self._due[qid]
+                await self._active.acquire()
+                self._busy.add(qid)
+                task = asyncio.create_task(self._process(qid), name=f"deliver-{qid}")
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+            wait = next_scan - time.time()
+            if self._heap:
+                wait = min(wait, self._heap[0][0] - time.time())
+            self._wake.clear()
+            if wait > 0:
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), wait)
+
+    async def _rescan(self) -> None:
+        try:
+            entries = await asyncio.to_thread(lambda: list(self.spool.entries()))
+        except OSError as exc:
+            log.warning("spool rescan failed: %s", exc)
+            return
+        seen = set()
+        for entry in entries:
+            seen.add(entry.id)
+            if entry.id in self._busy:
+                continue
+            if self._due.get(entry.id) != entry.next_attempt:
+                self._schedule(entry.id, entry.next_attempt)
+        for qid in list(self._due):
+            if qid not in seen and qid not in self._busy:
+                del self._due[qid]
+
+    # -- one message ---------------------------------------------------------
+
+    async def _process(self, qid: str) -> None:
+        try:
+            await self._attempt(qid)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("%s: delivery attempt crashed; retrying later", qid)
+            self._schedule(qid, time.time() + self.policy.retry_min)
+        finally:
+            self._busy.discard(qid)
+            self._active.release()
+
+    async def _attempt(self, qid: str) -> None:
+        try:
+            entry = await asyncio.to_thread(self.spool.load, qid)
+            message = await asyncio.to_thread(self.spool.read_message, qid)
+        except SpoolError as exc:
+            log.info("%s: gone from the spool (%s)", qid, exc)
+            return
+        groups: dict[tuple[str, str], list[Recipient]] = {}
+        for r in entry.pending:
+            groups.setdefault((r.domain, r.sender), []).append(r)
+        if groups:
+            await asyncio.gather(
+                *(
+                    self._deliver_group(entry, dom, snd, rs, message)
+                    for (dom, snd), rs in groups.items()
+                )
+            )
+        now = time.time()
+        expires = entry.created + self.policy.lifetime
+        failed: list[Recipient] = []
+        for r in entry.recipients:
+            if r.state != PENDING:
+                continue
+            permanent = r.last_reply[:1] == "5"
+            if permanent or now >= expires:
+                if not permanent:
+                    r.last_reply = f"{r.last_reply} (gave up after {_age(now - entry.created)})"
+                r.state = "failed"
+                failed.append(r)
+                log.info("%s: to=<%s> status=bounced (%s)", qid, r.address, r.last_reply)
+        entry.attempts += 1
+        if failed:
+            await self._notify(entry, failed, FAILED, message)
+        pending = entry.pending
+        if (
+            pending
+            and not entry.warned
+            and self.policy.warn_after
+            and now - entry.created >= self.policy.warn_after
+        ):
+            await self._notify(entry, pending, DELAYED, message)
+            entry.warned = True
+        if not pending:
+            await asyncio.to_thread(self.spool.remove, qid)
+            return
+        entry.next_attempt = min(now + self.policy.backoff(entry.attempts), max(expires, now))
+        await asyncio.to_thread(self.spool.update, entry)
+        if not self._stopping:
+            self._schedule(qid, entry.next_attempt)
+
+    async def _deliver_group(
+        self, entry: Entry, domain: str, sender: str, rcpts: list[Recipient], message: bytes
+    ) -> None:
+        sem = self._domains.setdefault(domain, asyncio.Semaphore(self.policy.max_per_domain))
+        async with sem:
+            try:
+                results = await self.deliver(domain, sender, [r.address for r in rcpts], message)
+            except Exception as exc:  # a bug must not lose the mail: defer it
+                log.exception("%s: delivery to %s crashed", entry.id, domain)
+                results = {r.address: Result(451, f"4.3.0 Local error: {exc}") for r in rcpts}
+        now = time.time()
+        for r in rcpts:
+            res = results.get(r.address) or Result(451, "4.3.0 No result for this recipient")
+            r.attempts += 1
+            r.last_attempt = now
+            r.last_reply = res.text
+            r.remote_mta = res.remote_mta
+            if res.ok:
+                r.state = DELIVERED
+                word = "sent"
+            elif res.permanent:
+                word = "bounced"
+            else:
+                word = "deferred"
+            if word != "bounced":
+                log.info(
+                    "%s: to=<%s> from=<%s> relay=%s status=%s (%s)",
+                    entry.id, r.address, sender, res.remote_mta or "none", word, res.text,
+                )
+
+    async def _notify(
+        self, entry: Entry, rcpts: list[Recipient], action: str, message: bytes
+    ) -> None:
+        """Queue a DSN about `rcpts` to the original sender (never to <>, never for a DSN)."""
+        if not entry.return_path or entry.is_dsn:
+            log.info("%s: no %s DSN (null sender or a DSN itself)", entry.id, action)
+            return
+        retry_until = entry.created + self.policy.lifetime
+        dsn = make_dsn(
+            action=action,
+            reporting_mta=self.hostname,
+            postmaster_domain=self.domain,
+            to=entry.return_path,
+            recipients=rcpts,
+            original=message,
+            queue_id=entry.id,
+            arrival=entry.created,
+            retry_until=retry_until,
+        )
+        targets = self.expand(entry.return_path) if self.expand else [(entry.return_path, "")]
+        if not targets:
+            log.info("%s: no one to send the %s DSN to <%s>", entry.id, action, entry.return_path)
+            return
+        new = Entry(
+            id=new_queue_id(),
+            return_path="",
+            recipients=[
+                Recipient(address=t, sender="", original=entry.return_path) for t, _ in targets
+            ],
+            is_dsn=True,
+        )
+        await self.enqueue(new, dsn)
+        log.info("%s: %s DSN to <%s> queued as %s", entry.id, action, entry.return_path, new.id)
+
+
+def _age(seconds: float) -> str:
+    if seconds >= 86400:
+        return f"{seconds / 86400:.1f} days"
+    if seconds >= 3600:
+        return f"{seconds / 3600:.1f} hours"
+    return f"{seconds:.0f} s"

@@ -1,0 +1,228 @@
+"""The relay's queue on disk: the one place where poste keeps mail.
+
+Layout of a spool folder (format version 1, see docs/relay.md):
+
+    SPOOL/VERSION          "poste-spool 1"
+    SPOOL/ID.eml           the message, raw bytes as received (our Received: on top)
+    SPOOL/ID.json          the envelope: sender, recipients and their delivery state
+    SPOOL/.tmp-*           files being written (removed on start)
+
+The envelope is the commit record.  `put` writes the message, then the
+envelope, each to a temporary file that is fsynced and renamed into place,
+then fsyncs the folder; only after that does the relay answer 250.  A message
+file without an envelope is an interrupted write and is removed on start; an
+envelope is always complete (rename is atomic).  Updates rewrite the envelope
+the same way, so after a crash the state is the last one written: at worst a
+recipient delivered just before the crash is delivered again (a duplicate,
+never a loss).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from poste.smtp.stage import new_queue_id
+
+VERSION = "poste-spool 1"
+
+PENDING = "pending"
+DELIVERED = "delivered"
+FAILED = "failed"
+
+
+class SpoolError(Exception):
+    pass
+
+
+@dataclass
+class Recipient:
+    """One destination address of a queued message and where it stands."""
+
+    address: str  # where we deliver (a target, after expansion)
+    sender: str  # MAIL FROM for this recipient (SRS-rewritten when forwarded)
+    original: str = ""  # the RCPT TO we accepted (ORCPT in DSNs)
+    state: str = PENDING
+    attempts: int = 0
+    last_attempt: float | None = None
+    last_reply: str = ""  # "250 2.0.0 Ok" / "451 4.4.1 ..." as the remote said it
+    remote_mta: str = ""  # host that gave last_reply, if any
+
+    @property
+    def domain(self) -> str:
+        return self.address.rpartition("@")[2].lower()
+
+
+@dataclass
+class Entry:
+    """The envelope file of one queued message."""
+
+    id: str
+    return_path: str  # the original envelope sender: where DSNs go ("" = never)
+    recipients: list[Recipient]
+    created: float = field(default_factory=time.time)
+    next_attempt: float = 0.0
+    attempts: int = 0
+    warned: bool = False  # a delay DSN was sent
+    peer: str = ""  # IP the message came from
+    helo: str = ""
+    size: int = 0
+    is_dsn: bool = False  # a bounce we generated: never bounced itself
+
+    @property
+    def pending(self) -> list[Recipient]:
+        return [r for r in self.recipients if r.state == PENDING]
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["version"] = 1
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Entry:
+        rcpts = [Recipient(**r) for r in data.get("recipients", [])]
+        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        known["recipients"] = rcpts
+        return cls(**known)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Spool:
+    """Blocking file operations on a spool folder (call them through asyncio.to_thread)."""
+
+    def __init__(self, path: str | os.PathLike[str], *, create: bool = True) -> None:
+        self.path = Path(path)
+        if create:
+            self.path.mkdir(parents=True, exist_ok=True)
+            version = self.path / "VERSION"
+            if not version.exists():
+                self._write_atomic(version, (VERSION + "\n").encode())
+                _fsync_dir(self.path)
+        elif not self.path.is_dir():
+            raise SpoolError(f"no spool folder at {self.path}")
+        version = self.path / "VERSION"
+        if version.exists() and version.read_text().strip() != VERSION:
+            raise SpoolError(f"{version}: unknown spool format {version.read_text().strip()!r}")
+
+    # -- paths -----------------------------------------------------------
+
+    def message_path(self, qid: str) -> Path:
+        return self.path / f"{qid}.eml"
+
+    def envelope_path(self, qid: str) -> Path:
+        return self.path / f"{qid}.json"
+
+    # -- writing ---------------------------------------------------------
+
+    def _write_atomic(self, target: Path, data: bytes) -> None:
+        tmp = self.path / f".tmp-{target.name}-{secrets.token_hex(4)}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            view = memoryview(data)
+            while view:
+                n = os.write(fd, view)
+                view = view[n:]
+            os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise
+        os.close(fd)
+        os.rename(tmp, target)
+
+    def put(self, entry: Entry, message: bytes) -> None:
+        """Store a new message durably; when this returns the mail survives a crash."""
+        if not entry.id:
+            entry.id = new_queue_id()
+        entry.size = len(message)
+        if self.envelope_path(entry.id).exists():
+            raise SpoolError(f"queue id {entry.id} already in the spool")
+        self._write_atomic(self.message_path(entry.id), message)
+        self._write_atomic(self.envelope_path(entry.id), _dump(entry))
+        _fsync_dir(self.path)
+
+    def update(self, entry: Entry) -> None:
+        """Rewrite the envelope (delivery state) atomically."""
+        self._write_atomic(self.envelope_path(entry.id), _dump(entry))
+        _fsync_dir(self.path)
+
+    def remove(self, qid: str) -> None:
+        """Forget a message: envelope first (the commit record), then the bytes."""
+        with contextlib.suppress(FileNotFoundError):
+            self.envelope_path(qid).unlink()
+        with contextlib.suppress(FileNotFoundError):
+            self.message_path(qid).unlink()
+        _fsync_dir(self.path)
+
+    # -- reading ---------------------------------------------------------
+
+    def load(self, qid: str) -> Entry:
+        try:
+            data = json.loads(self.envelope_path(qid).read_bytes())
+        except FileNotFoundError:
+            raise SpoolError(f"no message {qid} in {self.path}") from None
+        except ValueError as exc:
+            raise SpoolError(f"{self.envelope_path(qid)}: bad envelope: {exc}") from None
+        return Entry.from_json(data)
+
+    def read_message(self, qid: str) -> bytes:
+        try:
+            return self.message_path(qid).read_bytes()
+        except FileNotFoundError:
+            raise SpoolError(f"message file of {qid} is missing") from None
+
+    def ids(self) -> list[str]:
+        return sorted(p.name[:-5] for p in self.path.glob("*.json") if not p.name.startswith("."))
+
+    def entries(self) -> Iterator[Entry]:
+        for qid in self.ids():
+            try:
+                yield self.load(qid)
+            except SpoolError:
+                continue
+
+    def recover(self, grace: float = 0.0) -> list[str]:
+        """Remove what an interrupted write left behind; returns the names removed.
+
+        Run at start, when no write is in flight.  `grace` spares files younger
+        than that many seconds (for `poste queue` running beside a live relay).
+        """
+        removed: list[str] = []
+        now = time.time()
+        envelopes = {p.name[:-5] for p in self.path.glob("*.json")}
+        for p in self.path.iterdir():
+            stale = False
+            if p.name.startswith(".tmp-"):
+                stale = True
+            elif p.suffix == ".eml" and p.name[:-4] not in envelopes:
+                stale = True
+            if stale:
+                try:
+                    if grace and now - p.stat().st_mtime < grace:
+                        continue
+                    p.unlink()
+                    removed.append(p.name)
+                except FileNotFoundError:
+                    continue
+        if removed:
+            _fsync_dir(self.path)
+        return removed
+
+
+def _dump(entry: Entry) -> bytes:
+    return (json.dumps(entry.to_json(), indent=1, sort_keys=True) + "\n").encode("utf-8")
