@@ -1,0 +1,137 @@
+"""What every service command shares: flag parsing, TLS loading, logging, the run loop."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Callable, Coroutine
+from typing import Any
+from pathlib import Path
+
+import click
+
+from poste.smtp.server import SMTPService
+from poste.smtp.tls import TLSConfigError, server_context
+
+log = logging.getLogger("poste")
+
+
+def parse_hostport(text: str, default_port: int) -> tuple[str, int]:
+    """`HOST[:PORT]`, `[v6]:PORT`; raises click.BadParameter with a one-line reason."""
+    value = text.strip()
+    if not value:
+        raise click.BadParameter("empty address")
+    if value.startswith("["):
+        host, sep, rest = value[1:].partition("]")
+        if not sep or (rest and not rest.startswith(":")):
+            raise click.BadParameter(f"bad address {text!r}")
+        port_text = rest[1:] if rest else ""
+    elif value.count(":") == 1:
+        host, _, port_text = value.partition(":")
+    else:
+        host, port_text = value, ""
+    if not port_text:
+        return host, default_port
+    if not port_text.isdigit() or not 0 <= int(port_text) < 65536:
+        raise click.BadParameter(f"bad port in {text!r}")
+    return host, int(port_text)
+
+
+def tls_context_from(cert: str | None, key: str | None):  # type: ignore[no-untyped-def]
+    """A server TLS context from --tls-cert/--tls-key, or None; errors are one line."""
+    if not cert and not key:
+        return None
+    if not cert or not key:
+        raise click.UsageError("--tls-cert and --tls-key go together")
+    try:
+        return server_context(cert, key)
+    except TLSConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+def setup_logging(verbose: int = 0, json_logs: bool = False) -> None:
+    level = logging.DEBUG if verbose > 1 else logging.INFO
+    fmt = "%(asctime)s %(name)s %(levelname)s %(message)s"
+    logging.basicConfig(level=level, format=fmt, stream=sys.stderr)
+    if verbose < 2:
+        logging.getLogger("mail.log").setLevel(logging.WARNING)  # aiosmtpd's chatter
+
+
+def run_services(
+    *services: SMTPService,
+    on_start: Callable[[], Coroutine[Any, Any, None]] | None = None,
+    background: list[Callable[[], Coroutine[Any, Any, None]]] | None = None,
+    on_hup: Callable[[], None] | None = None,
+) -> None:
+    """Start every service, run until SIGTERM/SIGINT, stop cleanly.
+
+    A port that cannot be bound is a one-line error and exit status 1.
+    """
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        if on_hup is not None:
+            loop.add_signal_handler(signal.SIGHUP, on_hup)
+        if on_start is not None:
+            await on_start()
+        started: list[SMTPService] = []
+        try:
+            for service in services:
+                await service.start()
+                started.append(service)
+        except OSError as exc:
+            for service in started:
+                await service.stop()
+            raise click.ClickException(
+                f"cannot listen on {service.host}:{service.port}: {exc.strerror or exc}"
+            ) from None
+        tasks = [asyncio.create_task(job()) for job in background or []]
+        await stop.wait()
+        log.info("stopping")
+        for task in tasks:
+            task.cancel()
+        for service in services:
+            await service.stop()
+
+    asyncio.run(main())
+
+
+def read_file_option(path: str | None) -> bytes | None:
+    if path is None:
+        return None
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise click.ClickException(f"cannot read {path}: {exc.strerror}") from None
+
+
+# Shared click options, so every service spells its flags the same way.
+listen_option = click.option(
+    "--listen",
+    default="127.0.0.1:2525",
+    show_default=True,
+    metavar="ADDR:PORT",
+    help="Address and port to listen on.",
+)
+destination_option = click.option(
+    "--destination",
+    required=True,
+    metavar="HOST[:PORT]",
+    help="Next hop (port 25 when omitted).",
+)
+hostname_option = click.option(
+    "--hostname",
+    default=None,
+    metavar="NAME",
+    help="Our name in the banner and in Received: (default: the machine's FQDN).",
+)
+tls_cert_option = click.option(
+    "--tls-cert", type=click.Path(dir_okay=False), help="PEM certificate."
+)
+tls_key_option = click.option("--tls-key", type=click.Path(dir_okay=False), help="PEM private key.")
+verbose_option = click.option("-v", "--verbose", count=True, help="More logging (-vv: debug).")

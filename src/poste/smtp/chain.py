@@ -1,0 +1,125 @@
+"""A stage in front of a hop: the one place where cut-through is implemented.
+
+The SMTP server runs each transaction through a `StageTransaction`, and
+`StageHop` makes the same thing a hop, so `poste up` can chain stages in
+memory with exactly the behaviour (replies, prepended fields, Received:) of
+services talking SMTP to each other.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from poste.smtp.hop import Hop, HopError, Transaction
+from poste.smtp.received import received_field
+from poste.smtp.stage import Envelope, Reply, Stage
+
+log = logging.getLogger("poste.smtp")
+
+STAGE_FAILED = Reply(451, "4.3.0 Local error in processing, try again later")
+NO_RCPT = Reply(503, "5.5.1 Error: need RCPT command")
+
+
+class StageTransaction:
+    """One mail through one stage, its downstream transaction opened at the first RCPT."""
+
+    def __init__(self, stage: Stage, hop: Hop, env: Envelope, hostname: str) -> None:
+        self.stage = stage
+        self.hop = hop
+        self.env = env
+        self.hostname = hostname
+        self._down: Transaction | None = None
+
+    async def mail(self, sender: str, options: list[str]) -> Reply:
+        reply = await self.stage.on_mail(self.env, sender)
+        if reply is not None:
+            return reply
+        self.env.mail_from = sender
+        self.env.mail_options = list(options)
+        return Reply(250, "2.1.0 Ok")
+
+    async def rcpt(self, rcpt: str, options: list[str]) -> Reply:
+        reply = await self.stage.on_rcpt(self.env, rcpt)
+        if reply is not None:
+            return reply
+        try:
+            if self._down is None:
+                down = await self.hop.open(self.env)
+                mail_reply = await down.mail(self.env.mail_from, self.env.mail_options)
+                if not mail_reply.ok:
+                    await down.abort()
+                    log.info("%s next hop refused sender: %s", self.env.queue_id, mail_reply)
+                    return mail_reply
+                self._down = down
+            reply = await self._down.rcpt(rcpt, options)
+        except HopError as exc:
+            log.warning("%s next hop failed at RCPT: %s", self.env.queue_id, exc.reply)
+            await self.abort()
+            return exc.reply
+        if reply.ok:
+            self.env.rcpt_tos.append(rcpt)
+            self.env.rcpt_options.append(list(options))
+        return reply
+
+    async def data(self, data: bytes) -> Reply:
+        down = self._down
+        if down is None:
+            return NO_RCPT
+        try:
+            verdict = await self.stage.on_data(self.env, data)
+        except Exception:
+            log.exception("%s stage %s failed", self.env.queue_id, self.stage.name)
+            await self.abort()
+            return STAGE_FAILED
+        if verdict.reply is not None and not verdict.reply.ok:
+            log.info("%s refused by %s: %s", self.env.queue_id, self.stage.name, verdict.reply)
+            await self.abort()
+            return verdict.reply
+        message = verdict.prepend + received_field(self.env, self.hostname) + data
+        self._down = None
+        try:
+            reply = await down.data(message)
+        except HopError as exc:
+            reply = exc.reply
+            await down.abort()
+        log.info(
+            "%s %s from=<%s> to=%s size=%d: %s",
+            self.env.queue_id,
+            self.stage.name,
+            self.env.mail_from,
+            ",".join(f"<{r}>" for r in self.env.rcpt_tos),
+            len(data),
+            reply,
+        )
+        return reply
+
+    async def abort(self) -> None:
+        down, self._down = self._down, None
+        if down is not None:
+            try:
+                await down.abort()
+            except Exception:  # the transaction is over whatever happens
+                log.debug("abort failed", exc_info=True)
+
+
+class StageHop:
+    """A hop that is the next stage in this process (`poste up`).
+
+    The downstream stage sees what it would see behind a socket: a fresh
+    envelope whose peer is us, on loopback, plain ESMTP.
+    """
+
+    def __init__(self, stage: Stage, hop: Hop, hostname: str, peer_helo: str) -> None:
+        self.stage = stage
+        self.hop = hop
+        self.hostname = hostname
+        self.peer_helo = peer_helo
+
+    async def open(self, env: Envelope) -> Transaction:
+        inner = Envelope(
+            helo=self.peer_helo, peer_ip="127.0.0.1", peer_name="localhost", local_ip="127.0.0.1"
+        )
+        reply = await self.stage.on_connect(inner)
+        if reply is not None:
+            raise HopError(reply)
+        return StageTransaction(self.stage, self.hop, inner, self.hostname)

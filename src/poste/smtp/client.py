@@ -1,0 +1,224 @@
+"""The SMTP client side: a hop to `--destination`, and a one-shot sender for the tools.
+
+Built on aiosmtplib.  Replies of the next hop are passed back as they are
+(code and text), so a 5xx downstream becomes a 5xx to our client and a
+4xx a 4xx; a hop we cannot reach or that breaks mid-way is a 451.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import ssl
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import aiosmtplib
+
+from poste.smtp.hop import TEMPFAIL, HopError
+from poste.smtp.stage import Envelope, Reply
+from poste.smtp.tls import client_context
+
+log = logging.getLogger("poste.smtp")
+
+# MAIL parameters we may pass on, when the next hop supports them.
+_PASSABLE = ("BODY=", "SMTPUTF8", "SIZE=")
+
+
+def _reply(code: int, message: str) -> Reply:
+    return Reply(code, " ".join(message.split("\n")) if message else "")
+
+
+def _nodelay(client: aiosmtplib.SMTP) -> None:
+    transport = getattr(client, "transport", None)
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+async def connect(
+    host: str,
+    port: int,
+    *,
+    helo: str | None = None,
+    starttls: bool | None = None,
+    implicit_tls: bool = False,
+    tls_context: ssl.SSLContext | None = None,
+    timeout: float = 60.0,
+    source_address: str | None = None,
+) -> aiosmtplib.SMTP:
+    """Connect and greet; STARTTLS when `starttls` is True, or when offered if None."""
+    ctx = tls_context or client_context()
+    client = aiosmtplib.SMTP(
+        hostname=host,
+        port=port,
+        local_hostname=helo or socket.getfqdn(),
+        use_tls=implicit_tls,
+        start_tls=False,
+        tls_context=ctx,
+        timeout=timeout,
+        source_address=(source_address, 0) if source_address else None,
+    )
+    await client.connect()
+    _nodelay(client)
+    await client.ehlo()
+    if not implicit_tls and starttls is not False:
+        if client.supports_extension("starttls"):
+            await client.starttls(tls_context=ctx)
+            await client.ehlo()
+        elif starttls:
+            client.close()
+            raise aiosmtplib.SMTPException(f"{host}:{port} does not offer STARTTLS")
+    return client
+
+
+class _SMTPTransaction:
+    def __init__(self, client: aiosmtplib.SMTP, queue_id: str) -> None:
+        self.client = client
+        self.queue_id = queue_id
+
+    async def _call(self, what: str, coro) -> Reply:  # type: ignore[no-untyped-def]
+        try:
+            response = await coro
+        except aiosmtplib.SMTPResponseException as exc:
+            if exc.code < 400:  # garbage from the hop: do not claim success
+                raise HopError(TEMPFAIL) from exc
+            return _reply(exc.code, exc.message)
+        except (aiosmtplib.SMTPException, OSError) as exc:
+            log.warning("%s next hop failed at %s: %s", self.queue_id, what, exc)
+            self.client.close()
+            raise HopError(TEMPFAIL) from exc
+        return _reply(response.code, response.message)
+
+    async def mail(self, sender: str, options: list[str]) -> Reply:
+        opts = [
+            o
+            for o in options
+            if o.upper().startswith(_PASSABLE) and self.client.supports_extension(o.split("=")[0])
+        ]
+        return await self._call("MAIL", self.client.mail(sender, options=opts))
+
+    async def rcpt(self, rcpt: str, options: list[str]) -> Reply:
+        return await self._call("RCPT", self.client.rcpt(rcpt))
+
+    async def data(self, message: bytes) -> Reply:
+        try:
+            return await self._call("DATA", self.client.data(message))
+        finally:
+            await self._quit()
+
+    async def abort(self) -> None:
+        await self._quit()
+
+    async def _quit(self) -> None:
+        if self.client.is_connected:
+            try:
+                await self.client.quit()
+            except (aiosmtplib.SMTPException, OSError):
+                self.client.close()
+
+
+class SMTPHop:
+    """A hop to the next service or host over SMTP (one connection per transaction)."""
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        *,
+        helo: str | None = None,
+        starttls: bool = False,
+        tls_context: ssl.SSLContext | None = None,
+        timeout: float = 300.0,
+    ) -> None:
+        self.host = host
+        self.port = port
+        self.helo = helo
+        self.starttls = starttls
+        self.tls_context = tls_context
+        self.timeout = timeout
+
+    async def open(self, env: Envelope) -> _SMTPTransaction:
+        try:
+            client = await connect(
+                self.host,
+                self.port,
+                helo=self.helo,
+                starttls=self.starttls,
+                tls_context=self.tls_context,
+                timeout=self.timeout,
+            )
+        except (aiosmtplib.SMTPException, OSError) as exc:
+            log.warning(
+                "%s next hop %s:%d unreachable: %s", env.queue_id, self.host, self.port, exc
+            )
+            raise HopError(TEMPFAIL) from exc
+        return _SMTPTransaction(client, env.queue_id)
+
+
+@dataclass
+class SendResult:
+    """What happened to one mail: the reply per recipient and to DATA."""
+
+    rcpt_replies: dict[str, Reply] = field(default_factory=dict)
+    data_reply: Reply | None = None
+    tls: bool = False
+
+    @property
+    def accepted(self) -> list[str]:
+        if self.data_reply is None or not self.data_reply.ok:
+            return []
+        return [r for r, rep in self.rcpt_replies.items() if rep.ok]
+
+
+async def send_message(
+    host: str,
+    port: int,
+    sender: str,
+    recipients: Sequence[str],
+    message: bytes,
+    *,
+    helo: str | None = None,
+    implicit_tls: bool = False,
+    starttls: bool | None = None,
+    tls_context: ssl.SSLContext | None = None,
+    username: str | None = None,
+    password: str | None = None,
+    timeout: float = 60.0,
+) -> SendResult:
+    """Send one mail; per-recipient replies are kept.  Raises aiosmtplib errors on failure."""
+    client = await connect(
+        host,
+        port,
+        helo=helo,
+        starttls=starttls,
+        implicit_tls=implicit_tls,
+        tls_context=tls_context,
+        timeout=timeout,
+    )
+    result = SendResult(tls=implicit_tls or client.get_transport_info("sslcontext") is not None)
+    try:
+        if username is not None:
+            await client.login(username, password or "")
+        options = []
+        if client.supports_extension("8bitmime") and any(b > 127 for b in message):
+            options.append("BODY=8BITMIME")
+        if client.supports_extension("size"):
+            options.append(f"SIZE={len(message)}")
+        await client.mail(sender, options=options)
+        for rcpt in recipients:
+            try:
+                r = await client.rcpt(rcpt)
+                result.rcpt_replies[rcpt] = _reply(r.code, r.message)
+            except aiosmtplib.SMTPRecipientRefused as exc:
+                result.rcpt_replies[rcpt] = _reply(exc.code, exc.message)
+        if any(r.ok for r in result.rcpt_replies.values()):
+            try:
+                r = await client.data(message)
+                result.data_reply = _reply(r.code, r.message)
+            except aiosmtplib.SMTPResponseException as exc:
+                result.data_reply = _reply(exc.code, exc.message)
+        await client.quit()
+    finally:
+        client.close()
+    return result

@@ -1,0 +1,49 @@
+"""The `Received:` trace field every service prepends (RFC 5321 4.4, design.md section 2)."""
+
+from __future__ import annotations
+
+import re
+from email.utils import formatdate
+
+from poste.smtp.stage import Envelope
+
+_UNSAFE = re.compile(r"[^\x21-\x7e]|[()\[\]\\;]")
+
+
+def _clean(text: str, limit: int = 255) -> str:
+    """HELO names and rDNS come from strangers: keep them printable and inert."""
+    cleaned = _UNSAFE.sub("_", text)[:limit]
+    return cleaned or "unknown"
+
+
+def _literal(ip: str) -> str:
+    return f"[IPv6:{ip}]" if ":" in ip else f"[{ip}]"
+
+
+def received_field(env: Envelope, hostname: str, date: str | None = None) -> bytes:
+    """One folded `Received:` field, CRLF-terminated.
+
+    `for <rcpt>` is given only for a single recipient: with several it would
+    tell each recipient who else got the mail.  No AUTH identity is ever
+    written here; `with ESMTPSA` says authentication happened, nothing more.
+    """
+    helo = _clean(env.helo) if env.helo else "unknown"
+    if env.peer_ip:
+        detail = (
+            f"{_clean(env.peer_name)} {_literal(env.peer_ip)}"
+            if env.peer_name
+            else _literal(env.peer_ip)
+        )
+        lines = [f"Received: from {helo} ({detail})"]
+    else:
+        lines = [f"Received: from {helo}"]
+    if env.tls and env.tls_version:
+        cipher = f" with cipher {_clean(env.tls_cipher)}" if env.tls_cipher else ""
+        lines.append(f"\t(using {_clean(env.tls_version)}{cipher})")
+    lines.append(f"\tby {_clean(hostname)} (poste) with {env.protocol} id {env.queue_id}")
+    when = date or formatdate(localtime=False, usegmt=True).replace("GMT", "+0000")
+    if len(env.rcpt_tos) == 1:
+        lines.append(f"\tfor <{_clean(env.rcpt_tos[0], 320)}>; {when}")
+    else:
+        lines[-1] += f"; {when}"
+    return ("\r\n".join(lines) + "\r\n").encode("utf-8", "surrogateescape")

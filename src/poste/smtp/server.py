@@ -1,0 +1,505 @@
+"""The SMTP listener every service runs: aiosmtpd with poste's rules on top.
+
+aiosmtpd gives us the command loop, STARTTLS (which discards what was
+pipelined before it, CVE-2011-0411) and AUTH plumbing.  On top we add: the
+limits of RFC 5321 4.5.3 with their reply codes, strict CRLF in DATA (a bare
+CR or LF refuses the message, so `\\n.\\n` can never end it: SMTP smuggling),
+enhanced status codes, a cap on connections and on bad commands, PIPELINING
+in EHLO, async AUTH handlers, and cut-through to the next hop through
+`StageTransaction`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import collections
+import enum
+import logging
+import re
+import socket
+import ssl
+from dataclasses import dataclass
+from typing import Any
+
+from aiosmtpd.smtp import SMTP, AuthResult, syntax
+
+from poste.smtp.chain import StageTransaction
+from poste.smtp.hop import Hop
+from poste.smtp.stage import Envelope, Reply, Stage
+
+log = logging.getLogger("poste.smtp")
+
+
+@dataclass
+class Limits:
+    max_message_size: int = 25 * 1024 * 1024
+    max_recipients: int = 100
+    max_command_line: int = 512
+    max_text_line: int = 1000
+    max_bad_commands: int = 10
+    idle_timeout: float = 300.0
+    data_timeout: float = 600.0
+    max_connections: int = 100
+
+
+class _DataState(enum.Enum):
+    NOMINAL = "ok"
+    TOO_LONG = "line too long"
+    TOO_MUCH = "too big"
+    BARE = "bare CR or LF"
+
+
+_HAS_ENHANCED = re.compile(r"^\d{3}[ -][245]\.\d{1,3}\.\d{1,3}\b")
+# Enhanced codes for aiosmtpd's own replies, which lack them (RFC 2034).
+_DEFAULT_ENHANCED = {
+    221: "2.0.0",
+    250: "2.0.0",
+    252: "2.5.0",
+    421: "4.3.0",
+    451: "4.3.0",
+    452: "4.5.3",
+    454: "4.7.0",
+    500: "5.5.2",
+    501: "5.5.4",
+    502: "5.5.1",
+    503: "5.5.1",
+    504: "5.5.4",
+    530: "5.7.0",
+    535: "5.7.8",
+    550: "5.0.0",
+    552: "5.3.4",
+    553: "5.1.3",
+    554: "5.0.0",
+    555: "5.5.4",
+}
+_BAD_COMMAND_CODES = {500, 501, 502, 503, 504, 555}
+
+
+class _Connection(SMTP):
+    """One client connection."""
+
+    def __init__(self, service: SMTPService) -> None:
+        self.service = service
+        limits = service.limits
+        self.limits = limits
+        # aiosmtpd sizes its stream reader from this before anything else.
+        self.line_length_limit = limits.max_text_line
+        self.command_size_limit = limits.max_command_line
+        self.command_size_limits = collections.defaultdict(lambda: limits.max_command_line)
+        self._rejected = False
+        self._in_ehlo = False
+        self._bad_commands = 0
+        self.poste_env = Envelope()  # session facts; each transaction copies it
+        self.txn: StageTransaction | None = None
+        super().__init__(
+            _Handler(self),
+            data_size_limit=limits.max_message_size,
+            enable_SMTPUTF8=True,
+            decode_data=False,
+            hostname=service.hostname,
+            ident="poste ESMTP",
+            tls_context=None if service.implicit_tls else service.tls_context,
+            require_starttls=service.require_tls and not service.implicit_tls,
+            timeout=limits.idle_timeout,
+            auth_required=getattr(service.stage, "auth_required", False),
+            auth_require_tls=True,
+            loop=asyncio.get_running_loop(),
+        )
+        if not hasattr(service.stage, "authenticate"):
+            self._auth_methods.clear()
+
+    # -- connection life -------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        starttls_done = self._original_transport is not None
+        if not starttls_done:
+            if self.service.active >= self.limits.max_connections:
+                self._rejected = True
+                log.warning(
+                    "connection cap reached, refusing %s", transport.get_extra_info("peername")
+                )
+                assert isinstance(transport, asyncio.WriteTransport)
+                transport.write(b"421 4.7.0 Too many connections, try again later\r\n")
+                transport.close()
+                return
+            self.service.active += 1
+            self.service.connections.add(self)
+            sock = transport.get_extra_info("socket")
+            if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        super().connection_made(transport)
+        assert self.session is not None
+        peer = transport.get_extra_info("peername") or ("", 0)
+        sockname = transport.get_extra_info("sockname") or ("", 0)
+        if starttls_done:
+            self._abort_txn()
+            env = self.poste_env.copy_for_transaction()
+            self._tls_facts(env, self.session.ssl.get("ssl_object") if self.session.ssl else None)
+            self.poste_env = env
+            env.helo = ""
+            return
+        self.poste_env = Envelope(
+            peer_ip=str(peer[0]), peer_port=int(peer[1]), local_ip=str(sockname[0])
+        )
+        ssl_object = transport.get_extra_info("ssl_object")
+        if ssl_object is not None:  # implicit TLS (port 465)
+            self._tls_protocol = transport  # type: ignore[assignment]
+            self.session.ssl = {"ssl_object": ssl_object}
+            self._tls_facts(self.poste_env, ssl_object)
+
+    @staticmethod
+    def _tls_facts(env: Envelope, ssl_object: Any) -> None:
+        if ssl_object is None:
+            return
+        env.tls = True
+        env.tls_version = ssl_object.version()
+        cipher = ssl_object.cipher()
+        env.tls_cipher = cipher[0] if cipher else None
+
+    def connection_lost(self, error: Exception | None) -> None:
+        if self._rejected:
+            return
+        self.service.active -= 1
+        self.service.connections.discard(self)
+        self._abort_txn()
+        super().connection_lost(error)
+
+    def _abort_txn(self) -> None:
+        txn, self.txn = self.txn, None
+        if txn is not None:
+            task = self.loop.create_task(txn.abort())
+            self.service.background.add(task)
+            task.add_done_callback(self.service.background.discard)
+
+    def _timeout_cb(self) -> None:
+        if self.transport is not None and isinstance(self.transport, asyncio.WriteTransport):
+            try:
+                self.transport.write(b"421 4.4.2 Timeout, closing connection\r\n")
+            except Exception:
+                pass
+        super()._timeout_cb()  # type: ignore[no-untyped-call]
+
+    # -- replies -----------------------------------------------------------
+
+    async def push(self, status: str | bytes) -> None:  # type: ignore[override]
+        if isinstance(status, str) and not self._in_ehlo:
+            status = self._enhance(status)
+            code = int(status[:3]) if status[:3].isdigit() else 0
+            if code in _BAD_COMMAND_CODES:
+                self._bad_commands += 1
+                if self._bad_commands > self.limits.max_bad_commands:
+                    await super().push(status)  # type: ignore[type-var]
+                    await super().push("421 4.7.0 Too many errors, closing connection")
+                    if self.transport is not None:
+                        self.transport.close()
+                    return
+        await super().push(status)  # type: ignore[type-var]
+
+    @staticmethod
+    def _enhance(status: str) -> str:
+        if "\r\n" in status or _HAS_ENHANCED.match(status):
+            return status
+        head = status[:3]
+        if not head.isdigit() or (len(status) > 3 and status[3] != " "):
+            return status
+        enhanced = _DEFAULT_ENHANCED.get(int(head))
+        if enhanced is None:
+            return status
+        return f"{head} {enhanced} {status[4:]}".rstrip()
+
+    # -- commands ----------------------------------------------------------
+
+    async def smtp_EHLO(self, hostname: str) -> None:
+        self._in_ehlo = True
+        try:
+            await super().smtp_EHLO(hostname)
+        finally:
+            self._in_ehlo = False
+
+    async def smtp_HELO(self, hostname: str) -> None:
+        self._in_ehlo = True
+        try:
+            await super().smtp_HELO(hostname)
+        finally:
+            self._in_ehlo = False
+
+    async def smtp_VRFY(self, arg: str) -> None:
+        # Answering would let anyone enumerate our users (RFC 5321 3.5.3).
+        await self.push("252 2.5.0 Cannot VRFY user, but will accept message and attempt delivery")
+
+    async def smtp_EXPN(self, arg: str) -> None:
+        await self.push("502 5.5.1 EXPN not available")
+
+    @syntax("DATA")
+    async def smtp_DATA(self, arg: str) -> None:
+        """DATA with strict CRLF, RFC 5321 limits and bounded memory.
+
+        Replaces aiosmtpd's reader loop: it would accept bare LF in the
+        message and pass it on, where a downstream MTA could see `\\n.\\n`
+        as the end of data (SMTP smuggling).  We reject such messages.
+        """
+        if await self.check_helo_needed():
+            return
+        if await self.check_auth_needed("DATA"):
+            return
+        assert self.envelope is not None
+        if not self.envelope.rcpt_tos:
+            await self.push("503 5.5.1 Error: need RCPT command")
+            return
+        if arg:
+            await self.push("501 5.5.4 Syntax: DATA")
+            return
+        await self.push("354 End data with <CR><LF>.<CR><LF>")
+        lines: list[bytes] = []
+        size = 0
+        limit = self.limits.max_message_size
+        max_line = self.limits.max_text_line
+        state = _DataState.NOMINAL
+        fragment = False  # inside a line longer than the reader's buffer limit
+        while self.transport is not None:
+            self._reset_timeout(self.limits.data_timeout)
+            try:
+                line = await self._reader.readuntil(b"\r\n")
+            except asyncio.LimitOverrunError as exc:
+                if state is _DataState.NOMINAL:
+                    state = _DataState.TOO_LONG
+                lines.clear()
+                await self._reader.read(exc.consumed)
+                fragment = True
+                continue
+            if fragment:  # the tail of an overlong line, never an end marker
+                fragment = False
+                continue
+            if line == b".\r\n":
+                break
+            size += len(line)
+            if state is not _DataState.NOMINAL:
+                continue
+            if b"\r" in line[:-2] or b"\n" in line[:-2]:
+                state = _DataState.BARE
+                lines.clear()
+                continue
+            if size > limit:
+                state = _DataState.TOO_MUCH
+                lines.clear()
+                continue
+            if line.startswith(b"."):
+                line = line[1:]
+            if len(line) > max_line:
+                state = _DataState.TOO_LONG
+                lines.clear()
+                continue
+            lines.append(line)
+        self._reset_timeout()
+        if state is not _DataState.NOMINAL:
+            log.info("%s DATA refused: %s", self.poste_env.peer_ip, state.value)
+            self._set_post_data_state()  # type: ignore[no-untyped-call]
+            self._abort_txn()
+            if state is _DataState.TOO_LONG:
+                await self.push("500 5.5.2 Line too long (RFC 5321 4.5.3.1.6)")
+            elif state is _DataState.TOO_MUCH:
+                await self.push("552 5.3.4 Message too big")
+            else:
+                await self.push("550 5.6.0 Bare CR or LF in message data refused (use CRLF)")
+            return
+        content = b"".join(lines)
+        lines.clear()
+        self.envelope.content = content
+        self.envelope.original_content = content
+        status = await self._call_handler_hook("DATA")
+        self._set_post_data_state()  # type: ignore[no-untyped-call]
+        await self.push(status)
+
+    # -- AUTH: async mechanisms so the password check never stalls the loop --
+
+    async def auth_PLAIN(self, _: Any, args: list[str]) -> AuthResult:
+        if len(args) == 1:
+            raw = await self.challenge_auth("", encode_to_b64=False)
+            if not isinstance(raw, bytes):
+                return AuthResult(success=False, handled=False)
+        else:
+            try:
+                raw = base64.b64decode(args[1].encode(), validate=True)
+            except (binascii.Error, ValueError):
+                await self.push("501 5.5.2 Can't decode base64")
+                return AuthResult(success=False, handled=True)
+        parts = raw.split(b"\x00")
+        if len(parts) != 3:
+            await self.push("501 5.5.2 Can't split auth value")
+            return AuthResult(success=False, handled=True)
+        return await self._check_login(parts[1], parts[2])
+
+    async def auth_LOGIN(self, _: Any, args: list[str]) -> AuthResult:
+        if len(args) == 1:
+            login = await self.challenge_auth(self.AuthLoginUsernameChallenge)
+            if not isinstance(login, bytes):
+                return AuthResult(success=False, handled=False)
+        else:
+            try:
+                login = base64.b64decode(args[1].encode(), validate=True)
+            except (binascii.Error, ValueError):
+                await self.push("501 5.5.2 Can't decode base64")
+                return AuthResult(success=False, handled=True)
+        password = await self.challenge_auth(self.AuthLoginPasswordChallenge)
+        if not isinstance(password, bytes):
+            return AuthResult(success=False, handled=False)
+        return await self._check_login(login, password)
+
+    async def _check_login(self, login: bytes, password: bytes) -> AuthResult:
+        user = login.decode("utf-8", "replace")
+        secret = password.decode("utf-8", "replace")
+        authenticate = self.service.stage.authenticate  # type: ignore[attr-defined]
+        reply: Reply | None = await authenticate(self.poste_env, user, secret)
+        if reply is None:
+            self.poste_env.auth_user = user
+            return AuthResult(success=True, auth_data=user)
+        return AuthResult(success=False, handled=False, message=str(reply))
+
+
+class _Handler:
+    """aiosmtpd hooks, bound to one connection, driving its StageTransaction."""
+
+    def __init__(self, conn: _Connection) -> None:
+        self.conn = conn
+
+    @property
+    def stage(self) -> Stage:
+        return self.conn.service.stage
+
+    async def handle_EHLO(
+        self, server: SMTP, session: Any, envelope: Any, hostname: str, responses: list[str]
+    ) -> list[str]:
+        session.host_name = hostname
+        self.conn._abort_txn()
+        self.conn.poste_env.helo = hostname
+        self.conn.poste_env.esmtp = True
+        # aiosmtpd advertises neither PIPELINING nor ENHANCEDSTATUSCODES.
+        out = [r for r in responses if r != "250 HELP" and r.strip() != "250-AUTH"]
+        out.insert(1, "250-PIPELINING")
+        out.append("250-ENHANCEDSTATUSCODES")
+        out.append("250 HELP")
+        return out
+
+    async def handle_HELO(self, server: SMTP, session: Any, envelope: Any, hostname: str) -> str:
+        session.host_name = hostname
+        self.conn._abort_txn()
+        self.conn.poste_env.helo = hostname
+        self.conn.poste_env.esmtp = False
+        return f"250 {self.conn.service.hostname}"
+
+    async def handle_MAIL(
+        self, server: SMTP, session: Any, envelope: Any, address: str, options: list[str]
+    ) -> str:
+        conn = self.conn
+        conn._abort_txn()
+        env = conn.poste_env.copy_for_transaction()
+        sender = "" if address == "<>" else address
+        txn = StageTransaction(self.stage, conn.service.hop, env, conn.service.hostname)
+        reply = await txn.mail(sender, [o for o in options if not o.startswith("AUTH=")])
+        if reply.ok:
+            conn.txn = txn
+            envelope.mail_from = address
+            envelope.mail_options.extend(options)
+        return str(reply)
+
+    async def handle_RCPT(
+        self, server: SMTP, session: Any, envelope: Any, address: str, options: list[str]
+    ) -> str:
+        conn = self.conn
+        if conn.txn is None:
+            return "503 5.5.1 Error: need MAIL command"
+        if len(envelope.rcpt_tos) >= conn.limits.max_recipients:
+            return "452 4.5.3 Too many recipients"
+        reply = await conn.txn.rcpt(address, options)
+        if reply.ok:
+            envelope.rcpt_tos.append(address)
+        return str(reply)
+
+    async def handle_DATA(self, server: SMTP, session: Any, envelope: Any) -> str:
+        conn = self.conn
+        txn, conn.txn = conn.txn, None
+        if txn is None:
+            return "503 5.5.1 Error: need RCPT command"
+        reply = await txn.data(envelope.original_content)
+        return str(reply)
+
+    async def handle_RSET(self, server: SMTP, session: Any, envelope: Any) -> str:
+        self.conn._abort_txn()
+        return "250 2.0.0 Ok"
+
+    async def handle_NOOP(self, server: SMTP, session: Any, envelope: Any, arg: str) -> str:
+        return "250 2.0.0 Ok"
+
+    async def handle_QUIT(self, server: SMTP, session: Any, envelope: Any) -> str:
+        self.conn._abort_txn()
+        return "221 2.0.0 Bye"
+
+    async def handle_exception(self, error: Exception) -> str:
+        log.error("session error: %r", error, exc_info=error)
+        self.conn._abort_txn()
+        return "451 4.3.0 Local error in processing, try again later"
+
+
+class SMTPService:
+    """One listener + one stage + one next hop (design.md section 1)."""
+
+    def __init__(
+        self,
+        stage: Stage,
+        hop: Hop,
+        *,
+        host: str,
+        port: int,
+        hostname: str | None = None,
+        tls_context: ssl.SSLContext | None = None,
+        require_tls: bool = False,
+        implicit_tls: bool = False,
+        limits: Limits | None = None,
+    ) -> None:
+        if implicit_tls and tls_context is None:
+            raise ValueError("implicit TLS needs a certificate")
+        self.stage = stage
+        self.hop = hop
+        self.host = host
+        self.port = port
+        self.hostname = hostname or socket.getfqdn()
+        self.tls_context = tls_context
+        self.require_tls = require_tls and tls_context is not None
+        self.implicit_tls = implicit_tls
+        self.limits = limits or Limits()
+        self.active = 0
+        self.connections: set[_Connection] = set()
+        self.background: set[asyncio.Task[None]] = set()
+        self._server: asyncio.Server | None = None
+        self.sockname: tuple[str, int] = (host, port)
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            lambda: _Connection(self),
+            host=self.host,
+            port=self.port,
+            ssl=self.tls_context if self.implicit_tls else None,
+            reuse_address=True,
+        )
+        name = self._server.sockets[0].getsockname()
+        self.sockname = (str(name[0]), int(name[1]))
+        log.info(
+            "%s listening on %s:%d%s",
+            self.stage.name,
+            *self.sockname,
+            " (implicit TLS)" if self.implicit_tls else "",
+        )
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            for conn in list(self.connections):
+                if conn.transport is not None:
+                    conn.transport.close()
+            await self._server.wait_closed()
+            self._server = None
+        if self.background:
+            await asyncio.gather(*self.background, return_exceptions=True)
