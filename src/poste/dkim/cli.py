@@ -1,0 +1,169 @@
+"""`poste dkim keygen|sign|verify`: the DKIM tools (blaze's family)."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from typing import BinaryIO
+
+import click
+
+from poste.dkim import keys as dkim_keys
+from poste.dkim.sign import DEFAULT_HEADERS, DEFAULT_OVERSIGN, Signer, SigningKey, Unsignable
+
+
+def parse_field_list(text: str | None, default: Sequence[str]) -> tuple[str, ...]:
+    """`From,To,Subject` -> the field names (the default when not given)."""
+    if text is None:
+        return tuple(default)
+    return tuple(f.strip() for f in text.split(",") if f.strip())
+
+
+def signing_keys(domain: str, selectors: Sequence[str], paths: Sequence[str]) -> list[SigningKey]:
+    """Pair `--selector`/`--private-key` flags in order: one signature per key."""
+    if not paths:
+        raise click.UsageError("give at least one --private-key")
+    if len(selectors) != len(paths):
+        raise click.UsageError(
+            f"{len(selectors)} --selector for {len(paths)} --private-key: give one selector per key"
+        )
+    out = []
+    for selector, path in zip(selectors, paths, strict=True):
+        try:
+            key = dkim_keys.load_key(path)
+        except dkim_keys.DKIMKeyError as exc:
+            raise click.ClickException(str(exc)) from None
+        out.append(SigningKey(domain.rstrip("."), selector, key))
+    return out
+
+
+def make_signer(
+    domain: str,
+    selectors: Sequence[str],
+    paths: Sequence[str],
+    sign_headers: str | None,
+    oversign: str | None,
+) -> Signer:
+    try:
+        return Signer(
+            signing_keys(domain, selectors, paths),
+            parse_field_list(sign_headers, DEFAULT_HEADERS),
+            parse_field_list(oversign, DEFAULT_OVERSIGN),
+        )
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+
+
+sign_header_options = [
+    click.option(
+        "--sign-headers",
+        metavar="F1,F2,...",
+        help="Header fields to sign (default: " + ",".join(DEFAULT_HEADERS) + ").",
+    ),
+    click.option(
+        "--oversign",
+        metavar="F1,...",
+        help="Fields signed once more than present, so none can be added (default: From).",
+    ),
+]
+
+
+@click.group(name="dkim", context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """DKIM tools: make keys, sign a mail, verify its signatures."""
+
+
+@main.command()
+@click.option(
+    "--algorithm",
+    "-a",
+    type=click.Choice(dkim_keys.ALGORITHMS),
+    default="rsa",
+    show_default=True,
+)
+@click.option("--bits", type=int, default=2048, show_default=True, help="RSA key size (2048+).")
+@click.option("--selector", "-s", required=True, help="The selector (s= tag).")
+@click.option("--domain", "-d", required=True, help="The signing domain (d= tag).")
+@click.option(
+    "-o", "--output", "output", required=True, type=click.Path(dir_okay=False), help="Key file."
+)
+def keygen(algorithm: str, bits: int, selector: str, domain: str, output: str) -> None:
+    """Write a private key (PEM, mode 0600) and print the TXT record to publish."""
+    try:
+        key = dkim_keys.generate(algorithm, bits)
+        dkim_keys.write_key(key, output)
+    except dkim_keys.DKIMKeyError as exc:
+        raise click.UsageError(str(exc)) from None
+    except OSError as exc:
+        raise click.ClickException(f"cannot write {output}: {exc.strerror}") from None
+    name = dkim_keys.record_name(selector, domain)
+    click.echo(f"{name} IN TXT {dkim_keys.zone_txt(key.txt_strings())}")
+
+
+@main.command()
+@click.argument("mail", default="-", type=click.File("rb"))
+@click.option("--domain", "-d", required=True, help="The signing domain (d= tag).")
+@click.option("--selector", "-s", "selectors", multiple=True, help="Selector, one per key.")
+@click.option(
+    "--private-key",
+    "-k",
+    "paths",
+    multiple=True,
+    type=click.Path(dir_okay=False),
+    help="Key file (PEM); repeat with --selector for dual signing.",
+)
+@sign_header_options[0]
+@sign_header_options[1]
+def sign(
+    mail: BinaryIO,
+    domain: str,
+    selectors: tuple[str, ...],
+    paths: tuple[str, ...],
+    sign_headers: str | None,
+    oversign: str | None,
+) -> None:
+    """Print MAIL (or stdin) with its DKIM-Signature fields on top."""
+    signer = make_signer(domain, selectors, paths, sign_headers, oversign)
+    data = mail.read()
+    try:
+        fields = signer.sign(data)
+    except Unsignable as exc:
+        raise click.ClickException(f"cannot sign: {exc}") from None
+    out = sys.stdout.buffer
+    out.write(fields)
+    out.write(data)
+    out.flush()
+
+
+@main.command()
+@click.argument("mail", type=click.File("rb"))
+@click.option(
+    "--nameserver",
+    "-n",
+    "nameservers",
+    multiple=True,
+    metavar="[tcp:|udp:]IP[:PORT]",
+    help="Resolver to fetch the keys from (default: the system's).",
+)
+@click.option("--verbose", "-v", is_flag=True, help="Say why a signature failed (on stderr).")
+def verify(mail: BinaryIO, nameservers: tuple[str, ...], verbose: bool) -> None:
+    """Check every DKIM signature of MAIL: `[OK]: domain` or `[ER]: domain` each.
+
+    Exits 0 only when there is at least one signature and all of them verify.
+    """
+    from poste.dkim.verify import txt_lookup, verify_message
+    from poste.dns.resolver import NameserverError, make_sync_resolver
+
+    try:
+        resolver = make_sync_resolver(list(nameservers))
+    except NameserverError as exc:
+        raise click.BadParameter(str(exc), param_hint="--nameserver") from None
+    results = verify_message(mail.read(), txt_lookup(resolver))
+    if not results:
+        raise click.ClickException("no DKIM-Signature in the mail")
+    for r in results:
+        click.echo(r.line())
+        if verbose and not r.ok:
+            click.echo(f"  {r.domain} s={r.selector} a={r.algorithm}: {r.reason}", err=True)
+    if not all(r.ok for r in results):
+        sys.exit(1)

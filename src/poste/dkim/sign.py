@@ -1,0 +1,208 @@
+"""DKIM signing: dkimpy's canonicalisation and header logic, `cryptography`'s RSA.
+
+dkimpy does RSA in pure Python (about 11 ms per 2048-bit signature).  Its
+`DKIM.sign` looks up two module globals at call time: `parse_pem_private_key`
+(to turn the key argument into its key object) and `RSASSA_PKCS1_v1_5_sign`
+(to make the signature from the header hash).  We wrap both, once, with a
+dispatch on the key's type: a `_CryptoRSA` key is passed through untouched
+and signed by OpenSSL (PKCS#1 v1.5 over the prehashed SHA-256 digest, the
+same deterministic bytes dkimpy would produce); anything else goes to
+dkimpy's own functions, so other callers of dkimpy in the process (the bench
+compares against them) see no change.  ed25519 goes through dkimpy's own
+pynacl path (libsodium), which is already fast.
+
+A mail we cannot sign (a header Python's parser rejects, no From:, a line in
+the header block that is not a field) is not an error for the service: the
+caller gets `Unsignable` and passes the mail on unsigned.
+"""
+
+from __future__ import annotations
+
+import email.errors
+import email.parser
+import email.policy
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import dkim
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
+from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
+
+from poste.dkim.keys import DKIMKey
+
+log = logging.getLogger("poste.dkim")
+
+DEFAULT_HEADERS: tuple[str, ...] = (
+    "From",
+    "To",
+    "Cc",
+    "Subject",
+    "Date",
+    "Message-ID",
+    "MIME-Version",
+    "Content-Type",
+    "Content-Transfer-Encoding",
+    "Reply-To",
+    "In-Reply-To",
+    "References",
+)
+# Signed once more than they occur, so nobody can add another one later.
+DEFAULT_OVERSIGN: tuple[str, ...] = ("From",)
+
+
+class Unsignable(Exception):
+    """The message cannot be signed; it should go on as it is."""
+
+
+class _CryptoRSA:
+    """An RSA private key whose signing operation OpenSSL does."""
+
+    __slots__ = ("key",)
+
+    def __init__(self, key: rsa.RSAPrivateKey) -> None:
+        self.key = key
+
+    def sign_digest(self, hasher: Any) -> bytes:
+        if hasher.name.lower() != "sha256":
+            raise dkim.ParameterError("only rsa-sha256 is signed with cryptography")
+        digest: bytes = hasher.digest()
+        return self.key.sign(digest, padding.PKCS1v15(), Prehashed(hashes.SHA256()))
+
+
+def _install_hook() -> None:
+    """Route dkimpy's RSA private-key operations for `_CryptoRSA` keys to OpenSSL."""
+    if getattr(dkim, "_poste_hooked", False):
+        return
+    parse: Callable[[Any], Any] = dkim.parse_pem_private_key
+    rsa_sign: Callable[[Any, Any], Any] = dkim.RSASSA_PKCS1_v1_5_sign
+
+    def parse_pem_private_key(data: Any) -> Any:
+        return data if isinstance(data, _CryptoRSA) else parse(data)
+
+    def rsassa_sign(hasher: Any, private_key: Any) -> Any:
+        if isinstance(private_key, _CryptoRSA):
+            return private_key.sign_digest(hasher)
+        return rsa_sign(hasher, private_key)
+
+    dkim.parse_pem_private_key = parse_pem_private_key
+    dkim.RSASSA_PKCS1_v1_5_sign = rsassa_sign
+    dkim._poste_hooked = True
+
+
+_install_hook()
+
+
+@dataclass(frozen=True)
+class SigningKey:
+    """One signature to make: d= domain, s= selector, and the key."""
+
+    domain: str
+    selector: str
+    key: DKIMKey
+
+    def dkimpy_key(self) -> Any:
+        if isinstance(self.key.private, rsa.RSAPrivateKey):
+            return _CryptoRSA(self.key.private)
+        return self.key.ed25519_seed_b64()
+
+
+def header_block(message: bytes) -> bytes:
+    """The header section of a raw message (up to the first empty line)."""
+    for sep in (b"\r\n\r\n", b"\n\n"):
+        end = message.find(sep)
+        if end >= 0:
+            return message[: end + len(sep)]
+    return message
+
+
+_FATAL_DEFECTS = (
+    email.errors.MissingHeaderBodySeparatorDefect,
+    email.errors.FirstHeaderLineIsContinuationDefect,
+)
+
+
+def check_parsable(message: bytes, fields: Sequence[str]) -> None:
+    """Raise Unsignable when Python's mail parser rejects what we would sign.
+
+    The transport path never re-serialises, but a signature over fields that
+    a receiver's parser rejects only invites trouble; ptt's signer dropped such
+    mail, we pass it on unsigned instead.
+    """
+    head = header_block(message)
+    msg = email.parser.BytesParser(policy=email.policy.default).parsebytes(head)
+    for defect in msg.defects:
+        if isinstance(defect, _FATAL_DEFECTS):
+            raise Unsignable(f"bad header block: {type(defect).__name__}")
+    wanted = {f.lower() for f in fields}
+    for name in msg.keys():
+        if name.lower() not in wanted:
+            continue
+        try:
+            for value in msg.get_all(name) or []:
+                str(value)
+        except Exception as exc:  # the parser's errors are IndexError, HeaderParseError...
+            reason = f"rejected by the mail parser ({type(exc).__name__})"
+            raise Unsignable(f"{name}: {reason}") from None
+
+
+class Signer:
+    """Makes the DKIM-Signature fields for a message, one per key."""
+
+    def __init__(
+        self,
+        keys: Sequence[SigningKey],
+        headers: Sequence[str] = DEFAULT_HEADERS,
+        oversign: Sequence[str] = DEFAULT_OVERSIGN,
+    ) -> None:
+        if not keys:
+            raise ValueError("no signing key")
+        lowered = [h.lower() for h in headers]
+        if "from" not in lowered:
+            raise ValueError("the From field must be signed (RFC 6376 5.4)")
+        bad = set(lowered) & {h.decode() for h in dkim.DKIM.SHOULD_NOT}
+        if bad:
+            raise ValueError(f"these fields must not be signed: {', '.join(sorted(bad))}")
+        self.keys = list(keys)
+        self.headers = tuple(headers)
+        self.oversign = tuple(oversign)
+        self._prepared = [(k, k.dkimpy_key()) for k in self.keys]
+
+    def sign(self, message: bytes) -> bytes:
+        """The DKIM-Signature fields (CRLF-terminated) to prepend; raises Unsignable."""
+        check_parsable(message, self.headers)
+        try:
+            d = dkim.DKIM(message, logger=log)
+        except dkim.DKIMException as exc:
+            raise Unsignable(str(exc)) from None
+        d.should_sign = {h.lower().encode() for h in self.headers}
+        d.frozen_sign = {h.lower().encode() for h in self.oversign}
+        include = d.default_sign_headers()
+        if not any(h.lower() == b"from" for h in include):
+            raise Unsignable("no From field")
+        out = []
+        for key, pk in self._prepared:
+            try:
+                field = d.sign(
+                    key.selector.encode(),
+                    key.domain.encode(),
+                    pk,
+                    signature_algorithm=key.key.signature_algorithm,
+                    canonicalize=(b"relaxed", b"relaxed"),
+                    include_headers=include,
+                )
+            except dkim.DKIMException as exc:
+                raise Unsignable(str(exc)) from None
+            out.append(field)
+        return b"".join(out)
+
+
+def sign_or_pass(signer: Signer, message: bytes, queue_id: str = "-") -> bytes:
+    """What to prepend: the signatures, or nothing (with a log line) when unsignable."""
+    try:
+        return signer.sign(message)
+    except Unsignable as exc:
+        log.warning("%s: not signed, passed on as is: %s", queue_id, exc)
+        return b""

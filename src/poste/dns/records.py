@@ -1,0 +1,108 @@
+"""Every DNS record a mail domain needs, as data and as zone-file text.
+
+MX says where mail for the domain goes, the A/AAAA of that host make it
+reachable, SPF (`v=spf1 mx -all`) says only the MX hosts send for it, one DKIM
+TXT per signing key publishes the public keys, and DMARC tells receivers what
+to do with mail that fails both.  The PTR (reverse DNS of the server's IP)
+lives in the address owner's zone, not ours: we print it for the user to ask
+their hosting provider, and never try to publish it.
+
+A TXT record is compared by its joined strings and, where records share a
+name (SPF at the apex next to other TXT records), only the records that start
+with the same tag (`v=spf1`, `v=DKIM1`, `v=DMARC1`) count as "ours".
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import dns.reversename
+
+from poste.dkim.keys import DKIMKey, record_name, split_txt, zone_txt
+
+DEFAULT_TTL = 3600
+DMARC_POLICIES = ("none", "quarantine", "reject")
+
+
+@dataclass(frozen=True)
+class Record:
+    """One record: absolute name, type, and its values (TXT: one str per record)."""
+
+    name: str
+    rtype: str
+    values: tuple[str, ...]
+    ttl: int = DEFAULT_TTL
+    # TXT only: the tag that makes a record at `name` ours, e.g. "v=spf1"
+    txt_tag: str | None = None
+    # Not ours to publish (PTR): printed with this note instead.
+    ask: str | None = field(default=None, compare=False)
+
+    def rdata_texts(self) -> list[str]:
+        """Values in zone-file presentation (TXT split into 255-byte strings)."""
+        if self.rtype == "TXT":
+            return [zone_txt(split_txt(v)) for v in self.values]
+        return list(self.values)
+
+    def zone_lines(self) -> list[str]:
+        lines = [f"{self.name} {self.ttl} IN {self.rtype} {rd}" for rd in self.rdata_texts()]
+        if self.ask:
+            lines = [f"; {self.ask}"] + [f"; {line}" for line in lines]
+        return lines
+
+
+def _abs(name: str) -> str:
+    return name.rstrip(".").lower() + "."
+
+
+def dkim_record(domain: str, selector: str, key: DKIMKey, ttl: int = DEFAULT_TTL) -> Record:
+    return Record(record_name(selector, domain), "TXT", (key.txt_value(),), ttl, "v=DKIM1")
+
+
+def domain_records(
+    domain: str,
+    *,
+    mx_host: str | None = None,
+    ips: Sequence[str] = (),
+    dkim: Sequence[tuple[str, DKIMKey]] = (),
+    dmarc_policy: str = "quarantine",
+    dmarc_rua: str | None = None,
+    ttl: int = DEFAULT_TTL,
+) -> list[Record]:
+    """The records for `domain`; `mx_host` defaults to mail.<domain>."""
+    apex = _abs(domain)
+    mx = _abs(mx_host) if mx_host else "mail." + apex
+    addrs = [ipaddress.ip_address(ip) for ip in ips]
+    if dmarc_policy not in DMARC_POLICIES:
+        raise ValueError(f"DMARC policy must be one of {', '.join(DMARC_POLICIES)}")
+    out = [Record(apex, "MX", (f"10 {mx}",), ttl)]
+    v4 = tuple(str(a) for a in addrs if a.version == 4)
+    v6 = tuple(str(a) for a in addrs if a.version == 6)
+    in_zone = mx == apex or mx.endswith("." + apex)
+    if in_zone and v4:
+        out.append(Record(mx, "A", v4, ttl))
+    if in_zone and v6:
+        out.append(Record(mx, "AAAA", v6, ttl))
+    out.append(Record(apex, "TXT", ("v=spf1 mx -all",), ttl, "v=spf1"))
+    for selector, key in dkim:
+        out.append(dkim_record(domain, selector, key, ttl))
+    rua = dmarc_rua or f"mailto:postmaster@{apex.rstrip('.')}"
+    dmarc = f"v=DMARC1; p={dmarc_policy}; rua={rua}"
+    out.append(Record("_dmarc." + apex, "TXT", (dmarc,), ttl, "v=DMARC1"))
+    for a in addrs:
+        ptr = dns.reversename.from_address(str(a)).to_text()
+        out.append(
+            Record(
+                ptr,
+                "PTR",
+                (mx,),
+                ttl,
+                ask=f"reverse DNS: ask the owner of {a} (your hosting provider) to set",
+            )
+        )
+    return out
+
+
+def zone_text(records: Sequence[Record]) -> str:
+    return "".join(line + "\n" for r in records for line in r.zone_lines())
