@@ -1,0 +1,132 @@
+"""The relay's stage (who may send where, loops) and its hop (the durable queue).
+
+The stage refuses at RCPT time what cannot be delivered (unknown users, relay
+attempts from outside `--granted`, forged SRS) and at DATA time mail that
+went through too many hops.  The hop is the spool: its DATA answers 250 only
+once the message and its envelope are on disk with fsync, so the sender may
+forget the mail the moment it reads our 250.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+
+from poste.relay.router import Delivery, Router
+from poste.relay.scheduler import Scheduler
+from poste.relay.spool import Entry, Recipient, SpoolError
+from poste.smtp.hop import Transaction
+from poste.smtp.stage import Envelope, Reply, Stage, Verdict, new_queue_id
+
+log = logging.getLogger("poste.relay")
+
+MAX_RECEIVED = 30
+_RECEIVED = re.compile(rb"^received[ \t]*:", re.IGNORECASE | re.MULTILINE)
+
+
+def count_received(data: bytes) -> int:
+    end = data.find(b"\r\n\r\n")
+    head = data if end < 0 else data[: end + 2]
+    return len(_RECEIVED.findall(head))
+
+
+class RelayStage(Stage):
+    name = "relay"
+
+    def __init__(self, router: Router, max_received: int = MAX_RECEIVED) -> None:
+        self.router = router
+        self.max_received = max_received
+
+    async def on_rcpt(self, env: Envelope, rcpt: str) -> Reply | None:
+        got = self.router.route(env.mail_from, rcpt, self.router.is_granted(env.peer_ip))
+        if isinstance(got, Reply):
+            log.info(
+                "%s refused rcpt=<%s> from=<%s> peer=%s: %s",
+                env.queue_id, rcpt, env.mail_from, env.peer_ip, got,
+            )
+            return got
+        return None
+
+    async def on_data(self, env: Envelope, data: bytes) -> Verdict:
+        hops = count_received(data)
+        if hops > self.max_received:
+            return Verdict(reply=Reply(554, f"5.4.6 Too many hops ({hops} Received:), mail loop?"))
+        return Verdict()
+
+
+class QueueHop:
+    """A Hop whose transaction ends in the spool."""
+
+    def __init__(self, router: Router, scheduler: Scheduler) -> None:
+        self.router = router
+        self.scheduler = scheduler
+
+    async def open(self, env: Envelope) -> Transaction:
+        return QueueTransaction(self, env)
+
+
+class QueueTransaction:
+    def __init__(self, hop: QueueHop, env: Envelope) -> None:
+        self.hop = hop
+        self.env = env
+        self.sender = ""
+        self.deliveries: list[Delivery] = []
+
+    async def mail(self, sender: str, options: list[str]) -> Reply:
+        self.sender = sender
+        return Reply(250, "2.1.0 Ok")
+
+    async def rcpt(self, rcpt: str, options: list[str]) -> Reply:
+        router = self.hop.router
+        got = router.route(self.sender, rcpt, router.is_granted(self.env.peer_ip))
+        if isinstance(got, Reply):
+            return got
+        self.deliveries.extend(got)
+        return Reply(250, "2.1.5 Ok")
+
+    async def data(self, message: bytes) -> Reply:
+        seen: set[tuple[str, str]] = set()
+        rcpts: list[Recipient] = []
+        for d in self.deliveries:
+            key = (d.address.lower(), d.sender.lower())
+            if key in seen:
+                continue
+            seen.add(key)
+            rcpts.append(Recipient(address=d.address, sender=d.sender, original=d.original))
+        if not rcpts:
+            return Reply(554, "5.5.1 No valid recipients")
+        entry = Entry(
+            id=self.env.queue_id or new_queue_id(),
+            return_path=self.sender,
+            recipients=rcpts,
+            created=time.time(),
+            peer=self.env.peer_ip,
+            helo=self.env.helo,
+        )
+        try:
+            await self.hop.scheduler.enqueue(entry, message)
+        except SpoolError:
+            entry.id = new_queue_id()
+            try:
+                await self.hop.scheduler.enqueue(entry, message)
+            except (OSError, SpoolError) as exc:
+                return _queue_failed(entry, exc)
+        except OSError as exc:
+            return _queue_failed(entry, exc)
+        for r in rcpts:
+            log.info(
+                "%s queued from=<%s> to=<%s> (for <%s>) size=%d",
+                entry.id, r.sender, r.address, r.original, len(message),
+            )
+        return Reply(250, f"2.0.0 Ok: queued as {entry.id}")
+
+    async def abort(self) -> None:
+        self.deliveries = []
+        await asyncio.sleep(0)
+
+
+def _queue_failed(entry: Entry, exc: Exception) -> Reply:
+    log.error("%s could not be queued: %s", entry.id, exc)
+    return Reply(451, "4.3.0 Could not queue the message, try again later")

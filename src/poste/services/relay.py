@@ -1,0 +1,205 @@
+"""`poste relay`: deliver to local users' targets and to remote MX, with a durable queue."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import re
+import secrets
+import socket
+from pathlib import Path
+
+import click
+
+from poste.dns.resolver import NameserverError, make_resolver
+from poste.relay.delivery import Deliverer
+from poste.relay.router import Router, parse_networks
+from poste.relay.scheduler import Policy, Scheduler
+from poste.relay.spool import Spool, SpoolError
+from poste.relay.srs import SRS, load_secrets
+from poste.relay.stage import MAX_RECEIVED, QueueHop, RelayStage
+from poste.services.common import (
+    hostname_option,
+    listen_option,
+    parse_hostport,
+    run_services,
+    setup_logging,
+    verbose_option,
+)
+from poste.smtp.server import SMTPService
+
+log = logging.getLogger("poste.relay")
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+class Duration(click.ParamType):  # type: ignore[type-arg]
+    """`300`, `300s`, `5m`, `4h`, `5d`, `200ms` -> seconds."""
+
+    name = "duration"
+
+    def convert(self, value: object, param: click.Parameter | None, ctx: click.Context | None) -> float:
+        if isinstance(value, int | float):
+            return float(value)
+        m = _DURATION.match(str(value))
+        if not m:
+            self.fail(f"{value!r} is not a duration (e.g. 30s, 5m, 4h, 5d)", param, ctx)
+        return float(m.group(1)) * _UNITS[m.group(2) or "s"]
+
+
+DURATION = Duration()
+
+
+def _srs_secrets(secret: str | None, secret_file: str | None, spool: Path) -> list[bytes]:
+    try:
+        found = load_secrets(secret, secret_file)
+    except OSError as exc:
+        raise click.ClickException(f"cannot read --srs-secret-file: {exc.strerror}") from None
+    if found:
+        return found
+    # No secret given: keep one of our own beside the queue, so that bounces
+    # to addresses signed before a restart still verify.
+    path = spool / "srs-secret"
+    if not path.exists():
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(secrets.token_hex(32) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        log.info("no --srs-secret given: generated %s", path)
+    return load_secrets(None, str(path))
+
+
+@click.command()
+@click.option("--domain", "domains", multiple=True, required=True, metavar="D",
+              help="Our mail domain (repeat for more; the first is the users' default).")
+@click.option("--postmaster", required=True, metavar="ADDR",
+              help="Where mail to postmaster@ goes.")
+@click.option("--users", "users_repo", required=True, type=click.Path(),
+              help="The Git users repository.")
+@click.option("--spool", "spool_dir", required=True, type=click.Path(file_okay=False),
+              help="Queue folder (created if missing).")
+@listen_option
+@click.option("--nameserver", "nameservers", multiple=True, metavar="[tcp:|udp:]IP[:PORT]",
+              help="DNS resolver for MX lookups (default: resolv.conf).")
+@click.option("--smtp-port", default=25, show_default=True, type=click.IntRange(1, 65535),
+              help="Port of remote MX hosts (change only for tests).")
+@click.option("--granted", multiple=True, metavar="CIDR",
+              help="Networks allowed to relay to non-local recipients "
+                   "[default: 127.0.0.0/8, ::1/128].")
+@click.option("--srs-secret", default=None, metavar="TEXT",
+              help="SRS secret (prefer --srs-secret-file).")
+@click.option("--srs-secret-file", default=None, type=click.Path(dir_okay=False),
+              help="SRS secrets, one a line: the first signs, all verify. "
+                   "Default: SPOOL/srs-secret, generated once.")
+@hostname_option
+@click.option("--retry-min", default="5m", show_default=True, type=DURATION,
+              help="First retry delay; doubles each attempt.")
+@click.option("--retry-max", default="4h", show_default=True, type=DURATION,
+              help="Longest retry delay.")
+@click.option("--lifetime", default="5d", show_default=True, type=DURATION,
+              help="Give up (failure DSN) after this long in the queue.")
+@click.option("--warn-after", default="4h", show_default=True, type=DURATION,
+              help="Send a delay DSN after this long (0: never).")
+@click.option("--domain-concurrency", default=10, show_default=True,
+              type=click.IntRange(1, 1000), help="SMTP sessions at once per destination domain.")
+@click.option("--queue-rescan", default="30s", show_default=True, type=DURATION,
+              help="How often to re-read the spool (for `poste queue retry|delete`).")
+@click.option("--users-poll", default="2s", show_default=True, type=DURATION,
+              help="How often to check the users repository for a new commit.")
+@click.option("--max-received", default=MAX_RECEIVED, show_default=True,
+              type=click.IntRange(1, 1000), help="More Received: fields than this is a loop (554).")
+@click.option("--no-ipv6", is_flag=True, help="Deliver over IPv4 only.")
+@verbose_option
+def main(
+    domains: tuple[str, ...],
+    postmaster: str,
+    users_repo: str,
+    spool_dir: str,
+    listen: str,
+    nameservers: tuple[str, ...],
+    smtp_port: int,
+    granted: tuple[str, ...],
+    srs_secret: str | None,
+    srs_secret_file: str | None,
+    hostname: str | None,
+    retry_min: float,
+    retry_max: float,
+    lifetime: float,
+    warn_after: float,
+    domain_concurrency: int,
+    queue_rescan: float,
+    users_poll: float,
+    max_received: int,
+    no_ipv6: bool,
+    verbose: int,
+) -> None:
+    """Deliver mail: local addresses to their targets (SRS), others to their MX (--granted only).
+
+    Every accepted mail is on disk (fsync) before the 250; undeliverable mail
+    is retried with backoff and bounced (RFC 3464 DSN) after --lifetime.
+    """
+    from poste.users.repo import UsersRepoError, UsersWatcher
+
+    setup_logging(verbose)
+    host, port = parse_hostport(listen, 25)
+    if "@" not in postmaster:
+        raise click.BadParameter(f"{postmaster!r} is not an address", param_hint="--postmaster")
+    try:
+        resolver = make_resolver(nameservers)
+    except NameserverError as exc:
+        raise click.BadParameter(str(exc), param_hint="--nameserver") from None
+    try:
+        nets = parse_networks(granted or ("127.0.0.0/8", "::1/128"))
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--granted") from None
+    try:
+        spool = Spool(spool_dir)
+    except (OSError, SpoolError) as exc:
+        raise click.ClickException(f"spool {spool_dir}: {exc}") from None
+    secrets_ = _srs_secrets(srs_secret, srs_secret_file, spool.path)
+    if not secrets_:
+        raise click.ClickException("the SRS secret is empty")
+    domain = domains[0].lower().rstrip(".")
+    try:
+        watcher = UsersWatcher(users_repo, domain, poll_interval=users_poll)
+    except UsersRepoError as exc:
+        raise click.ClickException(f"users repository: {exc}") from None
+    me = hostname or socket.getfqdn()
+    router = Router(list(domains), postmaster, SRS(domain, secrets_), lambda: watcher.db, nets)
+    deliverer = Deliverer(resolver, helo=me, port=smtp_port, ipv6=not no_ipv6)
+    policy = Policy(
+        retry_min=retry_min,
+        retry_max=max(retry_max, retry_min),
+        lifetime=lifetime,
+        warn_after=warn_after,
+        max_per_domain=domain_concurrency,
+        rescan=queue_rescan,
+    )
+    scheduler = Scheduler(
+        spool, deliverer.deliver, hostname=me, domain=domain, policy=policy,
+        expand=router.dsn_targets,
+    )
+    service = SMTPService(
+        RelayStage(router, max_received), QueueHop(router, scheduler),
+        host=host, port=port, hostname=me,
+    )
+
+    async def keep_scheduler() -> None:
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await scheduler.stop()
+
+    def on_hup() -> None:
+        asyncio.get_running_loop().create_task(watcher.areload())
+
+    # The spool is resumed (and cleaned of half-written files) before we listen.
+    run_services(
+        service,
+        on_start=scheduler.start,
+        background=[watcher.run, keep_scheduler],
+        on_hup=on_hup,
+    )
