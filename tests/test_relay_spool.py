@@ -1,0 +1,123 @@
+"""The spool on disk and `poste queue`: what an admin sees and does."""
+
+from __future__ import annotations
+
+import email
+import email.policy
+import json
+import subprocess
+import time
+from pathlib import Path
+
+from poste.relay.dsn import DELAYED, FAILED, make_dsn
+from poste.relay.spool import DELIVERED, Entry, Recipient, Spool
+
+MSG = b"From: bob@example.org\r\nTo: alice@our.test\r\nSubject: hi\r\n\r\nhello\r\n"
+
+
+def entry(qid: str = "ABC123") -> Entry:
+    return Entry(
+        id=qid,
+        return_path="bob@example.org",
+        recipients=[
+            Recipient("alice@gmail.test", "SRS0=x@our.test", "alice@our.test"),
+            Recipient("alice2@outlook.test", "SRS0=x@our.test", "alice@our.test"),
+        ],
+        peer="127.0.0.1",
+    )
+
+
+def test_put_load_update_remove(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "q")
+    e = entry()
+    spool.put(e, MSG)
+    assert (tmp_path / "q" / "ABC123.eml").read_bytes() == MSG
+    data = json.loads((tmp_path / "q" / "ABC123.json").read_text())
+    assert data["return_path"] == "bob@example.org" and data["version"] == 1
+    assert [r["address"] for r in data["recipients"]] == ["alice@gmail.test", "alice2@outlook.test"]
+    again = Spool(tmp_path / "q").load("ABC123")
+    assert again == e
+    e.recipients[0].state = DELIVERED
+    spool.update(e)
+    assert [r.address for r in spool.load("ABC123").pending] == ["alice2@outlook.test"]
+    assert spool.ids() == ["ABC123"]
+    spool.remove("ABC123")
+    assert spool.ids() == []
+    assert sorted(p.name for p in (tmp_path / "q").iterdir()) == ["VERSION"]
+
+
+def test_recover_removes_interrupted_writes(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    spool.put(entry("KEEP"), MSG)
+    (tmp_path / "HALF.eml").write_bytes(MSG)  # crash between message and envelope
+    (tmp_path / ".tmp-X.json-1234").write_bytes(b"{")  # crash mid-write
+    removed = spool.recover()
+    assert sorted(removed) == [".tmp-X.json-1234", "HALF.eml"]
+    assert spool.ids() == ["KEEP"] and spool.read_message("KEEP") == MSG
+
+
+def test_queue_cli(tmp_path: Path, poste_bin: str) -> None:
+    spool = Spool(tmp_path)
+    spool.put(entry("Q1"), MSG)
+    e2 = entry("Q2")
+    e2.next_attempt = time.time() + 3600
+    spool.put(e2, MSG)
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [poste_bin, "queue", *args, "--spool", str(tmp_path)],
+            capture_output=True, text=True, timeout=30,
+        )
+
+    out = run("list")
+    assert out.returncode == 0, out.stderr
+    assert "Q1" in out.stdout and "Q2" in out.stdout and "alice2@outlook.test" in out.stdout
+    assert "2 message(s)" in out.stderr
+    show = run("show", "Q1", "--body")
+    assert show.returncode == 0
+    assert "return-path:  <bob@example.org>" in show.stdout and "Subject: hi" in show.stdout
+    assert run("retry", "Q2").returncode == 0
+    assert spool.load("Q2").next_attempt <= time.time()
+    assert run("delete", "Q1").returncode == 0
+    assert spool.ids() == ["Q2"]
+    missing = run("show", "NOPE")
+    assert missing.returncode != 0 and "NOPE" in missing.stderr and "Traceback" not in missing.stderr
+    nodir = subprocess.run(
+        [poste_bin, "queue", "list", "--spool", str(tmp_path / "absent")],
+        capture_output=True, text=True, timeout=30,
+    )
+    assert nodir.returncode != 0 and "no spool folder" in nodir.stderr
+
+
+def test_dsn_is_a_multipart_report() -> None:
+    r = Recipient("alice@gmail.test", "SRS0=x@our.test", "alice@our.test")
+    r.last_reply = "550 5.1.1 No such user"
+    r.remote_mta = "mx.gmail.test"
+    r.last_attempt = time.time()
+    raw = make_dsn(
+        action=FAILED, reporting_mta="relay.our.test", postmaster_domain="our.test",
+        to="bob@example.org", recipients=[r], original=MSG, queue_id="Q1", arrival=time.time(),
+    )
+    assert b"\n" not in raw.replace(b"\r\n", b"")  # CRLF only
+    msg = email.message_from_bytes(raw, policy=email.policy.compat32)
+    assert msg.get_content_type() == "multipart/report"
+    assert msg.get_param("report-type") == "delivery-status"
+    assert msg["To"] == "<bob@example.org>" and msg["Auto-Submitted"] == "auto-replied"
+    parts = msg.get_payload()
+    assert [p.get_content_type() for p in parts] == [
+        "text/plain", "message/delivery-status", "text/rfc822-headers",
+    ]
+    status = raw.split(b"message/delivery-status")[1].decode()
+    assert "Final-Recipient: rfc822; alice@gmail.test" in status
+    assert "Original-Recipient: rfc822; alice@our.test" in status
+    assert "Action: failed" in status and "Status: 5.1.1" in status
+    assert "Diagnostic-Code: smtp; 550 5.1.1 No such user" in status
+    assert "Remote-MTA: dns; mx.gmail.test" in status
+    assert b"Subject: hi" in raw and b"hello" not in raw.split(b"text/rfc822-headers")[1]
+
+    delayed = make_dsn(
+        action=DELAYED, reporting_mta="relay.our.test", postmaster_domain="our.test",
+        to="bob@example.org", recipients=[r], original=MSG, queue_id="Q1", arrival=time.time(),
+        retry_until=time.time() + 86400,
+    )
+    assert b"Action: delayed" in delayed and b"Will-Retry-Until:" in delayed
