@@ -1,0 +1,183 @@
+"""Helpers for the relay's tests: test zones, stand-in MX servers, a users repo, the relay."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Iterable
+from pathlib import Path
+
+from support.knot import simple_zone
+from support.net import wait_port
+
+# Stand-in MX hosts of the test world.
+MX = {
+    "gmail.test": "127.0.0.21",
+    "outlook.test": "127.0.0.22",
+    "example.org": "127.0.0.23",
+    "down.test": "127.0.0.24",
+    "refuse.test": "127.0.0.25",
+    "late.test": "127.0.0.26",
+}
+
+
+def mx_zones() -> dict[str, str]:
+    """MX records for every stand-in domain, plus a null MX, an implicit MX and a 2-MX domain."""
+    zones = {
+        dom: simple_zone(dom, f"@ MX 10 mx.{dom}.\nmx A {ip}\n") for dom, ip in MX.items()
+    }
+    zones["nullmx.test"] = simple_zone("nullmx.test", "@ MX 0 .\n")
+    zones["implicit.test"] = simple_zone("implicit.test", "@ A 127.0.0.27\n")
+    zones["backup.test"] = simple_zone(
+        "backup.test",
+        "@ MX 10 mx1.backup.test.\n@ MX 20 mx2.backup.test.\n"
+        "mx1 A 127.0.0.28\nmx2 A 127.0.0.29\n",
+    )
+    return zones
+
+
+def common_port(hosts: Iterable[str]) -> int:
+    """A TCP port free on every one of `hosts` (the relay's --smtp-port is one for all)."""
+    hosts = list(hosts)
+    for _ in range(200):
+        with socket.socket() as s:
+            s.bind((hosts[0], 0))
+            port = int(s.getsockname()[1])
+        ok = True
+        for h in hosts[1:]:
+            with socket.socket() as s:
+                try:
+                    s.bind((h, port))
+                except OSError:
+                    ok = False
+                    break
+        if ok:
+            return port
+    raise RuntimeError("no common free port")
+
+
+class Srv:
+    """`poste srv` as a stand-in MX: every mail lands in its folder with Return-Path."""
+
+    def __init__(self, poste_bin: str, host: str, port: int, folder: Path, *extra: str) -> None:
+        self.poste_bin, self.host, self.port, self.folder = poste_bin, host, port, folder
+        self.extra = extra
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Srv:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        log = open(self.folder.parent / f"srv-{self.host}.log", "ab")
+        self.proc = subprocess.Popen(
+            [self.poste_bin, "srv", f"{self.host}:{self.port}", "-o", f"{self.folder}/",
+             "--count", "0", "--with-data", "--hostname", f"mx-{self.host}", *self.extra],
+            stdout=log, stderr=log,
+        )
+        log.close()
+        wait_port(self.host, self.port)
+        return self
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    def mails(self) -> list[bytes]:
+        if not self.folder.exists():
+            return []
+        files = sorted(self.folder.glob("*.eml"), key=lambda p: int(p.stem))
+        return [p.read_bytes() for p in files]
+
+    def wait(self, n: int, timeout: float = 30.0) -> list[bytes]:
+        deadline = time.monotonic() + timeout
+        while True:
+            got = self.mails()
+            if len(got) >= n:
+                return got
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{self.host}: {len(got)} mail(s), expected {n}")
+            time.sleep(0.05)
+
+
+def header(mail: bytes, name: str) -> list[str]:
+    head = mail.split(b"\r\n\r\n", 1)[0].decode("utf-8", "replace")
+    head = head.replace("\r\n ", " ").replace("\r\n\t", " ")  # unfold
+    out = []
+    for line in head.split("\r\n"):
+        if line.lower().startswith(name.lower() + ":"):
+            out.append(line.split(":", 1)[1].strip())
+    return out
+
+
+def return_path(mail: bytes) -> str:
+    return header(mail, "Return-Path")[0].strip("<>")
+
+
+def make_users(poste_bin: str, repo: Path, users: dict[str, list[str]]) -> None:
+    for name, targets in users.items():
+        args = [poste_bin, "users", "add", name, "--repo", str(repo), "--no-password"]
+        for t in targets:
+            args += ["--target", t]
+        subprocess.run(args, check=True, capture_output=True, timeout=60)
+
+
+class Relay:
+    """`poste relay` as a subprocess, as an admin runs it."""
+
+    def __init__(self, poste_bin: str, workdir: Path, nameserver: str, smtp_port: int,
+                 *extra: str, domain: str = "our.test") -> None:
+        self.poste_bin = poste_bin
+        self.workdir = workdir
+        self.spool = workdir / "spool"
+        self.users = workdir / "users"
+        self.host = "127.0.0.1"
+        from support.net import free_port
+
+        self.port = free_port(self.host)
+        self.args = [
+            poste_bin, "relay", "--domain", domain, "--postmaster", "admin@example.org",
+            "--users", str(self.users), "--spool", str(self.spool),
+            "--listen", f"{self.host}:{self.port}", "--nameserver", nameserver,
+            "--smtp-port", str(smtp_port), "--srs-secret", "test-secret",
+            "--hostname", "relay.our.test", "--users-poll", "0.2s", "--no-ipv6", *extra,
+        ]
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log_path = workdir / "relay.log"
+
+    def start(self) -> Relay:
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(self.args, stdout=log, stderr=log, start_new_session=True)
+        log.close()
+        try:
+            wait_port(self.host, self.port, timeout=20)
+        except TimeoutError:
+            raise RuntimeError(f"relay did not start:\n{self.log()}") from None
+        return self
+
+    def kill(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        self.proc = None
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        self.proc = None
+
+    def log(self) -> str:
+        with contextlib.suppress(OSError):
+            return self.log_path.read_text(errors="replace")
+        return ""
