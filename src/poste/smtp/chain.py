@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 
+from poste.metrics import MAILS, RECIPIENTS, outcome
 from poste.smtp.hop import Hop, HopError, Transaction
 from poste.smtp.received import received_field
 from poste.smtp.stage import Envelope, Reply, Stage
@@ -39,6 +40,11 @@ class StageTransaction:
         return Reply(250, "2.1.0 Ok")
 
     async def rcpt(self, rcpt: str, options: list[str]) -> Reply:
+        reply = await self._rcpt(rcpt, options)
+        RECIPIENTS.labels(self.stage.name, outcome(reply.code)).inc()
+        return reply
+
+    async def _rcpt(self, rcpt: str, options: list[str]) -> Reply:
         reply = await self.stage.on_rcpt(self.env, rcpt)
         if reply is not None:
             return reply
@@ -62,6 +68,11 @@ class StageTransaction:
         return reply
 
     async def data(self, data: bytes) -> Reply:
+        reply = await self._data(data)
+        MAILS.labels(self.stage.name, outcome(reply.code)).inc()
+        return reply
+
+    async def _data(self, data: bytes) -> Reply:
         down = self._down
         if down is None:
             return NO_RCPT

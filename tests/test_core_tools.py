@@ -1,0 +1,163 @@
+"""The blaze-style tools and `poste forward`, driven as a user drives them."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from poste.cli import COMMANDS
+from poste.smtp.tls import self_signed
+from support.net import free_port, wait_port
+
+
+def start_srv(poste_bin: str, port: int, out: str, *extra: str) -> subprocess.Popen[bytes]:
+    proc = subprocess.Popen(
+        [poste_bin, "srv", f"127.0.0.1:{port}", "-o", out, *extra],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+    wait_port("127.0.0.1", port)
+    return proc
+
+
+def test_seed_session(poste_bin: str, tmp_path: Path) -> None:
+    """The session of the seed article, on loopback."""
+    port = free_port()
+    out = tmp_path / "new.eml"
+    srv = start_srv(poste_bin, port, str(out))
+    made = subprocess.run(
+        [poste_bin, "make", "--to", "foo@bar", "--from", "me@example.org", "-f", "Subject: Lorem Ipsum"],
+        input=b"Hello World!\n", capture_output=True, check=True,
+    ).stdout
+    sent = subprocess.run(
+        [poste_bin, "send", "-", f"127.0.0.1:{port}", "-s", "me@example.org", "-r", "foo@bar"],
+        input=made, capture_output=True,
+    )
+    assert sent.returncode == 0, sent.stderr
+    assert srv.wait(timeout=10) == 0
+    mail = out.read_bytes()
+    head, body = mail.split(b"\r\n\r\n", 1)
+    names = [line.split(b":")[0] for line in head.split(b"\r\n") if not line.startswith(b"\t")]
+    assert names == [b"Received", b"Date", b"To", b"From", b"MIME-Version",
+                     b"Content-Transfer-Encoding", b"Content-Type", b"Subject"]
+    assert b"for <foo@bar>" in head
+    assert body == b"Hello World!\r\n"
+
+
+def swaks(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["swaks", "--hide-all", *args], capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.parametrize("mode", ["plain", "tls", "pipeline"])
+def test_swaks_to_srv(poste_bin: str, tmp_path: Path, mode: str) -> None:
+    self_signed(tmp_path / "c.pem", tmp_path / "k.pem", "srv.test")
+    port = free_port()
+    out = tmp_path / "got.eml"
+    srv = start_srv(poste_bin, port, str(out), "-k", str(tmp_path / "k.pem"), "-c", str(tmp_path / "c.pem"))
+    args = ["--server", f"127.0.0.1:{port}", "--from", "a@x.test", "--to", "b@y.test",
+            "--header", "Subject: swaks " + mode]
+    if mode == "tls":
+        args.append("--tls")
+    if mode == "pipeline":
+        args.append("--pipeline")
+    result = swaks(*args)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert srv.wait(timeout=10) == 0
+    mail = out.read_bytes()
+    assert f"Subject: swaks {mode}".encode() in mail
+    assert (b"with ESMTPS" in mail) == (mode == "tls")
+    if mode == "tls":
+        assert b"(using TLSv1." in mail
+
+
+def test_send_uses_starttls_when_offered(poste_bin: str, tmp_path: Path) -> None:
+    self_signed(tmp_path / "c.pem", tmp_path / "k.pem", "srv.test")
+    port = free_port()
+    out = tmp_path / "got.eml"
+    srv = start_srv(poste_bin, port, str(out), "-k", str(tmp_path / "k.pem"), "-c", str(tmp_path / "c.pem"))
+    sent = subprocess.run(
+        [poste_bin, "send", "-", f"127.0.0.1:{port}", "-s", "a@x.test", "-r", "b@y.test"],
+        input=b"Subject: hi\n\nbody\n", capture_output=True,
+    )
+    assert sent.returncode == 0, sent.stderr
+    assert srv.wait(timeout=10) == 0
+    assert b"with ESMTPS" in out.read_bytes()
+
+
+def test_forward_passes_bytes_on_with_received(poste_bin: str, tmp_path: Path) -> None:
+    dest_port, fwd_port = free_port("127.0.0.2"), free_port("127.0.0.3")
+    out = tmp_path / "got.eml"
+    srv = subprocess.Popen([poste_bin, "srv", f"127.0.0.2:{dest_port}", "-o", str(out)],
+                           stderr=subprocess.PIPE)
+    wait_port("127.0.0.2", dest_port)
+    fwd = subprocess.Popen(
+        [poste_bin, "forward", "--listen", f"127.0.0.3:{fwd_port}", "--destination",
+         f"127.0.0.2:{dest_port}", "--hostname", "fwd.test"],
+        stderr=subprocess.PIPE,
+    )
+    try:
+        wait_port("127.0.0.3", fwd_port)
+        original = (b"From: <\r\nSubject: =?broken\r\nX-8bit: \xff\xfe\r\n\r\n"
+                    b".dot first\r\n..two dots\r\n\xc3\xa9t\xc3\xa9\r\n")
+        src = tmp_path / "in.eml"
+        src.write_bytes(original)
+        sent = subprocess.run(
+            [poste_bin, "send", str(src), f"127.0.0.3:{fwd_port}", "-s", "a@x.test", "-r", "b@y.test"],
+            capture_output=True,
+        )
+        assert sent.returncode == 0, sent.stderr
+        assert srv.wait(timeout=10) == 0
+    finally:
+        fwd.terminate()
+        fwd.wait(timeout=10)
+    mail = out.read_bytes()
+    received = mail.split(b"Received: ")
+    assert len(received) == 3  # forward's and srv's
+    assert b"by fwd.test (poste)" in mail
+    # Everything after the two Received: fields is the original, byte for byte.
+    assert mail.endswith(original)
+    tail = mail[: len(mail) - len(original)]
+    assert tail.count(b"\r\n\t") + tail.count(b"Received:") == tail.count(b"\r\n")
+
+
+def test_every_command_has_help(poste_bin: str) -> None:
+    top = subprocess.run([poste_bin, "--help"], capture_output=True, text=True)
+    assert top.returncode == 0
+    for name in COMMANDS:
+        result = subprocess.run([poste_bin, name, "--help"], capture_output=True, text=True)
+        assert result.returncode == 0, (name, result.stderr)
+        assert "Usage:" in result.stdout, name
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["send", "-", "127.0.0.1:1", "--no-such-flag"],
+        ["srv", "127.0.0.1:notaport"],
+        ["forward", "--listen", "127.0.0.1:1x", "--destination", "127.0.0.1"],
+        ["make", "--from", "a@b", "-f", "no colon here"],
+        ["send", "/nonexistent/mail", "127.0.0.1:1", "-s", "a@b", "-r", "c@d"],
+        ["nosuchcommand"],
+    ],
+)
+def test_bad_input_is_one_line(poste_bin: str, argv: list[str]) -> None:
+    result = subprocess.run([poste_bin, *argv], capture_output=True, text=True, input="",
+                            timeout=30)
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    lines = [ln for ln in result.stderr.splitlines() if ln.startswith("Error")]
+    assert len(lines) == 1, result.stderr
+
+
+def test_send_to_nothing_is_one_line(poste_bin: str) -> None:
+    port = free_port()
+    t0 = time.monotonic()
+    result = subprocess.run(
+        [poste_bin, "send", "-", f"127.0.0.1:{port}", "-s", "a@b", "-r", "c@d"],
+        input="Subject: x\n\nbody\n", capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.count("\n") == 1 and "cannot send" in result.stderr
+    assert time.monotonic() - t0 < 60
