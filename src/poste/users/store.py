@@ -124,11 +124,42 @@ def commit_file(
     `expect` is checked against the current content under the lock; when it
     says no, nothing is written and None is returned (compare-and-swap).
     """
+
+    def transform(current: bytes | None) -> bytes | _Skip | None:
+        if expect is not None and not expect(current):
+            return SKIP
+        return content
+
+    return update_file(repo_path, path, transform, message, create=create)
+
+
+class _Skip:
+    pass
+
+
+SKIP = _Skip()
+
+
+def update_file(
+    repo_path: str | Path,
+    path: str,
+    transform: Callable[[bytes | None], bytes | _Skip | None],
+    message: str,
+    *,
+    create: bool = False,
+) -> str | None:
+    """Commit `transform(current content)` at `path` under the lock.
+
+    `transform` returns the new content, None to delete, or SKIP to leave
+    the repository alone (then None is returned).  It runs with the lock
+    held, on what HEAD holds right now, so a read-modify-write cannot lose a
+    concurrent change.
+    """
     repo = open_repo(repo_path, create=create)
     with _locked(repo):
         repo = pygit2.Repository(repo.path)  # fresh view of refs once locked
-        current = read_file(repo, path)
-        if expect is not None and not expect(current):
+        content = transform(read_file(repo, path))
+        if isinstance(content, _Skip):
             return None
         parents: list[pygit2.Oid] = []
         base: pygit2.Tree | None = None
@@ -141,8 +172,7 @@ def commit_file(
         if tree_id is None:
             tree_id = repo.TreeBuilder().write()
         sig = _signature(repo)
-        ref = "HEAD"
-        oid = repo.create_commit(ref, sig, sig, message, tree_id, parents)
+        oid = repo.create_commit("HEAD", sig, sig, message, tree_id, parents)
         if not repo.is_bare:
             _sync_workdir(repo, path, content)
         return str(oid)

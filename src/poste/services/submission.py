@@ -1,0 +1,243 @@
+"""`poste submission`: where the users' mail clients send from (ptt's lipap, fixed).
+
+Two listeners share one stage: 465 with implicit TLS and 587 with mandatory
+STARTTLS.  The core offers AUTH PLAIN/LOGIN only under TLS and only because
+the stage has `authenticate`; MAIL before AUTH gets 530.  What ptt did not
+check, poste does: the envelope sender must be the logged-in user's own
+address (or an alias, or a +tag of it), else 553 5.7.1, so a stolen or
+shared login cannot send as someone else of the domain.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+
+import click
+
+from poste.services.common import (
+    destination_option,
+    hostname_option,
+    parse_hostport,
+    run_services,
+    setup_logging,
+    tls_cert_option,
+    tls_context_from,
+    tls_key_option,
+    verbose_option,
+)
+from poste.smtp.client import SMTPHop
+from poste.smtp.server import SMTPService
+from poste.smtp.stage import Envelope, Reply, Stage
+from poste.users.logins import Authenticator, LoginThrottle, may_send_as
+from poste.users.repo import UsersRepoError, UsersWatcher
+
+log = logging.getLogger("poste.submission")
+
+AUTH_INVALID = Reply(535, "5.7.8 Authentication credentials invalid")
+AUTH_LOCKED = Reply(454, "4.7.0 Too many failed logins, try again later")
+NOT_YOURS = Reply(553, "5.7.1 Sender address not owned by the authenticated user")
+NULL_SENDER = Reply(553, "5.7.1 The null sender is not allowed in submission")
+
+
+class SubmissionStage(Stage):
+    """Authenticates users and holds them to their own sender addresses."""
+
+    name = "submission"
+    auth_required = True
+
+    def __init__(self, watcher: UsersWatcher, authenticator: Authenticator) -> None:
+        self.watcher = watcher
+        self.authenticator = authenticator
+
+    async def authenticate(self, env: Envelope, username: str, password: str) -> Reply | None:
+        user, reason = await self.authenticator.check(env.peer_ip, username, password)
+        if user is not None:
+            return None
+        return AUTH_LOCKED if reason == "locked" else AUTH_INVALID
+
+    async def on_mail(self, env: Envelope, sender: str) -> Reply | None:
+        if not env.auth_user:  # the core refuses this first; a chained use must not skip it
+            return Reply(530, "5.7.0 Authentication required")
+        if not sender:
+            return NULL_SENDER
+        if not may_send_as(self.watcher.db, env.auth_user, sender):
+            log.warning(
+                "%s user %r may not send as <%s> (ip=%s)",
+                env.queue_id,
+                env.auth_user,
+                sender,
+                env.peer_ip,
+            )
+            return NOT_YOURS
+        return None
+
+
+def build_stage(
+    users: str | Path,
+    domains: tuple[str, ...],
+    *,
+    poll_interval: float = 2.0,
+    throttle: LoginThrottle | None = None,
+    concurrency: int = 4,
+) -> SubmissionStage:
+    """The stage with its users watcher (for `poste submission` and `poste up`).
+
+    Raises UsersRepoError when the repository cannot be read.
+    """
+    watcher = UsersWatcher(users, domains[0], poll_interval, extra_domains=tuple(domains[1:]))
+    authenticator = Authenticator(watcher, throttle=throttle, concurrency=concurrency)
+    return SubmissionStage(watcher, authenticator)
+
+
+@click.command()
+@click.option(
+    "--domain",
+    "domains",
+    multiple=True,
+    required=True,
+    help="Our domain: the users repository's root entries (repeat for more domains).",
+)
+@destination_option
+@click.option(
+    "--users",
+    required=True,
+    type=click.Path(file_okay=False),
+    help="The Git users repository.",
+)
+@tls_cert_option
+@tls_key_option
+@click.option(
+    "--listen-tls",
+    default=None,
+    metavar="ADDR:PORT",
+    help="Implicit TLS listener (port 465 style; default 0.0.0.0:465).",
+)
+@click.option(
+    "--listen",
+    default=None,
+    metavar="ADDR:PORT",
+    help="STARTTLS listener, TLS mandatory (port 587 style; default 0.0.0.0:587).",
+)
+@hostname_option
+@click.option(
+    "--poll-interval",
+    default=2.0,
+    show_default=True,
+    type=click.FloatRange(min=0.05),
+    help="Seconds between checks of the users repository's HEAD (SIGHUP reloads at once).",
+)
+@click.option(
+    "--auth-delay",
+    default=0.5,
+    show_default=True,
+    type=click.FloatRange(min=0),
+    help="Delay before answering the first failed login of a client; doubles per failure.",
+)
+@click.option("--auth-max-delay", default=8.0, show_default=True, type=click.FloatRange(min=0))
+@click.option(
+    "--auth-max-failures",
+    default=10,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Failed logins (within --auth-lockout seconds) before a client network is locked out.",
+)
+@click.option(
+    "--auth-lockout",
+    default=900.0,
+    show_default=True,
+    type=click.FloatRange(min=0),
+    help="Seconds a locked-out client network gets 454 to AUTH.",
+)
+@click.option(
+    "--auth-concurrency",
+    default=4,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Password checks running at once (argon2id takes 64 MiB each).",
+)
+@verbose_option
+def main(
+    domains: tuple[str, ...],
+    destination: str,
+    users: str,
+    tls_cert: str | None,
+    tls_key: str | None,
+    listen_tls: str | None,
+    listen: str | None,
+    hostname: str | None,
+    poll_interval: float,
+    auth_delay: float,
+    auth_max_delay: float,
+    auth_max_failures: int,
+    auth_lockout: float,
+    auth_concurrency: int,
+    verbose: int,
+) -> None:
+    """Authenticated submission: 465 (implicit TLS) and 587 (STARTTLS), AUTH PLAIN/LOGIN.
+
+    With neither --listen-tls nor --listen, both listen on their standard
+    ports; with one of them, only that one.
+    """
+    setup_logging(verbose)
+    if not tls_cert or not tls_key:
+        raise click.UsageError("submission needs --tls-cert and --tls-key (AUTH only under TLS)")
+    ctx = tls_context_from(tls_cert, tls_key)
+    if listen_tls is None and listen is None:
+        listen_tls, listen = "0.0.0.0:465", "0.0.0.0:587"
+    dest_host, dest_port = parse_hostport(destination, 25)
+    throttle = LoginThrottle(
+        base_delay=auth_delay,
+        max_delay=auth_max_delay,
+        max_failures=auth_max_failures,
+        window=max(auth_lockout, 60.0),
+        lockout=auth_lockout,
+    )
+    try:
+        stage = build_stage(
+            users,
+            domains,
+            poll_interval=poll_interval,
+            throttle=throttle,
+            concurrency=auth_concurrency,
+        )
+    except (UsersRepoError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from None
+    hop = SMTPHop(dest_host, dest_port, helo=hostname)
+    services: list[SMTPService] = []
+    if listen_tls is not None:
+        host, port = parse_hostport(listen_tls, 465)
+        services.append(
+            SMTPService(
+                stage,
+                hop,
+                host=host,
+                port=port,
+                hostname=hostname,
+                tls_context=ctx,
+                implicit_tls=True,
+            )
+        )
+    if listen is not None:
+        host, port = parse_hostport(listen, 587)
+        services.append(
+            SMTPService(
+                stage,
+                hop,
+                host=host,
+                port=port,
+                hostname=hostname,
+                tls_context=ctx,
+                require_tls=True,
+            )
+        )
+
+    hup_tasks: set[asyncio.Task[bool]] = set()
+
+    def on_hup() -> None:
+        task = asyncio.get_running_loop().create_task(stage.watcher.areload())
+        hup_tasks.add(task)
+        task.add_done_callback(hup_tasks.discard)
+
+    run_services(*services, background=[stage.watcher.run], on_hup=on_hup)
