@@ -300,3 +300,31 @@ async def test_next_hop_dies_mid_transaction(tmp_path: Path) -> None:
             # The sender is told to keep the mail.
             assert (await c.reply()).startswith("451")
             await c.close()
+
+
+class RefuseConnect(Stage):
+    async def on_connect(self, env: Envelope) -> Reply | None:
+        env.peer_name = "client.example"
+        if env.peer_ip == "127.0.0.9":
+            return Reply(554, "5.7.1 Not welcome")
+        return None
+
+
+async def test_on_connect_sees_peer_before_greeting(tmp_path: Path) -> None:
+    from poste.tools.srv import Mailbox, MailboxHop
+
+    box = Mailbox(str(tmp_path) + "/", 0, False)
+    async with running(RefuseConnect(), MailboxHop(box), host="127.0.0.1") as service:
+        reader, writer = await asyncio.open_connection(*service.sockname, local_addr=("127.0.0.9", 0))
+        refused = LineClient(reader, writer)
+        assert (await refused.reply()).startswith("554 5.7.1")
+        await refused.close()
+        c = await LineClient.connect(*service.sockname)
+        await hello(c)
+        await c.cmd("MAIL FROM:<a@x.test>")
+        await c.cmd("RCPT TO:<b@y.test>")
+        await c.cmd("DATA")
+        await c.send(b"Subject: x\r\n\r\nhi\r\n.\r\n")
+        assert (await c.reply()).startswith("250")
+        await c.close()
+    assert b"from client.test (client.example [127.0.0.1])" in mails(tmp_path)[0]

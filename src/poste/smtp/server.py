@@ -149,6 +149,20 @@ class _Connection(SMTP):
             self.session.ssl = {"ssl_object": ssl_object}
             self._tls_facts(self.poste_env, ssl_object)
 
+    async def _handle_client(self) -> None:
+        """Ask the stage about the peer (rDNS, blocklists) before the greeting."""
+        try:
+            reply = await self.service.stage.on_connect(self.poste_env)
+        except Exception:
+            log.exception("on_connect failed for %s", self.poste_env.peer_ip)
+            reply = Reply(421, "4.3.0 Local error, try again later")
+        if reply is not None:
+            await self.push(str(reply))
+            if self.transport is not None:
+                self.transport.close()
+            return
+        await super()._handle_client()
+
     @staticmethod
     def _tls_facts(env: Envelope, ssl_object: Any) -> None:
         if ssl_object is None:
