@@ -1,0 +1,220 @@
+"""`poste relay` end to end: knot serves the test zones, `poste srv` stands in for the MX hosts."""
+
+from __future__ import annotations
+
+import smtplib
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from support.knot import KnotServer, knot_factory  # noqa: F401
+from support.relay_env import MX, Relay, Srv, common_port, header, make_users, mx_zones, return_path
+
+HOSTS = [f"127.0.0.{i}" for i in range(21, 30)]
+
+
+def mail(subject: str, extra: str = "") -> bytes:
+    return (
+        f"From: Bob <bob@example.org>\r\nTo: alice@our.test\r\nSubject: {subject}\r\n"
+        f"Message-ID: <{subject}@example.org>\r\n{extra}\r\nHello.\r\n"
+    ).encode()
+
+
+def send(relay: Relay, sender: str, rcpts: list[str], data: bytes) -> tuple[int, bytes]:
+    """One transaction; returns the reply to DATA (or to the first refused command)."""
+    with smtplib.SMTP(relay.host, relay.port, timeout=30) as s:
+        s.ehlo("client.test")
+        code, msg = s.mail(sender)
+        assert code == 250, msg
+        for r in rcpts:
+            code, msg = s.rcpt(r)
+            if code != 250:
+                return code, msg
+        return s.data(data)
+
+
+class World:
+    def __init__(self, poste_bin: str, tmp: Path, ns: KnotServer) -> None:
+        self.poste_bin, self.tmp, self.ns = poste_bin, tmp, ns
+        self.port = common_port(HOSTS)
+        self.srvs: list[Srv] = []
+        self.relays: list[Relay] = []
+        make_users(poste_bin, tmp / "users", {
+            "alice": ["alice@gmail.test", "alice2@outlook.test"],
+            "carol": ["carol@late.test"],
+            "dave": ["dave@refuse.test"],
+            "erin": ["erin@down.test"],
+        })
+
+    def srv(self, domain: str, *extra: str) -> Srv:
+        s = Srv(self.poste_bin, MX[domain], self.port, self.tmp / "mx" / domain, *extra).start()
+        self.srvs.append(s)
+        return s
+
+    def relay(self, *extra: str) -> Relay:
+        r = Relay(self.poste_bin, self.tmp, self.ns.nameserver, self.port, *extra).start()
+        self.relays.append(r)
+        return r
+
+    def queue(self) -> str:
+        out = subprocess.run(
+            [self.poste_bin, "queue", "list", "--spool", str(self.tmp / "spool")],
+            capture_output=True, text=True, timeout=30,
+        )
+        return out.stdout + out.stderr
+
+
+@pytest.fixture
+def world(
+    poste_bin: str, tmp_path: Path, knot_factory: Callable[..., KnotServer]  # noqa: F811
+) -> Iterator[World]:
+    w = World(poste_bin, tmp_path, knot_factory(mx_zones()))
+    yield w
+    for r in w.relays:
+        r.stop()
+    for s in w.srvs:
+        s.stop()
+
+
+def wait_for(cond: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise TimeoutError(what)
+        time.sleep(0.1)
+
+
+def test_forward_with_srs_and_bounce_back(world: World) -> None:
+    gmail, outlook, example = world.srv("gmail.test"), world.srv("outlook.test"), world.srv(
+        "example.org"
+    )
+    relay = world.relay()
+    code, msg = send(relay, "bob@example.org", ["alice@our.test"], mail("m1"))
+    assert code == 250 and b"queued as" in msg
+    [g] = gmail.wait(1)
+    [o] = outlook.wait(1)
+    assert header(g, "Delivered-To") == ["alice@gmail.test"]
+    assert header(o, "Delivered-To") == ["alice2@outlook.test"]
+    srs = return_path(g)
+    assert srs.startswith("SRS0=") and srs.endswith("@our.test") and "example.org" in srs
+    assert b"Message-ID: <m1@example.org>" in g and b"by relay.our.test" in g
+
+    # The destination bounces to the SRS address: it reaches the original sender.
+    bounce = (
+        b"From: MAILER-DAEMON@gmail.test\r\nTo: " + srs.encode() + b"\r\n"
+        b"Subject: Undelivered Mail\r\nMessage-ID: <bounce1@gmail.test>\r\n\r\nsorry\r\n"
+    )
+    code, _ = send(relay, "", [srs], bounce)
+    assert code == 250
+    [b] = example.wait(1)
+    assert header(b, "Delivered-To") == ["bob@example.org"] and return_path(b) == ""
+    assert b"<bounce1@gmail.test>" in b
+
+    # user+tag@ is user@; postmaster@ goes to --postmaster; our own sender is not rewritten.
+    assert send(relay, "carol@our.test", ["alice+news@our.test"], mail("m2"))[0] == 250
+    g2 = gmail.wait(2)[1]
+    assert return_path(g2) == "carol@our.test" and header(g2, "Delivered-To") == ["alice@gmail.test"]
+    assert send(relay, "bob@example.org", ["postmaster@our.test"], mail("m3"))[0] == 250
+    pm = example.wait(2)[1]
+    assert header(pm, "Delivered-To") == ["admin@example.org"]
+
+
+def test_refusals_at_rcpt_and_loops(world: World) -> None:
+    relay = world.relay()
+    code, msg = send(relay, "bob@example.org", ["nobody@our.test"], mail("x"))
+    assert code == 550 and msg.startswith(b"5.1.1")
+    forged = "SRS0=AAAAAA=AB=example.org=bob@our.test"
+    code, msg = send(relay, "", [forged], mail("y"))
+    assert code == 550 and b"SRS" in msg
+    loop = "".join(f"Received: from h{i} by h{i + 1}; Mon, 1 Jan 2024 00:00:00 +0000\r\n"
+                   for i in range(31))
+    code, msg = send(relay, "bob@example.org", ["alice@our.test"], mail("loop", loop))
+    assert code == 554 and msg.startswith(b"5.4.6")
+    assert "0 message(s)" in world.queue()
+
+
+def test_not_an_open_relay(world: World) -> None:
+    gmail = world.srv("gmail.test")
+    world.srv("outlook.test")
+    relay = world.relay("--granted", "192.0.2.0/24")  # we (127.0.0.1) are not granted
+    code, msg = send(relay, "spammer@example.org", ["victim@gmail.test"], mail("spam"))
+    assert code == 550 and msg.startswith(b"5.7.1")
+    # Local recipients are still reached from anywhere.
+    assert send(relay, "bob@example.org", ["alice@our.test"], mail("ok"))[0] == 250
+    assert len(gmail.wait(1)) == 1
+
+
+def test_outgoing_from_granted_peer(world: World) -> None:
+    outlook = world.srv("outlook.test")
+    relay = world.relay()
+    assert send(relay, "alice@our.test", ["someone@outlook.test"], mail("out"))[0] == 250
+    [o] = outlook.wait(1)
+    assert return_path(o) == "alice@our.test" and header(o, "Delivered-To") == [
+        "someone@outlook.test"
+    ]
+
+
+def test_retry_until_destination_is_up(world: World) -> None:
+    relay = world.relay("--retry-min", "0.3s", "--retry-max", "1s")
+    assert send(relay, "bob@example.org", ["carol@our.test"], mail("late"))[0] == 250
+    wait_for(lambda: relay.log().count("status=deferred") >= 2, "two failed attempts")
+    assert "carol@late.test" in world.queue()
+    late = world.srv("late.test")
+    [m] = late.wait(1)
+    assert header(m, "Delivered-To") == ["carol@late.test"]
+    wait_for(lambda: "0 message(s)" in world.queue(), "queue empty")
+
+
+def test_refused_gives_dsn_to_sender(world: World) -> None:
+    world.srv("refuse.test", "--rcpt-reply", "550 5.1.1 No such user here")
+    example = world.srv("example.org")
+    relay = world.relay()
+    assert send(relay, "bob@example.org", ["dave@our.test"], mail("refused"))[0] == 250
+    [dsn] = example.wait(1)
+    assert return_path(dsn) == "" and header(dsn, "Delivered-To") == ["bob@example.org"]
+    assert b"multipart/report" in dsn and b"report-type=delivery-status" in dsn
+    assert b"Final-Recipient: rfc822; dave@refuse.test" in dsn
+    assert b"Original-Recipient: rfc822; dave@our.test" in dsn
+    assert b"Action: failed" in dsn and b"Status: 5.1.1" in dsn
+    assert b"Message-ID: <refused@example.org>" in dsn
+    wait_for(lambda: "0 message(s)" in world.queue(), "queue empty")
+
+
+def test_lifetime_delay_warning_and_no_dsn_for_null_sender(world: World) -> None:
+    example = world.srv("example.org")
+    relay = world.relay("--retry-min", "0.2s", "--retry-max", "0.5s", "--lifetime", "3s",
+                        "--warn-after", "1s")
+    assert send(relay, "", ["erin@our.test"], mail("from-null"))[0] == 250
+    assert send(relay, "bob@example.org", ["erin@our.test"], mail("expires"))[0] == 250
+    got = example.wait(2, timeout=30)
+    assert b"Action: delayed" in got[0] and b"Will-Retry-Until:" in got[0]
+    assert b"Action: failed" in got[1] and b"Final-Recipient: rfc822; erin@down.test" in got[1]
+    assert all(b"<expires@example.org>" in m for m in got)
+    wait_for(lambda: "0 message(s)" in world.queue(), "queue empty")
+    time.sleep(1)
+    assert len(example.mails()) == 2  # nothing for the mail from <>
+    assert "no failed DSN (null sender" in relay.log()
+
+
+def test_users_change_without_restart(world: World) -> None:
+    gmail = world.srv("gmail.test")
+    relay = world.relay()
+    code, _ = send(relay, "bob@example.org", ["frank@our.test"], mail("f1"))
+    assert code == 550
+    # Two commits; once the second is served (frank known), so is the first.
+    subprocess.run([world.poste_bin, "users", "targets", "alice", "--repo",
+                    str(world.tmp / "users"), "--set", "alice3@gmail.test"], check=True, timeout=60)
+    subprocess.run([world.poste_bin, "users", "add", "frank", "--repo", str(world.tmp / "users"),
+                    "--no-password", "--target", "frank@gmail.test"], check=True, timeout=60)
+
+    def accepted() -> bool:
+        return send(relay, "bob@example.org", ["frank@our.test"], mail("f2"))[0] == 250
+
+    wait_for(accepted, "frank accepted after the commit", timeout=20)
+    assert send(relay, "bob@example.org", ["alice@our.test"], mail("a2"))[0] == 250
+    got = gmail.wait(2)
+    rcpts = sorted(header(m, "Delivered-To")[0] for m in got)
+    assert rcpts == ["alice3@gmail.test", "frank@gmail.test"]
