@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
+import threading
 from pathlib import Path
 
 import click
@@ -36,6 +37,8 @@ class Mailbox:
         self.with_data = with_data
         self.received = 0
         self.done = asyncio.Event()
+        self._lock = threading.Lock()  # stores run in threads; names must not collide
+        self._next = 1
         if output and output.endswith("/"):
             Path(output).mkdir(parents=True, exist_ok=True)
 
@@ -44,10 +47,12 @@ class Mailbox:
             return None
         if self.output.endswith("/"):
             folder = Path(self.output)
-            n = self.received + 1
-            while (folder / f"{n}.eml").exists():
-                n += 1
-            return folder / f"{n}.eml"
+            with self._lock:
+                while (folder / f"{self._next}.eml").exists():
+                    self._next += 1
+                path = folder / f"{self._next}.eml"
+                self._next += 1
+            return path
         return Path(self.output)
 
     def store(self, env: Envelope, message: bytes) -> Path | None:
@@ -67,12 +72,16 @@ class Mailbox:
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
-        self.received += 1
+        with self._lock:
+            self.received += 1
         rcpts = ",".join(f"<{r}>" for r in env.rcpt_tos)
         click.echo(f"{path or '-'} from=<{env.mail_from}> to={rcpts} size={len(message)}", err=True)
+        return path
+
+    def check_done(self) -> None:
+        """Called on the event loop (asyncio.Event is not thread-safe)."""
         if self.count and self.received >= self.count:
             self.done.set()
-        return path
 
 
 class _MailboxTransaction:
@@ -99,6 +108,7 @@ class _MailboxTransaction:
             return self.data_reply
         env = Envelope(mail_from=self.env.mail_from, rcpt_tos=self.rcpts)
         await asyncio.to_thread(self.box.store, env, message)
+        self.box.check_done()
         return Reply(250, f"2.0.0 Ok: queued as {self.env.queue_id}")
 
     async def abort(self) -> None:
