@@ -9,8 +9,6 @@ and the event loop never waits on pyspf.
 
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
 import ipaddress
 import re
 import socket
@@ -30,6 +28,7 @@ import dns.query
 import dns.resolver
 import spf as pyspf
 
+from poste.auth import workers
 from poste.dns.resolver import SyncResolver, make_sync_resolver
 
 RESULTS = ("pass", "fail", "softfail", "neutral", "none", "permerror", "temperror")
@@ -40,10 +39,6 @@ TOTAL_TIME = 20.0
 _local = threading.local()
 _install_lock = threading.Lock()
 _original_lookup: Any = None
-
-# SPF work runs here rather than in asyncio's default executor (a handful of
-# threads): a slow DNS server must not starve the other sessions' checks.
-_pool = concurrent.futures.ThreadPoolExecutor(max_workers=64, thread_name_prefix="spf")
 
 
 def _answers(resolver: SyncResolver, name: str, qtype: str, timeout: float) -> list[Any]:
@@ -65,10 +60,12 @@ def _answers(resolver: SyncResolver, name: str, qtype: str, timeout: float) -> l
         return []
     except (dns.name.NameTooLong, dns.name.LabelTooLong, dns.name.EmptyLabel):
         return []  # a name that cannot exist in the DNS has no records
-    except dns.exception.DNSException as exc:
-        raise pyspf.TempError(f"DNS {exc.__class__.__name__}: {exc}") from None
-    except OSError as exc:
-        raise pyspf.TempError(f"DNS {exc}") from None
+    except dns.exception.Timeout:
+        raise pyspf.TempError(f"DNS timeout for {name} {qtype}") from None
+    except dns.resolver.NoNameservers:
+        raise pyspf.TempError(f"DNS servers failed for {name} {qtype}") from None
+    except (dns.exception.DNSException, OSError) as exc:
+        raise pyspf.TempError(f"DNS {exc.__class__.__name__} for {name} {qtype}") from None
     out: list[Any] = []
     if answer.rrset is None:
         return out
@@ -271,10 +268,8 @@ async def check(
     total_time: float = TOTAL_TIME,
     strict: bool | int = True,
 ) -> SPFResult:
-    """Evaluate SPF off the event loop, on a dedicated thread pool."""
-    loop = asyncio.get_running_loop()
-    return await loop.run_in_executor(
-        _pool,
+    """Evaluate SPF off the event loop, on the auth thread pool."""
+    return await workers.run(
         lambda: check_sync(
             ip,
             sender,

@@ -1,0 +1,169 @@
+"""DKIM verification (RFC 6376) for the verifier: one result per signature.
+
+dkimpy does the work; its key lookups go through our resolver.  The whole
+verification runs in the auth thread pool: hashing a large body is CPU work
+that must not stall the event loop (dkimpy's asyncio variant fetches keys
+asynchronously but hashes on the loop, so it is not used).  dkimpy folds
+every DNS failure into "did not verify"; our `dnsfunc` raises its own
+exception instead so that a DNS outage is `temperror`, not `fail`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import dkim
+import dns.exception
+import dns.name
+import dns.rdatatype
+import dns.resolver
+from dkim.util import InvalidTagValueList, parse_tag_value
+
+from poste.auth import workers
+from poste.dns.resolver import SyncResolver
+
+MAX_SIGNATURES = 8  # more is an attack on our CPU, not a sender's need
+
+
+class _DNSTrouble(Exception):
+    """The key could not be fetched for a reason that may go away: temperror."""
+
+
+@dataclass(frozen=True)
+class DKIMResult:
+    result: str  # pass, fail, neutral, permerror, temperror
+    domain: str = ""  # d=
+    selector: str = ""  # s=
+    signature: str = ""  # b= (unfolded), for header.b
+    reason: str = ""
+
+    @property
+    def b_prefix(self) -> str:
+        """header.b: enough of b= to tell signatures apart (RFC 6008)."""
+        return self.signature[:12]
+
+
+class _Quiet(logging.Handler):
+    """Collects what dkimpy logs: its only way of saying why a check failed."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.messages: list[str] = []
+        self.logger = logging.Logger("poste.auth.dkim")  # detached: no console output
+        self.logger.addHandler(self)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.levelno >= logging.WARNING:
+            self.messages.append(record.getMessage())
+
+
+def _dnsfunc(resolver: SyncResolver, seen: dict[str, bool]) -> Callable[..., bytes | None]:
+    def lookup(name: bytes | str, timeout: float = 5) -> bytes | None:
+        qname = name.decode("ascii", "replace") if isinstance(name, bytes) else name
+        try:
+            answer = resolver.resolve(  # type: ignore[no-untyped-call]
+                qname,
+                dns.rdatatype.TXT,
+                raise_on_no_answer=False,
+                search=False,
+                lifetime=min(float(timeout), resolver.lifetime),
+            )
+        except (dns.resolver.NXDOMAIN, dns.name.EmptyLabel, dns.name.LabelTooLong):
+            return None
+        except (dns.name.NameTooLong, UnicodeError):
+            return None
+        except (dns.exception.DNSException, OSError) as exc:
+            raise _DNSTrouble(f"key lookup for {qname} failed ({exc.__class__.__name__})") from None
+        if answer.rrset is None:
+            return None
+        for rdata in answer.rrset:
+            seen["key"] = True
+            return b"".join(rdata.strings)
+        return None
+
+    return lookup
+
+
+def _tags(value: bytes) -> dict[bytes, bytes]:
+    try:
+        tags: dict[bytes, bytes] = parse_tag_value(value)
+    except InvalidTagValueList:
+        return {}
+    return tags
+
+
+def _text(value: bytes) -> str:
+    return value.decode("ascii", "replace")
+
+
+def verify_sync(message: bytes, resolver: SyncResolver) -> list[DKIMResult]:
+    """One result per DKIM-Signature field, top first; [] when the message has none.
+
+    A message dkimpy cannot split into header fields and body is a single
+    `permerror` (the mail still goes on; this is a label).
+    """
+    quiet = _Quiet()
+    try:
+        d = dkim.DKIM(message, logger=quiet.logger)
+    except dkim.DKIMException as exc:
+        return [DKIMResult("permerror", reason=f"message not parseable: {exc}")]
+    except Exception as exc:  # dkimpy's parser has more ways to fail than it declares
+        return [DKIMResult("permerror", reason=f"message not parseable: {exc.__class__.__name__}")]
+    sigs = [v for k, v in d.headers if k.lower() == b"dkim-signature"]
+    results = []
+    for idx, value in enumerate(sigs[:MAX_SIGNATURES]):
+        tags = _tags(value)
+        domain = _text(tags.get(b"d", b"")).lower()
+        selector = _text(tags.get(b"s", b""))
+        signature = _text(b"".join(tags.get(b"b", b"").split()))
+        results.append(_one(d, idx, resolver, quiet, domain, selector, signature))
+    return results
+
+
+def _one(
+    d: dkim.DKIM,
+    idx: int,
+    resolver: SyncResolver,
+    quiet: _Quiet,
+    domain: str,
+    selector: str,
+    signature: str,
+) -> DKIMResult:
+    seen: dict[str, bool] = {}
+    quiet.messages.clear()
+
+    def result(word: str, reason: str = "") -> DKIMResult:
+        return DKIMResult(word, domain, selector, signature, reason)
+
+    try:
+        ok = d.verify(idx=idx, dnsfunc=_dnsfunc(resolver, seen))
+    except _DNSTrouble as exc:
+        return result("temperror", str(exc))
+    except dkim.ValidationError as exc:
+        text = str(exc)
+        if "body hash mismatch" in text:
+            return result("fail", "body hash did not verify")
+        return result("permerror", text)
+    except dkim.DKIMException as exc:
+        return result("permerror", str(exc))
+    except Exception as exc:  # malformed input reaching dkimpy internals
+        return result("permerror", f"{exc.__class__.__name__}: {exc}")
+    if ok:
+        return result("pass")
+    if not seen:
+        return result("permerror", "no key for signature")
+    why = quiet.messages[-1] if quiet.messages else "signature did not verify"
+    if "KeyFormatError" in why or "public key" in why:
+        return result("permerror", why)
+    return result("fail", why)
+
+
+async def verify(message: bytes, resolver: SyncResolver) -> list[DKIMResult]:
+    return await workers.run(lambda: verify_sync(message, resolver))
+
+
+def b_tag(signature_field: bytes) -> str:
+    """The b= of a DKIM-Signature field value, unfolded (for tests and logs)."""
+    return _text(b"".join(_tags(signature_field).get(b"b", b"").split()))
