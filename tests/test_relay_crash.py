@@ -1,0 +1,112 @@
+"""No loss under crash: every mail that got a 250 is delivered after a SIGKILL and a restart."""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import smtplib
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from support.knot import KnotServer, knot_factory  # noqa: F401
+from support.relay_env import MX, Relay, Srv, common_port, make_users, mx_zones
+
+TOTAL = 500
+SENDERS = 4
+MSGID = re.compile(rb"^Message-ID: <crash-(\d+)@example\.org>", re.MULTILINE | re.IGNORECASE)
+
+
+def test_sigkill_loses_no_accepted_mail(
+    poste_bin: str, tmp_path: Path, knot_factory: Callable[..., KnotServer]  # noqa: F811
+) -> None:
+    seed = int(os.environ.get("POSTE_CRASH_SEED", time.time_ns() % 100000))
+    rnd = random.Random(seed)
+    kill_after = rnd.randint(20, TOTAL - 50)  # acknowledged mails before the SIGKILL
+
+    ns = knot_factory(mx_zones())
+    port = common_port([MX["late.test"]])
+    make_users(poste_bin, tmp_path / "users", {"carol": ["carol@late.test"]})
+    relay_args = ("--retry-min", "0.3s", "--retry-max", "1s")
+    relay = Relay(poste_bin, tmp_path, ns.nameserver, port, *relay_args).start()
+
+    lock = threading.Lock()
+    next_n = iter(range(TOTAL))
+    attempted: set[int] = set()
+    acked: set[int] = set()
+    killed = threading.Event()
+
+    def sender() -> None:
+        try:
+            s = smtplib.SMTP(relay.host, relay.port, timeout=30)
+            s.ehlo("client.test")
+        except OSError:
+            return
+        try:
+            while True:
+                with lock:
+                    n = next(next_n, None)
+                    if n is None:
+                        return
+                    attempted.add(n)
+                body = (
+                    f"From: bob@example.org\r\nTo: carol@our.test\r\nSubject: crash {n}\r\n"
+                    f"Message-ID: <crash-{n}@example.org>\r\n\r\nmail number {n}\r\n"
+                ).encode()
+                try:
+                    s.sendmail("bob@example.org", ["carol@our.test"], body)
+                except (smtplib.SMTPException, OSError):
+                    return  # the relay died under us: this one was not acknowledged
+                with lock:
+                    acked.add(n)
+                    if len(acked) >= kill_after and not killed.is_set():
+                        killed.set()
+                        relay.kill()  # SIGKILL, mid-stream
+        finally:
+            try:
+                s.close()
+            except OSError:
+                pass
+
+    threads = [threading.Thread(target=sender) for _ in range(SENDERS)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert killed.is_set(), "the relay was not killed"
+    relay.kill()
+
+    # Restart on the same spool, then bring the destination up.
+    relay = Relay(poste_bin, tmp_path, ns.nameserver, port, *relay_args)
+    relay.start()
+    dest = Srv(poste_bin, MX["late.test"], port, tmp_path / "late").start()
+    try:
+        deadline = time.monotonic() + 120
+        delivered: list[int] = []
+        while True:
+            delivered = []
+            for m in dest.mails():
+                found = MSGID.search(m)
+                if found:
+                    delivered.append(int(found.group(1)))
+            spool_empty = not list((tmp_path / "spool").glob("*.json"))
+            if acked <= set(delivered) and spool_empty:
+                break
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        unique = set(delivered)
+        lost = sorted(acked - unique)
+        print(
+            f"\ncrash test (seed {seed}): attempted={len(attempted)} got-250={len(acked)} "
+            f"killed-after={kill_after} delivered={len(delivered)} unique={len(unique)} "
+            f"duplicates={len(delivered) - len(unique)} "
+            f"delivered-without-250={len(unique - acked)} lost={len(lost)}"
+        )
+        assert not lost, f"accepted but never delivered: {lost[:20]}\n{relay.log()[-3000:]}"
+        assert len(acked) >= kill_after
+    finally:
+        relay.stop()
+        dest.stop()
