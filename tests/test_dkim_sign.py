@@ -131,8 +131,10 @@ def test_configured_headers(ed_key: keys.DKIMKey) -> None:
         mail().replace(b"From: Alice <alice@example.test>", b"From: <"),
         mail().replace(b"To: Bob", b"not a header line\r\nTo: Bob"),
         mail().replace(b"From: Alice <alice@example.test>\r\n", b""),
+        b" continued\r\n" + mail(),
+        mail().replace(b"To: Bob <bob@remote.test>", b"To: Bob <bob@remote.test>,\r\n <"),
     ],
-    ids=["from-unparsable", "non-field-line", "no-from"],
+    ids=["from-unparsable", "non-field-line", "no-from", "starts-folded", "folded-to-unparsable"],
 )
 def test_unsignable_mail_passes_with_a_log_line(
     broken: bytes, ed_key: keys.DKIMKey, caplog: pytest.LogCaptureFixture
