@@ -185,9 +185,15 @@ class Scheduler:
     async def _attempt(self, qid: str) -> None:
         try:
             entry = await asyncio.to_thread(self.spool.load, qid)
-            message = await asyncio.to_thread(self.spool.read_message, qid)
         except SpoolError as exc:
             log.info("%s: gone from the spool (%s)", qid, exc)
+            return
+        try:
+            message = await asyncio.to_thread(self.spool.read_message, qid)
+        except SpoolError as exc:
+            # Only an outside hand removes a message file under its envelope.
+            log.error("%s: %s; dropping its envelope", qid, exc)
+            await asyncio.to_thread(self.spool.remove, qid)
             return
         groups: dict[tuple[str, str], list[Recipient]] = {}
         for r in entry.pending:
@@ -228,7 +234,11 @@ class Scheduler:
             await asyncio.to_thread(self.spool.remove, qid)
             return
         entry.next_attempt = min(now + self.policy.backoff(entry.attempts), max(expires, now))
-        await asyncio.to_thread(self.spool.update, entry)
+        try:
+            await asyncio.to_thread(self.spool.update, entry)
+        except SpoolError as exc:
+            log.info("%s: %s", qid, exc)
+            return
         if not self._stopping:
             self._schedule(qid, entry.next_attempt)
 

@@ -157,7 +157,13 @@ class Spool:
         _fsync_dir(self.path)
 
     def update(self, entry: Entry) -> None:
-        """Rewrite the envelope (delivery state) atomically."""
+        """Rewrite the envelope (delivery state) atomically.
+
+        Refused once the message is gone (`poste queue delete` while a delivery
+        ran), so a deleted message never comes back as an envelope alone.
+        """
+        if not self.message_path(entry.id).exists():
+            raise SpoolError(f"message {entry.id} was deleted")
         self._write_atomic(self.envelope_path(entry.id), _dump(entry))
         _fsync_dir(self.path)
 

@@ -8,6 +8,7 @@ import os
 import re
 import secrets
 import socket
+from dataclasses import dataclass
 from pathlib import Path
 
 import click
@@ -28,6 +29,7 @@ from poste.services.common import (
     verbose_option,
 )
 from poste.smtp.server import SMTPService
+from poste.users.repo import UsersRepoError, UsersWatcher
 
 log = logging.getLogger("poste.relay")
 
@@ -141,35 +143,8 @@ def main(
     Every accepted mail is on disk (fsync) before the 250; undeliverable mail
     is retried with backoff and bounced (RFC 3464 DSN) after --lifetime.
     """
-    from poste.users.repo import UsersRepoError, UsersWatcher
-
     setup_logging(verbose)
     host, port = parse_hostport(listen, 25)
-    if "@" not in postmaster:
-        raise click.BadParameter(f"{postmaster!r} is not an address", param_hint="--postmaster")
-    try:
-        resolver = make_resolver(nameservers)
-    except NameserverError as exc:
-        raise click.BadParameter(str(exc), param_hint="--nameserver") from None
-    try:
-        nets = parse_networks(granted or ("127.0.0.0/8", "::1/128"))
-    except ValueError as exc:
-        raise click.BadParameter(str(exc), param_hint="--granted") from None
-    try:
-        spool = Spool(spool_dir)
-    except (OSError, SpoolError) as exc:
-        raise click.ClickException(f"spool {spool_dir}: {exc}") from None
-    secrets_ = _srs_secrets(srs_secret, srs_secret_file, spool.path)
-    if not secrets_:
-        raise click.ClickException("the SRS secret is empty")
-    domain = domains[0].lower().rstrip(".")
-    try:
-        watcher = UsersWatcher(users_repo, domain, poll_interval=users_poll)
-    except UsersRepoError as exc:
-        raise click.ClickException(f"users repository: {exc}") from None
-    me = hostname or socket.getfqdn()
-    router = Router(list(domains), postmaster, SRS(domain, secrets_), lambda: watcher.db, nets)
-    deliverer = Deliverer(resolver, helo=me, port=smtp_port, ipv6=not no_ipv6)
     policy = Policy(
         retry_min=retry_min,
         retry_max=max(retry_max, retry_min),
@@ -178,14 +153,24 @@ def main(
         max_per_domain=domain_concurrency,
         rescan=queue_rescan,
     )
-    scheduler = Scheduler(
-        spool, deliverer.deliver, hostname=me, domain=domain, policy=policy,
-        expand=router.dsn_targets,
+    parts = build_relay(
+        domains=list(domains),
+        postmaster=postmaster,
+        users_repo=users_repo,
+        spool_dir=spool_dir,
+        nameservers=list(nameservers),
+        smtp_port=smtp_port,
+        granted=list(granted),
+        srs_secret=srs_secret,
+        srs_secret_file=srs_secret_file,
+        hostname=hostname,
+        policy=policy,
+        users_poll=users_poll,
+        max_received=max_received,
+        ipv6=not no_ipv6,
     )
-    service = SMTPService(
-        RelayStage(router, max_received), QueueHop(router, scheduler),
-        host=host, port=port, hostname=me,
-    )
+    scheduler, watcher = parts.scheduler, parts.watcher
+    service = SMTPService(parts.stage, parts.hop, host=host, port=port, hostname=parts.hostname)
 
     async def keep_scheduler() -> None:
         try:
@@ -202,4 +187,80 @@ def main(
         on_start=scheduler.start,
         background=[watcher.run, keep_scheduler],
         on_hup=on_hup,
+    )
+
+
+@dataclass
+class RelayParts:
+    """What `poste relay` runs, for `poste up` to chain in memory.
+
+    Start order matters: `await scheduler.start()` (resumes the spool and
+    removes half-written files) must finish before anything can reach `hop`;
+    run `watcher.run()` in the background; `await scheduler.stop()` at the end.
+    """
+
+    stage: RelayStage
+    hop: QueueHop
+    scheduler: Scheduler
+    watcher: UsersWatcher
+    router: Router
+    hostname: str
+
+
+def build_relay(
+    *,
+    domains: list[str],
+    postmaster: str,
+    users_repo: str,
+    spool_dir: str,
+    nameservers: list[str] | None = None,
+    smtp_port: int = 25,
+    granted: list[str] | None = None,
+    srs_secret: str | None = None,
+    srs_secret_file: str | None = None,
+    hostname: str | None = None,
+    policy: Policy | None = None,
+    users_poll: float = 2.0,
+    max_received: int = MAX_RECEIVED,
+    ipv6: bool = True,
+) -> RelayParts:
+    """Check the settings and build the relay; bad input is a one-line ClickException."""
+    if not domains:
+        raise click.UsageError("the relay needs at least one --domain")
+    if "@" not in postmaster:
+        raise click.BadParameter(f"{postmaster!r} is not an address", param_hint="--postmaster")
+    try:
+        resolver = make_resolver(nameservers or [])
+    except NameserverError as exc:
+        raise click.BadParameter(str(exc), param_hint="--nameserver") from None
+    try:
+        nets = parse_networks(granted or ["127.0.0.0/8", "::1/128"])
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--granted") from None
+    domain = domains[0].lower().rstrip(".")
+    try:
+        watcher = UsersWatcher(users_repo, domain, poll_interval=users_poll)
+    except UsersRepoError as exc:
+        raise click.ClickException(f"users repository: {exc}") from None
+    try:
+        spool = Spool(spool_dir)
+    except (OSError, SpoolError) as exc:
+        raise click.ClickException(f"spool {spool_dir}: {exc}") from None
+    secrets_ = _srs_secrets(srs_secret, srs_secret_file, spool.path)
+    if not secrets_:
+        raise click.ClickException("the SRS secret is empty")
+    me = hostname or socket.getfqdn()
+    router = Router(domains, postmaster, SRS(domain, secrets_), lambda: watcher.db, nets)
+    deliverer = Deliverer(resolver, helo=me, port=smtp_port, ipv6=ipv6)
+    scheduler = Scheduler(
+        spool, deliverer.deliver, hostname=me, domain=domain, policy=policy or Policy(),
+        expand=router.dsn_targets,
+    )
+    return RelayParts(
+        stage=RelayStage(router, max_received),
+        hop=QueueHop(router, scheduler),
+        scheduler=scheduler,
+        watcher=watcher,
+        router=router,
+        hostname=me,
     )
