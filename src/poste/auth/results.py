@@ -32,8 +32,9 @@ def _comment(text: str) -> str:
 
 def spf_resinfo(spf: SPFResult) -> str:
     if spf.identity == "mailfrom":
-        who = spf.sender if _ADDRESS.match(spf.sender) else spf.domain
-        prop = f"smtp.mailfrom={_value(who)}"
+        # pvalue = [[local-part] "@"] domain-name: a plain address goes unquoted
+        who = spf.sender if _ADDRESS.match(spf.sender) else _value(spf.domain)
+        prop = f"smtp.mailfrom={who}"
     else:
         prop = f"smtp.helo={_value(spf.helo)}"
     return f"spf={spf.result} {prop}"

@@ -144,7 +144,7 @@ class SPFResult:
         return f"{receiver}: {text}"
 
     def received_spf(self, receiver: str) -> str:
-        """The value of a `Received-SPF:` field, RFC 7208 section 9.1."""
+        """The value of a `Received-SPF:` field, RFC 7208 section 9.1 (folded once)."""
         pairs = [("client-ip", self.client_ip)]
         if self.identity == "mailfrom":
             pairs.append(("envelope-from", self.sender))
@@ -157,9 +157,10 @@ class SPFResult:
             pairs.append(("problem", self.problem))
         pairs.append(("identity", self.identity))
         kv = "; ".join(f"{k}={_kv_value(v)}" for k, v in pairs)
-        return f"{self.result} ({_comment_text(self.comment(receiver))}) {kv}"
+        return f"{self.result} ({_comment_text(self.comment(receiver))})\r\n\t{kv}"
 
     def field(self, receiver: str) -> str:
+        """The whole field, folded after the comment, without the final CRLF."""
         return f"Received-SPF: {self.received_spf(receiver)}"
 
 

@@ -1,0 +1,298 @@
+"""`poste verifier` end to end: swaks -> verifier -> `poste srv`, zones served by knot.
+
+swaks connects from 127.0.0.10 (or .11) with STARTTLS; the test zone
+publishes sender.test's SPF (`ip4:127.0.0.10 -all`), its DKIM key and a DMARC
+policy.  What arrives at `poste srv` must carry the labels a user would read.
+"""
+
+from __future__ import annotations
+
+import base64
+import shutil
+import smtplib
+import ssl
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import dkim
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from poste.smtp.tls import self_signed
+from support.dkimkit import service
+from support.knot import knot_server, simple_zone
+from support.net import free_port
+
+pytestmark = pytest.mark.skipif(shutil.which("swaks") is None, reason="swaks missing")
+
+HOSTNAME = "mx.our.test"
+SELECTOR = "s2024"
+
+
+def _split(value: str) -> str:
+    return " ".join(f'"{value[i : i + 200]}"' for i in range(0, len(value), 200))
+
+
+@pytest.fixture(scope="module")
+def key() -> rsa.RSAPrivateKey:
+    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+
+
+def zones(key: rsa.RSAPrivateKey) -> dict[str, str]:
+    pub = key.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    dkim_txt = f"v=DKIM1; k=rsa; p={base64.b64encode(pub).decode()}"
+    return {
+        "sender.test": simple_zone(
+            "sender.test",
+            '@ TXT "v=spf1 ip4:127.0.0.10 -all"\n'
+            f"{SELECTOR}._domainkey TXT {_split(dkim_txt)}\n"
+            '_dmarc TXT "v=DMARC1; p=reject"\n',
+        ),
+        "nospf.test": simple_zone("nospf.test", "@ A 192.0.2.1\n"),
+    }
+
+
+def sign(message: bytes, key: rsa.RSAPrivateKey) -> bytes:
+    pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.TraditionalOpenSSL,
+        serialization.NoEncryption(),
+    )
+    field = dkim.sign(
+        message,
+        SELECTOR.encode(),
+        b"sender.test",
+        pem,
+        include_headers=[b"from", b"to", b"subject", b"date", b"message-id"],
+        linesep=b"\r\n",
+    )
+    return bytes(field) + message
+
+
+def mail(subject: str, sender: str = "someone@sender.test", body: str = "Hello.\r\n") -> bytes:
+    return (
+        f"From: Someone <{sender}>\r\n"
+        "To: User <user@our.test>\r\n"
+        f"Subject: {subject}\r\n"
+        "Date: Mon, 01 Jan 2024 10:00:00 +0000\r\n"
+        f"Message-ID: <{subject.replace(' ', '.')}@sender.test>\r\n"
+        "\r\n" + body
+    ).encode()
+
+
+def swaks(
+    port: int,
+    message: bytes,
+    tmp: Path,
+    *,
+    sender: str = "someone@sender.test",
+    to: str = "user@our.test",
+    source: str = "127.0.0.10",
+    tls: bool = True,
+) -> subprocess.CompletedProcess[str]:
+    path = tmp / f"swaks-{time.monotonic_ns()}.eml"
+    path.write_bytes(message)
+    args = ["swaks", "--server", "127.0.0.1", "--port", str(port), "--local-interface", source]
+    args += ["--from", sender, "--to", to, "--helo", "client.sender.test", "--data", f"@{path}"]
+    if tls:
+        args.append("--tls")
+    return subprocess.run(args, capture_output=True, text=True, timeout=60)
+
+
+def find(box: Path, marker: bytes, timeout: float = 20.0) -> bytes:
+    """The stored mail that contains `marker` (waits for it to arrive)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        for path in sorted(box.glob("*.eml")):
+            data = path.read_bytes()
+            if marker in data:
+                return data
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no mail with {marker!r} in {box}")
+        time.sleep(0.05)
+
+
+def header(stored: bytes, name: str) -> str:
+    """One field of the stored mail, unfolded (the first one, top down)."""
+    head = stored.split(b"\r\n\r\n", 1)[0].decode("latin-1")
+    lines = head.split("\r\n")
+    for i, line in enumerate(lines):
+        if line.lower().startswith(name.lower() + ":"):
+            value = line.split(":", 1)[1]
+            for more in lines[i + 1 :]:
+                if more[:1] not in (" ", "\t"):
+                    break
+                value += " " + more.strip()
+            return value.strip()
+    raise AssertionError(f"no {name} field in:\n{head}")
+
+
+def verifier_args(poste_bin: str, port: int, dest: int, tmp: Path, ns: str) -> list[str]:
+    cert, keyfile = tmp / "cert.pem", tmp / "key.pem"
+    if not cert.exists():
+        self_signed(cert, keyfile, HOSTNAME)
+    return [
+        poste_bin,
+        "verifier",
+        "--domain",
+        "our.test",
+        "--domain",
+        "other.test",
+        "--destination",
+        f"127.0.0.1:{dest}",
+        "--postmaster",
+        "hostmaster@our.test",
+        "--listen",
+        f"127.0.0.1:{port}",
+        "--tls-cert",
+        str(cert),
+        "--tls-key",
+        str(keyfile),
+        "--nameserver",
+        ns,
+        "--hostname",
+        HOSTNAME,
+    ]
+
+
+@pytest.fixture(scope="module")
+def stack(
+    tmp_path_factory: pytest.TempPathFactory, poste_bin: str, key: rsa.RSAPrivateKey
+) -> Iterator[dict[str, Any]]:
+    tmp = tmp_path_factory.mktemp("verifier")
+    srv_port, port = free_port(), free_port()
+    box = tmp / "box"
+    with (
+        knot_server(tmp / "knot", zones(key)) as ns,
+        service(
+            [poste_bin, "srv", f"127.0.0.1:{srv_port}", "-o", f"{box}/", "--count", "0"],
+            "127.0.0.1",
+            srv_port,
+            tmp / "srv.log",
+        ),
+        service(
+            verifier_args(poste_bin, port, srv_port, tmp, ns.nameserver),
+            "127.0.0.1",
+            port,
+            tmp / "verifier.log",
+        ),
+    ):
+        yield {"port": port, "box": box, "tmp": tmp, "srv_port": srv_port, "ns": ns}
+
+
+def test_signed_mail_from_allowed_ip_passes_everything(stack: dict[str, Any], key: Any) -> None:
+    r = swaks(stack["port"], sign(mail("all pass"), key), stack["tmp"])
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "STARTTLS" in r.stdout
+    stored = find(stack["box"], b"Subject: all pass")
+    spf = header(stored, "Received-SPF")
+    assert spf.startswith("pass ")
+    assert "client-ip=127.0.0.10;" in spf
+    assert 'envelope-from="someone@sender.test"' in spf
+    assert "receiver=mx.our.test" in spf and "identity=mailfrom" in spf
+    ar = header(stored, "Authentication-Results")
+    assert ar.startswith("mx.our.test;")
+    assert "spf=pass smtp.mailfrom=someone@sender.test" in ar
+    assert "dkim=pass header.d=sender.test header.s=s2024" in ar
+    assert "dmarc=pass" in ar and "header.from=sender.test" in ar
+    # our fields sit above the verifier's Received:, the message follows intact
+    fields = [ln.split(":")[0] for ln in stored.decode().split("\r\n")[:12] if ln[:1].isalpha()]
+    assert fields[:4] == ["Received", "Received-SPF", "Authentication-Results", "Received"]
+
+
+def test_other_ip_fails_spf(stack: dict[str, Any], key: Any) -> None:
+    r = swaks(stack["port"], sign(mail("from eleven"), key), stack["tmp"], source="127.0.0.11")
+    assert r.returncode == 0, r.stdout + r.stderr
+    stored = find(stack["box"], b"Subject: from eleven")
+    assert header(stored, "Received-SPF").startswith("fail ")
+    ar = header(stored, "Authentication-Results")
+    assert "spf=fail" in ar
+    assert "dkim=pass" in ar and "dmarc=pass" in ar  # DKIM still aligns: DMARC passes
+
+
+def test_tampered_body_fails_dkim(stack: dict[str, Any], key: Any) -> None:
+    signed = sign(mail("tampered", body="Pay 10 euros.\r\n"), key)
+    r = swaks(stack["port"], signed.replace(b"10 euros", b"99 euros"), stack["tmp"])
+    assert r.returncode == 0, r.stdout + r.stderr
+    ar = header(find(stack["box"], b"Subject: tampered"), "Authentication-Results")
+    assert "spf=pass" in ar
+    assert "dkim=fail" in ar and "header.d=sender.test" in ar
+    assert "dmarc=pass" in ar  # SPF aligns
+
+
+def test_sender_without_spf_is_none(stack: dict[str, Any]) -> None:
+    msg = mail("no spf", sender="someone@nospf.test")
+    r = swaks(stack["port"], msg, stack["tmp"], sender="someone@nospf.test")
+    assert r.returncode == 0, r.stdout + r.stderr
+    stored = find(stack["box"], b"Subject: no spf")
+    assert header(stored, "Received-SPF").startswith("none ")
+    ar = header(stored, "Authentication-Results")
+    assert "spf=none" in ar and "dkim=none" in ar and "dmarc=none" in ar
+
+
+def test_foreign_recipient_refused_and_nothing_forwarded(stack: dict[str, Any], key: Any) -> None:
+    r = swaks(stack["port"], mail("not ours"), stack["tmp"], to="someone@elsewhere.test")
+    assert r.returncode != 0
+    assert "550 5.7.1" in r.stdout
+    # a later mail arrives; the refused one never does
+    swaks(stack["port"], sign(mail("after refusal"), key), stack["tmp"])
+    find(stack["box"], b"Subject: after refusal")
+    for path in stack["box"].glob("*.eml"):
+        assert b"Subject: not ours" not in path.read_bytes()
+
+
+def test_postmaster_and_null_sender_accepted(stack: dict[str, Any]) -> None:
+    for n, to in enumerate(["postmaster@our.test", "postmaster@other.test", "hostmaster@our.test"]):
+        msg = mail(f"bounce {n}", sender="mailer-daemon@sender.test")
+        r = swaks(stack["port"], msg, stack["tmp"], sender="<>", to=to)
+        assert r.returncode == 0, r.stdout + r.stderr
+        stored = find(stack["box"], f"Subject: bounce {n}".encode())
+        spf = header(stored, "Received-SPF")
+        assert "identity=helo" in spf and "helo=client.sender.test" in spf
+
+
+def test_unparseable_mail_passes_byte_identical(stack: dict[str, Any]) -> None:
+    # No valid header section at all: a line without a colon, 8-bit junk, a broken From.
+    weird = (
+        b"From: <\r\n"
+        b"this line has no colon \xff\xfe\r\n"
+        b"Subject: unparseable \xc3\x28\r\n"
+        b"DKIM-Signature: v=1; garbage\r\n"
+        b"\r\n"
+        b"body \x00 with a NUL and \xff bytes\r\n"
+        b"..leading dot line\r\n"
+    )
+    # smtplib sends the bytes as they are (swaks would add a CRLF of its own)
+    with smtplib.SMTP("127.0.0.1", stack["port"], source_address=("127.0.0.10", 0)) as c:
+        c.starttls(context=ssl._create_unverified_context())
+        refused = c.sendmail("someone@sender.test", ["user@our.test"], weird)
+    assert refused == {}
+    stored = find(stack["box"], b"Subject: unparseable")
+    assert stored.endswith(weird)
+    ar = header(stored, "Authentication-Results")
+    assert "dkim=permerror" in ar and "dmarc=permerror" in ar
+    # everything above the original mail is ours or a Received:
+    above = stored[: -len(weird)].decode("ascii")
+    names = [ln.split(":", 1)[0] for ln in above.split("\r\n") if ln and ln[0] not in " \t"]
+    assert set(names) <= {"Received", "Received-SPF", "Authentication-Results"}
+
+
+def test_dead_nameserver_gives_temperror_and_mail_passes(
+    tmp_path: Path, poste_bin: str, stack: dict[str, Any], key: Any
+) -> None:
+    dead = free_port()  # nothing listens there
+    port = free_port()
+    args = verifier_args(poste_bin, port, stack["srv_port"], tmp_path, f"127.0.0.1:{dead}")
+    with service(args + ["--dns-timeout", "1"], "127.0.0.1", port, tmp_path / "v.log"):
+        r = swaks(port, sign(mail("dead dns"), key), tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    stored = find(stack["box"], b"Subject: dead dns")
+    assert header(stored, "Received-SPF").startswith("temperror ")
+    ar = header(stored, "Authentication-Results")
+    assert "spf=temperror" in ar and "dkim=temperror" in ar and "dmarc=temperror" in ar
