@@ -289,7 +289,7 @@ def test_dead_nameserver_gives_temperror_and_mail_passes(
     dead = free_port()  # nothing listens there
     port = free_port()
     args = verifier_args(poste_bin, port, stack["srv_port"], tmp_path, f"127.0.0.1:{dead}")
-    with service(args + ["--dns-timeout", "1"], "127.0.0.1", port, tmp_path / "v.log"):
+    with service([*args, "--dns-timeout", "1"], "127.0.0.1", port, tmp_path / "v.log"):
         r = swaks(port, sign(mail("dead dns"), key), tmp_path)
     assert r.returncode == 0, r.stdout + r.stderr
     stored = find(stack["box"], b"Subject: dead dns")
