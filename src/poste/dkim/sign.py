@@ -209,4 +209,6 @@ def sign_or_pass(signer: Signer, message: bytes, queue_id: str = "-") -> bytes:
         return signer.sign(message)
     except Unsignable as exc:
         log.warning("%s: not signed, passed on as is: %s", queue_id, exc)
-        return b""
+    except Exception:  # a dkimpy surprise must not cost the mail either
+        log.exception("%s: not signed (signing failed), passed on as is", queue_id)
+    return b""

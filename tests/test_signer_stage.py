@@ -1,0 +1,68 @@
+"""The signer stage in process: concurrent mails, and chained behind another stage (`poste up`)."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import dkim
+
+from poste.dkim import keys
+from poste.dkim.sign import Signer, SigningKey
+from poste.services.signer import SignerStage
+from poste.smtp.chain import StageHop
+from poste.smtp.client import send_message
+from poste.smtp.stage import Stage
+from poste.tools.srv import Mailbox, MailboxHop
+from support.dkimkit import DOMAIN, mail
+from support.smtp import running
+
+
+def lookup_for(*pairs: tuple[str, keys.DKIMKey]):  # type: ignore[no-untyped-def]
+    table = {f"{s}._domainkey.{DOMAIN}.".encode(): k.txt_value().encode() for s, k in pairs}
+    return lambda name, timeout=5: table.get(name)
+
+
+def stored_mails(folder: Path) -> list[bytes]:
+    return [p.read_bytes() for p in folder.glob("*.eml")]
+
+
+async def test_concurrent_mails_are_each_signed(tmp_path: Path) -> None:
+    rsa_key, ed_key = keys.generate("rsa"), keys.generate("ed25519")
+    signer = Signer([SigningKey(DOMAIN, "r", rsa_key), SigningKey(DOMAIN, "e", ed_key)])
+    box = Mailbox(str(tmp_path) + "/", 0, with_data=False)
+    async with running(SignerStage(signer), MailboxHop(box)) as svc:
+        host, port = svc.sockname
+        results = await asyncio.gather(
+            *(
+                send_message(host, port, f"a@{DOMAIN}", ["b@remote.test"], mail(f"n{i}"))
+                for i in range(12)
+            )
+        )
+    assert all(r.data_reply is not None and r.data_reply.ok for r in results)
+    stored = stored_mails(tmp_path)
+    assert len(stored) == 12
+    lookup = lookup_for(("r", rsa_key), ("e", ed_key))
+    for m in stored:
+        assert m.count(b"DKIM-Signature:") == 2
+        assert dkim.DKIM(m).verify(0, dnsfunc=lookup) and dkim.DKIM(m).verify(1, dnsfunc=lookup)
+
+
+async def test_chained_behind_another_stage(tmp_path: Path) -> None:
+    """As in `poste up`: submission-like stage -> signer stage -> mailbox, one socket in."""
+    ed_key = keys.generate("ed25519")
+    box = Mailbox(str(tmp_path) + "/", 0, with_data=False)
+    signer_hop = StageHop(
+        SignerStage(Signer([SigningKey(DOMAIN, "e", ed_key)])),
+        MailboxHop(box),
+        hostname="signer.test",
+        peer_helo="front.test",
+    )
+    async with running(Stage(), signer_hop) as svc:
+        r = await send_message(*svc.sockname, f"a@{DOMAIN}", ["b@remote.test"], mail("chained"))
+    assert r.data_reply is not None and r.data_reply.ok
+    (stored,) = stored_mails(tmp_path)
+    names = [line.split(b":")[0] for line in stored.split(b"\r\n") if line[:1] not in b" \t"]
+    # the signer's fields sit above its Received:, above the front stage's Received:
+    assert names[:3] == [b"DKIM-Signature", b"Received", b"Received"]
+    assert dkim.DKIM(stored).verify(0, dnsfunc=lookup_for(("e", ed_key)))
