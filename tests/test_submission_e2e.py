@@ -412,3 +412,24 @@ def test_wrong_password_is_535_then_slowed_then_locked_out(stack: Stack) -> None
     proc = send(stack, "465", "PLAIN", "alice", PASSWORD, "alice@our.test", source="127.0.0.10")
     assert proc.returncode == 0, proc.stdout
     assert PASSWORD not in stack.log_text() and "wrong" not in stack.log_text()
+
+
+def test_command_line_errors_are_one_line(poste_bin: str, tmp_path: Path) -> None:
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    self_signed(cert, key, "mail.our.test")
+    repo = tmp_path / "users"
+    add_user(repo, "alice", None)
+    base = [poste_bin, "submission", "--domain", DOMAIN, "--destination", "127.0.0.1:1"]
+    tls = ["--tls-cert", str(cert), "--tls-key", str(key)]
+    cases = [
+        ([*base, "--users", str(tmp_path / "missing"), *tls], "not a Git repository"),
+        ([*base, "--users", str(repo), "--listen", "127.0.0.1:0"], "--tls-cert and --tls-key"),
+        ([*base, "--users", str(repo), *tls, "--listen", "127.0.0.1:99999"], "bad port"),
+    ]
+    for args, message in cases:
+        proc = subprocess.run(args, capture_output=True, text=True, timeout=60)
+        assert proc.returncode != 0
+        assert message in proc.stderr, proc.stderr
+        assert "Traceback" not in proc.stderr
+    proc = subprocess.run([poste_bin, "submission", "--help"], capture_output=True, text=True)
+    assert proc.returncode == 0 and "--listen-tls" in proc.stdout

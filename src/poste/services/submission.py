@@ -187,6 +187,8 @@ def main(
     if listen_tls is None and listen is None:
         listen_tls, listen = "0.0.0.0:465", "0.0.0.0:587"
     dest_host, dest_port = parse_hostport(destination, 25)
+    tls_addr = parse_hostport(listen_tls, 465) if listen_tls is not None else None
+    starttls_addr = parse_hostport(listen, 587) if listen is not None else None
     throttle = LoginThrottle(
         base_delay=auth_delay,
         max_delay=auth_max_delay,
@@ -206,8 +208,8 @@ def main(
         raise click.ClickException(str(exc)) from None
     hop = SMTPHop(dest_host, dest_port, helo=hostname)
     services: list[SMTPService] = []
-    if listen_tls is not None:
-        host, port = parse_hostport(listen_tls, 465)
+    if tls_addr is not None:
+        host, port = tls_addr
         services.append(
             SMTPService(
                 stage,
@@ -219,8 +221,8 @@ def main(
                 implicit_tls=True,
             )
         )
-    if listen is not None:
-        host, port = parse_hostport(listen, 587)
+    if starttls_addr is not None:
+        host, port = starttls_addr
         services.append(
             SMTPService(
                 stage,
