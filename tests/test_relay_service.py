@@ -218,3 +218,28 @@ def test_users_change_without_restart(world: World) -> None:
     got = gmail.wait(2)
     rcpts = sorted(header(m, "Delivered-To")[0] for m in got)
     assert rcpts == ["alice3@gmail.test", "frank@gmail.test"]
+
+
+def test_queue_retry_on_a_running_relay(world: World) -> None:
+    relay = world.relay("--retry-min", "1h", "--queue-rescan", "0.3s")
+    assert send(relay, "bob@example.org", ["carol@our.test"], mail("held"))[0] == 250
+    wait_for(lambda: "status=deferred" in relay.log(), "first attempt failed")
+    late = world.srv("late.test")
+    time.sleep(0.5)
+    assert late.mails() == []  # next try is an hour away
+    out = subprocess.run([world.poste_bin, "queue", "retry", "--all", "--spool",
+                          str(world.tmp / "spool")], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0 and "retry now" in out.stdout
+    [m] = late.wait(1)
+    assert header(m, "Delivered-To") == ["carol@late.test"]
+
+
+def test_dsn_to_a_local_sender_reaches_its_targets(world: World) -> None:
+    world.srv("refuse.test", "--rcpt-reply", "550 5.1.1 No such user here")
+    gmail, outlook = world.srv("gmail.test"), world.srv("outlook.test")
+    relay = world.relay()
+    assert send(relay, "alice@our.test", ["someone@refuse.test"], mail("out-fail"))[0] == 250
+    [g] = gmail.wait(1)
+    [o] = outlook.wait(1)
+    for dsn in (g, o):
+        assert return_path(dsn) == "" and b"Final-Recipient: rfc822; someone@refuse.test" in dsn
