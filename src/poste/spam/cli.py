@@ -1,0 +1,281 @@
+"""`poste spam train|classify|mark|eval`: the classifier from the command line."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import click
+
+from poste.spam import default_db_path
+from poste.spam.batch import classify_many, default_jobs, tokenize_many
+from poste.spam.corpus import (
+    CorpusError,
+    count_messages,
+    iter_messages,
+    split_mbox_raw,
+    unquote_mbox,
+)
+from poste.spam.database import Database, DatabaseError
+from poste.spam.mime import DEFAULT_MAX_BYTES
+from poste.spam.model import Classifier, Params
+
+DEFAULT_HEADER = "X-Spamtacus"
+
+db_option = click.option(
+    "--db",
+    "db_path",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Token database (default: the one shipped with poste).",
+)
+cutoff_options = [
+    click.option("--ham-cutoff", type=click.FloatRange(0, 1), default=Params.ham_cutoff,
+                 show_default=True, help="Scores below this are labelled 'no'."),
+    click.option("--spam-cutoff", type=click.FloatRange(0, 1), default=Params.spam_cutoff,
+                 show_default=True, help="Scores at or above this are labelled 'yes'."),
+]
+jobs_option = click.option(
+    "-j", "--jobs", type=click.IntRange(1, 64), default=None,
+    help="Worker processes for batches (default: one per core, up to 8).",
+)
+
+
+def _cutoffs(f: click.decorators.FC) -> click.decorators.FC:
+    for opt in reversed(cutoff_options):
+        f = opt(f)
+    return f
+
+
+def _params(ham_cutoff: float, spam_cutoff: float) -> Params:
+    if ham_cutoff > spam_cutoff:
+        raise click.UsageError("--ham-cutoff must not be above --spam-cutoff")
+    return Params(ham_cutoff=ham_cutoff, spam_cutoff=spam_cutoff)
+
+
+def _load(db_path: str | None) -> Database:
+    try:
+        return Database.load(db_path if db_path is not None else default_db_path())
+    except DatabaseError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+def _messages(paths: tuple[str, ...]) -> Iterator[tuple[str, bytes]]:
+    for path in paths:
+        try:
+            yield from iter_messages(path)
+        except CorpusError as exc:
+            raise click.ClickException(str(exc)) from None
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """Train, run and evaluate the Bayesian spam classifier.
+
+    A PATH of mails is a folder of one-mail files, a Maildir, an mbox, or a
+    .tar.gz of those (ARCHIVE.tar.gz:FOLDER for one folder inside it).
+    """
+
+
+@main.command()
+@click.option("--spam", "spam_paths", multiple=True, metavar="PATH", help="Mails that are spam.")
+@click.option("--ham", "ham_paths", multiple=True, metavar="PATH", help="Mails that are not.")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
+              help="Database to write (atomically).")
+@click.option("--update", is_flag=True,
+              help="Start from the database already at --output instead of an empty one.")
+@click.option("--untrain", is_flag=True,
+              help="Remove the given mails from the database (implies --update).")
+@click.option("--min-count", type=click.IntRange(1), default=1, show_default=True,
+              help="Drop tokens seen in fewer mails than this (2 drops one-off tokens).")
+@click.option("--note", default=None, help="A line saying what the database was trained on.")
+@click.option("--compress/--no-compress", default=None,
+              help="gzip the file (default: when the name ends in .gz).")
+@jobs_option
+def train(
+    spam_paths: tuple[str, ...],
+    ham_paths: tuple[str, ...],
+    output: str,
+    update: bool,
+    untrain: bool,
+    min_count: int,
+    note: str | None,
+    compress: bool | None,
+    jobs: int | None,
+) -> None:
+    """Count the tokens of spam and ham mails into a database."""
+    if not spam_paths and not ham_paths:
+        raise click.UsageError("give at least one --spam or --ham PATH")
+    if update or untrain:
+        db = _load(output) if Path(output).exists() or untrain else Database()
+    else:
+        db = Database()
+    jobs = jobs or default_jobs()
+    work = [(True, p) for p in spam_paths] + [(False, p) for p in ham_paths]
+    total = sum(count_messages(p) for _, p in work)
+    done = {True: 0, False: 0}
+    show = sys.stderr.isatty()
+    with click.progressbar(length=total, label="training", file=sys.stderr,
+                           hidden=not show) as bar:
+        for is_spam, path in work:
+            for tokens in tokenize_many(
+                (raw for _, raw in _messages((path,))), DEFAULT_MAX_BYTES, jobs
+            ):
+                if untrain:
+                    db.untrain(tokens, is_spam)
+                else:
+                    db.train(tokens, is_spam)
+                done[is_spam] += 1
+                bar.update(1)
+    dropped = db.prune(min_count) if min_count > 1 else 0
+    if note is not None:
+        db.note = note
+    try:
+        db.save(output, compress=compress)
+    except OSError as exc:
+        raise click.ClickException(f"cannot write {output}: {exc.strerror}") from None
+    verb = "untrained" if untrain else "trained"
+    click.echo(
+        f"{verb} {done[True]} spam and {done[False]} ham; {output}: {db.nspam} spam, "
+        f"{db.nham} ham, {len(db)} tokens" + (f" ({dropped} rare tokens dropped)" if dropped else ""),
+        err=True,
+    )
+
+
+@main.command()
+@db_option
+@_cutoffs
+@click.option("--detail", is_flag=True, help="Also print the strongest tokens.")
+@jobs_option
+@click.argument("files", nargs=-1, required=True, metavar="PATH...")
+def classify(
+    db_path: str | None,
+    ham_cutoff: float,
+    spam_cutoff: float,
+    detail: bool,
+    jobs: int | None,
+    files: tuple[str, ...],
+) -> None:
+    """Print `yes|no|unknown SCORE NAME` for each mail at each PATH."""
+    clf = Classifier(_load(db_path), _params(ham_cutoff, spam_cutoff))
+    names: list[str] = []
+
+    def mails() -> Iterator[bytes]:
+        for name, raw in _messages(files):
+            names.append(name)
+            yield raw
+
+    out = sys.stdout
+    for i, (score, label, clues) in enumerate(
+        classify_many(clf, mails(), jobs or default_jobs(), 10 if detail else 0)
+    ):
+        line = f"{label} {score:.4f} {names[i]}"
+        if detail:
+            line += " " + " ".join(f"{t}:{p:.2f}" for t, p in clues[:10])
+        out.write(line + "\n")
+
+
+@main.command()
+@db_option
+@_cutoffs
+@click.option("--header-name", default=DEFAULT_HEADER, show_default=True,
+              help="Name of the field added.")
+@click.option("--detail", is_flag=True,
+              help="Also add HEADER-NAME-Detail: with the score and strongest tokens.")
+@jobs_option
+@click.argument("mboxes", nargs=-1, type=click.Path(exists=True, dir_okay=False))
+def mark(
+    db_path: str | None,
+    ham_cutoff: float,
+    spam_cutoff: float,
+    header_name: str,
+    detail: bool,
+    jobs: int | None,
+    mboxes: tuple[str, ...],
+) -> None:
+    """Add the label field to a mail on stdin, or to every mail of MBOX... (to stdout).
+
+    The field is put on top of the header; the rest of each mail is written
+    byte for byte as it came.
+    """
+    _check_field_name(header_name)
+    clf = Classifier(_load(db_path), _params(ham_cutoff, spam_cutoff))
+    out = sys.stdout.buffer
+    if not mboxes:
+        raw = sys.stdin.buffer.read()
+        r = clf.classify(raw)
+        out.write(_fields(header_name, detail, r.label, r.score, r.clues, raw) + raw)
+        out.flush()
+        return
+    stored: list[tuple[bytes, bytes]] = []
+
+    def mails() -> Iterator[bytes]:
+        for path in mboxes:
+            try:
+                data = Path(path).read_bytes()
+            except OSError as exc:
+                raise click.ClickException(f"cannot read {path}: {exc.strerror}") from None
+            if not data.startswith(b"From "):
+                raise click.ClickException(f"{path}: not an mbox (no From_ line at the start)")
+            for from_line, msg in split_mbox_raw(data):
+                stored.append((from_line, msg))
+                yield unquote_mbox(msg)
+
+    judged = classify_many(clf, mails(), jobs or default_jobs(), 40 if detail else 0)
+    for i, (score, label, clues) in enumerate(judged):
+        from_line, msg = stored[i]
+        stored[i] = (b"", b"")
+        out.write(from_line + _fields(header_name, detail, label, score, clues, msg) + msg)
+    out.flush()
+
+
+def _check_field_name(name: str) -> None:
+    if not name or not all(33 <= ord(c) <= 126 and c != ":" for c in name):
+        raise click.BadParameter(f"not a header field name: {name!r}", param_hint="--header-name")
+
+
+def _fields(
+    name: str, detail: bool, label: str, score: float, clues: list[tuple[str, float]], raw: bytes
+) -> bytes:
+    from poste.spam.model import Result
+
+    eol = b"\r\n" if raw[: raw.find(b"\n") + 1].endswith(b"\r\n") else b"\n"
+    text = f"{name}: {label}".encode() + eol
+    if detail:
+        line = Result(score, label, clues).detail()
+        text += f"{name}-Detail: {line}".encode() + eol
+    return text
+
+
+@main.command(name="eval")
+@click.option("--spam", "spam_paths", multiple=True, required=True, metavar="PATH")
+@click.option("--ham", "ham_paths", multiple=True, required=True, metavar="PATH")
+@click.option("-k", "--folds", type=click.IntRange(2, 100), default=5, show_default=True)
+@_cutoffs
+@click.option("--sweep", is_flag=True, help="Also show caught/flagged for a range of spam cutoffs.")
+@jobs_option
+def evaluate(
+    spam_paths: tuple[str, ...],
+    ham_paths: tuple[str, ...],
+    folds: int,
+    ham_cutoff: float,
+    spam_cutoff: float,
+    sweep: bool,
+    jobs: int | None,
+) -> None:
+    """k-fold cross-validation: confusion table, false-positive and false-negative rates."""
+    from poste.spam.evaluate import cross_validate
+
+    params = _params(ham_cutoff, spam_cutoff)
+    j = jobs or default_jobs()
+    spam = list(tokenize_many((raw for _, raw in _messages(spam_paths)), params.max_bytes, j))
+    ham = list(tokenize_many((raw for _, raw in _messages(ham_paths)), params.max_bytes, j))
+    if len(spam) < folds or len(ham) < folds:
+        raise click.ClickException(f"need at least {folds} spam and {folds} ham mails")
+    report = cross_validate(spam, ham, folds, params)
+    click.echo("\n".join(report.lines()))
+    if sweep:
+        click.echo("")
+        cuts = [0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.98, 0.99, 0.995, 0.999]
+        click.echo("\n".join(report.sweep(cuts)))

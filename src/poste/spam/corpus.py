@@ -1,0 +1,171 @@
+"""Read mails from where people keep them: folders, Maildirs, mboxes, tarballs.
+
+A PATH is one of:
+- a Maildir (a folder with cur/ and new/): every file in cur/ and new/;
+- any other folder: every regular file below it (recursively, sorted), one mail
+  per file, except files named *.mbox, *.mbx or *.tar.gz/*.tgz, read as such;
+- a file starting with "From ": an mbox (mboxrd: one ">" is removed from
+  ">From " lines);
+- a .tar.gz / .tgz: every regular member, one mail per member (members
+  named *.mbox are read as mboxes); `ARCHIVE.tar.gz:FOLDER` reads only the
+  members under FOLDER;
+- any other file: one mail.
+Hidden files (dot files) are skipped everywhere.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tarfile
+from collections.abc import Iterator
+from pathlib import Path
+
+_FROM_LINE = re.compile(rb"^From .*\r?\n", re.M)
+_QUOTED_FROM = re.compile(rb"^>(>*From )", re.M)
+_TAR_SUFFIXES = (".tar.gz", ".tgz", ".tar")
+_MBOX_SUFFIXES = (".mbox", ".mbx")
+
+
+class CorpusError(Exception):
+    """A PATH that is neither a mail, a folder of mails, an mbox nor an archive."""
+
+
+def split_mbox(data: bytes) -> Iterator[bytes]:
+    """The messages of an mbox, From_ lines removed, ">From " unquoted once."""
+    for _, msg in split_mbox_raw(data):
+        yield unquote_mbox(msg)
+
+
+def _is_mbox_name(name: str) -> bool:
+    return name.lower().endswith(_MBOX_SUFFIXES)
+
+
+def _is_tar_name(name: str) -> bool:
+    return name.lower().endswith(_TAR_SUFFIXES)
+
+
+def iter_messages(path: str) -> Iterator[tuple[str, bytes]]:
+    """(name, raw bytes) of every mail at PATH; raises CorpusError if PATH is unusable."""
+    p = Path(path)
+    if not p.exists():
+        for suffix in (".tar.gz:", ".tgz:", ".tar:"):
+            if suffix in path:
+                archive, _, folder = path.partition(suffix)
+                archive += suffix[:-1]
+                if Path(archive).is_file():
+                    yield from _iter_tar(archive, folder.strip("/"))
+                    return
+        raise CorpusError(f"no such file or folder: {path}")
+    if p.is_dir():
+        yield from _iter_dir(p)
+    elif _is_tar_name(p.name):
+        yield from _iter_tar(str(p), "")
+    else:
+        yield from _iter_file(p, top=True)
+
+
+def _iter_file(p: Path, top: bool) -> Iterator[tuple[str, bytes]]:
+    try:
+        data = p.read_bytes()
+    except OSError as exc:
+        raise CorpusError(f"cannot read {p}: {exc.strerror}") from None
+    if _is_mbox_name(p.name) or (top and data.startswith(b"From ")):
+        for i, msg in enumerate(split_mbox(data), 1):
+            yield f"{p}:{i}", msg
+    else:
+        yield str(p), data
+
+
+def _iter_dir(p: Path) -> Iterator[tuple[str, bytes]]:
+    if (p / "cur").is_dir() and (p / "new").is_dir():
+        folders = [p / "cur", p / "new"]
+        for folder in folders:
+            for entry in sorted(os.scandir(folder), key=lambda e: e.name):
+                if entry.is_file() and not entry.name.startswith("."):
+                    yield from _iter_file(Path(entry.path), top=False)
+        return
+    for root, dirs, files in os.walk(p):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(files):
+            if name.startswith("."):
+                continue
+            full = Path(root) / name
+            if _is_tar_name(name):
+                yield from _iter_tar(str(full), "")
+            elif full.is_file():
+                yield from _iter_file(full, top=False)
+
+
+def _iter_tar(archive: str, folder: str) -> Iterator[tuple[str, bytes]]:
+    prefix = folder + "/" if folder else ""
+    try:
+        with tarfile.open(archive, "r:*") as tar:
+            members = [
+                m
+                for m in tar.getmembers()
+                if m.isfile()
+                and m.name.startswith(prefix)
+                and not any(part.startswith(".") for part in m.name.split("/"))
+            ]
+            members.sort(key=lambda m: m.name)
+            found = False
+            for m in members:
+                f = tar.extractfile(m)
+                if f is None:
+                    continue
+                data = f.read()
+                found = True
+                name = f"{archive}:{m.name}"
+                if _is_mbox_name(m.name):
+                    for i, msg in enumerate(split_mbox(data), 1):
+                        yield f"{name}:{i}", msg
+                else:
+                    yield name, data
+            if folder and not found:
+                raise CorpusError(f"no mail under {folder}/ in {archive}")
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        raise CorpusError(f"cannot read archive {archive}: {exc}") from None
+
+
+def split_mbox_raw(data: bytes) -> Iterator[tuple[bytes, bytes]]:
+    """(From_ line, message as stored) pairs, for rewriting an mbox as it was."""
+    matches = list(_FROM_LINE.finditer(data))
+    for i, m in enumerate(matches):
+        end = matches[i + 1].start() if i + 1 < len(matches) else len(data)
+        yield m.group(0), data[m.end() : end]
+
+
+def unquote_mbox(msg: bytes) -> bytes:
+    """A message as stored in an mbox back to the mail it was."""
+    if msg.endswith(b"\r\n\r\n"):
+        msg = msg[:-2]
+    elif msg.endswith(b"\n\n"):
+        msg = msg[:-1]
+    if b">From " in msg:
+        msg = _QUOTED_FROM.sub(rb"\1", msg)
+    return msg
+
+
+def count_messages(path: str) -> int:
+    """A cheap estimate of how many mails PATH holds (for a progress bar)."""
+    p = Path(path)
+    try:
+        if p.is_dir():
+            return sum(
+                len([f for f in files if not f.startswith(".")]) for _, _, files in os.walk(p)
+            )
+        if _is_tar_name(p.name):
+            with tarfile.open(p, "r:*") as tar:
+                return sum(1 for m in tar.getmembers() if m.isfile())
+        if p.is_file():
+            with open(p, "rb") as f:
+                head = f.read(5)
+                if head != b"From " and not _is_mbox_name(p.name):
+                    return 1
+                f.seek(0)
+                data = f.read()
+            return len(_FROM_LINE.findall(data))
+    except (OSError, tarfile.TarError, EOFError):
+        return 0
+    return 0

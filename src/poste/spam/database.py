@@ -1,0 +1,215 @@
+"""The token database: how many spam and ham messages each token appeared in.
+
+File format, version 1 (all integers little-endian), optionally gzip-compressed
+as a whole (detected by the gzip magic on load):
+
+    offset  size  what
+    0       8     magic b"POSTESPM"
+    8       4     u32 format version (1)
+    12      4     u32 length H of the header
+    16      H     header, UTF-8 JSON object: {"nspam": int, "nham": int,
+                  "tokens": N, "note": str}  (unknown keys are ignored)
+    16+H    4     u32 length B of the token blob
+    20+H    B     the N tokens, UTF-8, joined by "\\n" (tokens never hold "\\n")
+    ...     4N    u32 spam counts, in token order
+    ...     4N    u32 ham counts, in token order
+
+Loading is three C-speed steps (split the blob, two `array` reads, zip into
+dicts), so a 100k-token database loads in tens of milliseconds.  Writing goes
+to a temporary file in the same folder, is fsynced, then renamed over the old
+file, so a reader never sees half a database.
+"""
+
+from __future__ import annotations
+
+import array
+import gzip
+import json
+import os
+import struct
+import sys
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+
+MAGIC = b"POSTESPM"
+VERSION = 1
+_U32 = struct.Struct("<I")
+
+
+class DatabaseError(Exception):
+    """The file is not a poste spam database, or is damaged."""
+
+
+class Database:
+    """Token counts, trained and untrained one message at a time."""
+
+    def __init__(self) -> None:
+        self.nspam = 0
+        self.nham = 0
+        self.spam: dict[str, int] = {}
+        self.ham: dict[str, int] = {}
+        self.note = ""
+        # bumped on every change so classifiers know to rebuild their cache
+        self.generation = 0
+
+    def __len__(self) -> int:
+        return len(self.spam.keys() | self.ham.keys())
+
+    # -- training -----------------------------------------------------------
+
+    def train(self, tokens: Iterable[str], is_spam: bool) -> None:
+        """Count one message: each distinct token once."""
+        counts = self.spam if is_spam else self.ham
+        for t in set(tokens):
+            counts[t] = counts.get(t, 0) + 1
+        if is_spam:
+            self.nspam += 1
+        else:
+            self.nham += 1
+        self.generation += 1
+
+    def untrain(self, tokens: Iterable[str], is_spam: bool) -> None:
+        """Forget one message trained earlier with the same label (counts floor at 0)."""
+        counts = self.spam if is_spam else self.ham
+        for t in set(tokens):
+            n = counts.get(t, 0) - 1
+            if n > 0:
+                counts[t] = n
+            else:
+                counts.pop(t, None)
+        if is_spam:
+            self.nspam = max(0, self.nspam - 1)
+        else:
+            self.nham = max(0, self.nham - 1)
+        self.generation += 1
+
+    def prune(self, min_count: int) -> int:
+        """Drop tokens seen in fewer than min_count messages in all; returns how many.
+
+        Rare tokens are mostly names, ids and typos: they weigh little in
+        scoring, make up most of the file, and are the ones that could say
+        something about a particular message.
+        """
+        dropped = 0
+        for t in list(self.spam.keys() | self.ham.keys()):
+            if self.spam.get(t, 0) + self.ham.get(t, 0) < min_count:
+                self.spam.pop(t, None)
+                self.ham.pop(t, None)
+                dropped += 1
+        self.generation += 1
+        return dropped
+
+    # -- files ----------------------------------------------------------------
+
+    def to_bytes(self) -> bytes:
+        # the tokenizer never makes such tokens; a library caller might
+        tokens = sorted(t for t in self.spam.keys() | self.ham.keys() if t and "\n" not in t)
+        header = json.dumps(
+            {"nspam": self.nspam, "nham": self.nham, "tokens": len(tokens), "note": self.note},
+            sort_keys=True,
+        ).encode()
+        blob = "\n".join(tokens).encode("utf-8")
+        spam = array.array("I", (self.spam.get(t, 0) for t in tokens))
+        ham = array.array("I", (self.ham.get(t, 0) for t in tokens))
+        if sys.byteorder != "little":  # pragma: no cover
+            spam.byteswap()
+            ham.byteswap()
+        return b"".join(
+            [
+                MAGIC,
+                _U32.pack(VERSION),
+                _U32.pack(len(header)),
+                header,
+                _U32.pack(len(blob)),
+                blob,
+                spam.tobytes(),
+                ham.tobytes(),
+            ]
+        )
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> Database:
+        if data[:2] == b"\x1f\x8b":
+            try:
+                data = gzip.decompress(data)
+            except (OSError, EOFError) as exc:
+                raise DatabaseError(f"damaged compressed database: {exc}") from None
+        if data[:8] != MAGIC:
+            raise DatabaseError("not a poste spam database (bad magic)")
+        try:
+            (version,) = _U32.unpack_from(data, 8)
+            if version != VERSION:
+                raise DatabaseError(f"unsupported database version {version}")
+            (hlen,) = _U32.unpack_from(data, 12)
+            header = json.loads(data[16 : 16 + hlen])
+            pos = 16 + hlen
+            (blen,) = _U32.unpack_from(data, pos)
+            pos += 4
+            blob = data[pos : pos + blen].decode("utf-8")
+            pos += blen
+            n = int(header["tokens"])
+            tokens = blob.split("\n") if n else []
+            if len(tokens) != n or len(data) != pos + 8 * n:
+                raise DatabaseError("damaged database (sizes do not match)")
+            spam = array.array("I")
+            spam.frombytes(data[pos : pos + 4 * n])
+            ham = array.array("I")
+            ham.frombytes(data[pos + 4 * n : pos + 8 * n])
+        except (struct.error, ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
+            raise DatabaseError(f"damaged database: {exc}") from None
+        if sys.byteorder != "little":  # pragma: no cover
+            spam.byteswap()
+            ham.byteswap()
+        db = cls()
+        db.nspam = int(header["nspam"])
+        db.nham = int(header["nham"])
+        db.note = str(header.get("note", ""))
+        db.spam = {t: c for t, c in zip(tokens, spam, strict=True) if c}
+        db.ham = {t: c for t, c in zip(tokens, ham, strict=True) if c}
+        return db
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> Database:
+        try:
+            data = Path(path).read_bytes()
+        except OSError as exc:
+            raise DatabaseError(f"cannot read {path}: {exc.strerror}") from None
+        return cls.from_bytes(data)
+
+    def save(self, path: str | os.PathLike[str], compress: bool | None = None) -> None:
+        """Write atomically; compressed when asked or when the name ends in .gz."""
+        target = Path(path)
+        data = self.to_bytes()
+        if compress or (compress is None and target.suffix == ".gz"):
+            data = gzip.compress(data, compresslevel=9, mtime=0)
+        atomic_write(target, data)
+
+
+def atomic_write(target: Path, data: bytes) -> None:
+    """tmp file in the same folder, fsync, rename over, fsync the folder."""
+    folder = target.parent
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, target)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    try:
+        dfd = os.open(folder, os.O_RDONLY)
+    except OSError:  # pragma: no cover - some filesystems refuse
+        return
+    try:
+        os.fsync(dfd)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(dfd)

@@ -1,0 +1,160 @@
+"""Scoring: Robinson's f(w) per token, Fisher's chi-square to combine them.
+
+This is the SpamBayes / bogofilter method.  Each token gets a spam
+probability smoothed toward 0.5 when it was seen rarely (Robinson's f(w));
+the strongest tokens are combined twice with Fisher's method, once to test
+"this is spam" and once "this is ham".  The score is in [0, 1]: near 1 both
+tests agree on spam, near 0 on ham, and near 0.5 either the evidence is weak
+or it points both ways at once -- which is what the `unknown` label is for.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from poste.spam.database import Database
+from poste.spam.mime import DEFAULT_MAX_BYTES
+from poste.spam.tokenizer import tokenize
+
+SPAM = "yes"
+HAM = "no"
+UNKNOWN = "unknown"
+
+
+@dataclass(frozen=True)
+class Params:
+    """The knobs, with SpamBayes' defaults where it has them."""
+
+    unknown_strength: float = 0.45  # Robinson's s: weight of the prior
+    unknown_prob: float = 0.5  # Robinson's x: the prior
+    min_strength: float = 0.1  # tokens with |f - 0.5| below this are ignored
+    max_tokens: int = 150  # at most this many of the strongest tokens are combined
+    ham_cutoff: float = 0.20  # score below: ham ("no")
+    spam_cutoff: float = 0.90  # score at or above: spam ("yes"); between: "unknown"
+    max_bytes: int = DEFAULT_MAX_BYTES  # text tokenized per message
+
+
+@dataclass
+class Result:
+    score: float
+    label: str
+    # the tokens that decided, (token, f(w)), in no particular order
+    clues: list[tuple[str, float]] = field(default_factory=list)
+
+    def strongest(self, count: int) -> list[tuple[str, float]]:
+        """The `count` strongest clues, strongest first (ties by name)."""
+        return sorted(self.clues, key=lambda c: (-abs(c[1] - 0.5), c[0]))[:count]
+
+    def detail(self, count: int = 5) -> str:
+        """The score and the strongest tokens, for the optional detail field."""
+        ranked = self.strongest(len(self.clues))
+        spammy = [c for c in ranked if c[1] > 0.5][:count]
+        hammy = [c for c in ranked if c[1] < 0.5][:count]
+        parts = [f"score={self.score:.4f}"]
+        if spammy:
+            parts.append("spam: " + " ".join(f"{_safe(t)}:{p:.2f}" for t, p in spammy))
+        if hammy:
+            parts.append("ham: " + " ".join(f"{_safe(t)}:{p:.2f}" for t, p in hammy))
+        return "; ".join(parts)
+
+
+def _safe(token: str) -> str:
+    """A token as printable ASCII, short, fit for a header field."""
+    text = token.encode("ascii", "backslashreplace").decode("ascii")
+    text = "".join(c for c in text if 32 < ord(c) < 127 and c not in ";")
+    return text[:40]
+
+
+def chi2q(x2: float, v: int) -> float:
+    """P(chisq >= x2) with v (even) degrees of freedom."""
+    m = x2 / 2.0
+    term = math.exp(-m)
+    total = term
+    for i in range(1, v // 2):
+        term *= m / i
+        total += term
+    return min(total, 1.0)
+
+
+class Classifier:
+    """A database and the parameters to judge with; the f(w) table is cached."""
+
+    def __init__(self, db: Database, params: Params | None = None) -> None:
+        self.db = db
+        self.params = params or Params()
+        self._probs: dict[str, float] = {}
+        self._ln_f: dict[str, float] = {}
+        self._ln_1f: dict[str, float] = {}
+        self._generation = -1
+
+    def probs(self) -> dict[str, float]:
+        """f(w) of every token strong enough to count (rebuilt after training)."""
+        if self._generation != self.db.generation:
+            self._build()
+            self._generation = self.db.generation
+        return self._probs
+
+    def _build(self) -> None:
+        p = self.params
+        db = self.db
+        nspam = max(db.nspam, 1)
+        nham = max(db.nham, 1)
+        s, x, floor = p.unknown_strength, p.unknown_prob, p.min_strength
+        spam, ham = db.spam, db.ham
+        sx = s * x
+        lo, hi = 0.5 - floor, 0.5 + floor
+        probs: dict[str, float] = {}
+        for t in spam.keys() | ham.keys():
+            sc = spam.get(t, 0)
+            hc = ham.get(t, 0)
+            # Robinson: f = (s*x + n*p) / (s + n), p = spam ratio / (spam + ham ratios)
+            sr = sc * nham
+            n = sc + hc
+            f = (sx + n * sr / (sr + hc * nspam)) / (s + n)
+            if f >= hi or f <= lo:
+                probs[t] = f
+        log = math.log
+        self._probs = probs
+        # logs precomputed: scoring a mail is then two sums
+        self._ln_f = {t: log(f) for t, f in probs.items()}
+        self._ln_1f = {t: log(1.0 - f) for t, f in probs.items()}
+
+    def token_prob(self, token: str) -> float:
+        return self.probs().get(token, self.params.unknown_prob)
+
+    def score_tokens(self, tokens: set[str]) -> Result:
+        p = self.params
+        probs = self.probs()
+        keys = probs.keys() & tokens
+        n = len(keys)
+        if n > p.max_tokens:
+            ranked = sorted(keys, key=lambda t: (-abs(probs[t] - 0.5), t))
+            keys = set(ranked[: p.max_tokens])
+            n = len(keys)
+        if n == 0:
+            return Result(0.5, self.label(0.5), [])
+        # Fisher: -2 ln(prod f) is chi-square with 2n degrees of freedom
+        ln_ham = sum(map(self._ln_f.__getitem__, keys))
+        ln_spam = sum(map(self._ln_1f.__getitem__, keys))
+        spamminess = 1.0 - chi2q(-2.0 * ln_spam, 2 * n)
+        hamminess = 1.0 - chi2q(-2.0 * ln_ham, 2 * n)
+        score = (spamminess - hamminess + 1.0) / 2.0
+        return Result(score, self.label(score), [(t, probs[t]) for t in keys])
+
+    def label(self, score: float) -> str:
+        if score >= self.params.spam_cutoff:
+            return SPAM
+        if score < self.params.ham_cutoff:
+            return HAM
+        return UNKNOWN
+
+    def classify(self, raw: bytes) -> Result:
+        """Judge one raw message.  Never raises on any input."""
+        return self.score_tokens(tokenize(raw, self.params.max_bytes))
+
+    def train(self, raw: bytes, is_spam: bool) -> None:
+        self.db.train(tokenize(raw, self.params.max_bytes), is_spam)
+
+    def untrain(self, raw: bytes, is_spam: bool) -> None:
+        self.db.untrain(tokenize(raw, self.params.max_bytes), is_spam)
