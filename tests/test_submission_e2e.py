@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import json
 import re
+import signal
 import socket
 import ssl
 import subprocess
@@ -36,6 +37,9 @@ class Stack:
     log: Path
     tls_port: int
     starttls_port: int
+    dest_port: int
+    cert: Path
+    key: Path
 
     def log_text(self) -> str:
         return self.log.read_text(errors="replace")
@@ -126,7 +130,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory, poste_bin: str) -> Iterator[
         wait_port(HOST, dest_port)
         wait_port(HOST, tls_port)
         wait_port(HOST, starttls_port)
-        yield Stack(repo, outbox, log, tls_port, starttls_port)
+        yield Stack(repo, outbox, log, tls_port, starttls_port, dest_port, cert, key)
     finally:
         for proc in (sub, srv):
             proc.terminate()
@@ -433,3 +437,58 @@ def test_command_line_errors_are_one_line(poste_bin: str, tmp_path: Path) -> Non
         assert "Traceback" not in proc.stderr
     proc = subprocess.run([poste_bin, "submission", "--help"], capture_output=True, text=True)
     assert proc.returncode == 0 and "--listen-tls" in proc.stdout
+
+
+def test_sighup_reloads_the_users_at_once(stack: Stack, poste_bin: str, tmp_path: Path) -> None:
+    """With polling practically off, SIGHUP is what makes a new user known."""
+    port = free_port(HOST)
+    log = tmp_path / "hup.log"
+    with open(log, "wb") as log_fh:
+        proc = subprocess.Popen(
+            [
+                poste_bin,
+                "submission",
+                "--domain",
+                DOMAIN,
+                "--destination",
+                f"{HOST}:{stack.dest_port}",
+                "--users",
+                str(stack.repo),
+                "--tls-cert",
+                str(stack.cert),
+                "--tls-key",
+                str(stack.key),
+                "--listen-tls",
+                f"{HOST}:{port}",
+                "--poll-interval",
+                "3600",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=log_fh,
+        )
+    try:
+        wait_port(HOST, port)
+        add_user(stack.repo, "hupper", passwords.hash_password("hup-pw"))
+        proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: "loaded" in log.read_text().split("listening", 1)[-1], "the reload")
+        ok = swaks(
+            port,
+            "--tls-on-connect",
+            "--auth",
+            "PLAIN",
+            "--auth-user",
+            "hupper",
+            "--auth-password",
+            "hup-pw",
+            "--from",
+            "hupper@our.test",
+            "--to",
+            "b@ext.test",
+            "--local-interface",
+            "127.0.0.20",
+        )
+        assert ok.returncode == 0, ok.stdout
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    assert proc.returncode == 0  # SIGTERM is a clean stop
