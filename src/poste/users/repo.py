@@ -93,6 +93,9 @@ class User:
     aliases: tuple[str, ...] = ()  # further full addresses of this user
     path: str = ""  # where the entry lives in the repository tree
 
+    def __hash__(self) -> int:  # targets is a list: hash by identity in the repository
+        return hash((self.path, self.local, self.domain))
+
     @property
     def address(self) -> str:
         return f"{self.local}@{self.domain}"
