@@ -17,7 +17,7 @@ from support.knot import KnotServer, knot_factory  # noqa: F401
 from support.relay_env import common_port, header, mx_zones, return_path
 
 MSG = b"From: a@example.org\r\nTo: b@gmail.test\r\nSubject: t\r\n\r\nbody \xc3\xa9\r\n"
-HOSTS = [f"127.0.0.{i}" for i in range(21, 30)]
+HOSTS = [f"127.0.0.{i}" for i in range(21, 31)] + ["::1"]
 
 
 class Refuse(Stage):
@@ -126,3 +126,17 @@ async def test_opportunistic_starttls_without_cert_check(world: World) -> None:
     assert got["x@outlook.test"].ok
     [mail] = mails(box)
     assert "ESMTPS" in header(mail, "Received")[0]
+
+
+async def test_ipv6_first_then_ipv4(world: World) -> None:
+    box6 = await world.mx("::1")  # mx.v6.test has AAAA ::1 and A 127.0.0.30
+    got = await world.deliverer().deliver("v6.test", "a@example.org", ["x@v6.test"], MSG)
+    assert got["x@v6.test"].ok
+    assert len(mails(box6)) == 1
+    for svc in world.services:
+        await svc.stop()
+    world.services.clear()
+    box4 = await world.mx("127.0.0.30")  # IPv6 down: IPv4 address of the same host
+    got = await world.deliverer().deliver("v6.test", "a@example.org", ["y@v6.test"], MSG)
+    assert got["y@v6.test"].ok
+    assert len(mails(box4)) == 1

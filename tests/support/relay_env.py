@@ -37,19 +37,24 @@ def mx_zones() -> dict[str, str]:
         "@ MX 10 mx1.backup.test.\n@ MX 20 mx2.backup.test.\n"
         "mx1 A 127.0.0.28\nmx2 A 127.0.0.29\n",
     )
+    zones["v6.test"] = simple_zone("v6.test", "@ MX 10 mx.v6.test.\nmx AAAA ::1\nmx A 127.0.0.30\n")
     return zones
 
 
 def common_port(hosts: Iterable[str]) -> int:
     """A TCP port free on every one of `hosts` (the relay's --smtp-port is one for all)."""
     hosts = list(hosts)
+
+    def sock(host: str) -> socket.socket:
+        return socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+
     for _ in range(200):
-        with socket.socket() as s:
+        with sock(hosts[0]) as s:
             s.bind((hosts[0], 0))
             port = int(s.getsockname()[1])
         ok = True
         for h in hosts[1:]:
-            with socket.socket() as s:
+            with sock(h) as s:
                 try:
                     s.bind((h, port))
                 except OSError:
