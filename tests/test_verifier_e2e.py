@@ -11,6 +11,7 @@ import base64
 import shutil
 import smtplib
 import ssl
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -207,3 +208,60 @@ def test_dead_nameserver_gives_temperror_and_mail_passes(
     assert header(stored, "Received-SPF").startswith("temperror ")
     ar = header(stored, "Authentication-Results")
     assert "spf=temperror" in ar and "dkim=temperror" in ar and "dmarc=temperror" in ar
+
+
+def test_reject_failures_refuses_spf_fail_and_dmarc_reject(
+    tmp_path: Path, poste_bin: str, stack: dict[str, Any], key: Any
+) -> None:
+    port = free_port()
+    args = [*verifier_args(poste_bin, port, stack["srv_port"], tmp_path, stack["ns"].nameserver)]
+    with service([*args, "--reject-failures"], "127.0.0.1", port, tmp_path / "v.log"):
+        # SPF fail (from .11) is refused at the end of DATA
+        r = swaks(port, sign(mail("refused spf"), key), tmp_path, source="127.0.0.11")
+        assert r.returncode != 0
+        assert "550 5.7.23" in r.stdout
+        # DMARC fail under p=reject: unsigned, envelope from a domain without SPF
+        r = swaks(port, mail("refused dmarc"), tmp_path, sender="x@nospf.test")
+        assert r.returncode != 0
+        assert "550 5.7.1" in r.stdout and "DMARC" in r.stdout
+        # SPF pass (aligned) still goes through, signed or not, intact body or not
+        r = swaks(port, mail("signed ok"), tmp_path)
+        assert r.returncode == 0, r.stdout
+        r = swaks(
+            port,
+            sign(mail("tampered but spf ok", body="a\r\n"), key).replace(b"a\r\n", b"b\r\n"),
+            tmp_path,
+        )
+        assert r.returncode == 0, r.stdout  # DMARC passes through aligned SPF
+    find(stack["box"], b"Subject: signed ok")
+    find(stack["box"], b"Subject: tampered but spf ok")
+    for p in stack["box"].glob("*.eml"):
+        assert b"refused spf" not in p.read_bytes() and b"refused dmarc" not in p.read_bytes()
+
+
+def test_require_tls(tmp_path: Path, poste_bin: str, stack: dict[str, Any]) -> None:
+    port = free_port()
+    args = [*verifier_args(poste_bin, port, stack["srv_port"], tmp_path, stack["ns"].nameserver)]
+    with service([*args, "--require-tls"], "127.0.0.1", port, tmp_path / "v.log"):
+        r = swaks(port, mail("plain text"), tmp_path, tls=False)
+        assert r.returncode != 0 and "530" in r.stdout
+        r = swaks(port, mail("over tls"), tmp_path)
+        assert r.returncode == 0, r.stdout
+    find(stack["box"], b"Subject: over tls")
+
+
+def test_spf_check_tool(stack: dict[str, Any], poste_bin: str) -> None:
+    ns = stack["ns"].nameserver
+
+    def spf(*args: str) -> subprocess.CompletedProcess[str]:
+        cmd = [poste_bin, "spf", "check", "--nameserver", ns, *args]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+
+    assert spf("--ip", "127.0.0.10", "--sender", "a@sender.test").stdout == "pass\n"
+    assert spf("--ip", "127.0.0.11", "--sender", "a@sender.test").stdout == "fail\n"
+    assert spf("--ip", "127.0.0.11", "--sender", "a@nospf.test").stdout == "none\n"
+    r = spf("--ip", "127.0.0.10", "--sender", "a@sender.test", "--header", "--receiver", "mx.x")
+    assert r.stdout.startswith("Received-SPF: pass (mx.x: domain of sender.test designates")
+    assert "client-ip=127.0.0.10; envelope-from=" in r.stdout
+    r = spf("--ip", "not-an-ip", "--sender", "a@sender.test")
+    assert r.returncode != 0 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
