@@ -98,7 +98,9 @@ def from_domain(message: bytes) -> tuple[str | None, str]:
     addresses = [a for a in addresses if a[1]]
     if len(addresses) != 1:
         return None, "From has no single address"
-    _, _, domain = addresses[0][1].rpartition("@")
+    _, at, domain = addresses[0][1].rpartition("@")
+    if not at:
+        return None, "From has no domain"
     domain = domain.strip().rstrip(".").lower()
     if not domain or not _is_domain(domain):
         return None, "From has no domain"

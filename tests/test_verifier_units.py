@@ -1,0 +1,134 @@
+"""The verifier's pieces on their own: recipients, DMARC alignment, the fields' syntax."""
+
+from __future__ import annotations
+
+import pytest
+
+from poste.auth import dmarc
+from poste.auth.authenticate import Authenticator
+from poste.auth.dkim_verify import DKIMResult
+from poste.auth.results import authentication_results
+from poste.auth.spf import SPFResult, resolver_for
+from poste.services.verifier import VerifierStage
+from poste.smtp.stage import Envelope
+
+
+def stage() -> VerifierStage:
+    auth = Authenticator(resolver_for(["127.0.0.1:9"], 0.5), "mx.our.test")
+    return VerifierStage(["our.test", "Other.Test."], auth, postmaster="hostmaster@our.test")
+
+
+@pytest.mark.parametrize(
+    ("rcpt", "accepted"),
+    [
+        ("user@our.test", True),
+        ("User@OUR.TEST", True),
+        ("x@other.test", True),
+        ("postmaster@our.test", True),
+        ("Postmaster", True),  # RFC 5321 4.5.1: without a domain too
+        ("hostmaster@our.test", True),
+        ("someone@elsewhere.test", False),
+        ("postmaster@elsewhere.test", False),
+        ("user@sub.our.test", False),
+        ("user@our.test.evil.test", False),
+        ("user", False),
+        ("user@our.test@elsewhere.test", False),
+    ],
+)
+async def test_recipients(rcpt: str, accepted: bool) -> None:
+    reply = await stage().on_rcpt(Envelope(), rcpt)
+    if accepted:
+        assert reply is None
+    else:
+        assert reply is not None and reply.code == 550 and reply.text.startswith("5.7.1")
+
+
+async def test_null_sender_accepted() -> None:
+    assert await stage().on_mail(Envelope(), "") is None
+
+
+def test_org_domain_and_alignment() -> None:
+    assert dmarc.org_domain("mail.example.co.uk") == "example.co.uk"
+    assert dmarc.org_domain("a.b.sender.test") == "sender.test"
+    assert dmarc.aligned("bounce.example.com", "example.com", "r")
+    assert not dmarc.aligned("bounce.example.com", "example.com", "s")
+    assert not dmarc.aligned("example.co.uk", "other.co.uk", "r")
+    assert not dmarc.aligned("", "example.com", "r")
+
+
+def test_dmarc_record_parsing() -> None:
+    pol = dmarc.parse_record("v=DMARC1; p=reject; sp=none; adkim=s; pct=50")
+    assert pol is not None and (pol.p, pol.sp, pol.adkim, pol.aspf, pol.pct) == (
+        "reject",
+        "none",
+        "s",
+        "r",
+        50,
+    )
+    assert dmarc.parse_record("v=DMARC1; p=bogus") is None
+    rua_only = dmarc.parse_record("v=DMARC1; rua=mailto:a@b.test")
+    assert rua_only is not None and rua_only.p == "none"
+    assert dmarc.parse_record("v=spf1 -all") is None
+
+
+@pytest.mark.parametrize(
+    ("message", "domain"),
+    [
+        (b"From: A <a@Example.COM>\r\n\r\nx", "example.com"),
+        (b"From: a@x.test, b@y.test\r\n\r\nx", None),
+        (b"From: a@x.test\r\nFrom: b@x.test\r\n\r\nx", None),
+        (b"Subject: no from\r\n\r\nx", None),
+        (b"From: <\r\n\r\nx", None),
+        (b"From: undisclosed\r\n\r\nx", None),
+    ],
+)
+def test_from_domain(message: bytes, domain: str | None) -> None:
+    assert dmarc.from_domain(message)[0] == domain
+
+
+def spf_result(**kw: str) -> SPFResult:
+    base = dict(
+        result="pass",
+        identity="mailfrom",
+        domain="sender.test",
+        client_ip="192.0.2.1",
+        sender="a@sender.test",
+        helo="mail.sender.test",
+    )
+    base.update(kw)
+    return SPFResult(**base)  # type: ignore[arg-type]
+
+
+def test_received_spf_quotes_what_is_not_a_dot_atom() -> None:
+    field = spf_result(sender='we"ird(x)@sender.test', helo="[192.0.2.1]").field("mx.our.test")
+    head, _, tail = field.partition("\r\n\t")
+    assert head.startswith("Received-SPF: pass (mx.our.test: domain of sender.test designates")
+    assert tail == (
+        'client-ip=192.0.2.1; envelope-from="we\\"ird(x)@sender.test"; helo="[192.0.2.1]"; '
+        "receiver=mx.our.test; identity=mailfrom"
+    )
+    helo = spf_result(identity="helo", domain="mail.sender.test", sender="", result="none")
+    text = helo.field("mx.our.test")
+    assert "envelope-from" not in text and "identity=helo" in text
+
+
+def test_authentication_results_syntax() -> None:
+    dk = [
+        DKIMResult("pass", "sender.test", "s1", "abcdefghijklmnop"),
+        DKIMResult("fail", "other.test", "s2", "zzzzzzzzzzzzzzzz", reason="body hash (bad)"),
+    ]
+    pol = dmarc.Policy(p="reject")
+    field = authentication_results(
+        "mx.our.test",
+        spf_result(sender="a b@sender.test"),
+        dk,
+        dmarc.DMARCResult("pass", "sender.test", pol),
+    )
+    assert field == (
+        "Authentication-Results: mx.our.test;\r\n"
+        "\tspf=pass smtp.mailfrom=sender.test;\r\n"
+        "\tdkim=pass header.d=sender.test header.s=s1 header.b=abcdefghijkl;\r\n"
+        "\tdkim=fail (body hash \\(bad\\)) header.d=other.test header.s=s2 header.b=zzzzzzzzzzzz;\r\n"
+        "\tdmarc=pass (p=reject dis=none) header.from=sender.test"
+    )
+    assert "dkim=none" in authentication_results("h", None, [], None)
