@@ -243,3 +243,32 @@ def test_dsn_to_a_local_sender_reaches_its_targets(world: World) -> None:
     [o] = outlook.wait(1)
     for dsn in (g, o):
         assert return_path(dsn) == "" and b"Final-Recipient: rfc822; someone@refuse.test" in dsn
+
+
+def test_bad_flags_are_one_line(poste_bin: str, tmp_path: Path) -> None:
+    base = [poste_bin, "relay", "--domain", "our.test", "--spool", str(tmp_path / "sp")]
+    cases = [
+        (["--postmaster", "nobody", "--users", str(tmp_path)], "--postmaster"),
+        (["--postmaster", "a@b.test", "--users", str(tmp_path / "none")], "users repository"),
+        (["--postmaster", "a@b.test", "--users", str(tmp_path), "--granted", "10.0.0.0/33"],
+         "--granted"),
+        (["--postmaster", "a@b.test", "--users", str(tmp_path), "--lifetime", "soon"],
+         "lifetime"),
+    ]
+    for args, word in cases:
+        out = subprocess.run(base + args, capture_output=True, text=True, timeout=30)
+        assert out.returncode != 0 and word in out.stderr, out.stderr
+        assert "Traceback" not in out.stderr
+    helped = subprocess.run([poste_bin, "relay", "--help"], capture_output=True, text=True,
+                            timeout=30)
+    assert helped.returncode == 0 and "--srs-secret-file" in helped.stdout
+
+
+def test_sigterm_stops_cleanly_and_keeps_the_queue(world: World) -> None:
+    relay = world.relay()
+    assert send(relay, "bob@example.org", ["carol@our.test"], mail("kept"))[0] == 250
+    assert relay.proc is not None
+    relay.proc.terminate()
+    assert relay.proc.wait(15) == 0
+    relay.proc = None
+    assert "carol@late.test" in world.queue()
