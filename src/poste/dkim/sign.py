@@ -22,7 +22,7 @@ import email.policy
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from email.headerregistry import UnstructuredHeader
+from email.headerregistry import AddressHeader, MessageIDHeader
 from typing import Any
 
 import dkim
@@ -111,13 +111,15 @@ class SigningKey:
 def _strict_classes() -> dict[str, Any]:
     """policy.default's header classes for the fields its parser can reject.
 
-    Unstructured fields (Subject...) never fail, so they are not parsed at all;
-    the classes are built once here (the registry builds a new class per call).
+    Only the address fields and Message-ID raise (IndexError, HeaderParseError
+    on `From: <`, `To: a@`...); Subject, Date and the MIME fields record a
+    defect and go on, so they are not parsed at all.  The classes are built
+    once here (the registry builds a new class on every lookup).
     """
     registry: Any = email.policy.default.header_factory
     out = {}
     for name, cls in registry.registry.items():
-        if issubclass(cls, UnstructuredHeader):
+        if not issubclass(cls, AddressHeader | MessageIDHeader):
             continue
         out[name] = type("_" + cls.__name__, (cls, registry.base_class), {})
     return out
@@ -131,9 +133,9 @@ def check_parsable(headers: Sequence[tuple[bytes, bytes]], fields: Sequence[str]
 
     The transport path never re-serialises, but a signature over fields that
     a receiver's parser rejects only invites trouble; ptt's signer dropped such
-    mail, we pass it on unsigned instead.  Each structured field (addresses,
-    Message-ID, MIME fields) goes through the strict parser (`policy.default`)
-    on its own, a fraction of the cost of parsing the whole message.
+    mail, we pass it on unsigned instead.  Each field the strict parser
+    (`policy.default`) can reject goes through it on its own, a fraction of the
+    cost of parsing the whole message.
     """
     wanted = {f.lower() for f in fields}
     for raw_name, raw_value in headers:
