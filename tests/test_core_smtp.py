@@ -328,3 +328,40 @@ async def test_on_connect_sees_peer_before_greeting(tmp_path: Path) -> None:
         assert (await c.reply()).startswith("250")
         await c.close()
     assert b"from client.test (client.example [127.0.0.1])" in mails(tmp_path)[0]
+
+
+class Login(Stage):
+    auth_required = True
+
+    async def authenticate(self, env: Envelope, username: str, password: str) -> Reply | None:
+        if (username, password) == ("joe", "secret"):
+            return None
+        return Reply(535, "5.7.8 Authentication credentials invalid")
+
+
+async def test_auth_only_under_tls_and_no_foreign_authzid(
+    tmp_path: Path, tls_files: tuple[Path, Path]
+) -> None:
+    import base64
+
+    from poste.tools.srv import Mailbox, MailboxHop
+
+    box = Mailbox(str(tmp_path) + "/", 0, False)
+    ctx = server_context(*tls_files)
+    async with running(Login(), MailboxHop(box), tls_context=ctx) as service:
+        c = await LineClient.connect(*service.sockname)
+        await c.reply()
+        assert "AUTH" not in await c.cmd("EHLO client.test")
+        assert (await c.cmd("AUTH PLAIN " + base64.b64encode(b"\0joe\0secret").decode()))[:1] == "5"
+        await c.cmd("STARTTLS")
+        await c.starttls()
+        assert "250-AUTH LOGIN PLAIN" in await c.cmd("EHLO client.test")
+        assert (await c.cmd("MAIL FROM:<joe@x.test>")).startswith("530")
+        forged = base64.b64encode(b"admin\0joe\0secret").decode()
+        assert (await c.cmd(f"AUTH PLAIN {forged}")).startswith("535")
+        wrong = base64.b64encode(b"\0joe\0nope").decode()
+        assert (await c.cmd(f"AUTH PLAIN {wrong}")).startswith("535 5.7.8")
+        good = base64.b64encode(b"joe\0joe\0secret").decode()
+        assert (await c.cmd(f"AUTH PLAIN {good}")).startswith("235")
+        assert (await c.cmd("MAIL FROM:<joe@x.test>")).startswith("250")
+        await c.close()

@@ -32,6 +32,16 @@ from poste.smtp.stage import Envelope, Reply, Stage
 log = logging.getLogger("poste.smtp")
 
 
+class _NoLoginDataWarning(logging.Filter):
+    """aiosmtpd warns about its own deprecated attribute on every successful AUTH."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "login_data is deprecated" not in record.getMessage()
+
+
+logging.getLogger("mail.log").addFilter(_NoLoginDataWarning())
+
+
 @dataclass
 class Limits:
     max_message_size: int = 25 * 1024 * 1024
@@ -343,7 +353,12 @@ class _Connection(SMTP):
         if len(parts) != 3:
             await self.push("501 5.5.2 Can't split auth value")
             return AuthResult(success=False, handled=True)
-        return await self._check_login(parts[1], parts[2])
+        authzid, login, password = parts
+        if authzid and authzid != login:
+            # RFC 4616 section 2: acting as someone else is not something we grant.
+            await self.push("535 5.7.8 Authorization identity differs from login")
+            return AuthResult(success=False, handled=True)
+        return await self._check_login(login, password)
 
     async def auth_LOGIN(self, _: Any, args: list[str]) -> AuthResult:
         if len(args) == 1:

@@ -25,8 +25,8 @@ def server_context(cert: str | Path, key: str | Path) -> ssl.SSLContext:
     ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
     try:
         ctx.load_cert_chain(str(cert), str(key))
-    except FileNotFoundError as exc:
-        raise TLSConfigError(f"cannot read TLS certificate or key: {exc.filename}") from None
+    except OSError as exc:
+        raise TLSConfigError(f"cannot read TLS certificate {cert} or key {key}: {exc.strerror}") from None
     except ssl.SSLError as exc:
         raise TLSConfigError(f"bad TLS certificate or key ({cert}, {key}): {exc.reason}") from None
     return ctx
