@@ -132,3 +132,22 @@ def test_authentication_results_syntax() -> None:
         "\tdmarc=pass (p=reject dis=none) header.from=sender.test"
     )
     assert "dkim=none" in authentication_results("h", None, [], None)
+
+
+async def test_concurrent_spf_checks_use_their_own_nameservers() -> None:
+    """pyspf's DNS hook is global; each evaluation must still ask its own servers."""
+    import asyncio
+
+    from poste.auth import spf
+    from support.fakedns import fake_dns, records_lookup
+
+    allow = records_lookup({"x.test": [("TXT", "v=spf1 ip4:192.0.2.1 -all")]})
+    deny = records_lookup({"x.test": [("TXT", "v=spf1 -all")]}, delays={"x.test": 0.05})
+    with fake_dns(allow) as a, fake_dns(deny) as b:
+        ra, rb = spf.resolver_for([a.nameserver], 2), spf.resolver_for([b.nameserver], 2)
+        ra.cache = rb.cache = None
+        jobs = [
+            spf.check("192.0.2.1", "u@x.test", "h.test", ra if i % 2 else rb) for i in range(40)
+        ]
+        results = await asyncio.gather(*jobs)
+    assert [r.result for r in results] == ["fail", "pass"] * 20

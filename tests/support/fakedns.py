@@ -46,13 +46,16 @@ Lookup = Callable[[str, int], Answer | None]
 def rrset(
     name: str, rdtype: str | int, *values: str | bytes | list[bytes], ttl: int = 60
 ) -> dns.rrset.RRset:
-    """An RRset from presentation values; TXT/SPF values may be bytes or a list of byte strings."""
+    """An RRset from presentation values; a TXT/SPF value is one string, bytes or a list of bytes."""
     typ = dns.rdatatype.from_text(rdtype) if isinstance(rdtype, str) else rdtype
     rs = dns.rrset.RRset(owner(name), dns.rdataclass.IN, typ)
     rs.update_ttl(ttl)
     for v in values:
-        if typ in (dns.rdatatype.TXT, dns.rdatatype.SPF) and not isinstance(v, str):
-            strings = [v] if isinstance(v, bytes) else list(v)
+        if typ in (dns.rdatatype.TXT, dns.rdatatype.SPF):
+            # a str is one character-string (not zone-file text split on spaces)
+            strings = (
+                [v.encode()] if isinstance(v, str) else [v] if isinstance(v, bytes) else list(v)
+            )
             rd = _txt(typ, strings)
         else:
             assert isinstance(v, str)
