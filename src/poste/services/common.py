@@ -65,8 +65,13 @@ def run_services(
     on_start: Callable[[], Coroutine[Any, Any, None]] | None = None,
     background: list[Callable[[], Coroutine[Any, Any, None]]] | None = None,
     on_hup: Callable[[], None] | None = None,
+    on_stop: Callable[[], Coroutine[Any, Any, None]] | None = None,
 ) -> None:
     """Start every service, run until SIGTERM/SIGINT, stop cleanly.
+
+    `on_start` runs before any listener opens (e.g. the relay's spool recovery),
+    `background` jobs run alongside and are cancelled and awaited at the end,
+    `on_stop` runs once the listeners are closed.
 
     A port that cannot be bound is a one-line error and exit status 1.
     """
@@ -96,8 +101,11 @@ def run_services(
         log.info("stopping")
         for task in tasks:
             task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         for service in services:
             await service.stop()
+        if on_stop is not None:
+            await on_stop()
 
     asyncio.run(main())
 
