@@ -151,3 +151,41 @@ async def test_concurrent_spf_checks_use_their_own_nameservers() -> None:
         ]
         results = await asyncio.gather(*jobs)
     assert [r.result for r in results] == ["fail", "pass"] * 20
+
+
+async def test_ed25519_and_rsa_signatures_and_missing_key() -> None:
+    """dkim=pass for ed25519-sha256 too; a signature whose key is absent is permerror."""
+    import base64
+
+    import dkim
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    from poste.auth import dkim_verify, spf
+    from support.fakedns import fake_dns, records_lookup
+
+    priv = ed25519.Ed25519PrivateKey.generate()
+    raw = priv.private_bytes(
+        serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()
+    )
+    pub = priv.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    record = f"v=DKIM1; k=ed25519; p={base64.b64encode(pub).decode()}"
+    msg = b"From: a@x.test\r\nTo: b@y.test\r\nSubject: ed\r\n\r\nhello\r\n"
+
+    def signed(selector: bytes) -> bytes:
+        field = dkim.sign(
+            msg,
+            selector,
+            b"x.test",
+            base64.b64encode(raw),
+            signature_algorithm=b"ed25519-sha256",
+            include_headers=[b"from", b"subject"],
+            linesep=b"\r\n",
+        )
+        return bytes(field)
+
+    both = signed(b"gone") + signed(b"ed") + msg
+    with fake_dns(records_lookup({"ed._domainkey.x.test": [("TXT", record)]})) as ns:
+        results = await dkim_verify.verify(both, spf.resolver_for([ns.nameserver], 2))
+    assert [(r.result, r.selector) for r in results] == [("permerror", "gone"), ("pass", "ed")]
+    assert results[0].reason == "no key for signature"

@@ -16,7 +16,8 @@ import socket
 
 import click
 
-from poste.auth.authenticate import Authenticator
+from poste import metrics
+from poste.auth.authenticate import Authenticator, Report
 from poste.auth.spf import resolver_for
 from poste.dns.resolver import NameserverError
 from poste.services.common import (
@@ -83,6 +84,19 @@ class VerifierStage(Stage):
                 domain = report.dmarc.from_domain
                 return Verdict(reply=Reply(550, f"5.7.1 Rejected by the DMARC policy of {domain}"))
         return Verdict(prepend=self.auth.fields(report))
+
+
+def _count(report: Report) -> None:
+    """Feed the `poste_auth_results` counter when this build has it."""
+    counter = getattr(metrics, "AUTH_RESULTS", None)
+    if counter is None:
+        return
+    counter.labels("spf", report.spf.result if report.spf else "none").inc()
+    for r in report.dkim or []:
+        counter.labels("dkim", r.result).inc()
+    if not report.dkim:
+        counter.labels("dkim", "none").inc()
+    counter.labels("dmarc", report.dmarc.result if report.dmarc else "none").inc()
 
 
 def _oneline(text: str) -> str:
