@@ -14,7 +14,7 @@ relaxed/relaxed and the default header list:
 
 Two more rows split the cost of one poste RSA signature: the OpenSSL operation
 alone, and the strict header parse check alone (the rest is dkimpy's
-canonicalisation and hashing).  Prints signatures per second, the mean time per mail, and the ratio to dkimpy's
+canonicalisation and hashing).  Cases run interleaved in rounds and the best round counts.  Prints signatures per second, the mean time per mail, and the ratio to dkimpy's
 pure-Python RSA.
 """
 
@@ -34,6 +34,7 @@ from poste.dkim import keys
 from poste.dkim.sign import DEFAULT_HEADERS, Signer, SigningKey, check_parsable
 
 DOMAIN = "example.test"
+ROUNDS = 5
 MESSAGE = (
     b"From: Alice <alice@example.test>\r\n"
     b"To: Bob <bob@remote.test>\r\n"
@@ -104,14 +105,23 @@ def main() -> None:
         ("  part: OpenSSL RSA-2048 sign alone", openssl_only),
         ("  part: strict parse check alone", lambda: check_parsable(parsed, DEFAULT_HEADERS)),
     ]
-    results = []
-    for name, fn in cases:
-        if isinstance(getattr(fn, "__self__", None), Signer):
-            fn = _bind(fn)
-        per_s, n = rate(fn, seconds)
-        results.append((name, per_s, n))
+    bound = [
+        (name, _bind(fn) if isinstance(getattr(fn, "__self__", None), Signer) else fn)
+        for name, fn in cases
+    ]
+    # Interleaved rounds, best round kept: other processes on the machine then
+    # slow a case down in one round, not in all of them.
+    best: dict[str, float] = {}
+    for _ in range(ROUNDS):
+        for name, fn in bound:
+            per_s, _n = rate(fn, seconds / ROUNDS)
+            best[name] = max(best.get(name, 0.0), per_s)
+    results = [(name, best[name], 0) for name, _ in bound]
     base = results[0][1]
-    print(f"message: {len(MESSAGE)} bytes; {seconds:.0f} s per case; one thread")
+    print(
+        f"message: {len(MESSAGE)} bytes; {seconds:.0f} s per case in {ROUNDS} rounds"
+        " (best round); one thread"
+    )
     print(f"{'case':44} {'sign/s':>9} {'ms/mail':>8} {'vs dkimpy':>9}")
     for name, per_s, _ in results:
         print(f"{name:44} {per_s:9.0f} {1000 / per_s:8.3f} {per_s / base:8.1f}x")
