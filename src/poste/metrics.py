@@ -26,3 +26,59 @@ def outcome(code: int) -> str:
     if 400 <= code < 500:
         return "deferred"
     return "rejected"
+
+
+# --- Added for operations (poste.stack): results the services can count ----------
+# The verifier, spamfilter and relay increment these (or `poste up` does it for
+# them from the outside); see docs/deploy.md for the series and their labels.
+AUTH_RESULTS = Counter(
+    "poste_auth_results",
+    "SPF, DKIM and DMARC results at the verifier (method: spf, dkim, dmarc).",
+    ["method", "result"],
+)
+SPAM_LABELS = Counter(
+    "poste_spam_labels",
+    "Labels given by the spamfilter (yes, no, unknown).",
+    ["label"],
+)
+DELIVERIES = Counter(
+    "poste_deliveries",
+    "Relay delivery attempts per recipient (delivered, deferred, bounced).",
+    ["result"],
+)
+QUEUED = Counter(
+    "poste_queued",
+    "Messages written to the relay's spool.",
+)
+
+
+def delivery_outcome(code: int) -> str:
+    if 200 <= code < 300:
+        return "delivered"
+    if 400 <= code < 500:
+        return "deferred"
+    return "bounced"
+
+
+def _serve_from_env() -> None:
+    """`POSTE_METRICS=ADDR:PORT`: expose /metrics from any poste process.
+
+    Until every service has a `--metrics` flag, this lets an operator (and the
+    loop test) scrape separate service processes without changing their code.
+    """
+    import os
+
+    spec = os.environ.get("POSTE_METRICS")
+    if not spec:
+        return
+    from poste.stack.metrics_http import serve
+
+    try:
+        serve(spec)
+    except (OSError, ValueError) as exc:
+        import logging
+
+        logging.getLogger("poste").warning("POSTE_METRICS=%s: %s", spec, exc)
+
+
+_serve_from_env()

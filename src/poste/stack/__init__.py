@@ -1,0 +1,1 @@
+"""The whole stack: `poste init`, `poste up`, `poste doctor`, metrics and logs."""

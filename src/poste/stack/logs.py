@@ -1,0 +1,85 @@
+"""Log lines for operators: plain text or one JSON object per line.
+
+The SMTP core already writes one line per mail per service, starting with
+the queue id (`<ID> <service> from=<a> to=<b> size=N: 250 ...`).  The JSON
+formatter keeps that line as `msg` and lifts what a log pipeline filters on
+into fields: `queue_id`, `service`, `from`, `to`, `size`, `code`, and any
+other `key=value` pair of the line.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import sys
+import time
+from typing import Any
+
+_QUEUE_ID = re.compile(r"^(?P<qid>[0-9A-F]{12,20})\b")
+_SERVICES = ("verifier", "spamfilter", "relay", "submission", "signer", "forward")
+_PAIR = re.compile(r"\b(?P<k>[a-z][a-z0-9_-]*)=(?P<v><[^>]*>(?:,<[^>]*>)*|\S+)")
+_REPLY = re.compile(r":\s(?P<code>[245]\d\d)[ -]")
+
+PLAIN_FORMAT = "%(asctime)s %(name)s %(levelname)s %(message)s"
+
+
+def _fields(message: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    m = _QUEUE_ID.match(message)
+    if m:
+        out["queue_id"] = m.group("qid")
+        rest = message[m.end() :].split(None, 1)
+        if rest and rest[0].rstrip(":") in _SERVICES:
+            out["service"] = rest[0].rstrip(":")
+    for pm in _PAIR.finditer(message):
+        key, value = pm.group("k"), pm.group("v").rstrip(",;:")
+        if key in out or key in ("queue_id", "msg"):
+            continue
+        if value.startswith("<"):
+            addrs = [a.strip("<>") for a in value.split(",")]
+            out[key] = addrs if key == "to" else addrs[0]
+        elif value.isdigit():
+            out[key] = int(value)
+        else:
+            out[key] = value
+    r = _REPLY.search(message)
+    if r:
+        out["code"] = int(r.group("code"))
+    return out
+
+
+class JSONFormatter(logging.Formatter):
+    """One JSON object per record: ts, level, logger, msg and the fields of the line."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        message = record.getMessage()
+        obj: dict[str, Any] = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": message,
+        }
+        for key, value in _fields(message).items():
+            obj.setdefault(key, value)
+        if record.exc_info:
+            obj["exc"] = self.formatException(record.exc_info)
+        return json.dumps(obj, ensure_ascii=False, default=str)
+
+
+def setup(log_format: str = "plain", verbose: int = 0) -> None:
+    """Configure the root logger once (replacing handlers set before)."""
+    level = logging.DEBUG if verbose > 1 else logging.INFO
+    handler = logging.StreamHandler(sys.stderr)
+    if log_format == "json":
+        handler.setFormatter(JSONFormatter())
+    else:
+        handler.setFormatter(logging.Formatter(PLAIN_FORMAT))
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    root.addHandler(handler)
+    root.setLevel(level)
+    if verbose < 2:
+        logging.getLogger("mail.log").setLevel(logging.WARNING)  # aiosmtpd's chatter

@@ -1,0 +1,118 @@
+"""The Prometheus `/metrics` endpoint of `poste up` and of every service.
+
+prometheus_client's own HTTP server runs in a daemon thread, so a scrape
+never waits on the event loop and a busy loop never delays a scrape.  The
+relay's queue gauges are filled at scrape time by reading the spool folder
+(the spool is the truth; counting in memory would drift after `poste queue
+delete`).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import click
+from prometheus_client import start_http_server
+from prometheus_client.core import REGISTRY, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+log = logging.getLogger("poste")
+
+_started: dict[tuple[str, int], object] = {}
+_lock = threading.Lock()
+
+
+def parse_addr(spec: str) -> tuple[str, int]:
+    """`PORT`, `:PORT`, `ADDR:PORT`, `[v6]:PORT` -> (addr, port); ValueError when bad."""
+    text = spec.strip()
+    if text.isdigit():
+        host, port_text = "127.0.0.1", text
+    elif text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        port_text = rest.removeprefix(":")
+    else:
+        host, sep, port_text = text.rpartition(":")
+        if not sep:
+            raise ValueError(f"{spec!r}: expected ADDR:PORT")
+    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise ValueError(f"{spec!r}: bad port")
+    return host or "127.0.0.1", int(port_text)
+
+
+def serve(spec: str) -> tuple[str, int]:
+    """Start the endpoint once per address (idempotent); OSError when the port is taken."""
+    host, port = parse_addr(spec)
+    with _lock:
+        if (host, port) not in _started:
+            _started[(host, port)] = start_http_server(port, addr=host)
+            log.info("metrics on http://%s:%d/metrics", host, port)
+    return host, port
+
+
+def serve_or_fail(spec: str | None) -> None:
+    """For `--metrics`: a bad address or a taken port is a one-line error."""
+    if not spec:
+        return
+    try:
+        serve(spec)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--metrics") from None
+    except OSError as exc:
+        raise click.ClickException(f"--metrics {spec}: {exc.strerror or exc}") from None
+
+
+metrics_option = click.option(
+    "--metrics",
+    default=None,
+    metavar="ADDR:PORT",
+    envvar="POSTE_METRICS",
+    help="Serve Prometheus metrics at http://ADDR:PORT/metrics.",
+)
+
+
+class SpoolCollector(Collector):
+    """Queue size and age of the oldest message, read from the spool folder per scrape."""
+
+    def __init__(self, spool_dir: str | Path) -> None:
+        self.spool_dir = Path(spool_dir)
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        from poste.relay.spool import Spool, SpoolError
+
+        size = GaugeMetricFamily(
+            "poste_spool_messages", "Messages in the relay's spool (read at scrape time)."
+        )
+        age = GaugeMetricFamily(
+            "poste_spool_oldest_age_seconds",
+            "Age of the oldest message in the relay's spool (0 when empty).",
+        )
+        count, oldest = 0, 0.0
+        try:
+            spool = Spool(self.spool_dir, create=False)
+            now = time.time()
+            for entry in spool.entries():
+                count += 1
+                oldest = max(oldest, now - entry.created)
+        except (OSError, SpoolError, ValueError):
+            log.debug("spool %s unreadable for metrics", self.spool_dir, exc_info=True)
+        size.add_metric([], count)
+        age.add_metric([], oldest)
+        yield size
+        yield age
+
+
+_spools: set[str] = set()
+
+
+def watch_spool(spool_dir: str | Path) -> None:
+    """Register the queue gauges for this spool (once per process and folder)."""
+    key = str(Path(spool_dir).resolve())
+    with _lock:
+        if key in _spools:
+            return
+        _spools.add(key)
+    REGISTRY.register(SpoolCollector(spool_dir))
