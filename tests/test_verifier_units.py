@@ -189,3 +189,21 @@ async def test_ed25519_and_rsa_signatures_and_missing_key() -> None:
         results = await dkim_verify.verify(both, spf.resolver_for([ns.nameserver], 2))
     assert [(r.result, r.selector) for r in results] == [("permerror", "gone"), ("pass", "ed")]
     assert results[0].reason == "no key for signature"
+
+
+@pytest.mark.parametrize(
+    ("extra", "needle"),
+    [
+        (["--nameserver", "not-an-ip"], "--nameserver"),
+        (["--postmaster", "nobody"], "--postmaster"),
+        (["--require-tls"], "--require-tls"),
+        (["--listen", "127.0.0.1:99999"], "port"),
+    ],
+)
+def test_bad_flags_are_one_line(poste_bin: str, extra: list[str], needle: str) -> None:
+    import subprocess
+
+    cmd = [poste_bin, "verifier", "--domain", "our.test", "--destination", "127.0.0.1:1", *extra]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+    assert r.returncode != 0
+    assert "Traceback" not in r.stderr and needle in r.stderr
