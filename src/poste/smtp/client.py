@@ -7,6 +7,7 @@ Built on aiosmtplib.  Replies of the next hop are passed back as they are
 
 from __future__ import annotations
 
+import functools
 import logging
 import socket
 import ssl
@@ -27,6 +28,12 @@ _PASSABLE = ("BODY=", "SMTPUTF8", "SIZE=")
 
 def _reply(code: int, message: str) -> Reply:
     return Reply(code, " ".join(message.split("\n")) if message else "")
+
+
+@functools.cache
+def _fqdn() -> str:
+    """socket.getfqdn() may query DNS: once per process is enough."""
+    return socket.getfqdn()
 
 
 def _nodelay(client: aiosmtplib.SMTP) -> None:
@@ -52,7 +59,7 @@ async def connect(
     client = aiosmtplib.SMTP(
         hostname=host,
         port=port,
-        local_hostname=helo or socket.getfqdn(),
+        local_hostname=helo or _fqdn(),
         use_tls=implicit_tls,
         start_tls=False,
         tls_context=ctx,
