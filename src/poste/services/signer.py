@@ -14,6 +14,7 @@ import asyncio
 import logging
 
 import click
+from prometheus_client import Counter
 
 from poste.dkim.cli import make_signer, sign_header_options
 from poste.dkim.sign import Signer, sign_or_pass
@@ -32,6 +33,12 @@ from poste.smtp.stage import Envelope, Stage, Verdict
 
 log = logging.getLogger("poste.signer")
 
+SIGNED = Counter(
+    "poste_dkim_signed",
+    "Mails at the signer: signed, or passed on unsigned (could not be signed).",
+    ["result"],
+)
+
 
 class SignerStage(Stage):
     """Accepts everything; at the end of DATA, prepends the signatures."""
@@ -43,9 +50,10 @@ class SignerStage(Stage):
 
     async def on_data(self, env: Envelope, data: bytes) -> Verdict:
         fields = await asyncio.to_thread(sign_or_pass, self.signer, data, env.queue_id)
+        SIGNED.labels("signed" if fields else "unsigned").inc()
         if fields:
             algs = ",".join(k.key.signature_algorithm.decode() for k in self.signer.keys)
-            log.info("%s: signed d=%s a=%s", env.queue_id, self.signer.keys[0].domain, algs)
+            log.debug("%s: signed d=%s a=%s", env.queue_id, self.signer.keys[0].domain, algs)
         return Verdict(prepend=fields)
 
 
