@@ -1,0 +1,406 @@
+"""`poste doctor --domain D`: what a receiving provider will check, checked from outside.
+
+Each check prints `ok`, `missing` or `wrong` (or `skip` when not enough was
+given to check it) and, when not ok, the record to publish, built by the same
+code as `poste dns records` so the advice matches what `poste init` printed.
+The exit status is 0 only when nothing is missing or wrong.
+
+SPF is evaluated with poste's own SPF code (the verifier's), for the
+address given with --address (default: the MX host's addresses), as a
+receiver would for mail from postmaster@D.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+import ssl
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import BinaryIO
+
+import click
+import dns.exception
+import dns.resolver
+import dns.reversename
+
+from poste.dns.records import DEFAULT_TTL, Record
+from poste.dns.resolver import SyncResolver
+
+OK, MISSING, WRONG, SKIP = "ok", "missing", "wrong", "skip"
+
+
+@dataclass
+class Check:
+    status: str
+    name: str
+    text: str
+    publish: list[str] = field(default_factory=list)
+
+    def lines(self) -> list[str]:
+        out = [f"{self.status:<8} {self.name:<6} {self.text}"]
+        for i, line in enumerate(self.publish):
+            out.append(f"{'':<15} {'publish:' if i == 0 else '        '} {line}")
+        return out
+
+
+def _txt(resolver: dns.resolver.Resolver, name: str) -> list[str] | None:
+    """Joined TXT strings at name; None when the name has none (NXDOMAIN/NODATA)."""
+    try:
+        answer = resolver.resolve(name, "TXT")
+    except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
+        return None
+    return [b"".join(r.strings).decode("utf-8", "replace") for r in answer]
+
+
+def _addresses(resolver: dns.resolver.Resolver, host: str) -> list[str]:
+    out: list[str] = []
+    for kind in ("A", "AAAA"):
+        try:
+            out += [r.to_text() for r in resolver.resolve(host, kind)]
+        except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
+            pass
+    return out
+
+
+def _record_lines(record: Record) -> list[str]:
+    return [line.lstrip("; ") for line in record.zone_lines()]
+
+
+class Doctor:
+    def __init__(
+        self,
+        domain: str,
+        resolver: SyncResolver,
+        *,
+        addresses: Sequence[str] = (),
+        hostname: str | None = None,
+        dkim: Sequence[tuple[str, object | None]] = (),
+        smtp_port: int = 25,
+        cafile: str | None = None,
+        timeout: float = 10.0,
+    ) -> None:
+        self.domain = domain.rstrip(".").lower()
+        self.resolver = resolver
+        self.addresses = list(addresses)
+        self.hostname = hostname.rstrip(".").lower() if hostname else None
+        self.dkim = list(dkim)
+        self.smtp_port = smtp_port
+        self.cafile = cafile
+        self.timeout = timeout
+        self.mx_hosts: list[str] = []
+
+    # -- the checks --------------------------------------------------------
+
+    def run(self) -> list[Check]:
+        checks: list[Check] = []
+        for fn in (self.mx, self.spf, self.dkim_checks, self.dmarc, self.ptr, self.tls):
+            try:
+                got = fn()
+            except dns.exception.DNSException as exc:
+                got = [Check(WRONG, fn.__name__.split("_")[0].upper(), f"DNS error: {exc}")]
+            checks += got
+        return checks
+
+    def _mx_record(self) -> Record:
+        host = self.hostname or (self.mx_hosts[0] if self.mx_hosts else f"mail.{self.domain}")
+        return Record(self.domain + ".", "MX", (f"10 {host}.",), DEFAULT_TTL)
+
+    def mx(self) -> list[Check]:
+        try:
+            answer = self.resolver.resolve(self.domain, "MX")  # type: ignore[no-untyped-call]
+        except dns.resolver.NXDOMAIN:
+            return [Check(MISSING, "MX", f"{self.domain} does not exist",
+                          _record_lines(self._mx_record()))]
+        except dns.resolver.NoAnswer:
+            return [Check(MISSING, "MX", f"no MX record for {self.domain}",
+                          _record_lines(self._mx_record()))]
+        records = sorted((r.preference, r.exchange.to_text(omit_final_dot=True).lower())
+                         for r in answer)
+        self.mx_hosts = [h for _, h in records if h not in ("", ".")]
+        shown = ", ".join(f"{h or '.'} ({p})" for p, h in records)
+        if not self.mx_hosts:
+            return [Check(WRONG, "MX", f"null MX: {self.domain} says it takes no mail",
+                          _record_lines(self._mx_record()))]
+        if self.hostname and self.hostname not in self.mx_hosts:
+            return [Check(WRONG, "MX", f"{self.domain} -> {shown}, not {self.hostname}",
+                          _record_lines(self._mx_record()))]
+        found = {h: _addresses(self.resolver, h) for h in self.mx_hosts}
+        if not self.addresses:
+            self.addresses = [a for h in self.mx_hosts[:1] for a in found[h]]
+            if not self.addresses:
+                return [Check(WRONG, "MX", f"{self.domain} -> {shown}, which has no address")]
+            return [Check(OK, "MX", f"{self.domain} -> {shown} [{', '.join(self.addresses)}]")]
+        ours = [h for h, addrs in found.items() if set(addrs) & set(self.addresses)]
+        if not ours:
+            where = "; ".join(f"{h} is {', '.join(a) or 'no address'}" for h, a in found.items())
+            fix = [f"{h}. {DEFAULT_TTL} IN {'AAAA' if ':' in a else 'A'} {a}"
+                   for h in self.mx_hosts[:1] for a in self.addresses]
+            return [Check(WRONG, "MX", f"{self.domain} -> {shown}, not us: {where}", fix)]
+        return [Check(OK, "MX", f"{self.domain} -> {shown} [{', '.join(self.addresses)}]")]
+
+    def spf(self) -> list[Check]:
+        from poste.auth.spf import check_sync
+
+        records = [t for t in _txt(self.resolver, self.domain) or []
+                   if t.lower().startswith("v=spf1")]
+        mech = " ".join(f"ip6:{a}" if ":" in a else f"ip4:{a}" for a in self.addresses)
+        if not records:
+            value = "v=spf1 mx -all" if self.mx_hosts else f"v=spf1 {mech} -all"
+            return [Check(MISSING, "SPF", f"no v=spf1 record at {self.domain}",
+                          self._txt_lines(self.domain, value))]
+        if len(records) > 1:
+            return [Check(WRONG, "SPF", f"{len(records)} v=spf1 records (permerror): keep one",
+                          self._txt_lines(self.domain, records[0]))]
+        current = records[0]
+        if not self.addresses:
+            return [Check(SKIP, "SPF", f"{current!r} (give --address to evaluate it)")]
+        bad: list[str] = []
+        helo = self.hostname or (self.mx_hosts[0] if self.mx_hosts else self.domain)
+        for ip in self.addresses:
+            result = check_sync(ip, f"postmaster@{self.domain}", helo, self.resolver)
+            if result.result != "pass":
+                why = f" {result.problem}" if result.problem else ""
+                bad.append(f"{ip}: {result.result}{why}")
+        if bad:
+            missing_ips = [a for a in self.addresses if any(b.startswith(a + ":") for b in bad)]
+            add = " ".join(f"ip6:{a}" if ":" in a else f"ip4:{a}" for a in missing_ips)
+            words = current.split()
+            tail = [w for w in words[1:] if w.lower().lstrip("+-~?") in ("all",)
+                    or w.lower().startswith("redirect=")]
+            head = [w for w in words[1:] if w not in tail]
+            fixed = " ".join(["v=spf1", *head, add, *(tail or ["-all"])])
+            return [Check(WRONG, "SPF", f"{current!r} does not allow {'; '.join(bad)}",
+                          self._txt_lines(self.domain, fixed))]
+        return [Check(OK, "SPF", f"{current!r} allows {', '.join(self.addresses)}")]
+
+    def _txt_lines(self, name: str, value: str) -> list[str]:
+        return _record_lines(Record(name.rstrip(".") + ".", "TXT", (value,), DEFAULT_TTL))
+
+    def dkim_checks(self) -> list[Check]:
+        from poste.dkim.keys import DKIMKey
+        from poste.dns.records import dkim_record
+
+        if not self.dkim:
+            return [Check(SKIP, "DKIM", "give --selector (and --dkim-key) to check the key record")]
+        out: list[Check] = []
+        for selector, key in self.dkim:
+            name = f"{selector}._domainkey.{self.domain}"
+            want = dkim_record(self.domain, selector, key) if isinstance(key, DKIMKey) else None
+            publish = _record_lines(want) if want else []
+            found = [t for t in _txt(self.resolver, name) or [] if "p=" in t]
+            if not found:
+                out.append(Check(MISSING, "DKIM", f"no key record at {name}", publish))
+                continue
+            tags = _tags(found[0])
+            if len(found) > 1:
+                out.append(Check(WRONG, "DKIM", f"{len(found)} key records at {name}", publish))
+            elif not tags.get("p"):
+                out.append(Check(WRONG, "DKIM", f"{name}: empty p= (key revoked)", publish))
+            elif isinstance(key, DKIMKey) and tags["p"] != key.public_b64():
+                out.append(Check(WRONG, "DKIM", f"{name} holds another key than ours", publish))
+            elif isinstance(key, DKIMKey) and tags.get("k", "rsa") != key.algorithm:
+                out.append(Check(WRONG, "DKIM", f"{name}: k={tags.get('k', 'rsa')}, our key is "
+                                 f"{key.algorithm}", publish))
+            else:
+                what = "matches our key" if key is not None else "present (no --dkim-key to compare)"
+                out.append(Check(OK, "DKIM", f"{name} {what} (k={tags.get('k', 'rsa')})"))
+        return out
+
+    def dmarc(self) -> list[Check]:
+        name = f"_dmarc.{self.domain}"
+        want = self._txt_lines(
+            name, f"v=DMARC1; p=quarantine; rua=mailto:postmaster@{self.domain}"
+        )
+        found = [t for t in _txt(self.resolver, name) or [] if t.lower().startswith("v=dmarc1")]
+        if not found:
+            return [Check(MISSING, "DMARC", f"no v=DMARC1 record at {name}", want)]
+        if len(found) > 1:
+            return [Check(WRONG, "DMARC", f"{len(found)} v=DMARC1 records at {name}", want)]
+        policy = _tags(found[0]).get("p", "")
+        if policy not in ("none", "quarantine", "reject"):
+            return [Check(WRONG, "DMARC", f"{found[0]!r}: p= must be none, quarantine or reject",
+                          want)]
+        return [Check(OK, "DMARC", f"{name}: p={policy}")]
+
+    def ptr(self) -> list[Check]:
+        if not self.addresses:
+            return [Check(SKIP, "PTR", "no address to check (give --address)")]
+        host = self.hostname or (self.mx_hosts[0] if self.mx_hosts else f"mail.{self.domain}")
+        out: list[Check] = []
+        for ip in self.addresses:
+            rev = dns.reversename.from_address(ip).to_text()
+            publish = [f"{rev} {DEFAULT_TTL} IN PTR {host}.",
+                       f"(the reverse zone is your hosting provider's: ask them to set it for {ip})"]
+            try:
+                names = [r.to_text().rstrip(".").lower() for r in self.resolver.resolve(rev, "PTR")]  # type: ignore[no-untyped-call]
+            except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
+                out.append(Check(MISSING, "PTR", f"no reverse DNS for {ip}", publish))
+                continue
+            except dns.resolver.NoNameservers:  # e.g. REFUSED: receivers see no name either
+                out.append(Check(MISSING, "PTR", f"no reverse DNS for {ip} (no server answers "
+                                 f"for {rev})", publish))
+                continue
+            if host not in names:
+                out.append(Check(WRONG, "PTR", f"{ip} -> {', '.join(names)}, not {host}", publish))
+                continue
+            if ip not in _addresses(self.resolver, host):
+                out.append(Check(WRONG, "PTR", f"{ip} -> {host}, but {host} does not resolve "
+                                 f"back to {ip}", publish))
+                continue
+            out.append(Check(OK, "PTR", f"{ip} -> {host} -> {ip}"))
+        return out
+
+    def tls(self) -> list[Check]:
+        host = self.hostname or (self.mx_hosts[0] if self.mx_hosts else None)
+        if host is None or not self.addresses:
+            return [Check(SKIP, "TLS", "no MX host to connect to")]
+        ip = self.addresses[0]
+        try:
+            text = starttls_certificate(ip, self.smtp_port, host, self.cafile, self.timeout)
+        except TLSProblem as exc:
+            return [Check(WRONG, "TLS", f"{host} [{ip}]:{self.smtp_port}: {exc}")]
+        return [Check(OK, "TLS", f"{host} [{ip}]:{self.smtp_port}: {text}")]
+
+
+def _tags(value: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for part in value.split(";"):
+        k, sep, v = part.partition("=")
+        if sep:
+            out[k.strip().lower()] = "".join(v.split())
+    return out
+
+
+class TLSProblem(Exception):
+    pass
+
+
+def _read_reply(f: BinaryIO) -> tuple[int, str]:
+    lines: list[str] = []
+    while True:
+        line = f.readline()
+        if not line:
+            raise TLSProblem("connection closed by the server")
+        text = line.decode("utf-8", "replace").rstrip("\r\n")
+        lines.append(text)
+        if len(text) < 4 or text[3] != "-":
+            break
+    code = int(lines[-1][:3]) if lines[-1][:3].isdigit() else 0
+    return code, "\n".join(lines)
+
+
+def starttls_certificate(
+    ip: str, port: int, name: str, cafile: str | None, timeout: float = 10.0
+) -> str:
+    """EHLO, STARTTLS, verify the certificate for `name`; a one-line summary or TLSProblem."""
+    try:
+        sock = socket.create_connection((ip, port), timeout=timeout)
+    except OSError as exc:
+        raise TLSProblem(f"cannot connect: {exc.strerror or exc}") from None
+    try:
+        f = sock.makefile("rb")
+        code, _ = _read_reply(f)
+        if code != 220:
+            raise TLSProblem(f"greeting {code}")
+        sock.sendall(b"EHLO doctor.poste.invalid\r\n")
+        code, text = _read_reply(f)
+        if code != 250:
+            raise TLSProblem(f"EHLO refused ({code})")
+        if "STARTTLS" not in text.upper():
+            raise TLSProblem("STARTTLS not offered: mail to us travels in clear text")
+        sock.sendall(b"STARTTLS\r\n")
+        code, text = _read_reply(f)
+        if code != 220:
+            raise TLSProblem(f"STARTTLS refused: {text}")
+        ctx = ssl.create_default_context(cafile=cafile)
+        try:
+            tls = ctx.wrap_socket(sock, server_hostname=name)
+        except ssl.SSLCertVerificationError as exc:
+            raise TLSProblem(f"certificate not valid for {name}: {exc.verify_message}") from None
+        except (ssl.SSLError, OSError) as exc:
+            raise TLSProblem(f"TLS handshake failed: {exc}") from None
+        cert = tls.getpeercert() or {}
+        version = tls.version()
+        try:
+            tls.sendall(b"QUIT\r\n")
+        except OSError:
+            pass
+        tls.close()
+        expires = cert.get("notAfter", "?")
+        return f"{version}, certificate valid for {name} until {expires}"
+    except OSError as exc:
+        raise TLSProblem(f"SMTP session failed: {exc}") from None
+    finally:
+        sock.close()
+
+
+@click.command()
+@click.option("--domain", required=True, metavar="D", help="The mail domain to check.")
+@click.option("--nameserver", "nameservers", multiple=True, metavar="[tcp:|udp:]IP[:PORT]",
+              help="DNS server to ask (repeatable; default: the system's).")
+@click.option("--address", "addresses", multiple=True, metavar="IP",
+              help="Our server's public address (repeatable; default: the MX host's).")
+@click.option("--hostname", default=None, metavar="NAME",
+              help="Our MX host name (default: the first MX of the domain).")
+@click.option("--selector", "selectors", multiple=True, metavar="S", help="DKIM selector.")
+@click.option("--dkim-key", "dkim_keys", multiple=True, type=click.Path(dir_okay=False),
+              help="Our DKIM private key for --selector (the record must match it).")
+@click.option("--smtp-port", default=25, show_default=True, type=click.IntRange(1, 65535),
+              help="Port of the certificate check (change only for tests).")
+@click.option("--tls-ca", "cafile", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Trust this CA file for the certificate check (default: the system's).")
+@click.option("--timeout", default=5.0, show_default=True, type=click.FloatRange(min=0.1),
+              help="Seconds per DNS query and for the SMTP connection.")
+def main(
+    domain: str,
+    nameservers: tuple[str, ...],
+    addresses: tuple[str, ...],
+    hostname: str | None,
+    selectors: tuple[str, ...],
+    dkim_keys: tuple[str, ...],
+    smtp_port: int,
+    cafile: str | None,
+    timeout: float,
+) -> None:
+    """Check MX, SPF, DKIM, DMARC, reverse DNS and the port-25 certificate of DOMAIN."""
+    from poste.auth.spf import resolver_for
+    from poste.dkim.keys import DKIMKeyError, load_key
+    from poste.dns.resolver import NameserverError
+    from poste.users.repo import is_domain
+
+    dom = domain.strip().rstrip(".").lower()
+    if not is_domain(dom):
+        raise click.BadParameter(f"{domain!r} is not a domain name", param_hint="--domain")
+    for a in addresses:
+        try:
+            ipaddress.ip_address(a)
+        except ValueError:
+            raise click.BadParameter(f"{a!r} is not an IP address", param_hint="--address") from None
+    if dkim_keys and len(dkim_keys) != len(selectors):
+        raise click.UsageError("give one --selector per --dkim-key")
+    pairs: list[tuple[str, object | None]] = []
+    for i, sel in enumerate(selectors):
+        key = None
+        if i < len(dkim_keys):
+            try:
+                key = load_key(dkim_keys[i])
+            except DKIMKeyError as exc:
+                raise click.ClickException(str(exc)) from None
+        pairs.append((sel, key))
+    try:
+        resolver = resolver_for(nameservers, timeout)
+    except NameserverError as exc:
+        raise click.BadParameter(str(exc), param_hint="--nameserver") from None
+    resolver.lifetime = timeout * 2
+    doctor = Doctor(dom, resolver, addresses=addresses, hostname=hostname, dkim=pairs,
+                    smtp_port=smtp_port, cafile=cafile, timeout=timeout)
+    checks = doctor.run()
+    for c in checks:
+        for line in c.lines():
+            click.echo(line)
+    bad = [c for c in checks if c.status in (MISSING, WRONG)]
+    if bad:
+        click.echo(f"\n{len(bad)} problem(s): publish the records above, then run this again.",
+                   err=True)
+        raise SystemExit(1)
