@@ -72,7 +72,7 @@ def _run(cmd: str, env: dict[str, str], cwd: Path, bindir: str) -> subprocess.Co
 
 
 def test_demo_submit_and_receive(demo, poste_bin: str) -> None:
-    proc, env, cwd, home, log_path, ports = demo
+    _proc, env, cwd, home, log_path, _ports = demo
     banner = log_path.read_text()
     folder = home / ".local" / "state" / "poste-demo"
     assert str(folder) in banner
@@ -113,7 +113,7 @@ def test_demo_submit_and_receive(demo, poste_bin: str) -> None:
 
 
 def test_demo_wrong_password_refused(demo, poste_bin: str) -> None:
-    proc, env, cwd, home, log_path, ports = demo
+    _proc, env, cwd, _home, _log_path, ports = demo
     bindir = str(Path(poste_bin).parent)
     r = _run(
         f"printf 'x\\n' | poste make --from demo@demo.test --to a@b.example"

@@ -99,7 +99,7 @@ def test_doctor_all_ok(tmp_path: Path, poste_bin: str, keys, mx_port: int) -> No
 
 
 def test_doctor_wrong_spf_missing_dmarc(tmp_path: Path, poste_bin: str, keys, mx_port: int) -> None:
-    key_path, cert, _ = keys
+    key_path, _cert, _ = keys
     stranger = generate("rsa").txt_value()
     zones = {DOMAIN: _zone("v=spf1 ip4:192.0.2.1 -all", False, stranger),
              "0.0.127.in-addr.arpa": _reverse("vps-61.hoster.example")}
