@@ -8,13 +8,15 @@ sets the module global before the pool starts.
 
 from __future__ import annotations
 
-import multiprocessing
-import multiprocessing.pool
 import os
 from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING
 
 from poste.spam.model import Classifier
 from poste.spam.tokenizer import tokenize
+
+if TYPE_CHECKING:
+    import multiprocessing.pool
 
 _CLASSIFIER: Classifier | None = None
 _MAX_BYTES = 0
@@ -40,7 +42,11 @@ def _tokens(raw: bytes) -> set[str]:
 
 
 def _pool(jobs: int) -> multiprocessing.pool.Pool | None:
-    if jobs <= 1 or "fork" not in multiprocessing.get_all_start_methods():
+    if jobs <= 1:
+        return None
+    import multiprocessing  # not imported for one-process runs: it costs start-up time
+
+    if "fork" not in multiprocessing.get_all_start_methods():
         return None
     return multiprocessing.get_context("fork").Pool(jobs)
 

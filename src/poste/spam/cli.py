@@ -204,8 +204,13 @@ def mark(
     out = sys.stdout.buffer
     if not mboxes:
         raw = sys.stdin.buffer.read()
+        from_line = b""
+        if raw.startswith(b"From "):  # keep an mbox From_ line first
+            cut = raw.find(b"\n") + 1 or len(raw)
+            from_line, raw = raw[:cut], raw[cut:]
         r = clf.classify(raw)
-        out.write(_fields(header_name, detail, r.label, r.score, r.clues, raw) + raw)
+        clues = r.strongest(40) if detail else []
+        out.write(from_line + _fields(header_name, detail, r.label, r.score, clues, raw) + raw)
         out.flush()
         return
     stored: list[tuple[bytes, bytes]] = []
@@ -238,12 +243,12 @@ def _check_field_name(name: str) -> None:
 def _fields(
     name: str, detail: bool, label: str, score: float, clues: list[tuple[str, float]], raw: bytes
 ) -> bytes:
-    from poste.spam.model import Result
+    from poste.spam.model import detail_line
 
     eol = b"\r\n" if raw[: raw.find(b"\n") + 1].endswith(b"\r\n") else b"\n"
     text = f"{name}: {label}".encode() + eol
     if detail:
-        line = Result(score, label, clues).detail()
+        line = detail_line(score, clues)
         text += f"{name}-Detail: {line}".encode() + eol
     return text
 

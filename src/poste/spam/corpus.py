@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import os
 import re
-import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -98,6 +97,8 @@ def _iter_dir(p: Path) -> Iterator[tuple[str, bytes]]:
 
 
 def _iter_tar(archive: str, folder: str) -> Iterator[tuple[str, bytes]]:
+    import tarfile  # costs start-up time; most runs read plain files
+
     prefix = folder + "/" if folder else ""
     try:
         with tarfile.open(archive, "r:*") as tar:
@@ -149,6 +150,8 @@ def unquote_mbox(msg: bytes) -> bytes:
 
 def count_messages(path: str) -> int:
     """A cheap estimate of how many mails PATH holds (for a progress bar)."""
+    import tarfile
+
     p = Path(path)
     try:
         if p.is_dir():

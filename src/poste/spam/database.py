@@ -23,7 +23,6 @@ file, so a reader never sees half a database.
 from __future__ import annotations
 
 import array
-import gzip
 import json
 import os
 import struct
@@ -47,22 +46,32 @@ class Database:
     def __init__(self) -> None:
         self.nspam = 0
         self.nham = 0
-        self.spam: dict[str, int] = {}
-        self.ham: dict[str, int] = {}
+        # token -> (spam messages, ham messages) it appeared in
+        self.counts: dict[str, tuple[int, int]] = {}
         self.note = ""
         # bumped on every change so classifiers know to rebuild their cache
         self.generation = 0
 
     def __len__(self) -> int:
-        return len(self.spam.keys() | self.ham.keys())
+        return len(self.counts)
+
+    def get(self, token: str) -> tuple[int, int]:
+        return self.counts.get(token, (0, 0))
 
     # -- training -----------------------------------------------------------
 
     def train(self, tokens: Iterable[str], is_spam: bool) -> None:
         """Count one message: each distinct token once."""
-        counts = self.spam if is_spam else self.ham
-        for t in set(tokens):
-            counts[t] = counts.get(t, 0) + 1
+        counts = self.counts
+        zero = (0, 0)
+        if is_spam:
+            for t in set(tokens):
+                sc, hc = counts.get(t, zero)
+                counts[t] = (sc + 1, hc)
+        else:
+            for t in set(tokens):
+                sc, hc = counts.get(t, zero)
+                counts[t] = (sc, hc + 1)
         if is_spam:
             self.nspam += 1
         else:
@@ -71,13 +80,20 @@ class Database:
 
     def untrain(self, tokens: Iterable[str], is_spam: bool) -> None:
         """Forget one message trained earlier with the same label (counts floor at 0)."""
-        counts = self.spam if is_spam else self.ham
+        counts = self.counts
         for t in set(tokens):
-            n = counts.get(t, 0) - 1
-            if n > 0:
-                counts[t] = n
+            found = counts.get(t)
+            if found is None:
+                continue
+            sc, hc = found
+            if is_spam:
+                sc = max(0, sc - 1)
             else:
-                counts.pop(t, None)
+                hc = max(0, hc - 1)
+            if sc or hc:
+                counts[t] = (sc, hc)
+            else:
+                del counts[t]
         if is_spam:
             self.nspam = max(0, self.nspam - 1)
         else:
@@ -91,27 +107,24 @@ class Database:
         scoring, make up most of the file, and are the ones that could say
         something about a particular message.
         """
-        dropped = 0
-        for t in list(self.spam.keys() | self.ham.keys()):
-            if self.spam.get(t, 0) + self.ham.get(t, 0) < min_count:
-                self.spam.pop(t, None)
-                self.ham.pop(t, None)
-                dropped += 1
+        before = len(self.counts)
+        self.counts = {t: c for t, c in self.counts.items() if c[0] + c[1] >= min_count}
         self.generation += 1
-        return dropped
+        return before - len(self.counts)
 
     # -- files ----------------------------------------------------------------
 
     def to_bytes(self) -> bytes:
         # the tokenizer never makes such tokens; a library caller might
-        tokens = sorted(t for t in self.spam.keys() | self.ham.keys() if t and "\n" not in t)
+        tokens = sorted(t for t in self.counts if t and "\n" not in t)
         header = json.dumps(
             {"nspam": self.nspam, "nham": self.nham, "tokens": len(tokens), "note": self.note},
             sort_keys=True,
         ).encode()
         blob = "\n".join(tokens).encode("utf-8")
-        spam = array.array("I", (self.spam.get(t, 0) for t in tokens))
-        ham = array.array("I", (self.ham.get(t, 0) for t in tokens))
+        counts = self.counts
+        spam = array.array("I", (counts[t][0] for t in tokens))
+        ham = array.array("I", (counts[t][1] for t in tokens))
         if sys.byteorder != "little":  # pragma: no cover
             spam.byteswap()
             ham.byteswap()
@@ -131,6 +144,8 @@ class Database:
     @classmethod
     def from_bytes(cls, data: bytes) -> Database:
         if data[:2] == b"\x1f\x8b":
+            import gzip
+
             try:
                 data = gzip.decompress(data)
             except (OSError, EOFError) as exc:
@@ -165,8 +180,7 @@ class Database:
         db.nspam = int(header["nspam"])
         db.nham = int(header["nham"])
         db.note = str(header.get("note", ""))
-        db.spam = {t: c for t, c in zip(tokens, spam, strict=True) if c}
-        db.ham = {t: c for t, c in zip(tokens, ham, strict=True) if c}
+        db.counts = dict(zip(tokens, zip(spam, ham, strict=True), strict=True))
         return db
 
     @classmethod
@@ -182,6 +196,8 @@ class Database:
         target = Path(path)
         data = self.to_bytes()
         if compress or (compress is None and target.suffix == ".gz"):
+            import gzip
+
             data = gzip.compress(data, compresslevel=9, mtime=0)
         atomic_write(target, data)
 

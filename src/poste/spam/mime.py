@@ -24,7 +24,7 @@ MAX_HEAD = 64 * 1024  # a header block longer than this is cut there
 DEFAULT_MAX_BYTES = 256 * 1024
 
 _FOLD = re.compile(rb"\n[ \t]+")
-_FIELD = re.compile(rb"^([!-9;-~]{1,76})[ \t]*:[ \t]*(.*?)[ \t\r]*$", re.M)
+_FIELD = re.compile(rb"^([!-9;-~]{1,76})[ \t]*:[ \t]*([^\n]*)", re.M)
 # fields decoded (RFC 2047, charsets) because their words become tokens
 DECODED_FIELDS = frozenset(
     {"subject", "from", "reply-to", "to", "cc", "organization", "x-mailer", "user-agent"}
@@ -116,7 +116,10 @@ def decode_words(value: bytes) -> str:
 
 
 def parse_fields(head: bytes) -> dict[str, list[bytes]]:
-    """Field name (lower case) to raw values, folded lines joined."""
+    """Field name (lower case) to raw values, folded lines joined.
+
+    Values keep trailing white space; users strip what they use.
+    """
     fields: dict[str, list[bytes]] = {}
     for name, value in _FIELD.findall(_FOLD.sub(b" ", head.replace(b"\r\n", b"\n"))):
         fields.setdefault(name.decode("ascii").lower(), []).append(value)

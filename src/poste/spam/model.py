@@ -11,6 +11,7 @@ or it points both ways at once -- which is what the `unknown` label is for.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from poste.spam.database import Database
@@ -39,8 +40,19 @@ class Params:
 class Result:
     score: float
     label: str
-    # the tokens that decided, (token, f(w)), in no particular order
-    clues: list[tuple[str, float]] = field(default_factory=list)
+    # the tokens that decided (found only when asked: most callers want the label)
+    deciding: _Lazy | None = field(default=None, repr=False, compare=False)
+    # f(w) of (at least) those tokens; shared with the classifier, not copied
+    probs: Mapping[str, float] = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def tokens(self) -> list[str]:
+        return self.deciding.get() if self.deciding is not None else []
+
+    @property
+    def clues(self) -> list[tuple[str, float]]:
+        """(token, f(w)) of the deciding tokens."""
+        return [(t, self.probs[t]) for t in self.tokens]
 
     def strongest(self, count: int) -> list[tuple[str, float]]:
         """The `count` strongest clues, strongest first (ties by name)."""
@@ -48,15 +60,33 @@ class Result:
 
     def detail(self, count: int = 5) -> str:
         """The score and the strongest tokens, for the optional detail field."""
-        ranked = self.strongest(len(self.clues))
-        spammy = [c for c in ranked if c[1] > 0.5][:count]
-        hammy = [c for c in ranked if c[1] < 0.5][:count]
-        parts = [f"score={self.score:.4f}"]
-        if spammy:
-            parts.append("spam: " + " ".join(f"{_safe(t)}:{p:.2f}" for t, p in spammy))
-        if hammy:
-            parts.append("ham: " + " ".join(f"{_safe(t)}:{p:.2f}" for t, p in hammy))
-        return "; ".join(parts)
+        return detail_line(self.score, self.strongest(len(self.tokens)), count)
+
+
+def detail_line(score: float, ranked: list[tuple[str, float]], count: int = 5) -> str:
+    """`score=0.9987; spam: tok:0.99 ...; ham: tok:0.02 ...` from clues strongest first."""
+    spammy = [c for c in ranked if c[1] > 0.5][:count]
+    hammy = [c for c in ranked if c[1] < 0.5][:count]
+    parts = [f"score={score:.4f}"]
+    if spammy:
+        parts.append("spam: " + " ".join(f"{_safe(t)}:{p:.2f}" for t, p in spammy))
+    if hammy:
+        parts.append("ham: " + " ".join(f"{_safe(t)}:{p:.2f}" for t, p in hammy))
+    return "; ".join(parts)
+
+
+class _Lazy:
+    """The deciding tokens of one mail, worked out on first use."""
+
+    def __init__(self, clf: Classifier, tokens: Iterable[str]) -> None:
+        self.clf = clf
+        self.all = tokens
+        self.found: list[str] | None = None
+
+    def get(self) -> list[str]:
+        if self.found is None:
+            self.found = self.clf.deciding(self.all)
+        return self.found
 
 
 def _safe(token: str) -> str:
@@ -84,8 +114,7 @@ class Classifier:
         self.db = db
         self.params = params or Params()
         self._probs: dict[str, float] = {}
-        self._ln_f: dict[str, float] = {}
-        self._ln_1f: dict[str, float] = {}
+        self._vals: dict[str, tuple[float, float, float]] = {}
         self._generation = -1
 
     def probs(self) -> dict[str, float]:
@@ -101,46 +130,59 @@ class Classifier:
         nspam = max(db.nspam, 1)
         nham = max(db.nham, 1)
         s, x, floor = p.unknown_strength, p.unknown_prob, p.min_strength
-        spam, ham = db.spam, db.ham
         sx = s * x
         lo, hi = 0.5 - floor, 0.5 + floor
-        probs: dict[str, float] = {}
-        for t in spam.keys() | ham.keys():
-            sc = spam.get(t, 0)
-            hc = ham.get(t, 0)
+        tokens: list[str] = []
+        fs: list[float] = []
+        for t, (sc, hc) in db.counts.items():
             # Robinson: f = (s*x + n*p) / (s + n), p = spam ratio / (spam + ham ratios)
             sr = sc * nham
             n = sc + hc
             f = (sx + n * sr / (sr + hc * nspam)) / (s + n)
             if f >= hi or f <= lo:
-                probs[t] = f
+                tokens.append(t)
+                fs.append(f)
         log = math.log
-        self._probs = probs
-        # logs precomputed: scoring a mail is then two sums
-        self._ln_f = {t: log(f) for t, f in probs.items()}
-        self._ln_1f = {t: log(1.0 - f) for t, f in probs.items()}
+        self._probs = dict(zip(tokens, fs, strict=True))
+        # One dict lookup per token gives all scoring needs: (rank, ln f, ln(1-f)),
+        # rank = -|f - 0.5| so that sorting the tuples puts the strongest first.
+        # (The lookups are memory-bound: three dicts cost three cache misses.)
+        self._vals = dict(
+            zip(tokens, [(-abs(f - 0.5), log(f), log(1.0 - f)) for f in fs], strict=True)
+        )
 
     def token_prob(self, token: str) -> float:
         return self.probs().get(token, self.params.unknown_prob)
 
-    def score_tokens(self, tokens: set[str]) -> Result:
+    def deciding(self, tokens: Iterable[str]) -> list[str]:
+        """The tokens of a mail that take part in its score."""
+        probs = self.probs()
+        keys = [t for t in tokens if t in probs]
+        if len(keys) > self.params.max_tokens:
+            keys.sort(key=lambda t: (self._vals[t][0], t))
+            del keys[self.params.max_tokens :]
+        return keys
+
+    def score_tokens(self, tokens: Iterable[str]) -> Result:
         p = self.params
         probs = self.probs()
-        keys = probs.keys() & tokens
-        n = len(keys)
+        vals = [v for v in map(self._vals.get, tokens) if v is not None]
+        n = len(vals)
         if n > p.max_tokens:
-            ranked = sorted(keys, key=lambda t: (-abs(probs[t] - 0.5), t))
-            keys = set(ranked[: p.max_tokens])
-            n = len(keys)
+            # equal ranks mean equal f(w): which of them is cut does not change the score
+            vals.sort()
+            del vals[p.max_tokens :]
+            n = p.max_tokens
         if n == 0:
-            return Result(0.5, self.label(0.5), [])
-        # Fisher: -2 ln(prod f) is chi-square with 2n degrees of freedom
-        ln_ham = sum(map(self._ln_f.__getitem__, keys))
-        ln_spam = sum(map(self._ln_1f.__getitem__, keys))
-        spamminess = 1.0 - chi2q(-2.0 * ln_spam, 2 * n)
-        hamminess = 1.0 - chi2q(-2.0 * ln_ham, 2 * n)
+            return Result(0.5, self.label(0.5))
+        _, ln_f, ln_1f = zip(*vals, strict=True)
+        # Fisher: -2 ln(prod f) is chi-square with 2n degrees of freedom.
+        # fsum is exact, so the score does not depend on the (hash-seeded)
+        # order of the set: the same mail scores the same in every process.
+        spamminess = 1.0 - chi2q(-2.0 * math.fsum(ln_1f), 2 * n)
+        hamminess = 1.0 - chi2q(-2.0 * math.fsum(ln_f), 2 * n)
         score = (spamminess - hamminess + 1.0) / 2.0
-        return Result(score, self.label(score), [(t, probs[t]) for t in keys])
+        return Result(score, self.label(score), _Lazy(self, tokens), probs)
 
     def label(self, score: float) -> str:
         if score >= self.params.spam_cutoff:

@@ -24,13 +24,13 @@ MAX_LEN = 24
 _PUNCT = "\"'()[]{}<>.,;:?*=_-#|/\\~`^+&"
 _URL = re.compile(r"""://([^/\s"'<>:?#@\\]+(?:@[^/\s"'<>:?#\\]+)?)""")
 # links, absolute or protocol-relative, in markup (attribute values start with a quote or =)
-_HREF = re.compile(r"""[="']\s*(?:[a-zA-Z]{2,6}:)?//([^/\s"'<>:?#@\\]+)""")
+_HREF = re.compile(r"""//([a-zA-Z0-9-]{1,63}(?:\.[a-zA-Z0-9-]{1,63})+)""")
 _EMAIL = re.compile(r"@([a-zA-Z0-9-]{1,63}(?:\.[a-zA-Z0-9-]{1,63})+)")
-_TAG = re.compile(r"<\s*(/?)\s*([a-z][a-z0-9]{0,9})\b[^>]*>", re.I)
+_TAG = re.compile(r"<([a-zA-Z][a-zA-Z0-9]{0,9})\b")
 _DROP = re.compile(r"<(style|script|head)\b.*?</\1\s*>|<!--.*?-->", re.I | re.S)
 _ANYTAG = re.compile(r"<[^>]{0,2000}>")
 _IP = re.compile(r"^\d{1,3}(?:\.\d{1,3}){3}$")
-_RECEIVED = re.compile(r"\b(?:from|by)\s+([a-z0-9][a-z0-9.-]{0,250})", re.I)
+_FROM_BY = frozenset({"from", "by", "FROM", "BY", "From", "By"})
 _BRACKET_IP = re.compile(r"\[(\d{1,3})\.(\d{1,3})\.(\d{1,3})\.\d{1,3}\]")
 _ADDR = re.compile(r"<?([^\s<>\"]+@[^\s<>\"]+?)>?\s*$")
 
@@ -95,9 +95,8 @@ def html_to_text(markup: str, out: set[str]) -> str:
     if "//" in markup:
         for host in _HREF.findall(markup):
             _host_tokens("url", host, out)
-    for close, tag in _TAG.findall(markup[:200_000]):
-        if not close:
-            out.add(f"html:{tag.lower()}")
+    for tag in set(_TAG.findall(markup[:200_000])):
+        out.add(f"html:{tag.lower()}")
     text = _DROP.sub(" ", markup)
     text = _ANYTAG.sub(" ", text)
     return html.unescape(text)
@@ -160,9 +159,10 @@ def _header_tokens(part: Part, out: set[str]) -> None:
     if "message-id" not in h:
         out.add("message-id:none")
     for value in h.get("received", ())[:4]:
-        for host in _RECEIVED.findall(value):
-            if "." in host:
-                _host_tokens("received", host, out)
+        ws = value.split()
+        for i in range(len(ws) - 1):
+            if ws[i] in _FROM_BY and "." in ws[i + 1]:
+                _host_tokens("received", ws[i + 1].strip("()[];"), out)
         for a, b, c in _BRACKET_IP.findall(value):
             out.add(f"received:{a}.{b}.{c}")
     if "date" not in h:
