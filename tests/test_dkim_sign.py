@@ -166,3 +166,19 @@ def test_cli_sign_then_verify_round_trip_with_missing_key_reported(
         text=False,
     )
     assert r.returncode != 0 and b"cannot sign" in r.stderr and b"Traceback" not in r.stderr
+
+
+def test_cli_keeps_bare_lf_files_in_lf(
+    tmp_path: Path, poste_bin: str, ed_key: keys.DKIMKey
+) -> None:
+    key_path = tmp_path / "e.pem"
+    keys.write_key(ed_key, key_path)
+    lf_mail = mail().replace(b"\r\n", b"\n")
+    r = subprocess.run(
+        [poste_bin, "dkim", "sign", "-d", DOMAIN, "-s", "e", "-k", str(key_path)],
+        input=lf_mail,
+        capture_output=True,
+    )
+    assert r.returncode == 0, r.stderr
+    assert b"\r" not in r.stdout and r.stdout.endswith(lf_mail)
+    assert dkim.DKIM(r.stdout).verify(0, dnsfunc=dns_of(("e", ed_key)))

@@ -125,8 +125,11 @@ def sign(
     """Print MAIL (or stdin) with its DKIM-Signature fields on top."""
     signer = make_signer(domain, selectors, paths, sign_headers, oversign)
     data = mail.read()
+    # A file with bare LF line ends gets signature fields with LF too (SMTP uses CRLF).
+    head = data.split(b"\n\n", 1)[0]
+    linesep = b"\n" if b"\n" in head and b"\r\n" not in head else b"\r\n"
     try:
-        fields = signer.sign(data)
+        fields = signer.sign(data, linesep)
     except Unsignable as exc:
         raise click.ClickException(f"cannot sign: {exc}") from None
     out = sys.stdout.buffer

@@ -174,10 +174,10 @@ class Signer:
         self.oversign = tuple(oversign)
         self._prepared = [(k, k.dkimpy_key()) for k in self.keys]
 
-    def sign(self, message: bytes) -> bytes:
-        """The DKIM-Signature fields (CRLF-terminated) to prepend; raises Unsignable."""
+    def sign(self, message: bytes, linesep: bytes = b"\r\n") -> bytes:
+        """The DKIM-Signature fields (ending in `linesep`) to prepend; raises Unsignable."""
         try:
-            d = dkim.DKIM(message, logger=log)
+            d = dkim.DKIM(message, logger=log, linesep=linesep)
         except dkim.DKIMException as exc:  # a header line that is not a field
             raise Unsignable(str(exc)) from None
         except IndexError:  # dkimpy: the first line is a continuation
