@@ -93,6 +93,11 @@ def parse_tsig(spec: str) -> TsigKey:
     return TsigKey(key_name, algorithm, raw)
 
 
+def _where(server: Nameserver) -> str:
+    host = f"[{server.ip}]" if ":" in server.ip else server.ip
+    return f"{host}:{server.port}"
+
+
 def _rdata_key(rd: dns.rdata.Rdata) -> str:
     """What makes two records the same: TXT by their joined strings (however split)."""
     if isinstance(rd, dns.rdtypes.ANY.TXT.TXT):
@@ -123,7 +128,7 @@ async def _send(
         return resp
     except (OSError, dns.exception.DNSException) as exc:
         raise DNSUpdateError(
-            f"DNS server {server} did not answer: {exc or type(exc).__name__}"
+            f"DNS server {_where(server)} did not answer: {exc or type(exc).__name__}"
         ) from None
 
 
@@ -138,7 +143,9 @@ async def current(
     if rcode == dns.rcode.NXDOMAIN:
         return []
     if rcode != dns.rcode.NOERROR:
-        raise DNSUpdateError(f"{server} answered {dns.rcode.to_text(rcode)} for {record.name}")
+        raise DNSUpdateError(
+            f"{_where(server)} answered {dns.rcode.to_text(rcode)} for {record.name}"
+        )
     rtype = dns.rdatatype.from_text(record.rtype)
     for rrset in resp.answer:
         if rrset.rdtype == rtype and rrset.name == dns.name.from_text(record.name):
@@ -198,7 +205,7 @@ async def publish(
         rcode = resp.rcode()
         if rcode != dns.rcode.NOERROR:
             raise DNSUpdateError(
-                f"{server} refused the update of {zone_name}: {dns.rcode.to_text(rcode)}"
+                f"{_where(server)} refused the update of {zone_name}: {dns.rcode.to_text(rcode)}"
             )
         for o in outcomes:
             if o.changed:
@@ -213,8 +220,10 @@ async def _send_update(
     try:
         return await dns.asyncquery.tcp(upd, server.ip, port=server.port, timeout=timeout)
     except dns.tsig.PeerError as exc:
-        raise DNSUpdateError(f"{server} rejected our TSIG key: {type(exc).__name__}") from None
+        raise DNSUpdateError(
+            f"{_where(server)} rejected our TSIG key: {type(exc).__name__}"
+        ) from None
     except (OSError, dns.exception.DNSException) as exc:
         raise DNSUpdateError(
-            f"DNS server {server} did not answer: {exc or type(exc).__name__}"
+            f"DNS server {_where(server)} did not answer: {exc or type(exc).__name__}"
         ) from None
