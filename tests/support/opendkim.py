@@ -21,7 +21,11 @@ TESTMSG = shutil.which("opendkim-testmsg") or "/usr/sbin/opendkim-testmsg"
 
 
 def available() -> bool:
-    return Path(TESTMSG).exists() and shutil.which("unshare") is not None
+    """opendkim-testmsg is installed and we may make a private mount namespace."""
+    if not Path(TESTMSG).exists() or shutil.which("unshare") is None:
+        return False
+    probe = subprocess.run(["unshare", "-m", "true"], capture_output=True, timeout=10)
+    return probe.returncode == 0
 
 
 def port53_host() -> str:
