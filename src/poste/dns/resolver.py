@@ -11,6 +11,7 @@ import ipaddress
 from dataclasses import dataclass
 
 import dns.asyncresolver
+import dns.nameserver
 import dns.resolver
 
 
@@ -65,19 +66,27 @@ def _port(text: str, spec: str) -> int:
     return int(text)
 
 
+def _point(
+    resolver: dns.resolver.BaseResolver, nameservers: list[Nameserver] | None, timeout: float
+) -> bool:
+    """Aim a dnspython resolver at our nameservers; returns whether to use TCP.
+
+    Nameserver objects (not bare IPs) keep each server's own port, so two
+    servers on one address but different ports stay distinct.
+    """
+    if nameservers:
+        resolver.nameservers = [dns.nameserver.Do53Nameserver(ns.ip, ns.port) for ns in nameservers]
+    resolver.lifetime = timeout
+    resolver.timeout = timeout
+    return any(ns.tcp for ns in nameservers or [])
+
+
 class Resolver(dns.asyncresolver.Resolver):
     """dnspython's async resolver, pointed at our nameservers, TCP when asked."""
 
     def __init__(self, nameservers: list[Nameserver] | None = None, timeout: float = 5.0) -> None:
         super().__init__(configure=not nameservers)
-        self.use_tcp = False
-        if nameservers:
-            self.nameservers = [ns.ip for ns in nameservers]
-            self.nameserver_ports = {ns.ip: ns.port for ns in nameservers}
-            self.port = nameservers[0].port
-            self.use_tcp = any(ns.tcp for ns in nameservers)
-        self.lifetime = timeout
-        self.timeout = timeout
+        self.use_tcp = _point(self, nameservers, timeout)
         self.cache = dns.resolver.LRUCache()
 
     async def resolve(self, *args, **kwargs):  # type: ignore[no-untyped-def, override]
@@ -90,14 +99,7 @@ class SyncResolver(dns.resolver.Resolver):
 
     def __init__(self, nameservers: list[Nameserver] | None = None, timeout: float = 5.0) -> None:
         super().__init__(configure=not nameservers)
-        self.use_tcp = False
-        if nameservers:
-            self.nameservers = [ns.ip for ns in nameservers]
-            self.nameserver_ports = {ns.ip: ns.port for ns in nameservers}
-            self.port = nameservers[0].port
-            self.use_tcp = any(ns.tcp for ns in nameservers)
-        self.lifetime = timeout
-        self.timeout = timeout
+        self.use_tcp = _point(self, nameservers, timeout)
 
     def resolve(self, *args, **kwargs):  # type: ignore[no-untyped-def, override]
         kwargs.setdefault("tcp", self.use_tcp)
