@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
+from collections.abc import Callable
 
 import aiosmtplib
 import click
@@ -84,20 +85,26 @@ def deliver(
     report(result)
 
 
-@click.command(context_settings={"help_option_names": ["--help"]})
-@click.argument("mail", default="-", metavar="[MAIL|-]")
-@click.argument("server", metavar="SERVER[:PORT]")
-@click.option("-s", "--sender", required=True, help="Envelope sender (MAIL FROM); '' for <>.")
-@click.option(
-    "-r", "--rcpt", "recipients", multiple=True, required=True, help="Recipient (repeatable)."
-)
-@click.option("-h", "--helo", default=None, help="Name to give in EHLO.")
-@click.option(
-    "--tls-verify",
-    "cafile",
-    type=click.Path(exists=True, dir_okay=False),
-    help="Verify the server's certificate against this CA file.",
-)
+def _envelope_options(func: Callable[..., None]) -> Callable[..., None]:
+    """The arguments `send` and `submit` share (-h is HELO, as in blaze, so no -h for help)."""
+    for decorator in reversed(
+        [
+            click.command(context_settings={"help_option_names": ["--help"]}),
+            click.argument("mail", default="-", metavar="[MAIL|-]"),
+            click.argument("server", metavar="SERVER[:PORT]"),
+            click.option("-s", "--sender", required=True, help="Envelope sender (MAIL FROM)."),
+            click.option("-r", "--rcpt", "recipients", multiple=True, required=True,
+                         help="Recipient (repeatable)."),
+            click.option("-h", "--helo", default=None, help="Name to give in EHLO."),
+            click.option("--tls-verify", "cafile", type=click.Path(exists=True, dir_okay=False),
+                         help="Verify the server's certificate against this CA file."),
+        ]
+    ):
+        func = decorator(func)
+    return func
+
+
+@_envelope_options
 def main(
     mail: str,
     server: str,
@@ -110,24 +117,11 @@ def main(
     deliver(read_mail(mail), server, 25, sender, recipients, helo, cafile)
 
 
-@click.command(context_settings={"help_option_names": ["--help"]})
-@click.argument("mail", default="-", metavar="[MAIL|-]")
-@click.argument("server", metavar="SERVER[:PORT]")
-@click.option("-s", "--sender", required=True, help="Envelope sender (MAIL FROM).")
-@click.option(
-    "-r", "--rcpt", "recipients", multiple=True, required=True, help="Recipient (repeatable)."
-)
 @click.option("-u", "--user", required=True, help="Login.")
 @click.option(
     "-p", "--password", default=None, help="Password (default: $POSTE_PASSWORD, else a prompt)."
 )
-@click.option("-h", "--helo", default=None, help="Name to give in EHLO.")
-@click.option(
-    "--tls-verify",
-    "cafile",
-    type=click.Path(exists=True, dir_okay=False),
-    help="Verify the server's certificate against this CA file.",
-)
+@_envelope_options
 def submit(
     mail: str,
     server: str,
