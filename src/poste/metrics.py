@@ -29,17 +29,12 @@ def outcome(code: int) -> str:
 
 
 # --- Added for operations (poste.stack): results the services can count ----------
-# The verifier, spamfilter and relay increment these (or `poste up` does it for
+# The verifier and relay increment these (or `poste up` does it for
 # them from the outside); see docs/deploy.md for the series and their labels.
 AUTH_RESULTS = Counter(
     "poste_auth_results",
     "SPF, DKIM and DMARC results at the verifier (method: spf, dkim, dmarc).",
     ["method", "result"],
-)
-SPAM_LABELS = Counter(
-    "poste_spam_labels",
-    "Labels given by the spamfilter (yes, no, unknown).",
-    ["label"],
 )
 DELIVERIES = Counter(
     "poste_deliveries",

@@ -7,7 +7,7 @@ are chained with `StageHop`, so each in-memory hop still adds its own
 queue is the final hop.  Only the entry listeners open sockets.
 
 Counting for /metrics happens here, around the services' objects (SPF/DKIM/
-DMARC results, spam labels, queued and delivered mail), so separate
+DMARC results, queued and delivered mail), so separate
 services only lack these extra series until their owners count them too.
 """
 
@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import re
 import secrets
 import socket
 import ssl
@@ -27,7 +26,7 @@ from typing import Any
 
 import click
 
-from poste.metrics import AUTH_RESULTS, DELIVERIES, QUEUED, SPAM_LABELS, delivery_outcome
+from poste.metrics import AUTH_RESULTS, DELIVERIES, QUEUED, delivery_outcome
 from poste.relay.delivery import Deliverer, Result
 from poste.relay.router import Router, parse_networks
 from poste.relay.scheduler import Policy, Scheduler
@@ -37,7 +36,7 @@ from poste.relay.stage import MAX_RECEIVED, QueueHop, RelayStage
 from poste.smtp.chain import StageHop
 from poste.smtp.hop import Hop
 from poste.smtp.server import SMTPService
-from poste.smtp.stage import Envelope, Stage, Verdict
+from poste.smtp.stage import Envelope, Stage
 from poste.smtp.tls import TLSConfigError, server_context
 from poste.stack.config import ConfigError, Section, StackConfig
 
@@ -180,22 +179,6 @@ def meter_authenticator(auth: Any) -> Any:
     return auth
 
 
-def meter_spam(stage: Stage, header: str = "X-Spamtacus") -> Stage:
-    """Count the labels the spamfilter stage prepends."""
-    on_data = stage.on_data
-    pattern = re.compile(rb"^" + re.escape(header.encode()) + rb":[ \t]*(\w+)", re.I | re.M)
-
-    async def metered(env: Envelope, data: bytes) -> Verdict:
-        verdict = await on_data(env, data)
-        m = pattern.search(verdict.prepend or b"")
-        if m:
-            SPAM_LABELS.labels(m.group(1).decode("ascii", "replace").lower()).inc()
-        return verdict
-
-    stage.on_data = metered  # type: ignore[method-assign]
-    return stage
-
-
 def meter_deliver(deliver: DeliverFn) -> DeliverFn:
     async def metered(
         domain: str, sender: str, recipients: Sequence[str], message: bytes
@@ -270,38 +253,37 @@ def _srs_secrets(section: Section, spool: Path) -> list[bytes]:
 
 
 def _spam_stage(section: Section) -> Stage:
-    """The spamfilter service's own stage when it offers a builder, else the fallback."""
-    header = str(section.get("header", "X-Spamtacus"))
+    """The spamfilter service's own stage (it counts its labels itself)."""
     try:
-        from poste.services import spamfilter as service  # type: ignore[attr-defined]
-    except ImportError:
-        service = None
-    builder = getattr(service, "build_stage", None) if service is not None else None
-    if builder is not None:
-        kwargs: dict[str, Any] = {"db": section.get("db")}
-        for key in ("header", "detail", "ham-cutoff", "spam-cutoff"):
-            if section.get(key) is not None:
-                kwargs[key.replace("-", "_")] = section.get(key)
-        try:
-            stage = builder(**kwargs)
-        except TypeError:
-            stage = builder(section.get("db"))
-        except (OSError, ValueError) as exc:
-            raise ConfigError(f"[spamfilter] {exc}") from None
-        assert isinstance(stage, Stage)
-        return stage
-    from poste.stack.spam_fallback import FallbackSpamStage
+        from poste.services.spamfilter import SpamfilterStage, load_classifier
+    except ImportError:  # not built in this tree: a stand-in that labels the same way
+        from poste.stack.spam_fallback import FallbackSpamStage
 
+        try:
+            return FallbackSpamStage(
+                section.get("db"),
+                header=str(section.get("header-name", "X-Spamtacus")),
+                detail=bool(section.get("detail", False)),
+                ham_cutoff=section.get("ham-cutoff"),
+                spam_cutoff=section.get("spam-cutoff"),
+            )
+        except Exception as exc:
+            raise ConfigError(f"[spamfilter] cannot load the spam database: {exc}") from None
+    from poste.spam.model import Params
+
+    header = str(section.get("header-name", "X-Spamtacus"))
+    if not header or not all(33 <= ord(c) <= 126 and c != ":" for c in header):
+        raise ConfigError(f"[spamfilter] header-name: not a header field name: {header!r}")
     try:
-        return FallbackSpamStage(
+        classifier = load_classifier(
             section.get("db"),
-            header=header,
-            detail=bool(section.get("detail", False)),
-            ham_cutoff=section.get("ham-cutoff"),
-            spam_cutoff=section.get("spam-cutoff"),
+            float(section.get("ham-cutoff", Params.ham_cutoff)),
+            float(section.get("spam-cutoff", Params.spam_cutoff)),
         )
-    except Exception as exc:
-        raise ConfigError(f"[spamfilter] cannot load the spam database: {exc}") from None
+    except click.ClickException as exc:
+        raise ConfigError(f"[spamfilter] {exc.format_message()}") from None
+    return SpamfilterStage(classifier, header, bool(section.get("detail", False)),
+                           section.get("db"))
 
 
 def build(cfg: StackConfig) -> Stack:
@@ -383,7 +365,7 @@ def build(cfg: StackConfig) -> Stack:
         v_name = _hostname(verifier)
         into_relay: Hop = StageHop(relay_stage, queue_hop, relay_name, v_name)
         if spam.enabled:
-            spam_stage = meter_spam(_spam_stage(spam), str(spam.get("header", "X-Spamtacus")))
+            spam_stage = _spam_stage(spam)
             stack.spam_stage = spam_stage
             spam_name = _hostname(spam)
             into_relay = StageHop(relay_stage, queue_hop, relay_name, spam_name)

@@ -60,7 +60,7 @@ SCHEMA: dict[str, dict[str, str]] = {
         "listen": STR,
         "db": PATH,
         "hostname": STR,
-        "header": STR,
+        "header-name": STR,
         "detail": BOOL,
         "ham-cutoff": FLOAT,
         "spam-cutoff": FLOAT,

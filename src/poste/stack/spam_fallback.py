@@ -1,8 +1,8 @@
-"""A spamfilter stage for `poste up` while `poste.services.spamfilter` offers none.
+"""A spamfilter stage for `poste up` in a tree without `poste.services.spamfilter`.
 
 It does what design.md asks of the spamfilter: classify off the event loop
 and prepend `X-Spamtacus: yes|no|unknown`.  `poste up` uses the spamfilter
-service's own stage whenever that module provides one (see build.py).
+service's own stage whenever that module is there (see build.py).
 """
 
 from __future__ import annotations

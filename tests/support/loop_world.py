@@ -1,0 +1,334 @@
+"""The seed article's world, on loopback: x25519.test, gmail.test, outlook.test.
+
+A real DNS server (knot, on port 53 of a loopback address of its own so that
+opendkim-testmsg can use it too) serves the three zones; `poste srv` stands
+in for the Gmail and Outlook MX hosts; our services get 127.0.0.10-14 (the
+article's separate unikernels), one port shared by all, as port 25 was.
+On loopback every outgoing connection leaves from 127.0.0.1, so that is our
+relay's address in SPF; "Gmail" sends from its own 127.0.0.21.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from poste.dkim.keys import generate, split_txt, write_key, zone_txt
+from support import opendkim
+from support.knot import KnotServer, simple_zone
+from support.net import free_port, wait_port
+from support.relay_env import Srv, common_port
+
+DOMAIN = "x25519.test"
+LOGIN = f"login@{DOMAIN}"
+PASSWORD = "correct horse battery staple"
+GMAIL_IP, OUTLOOK_IP = "127.0.0.21", "127.0.0.22"
+OUR_OUTGOING_IP = "127.0.0.1"
+HOSTS = {
+    "verifier": "127.0.0.10",
+    "spamfilter": "127.0.0.11",
+    "relay": "127.0.0.12",
+    "submission": "127.0.0.13",
+    "signer": "127.0.0.14",
+}
+NAMES = {
+    "verifier": "mail.x25519.test",
+    "spamfilter": "spamfilter.x25519.test",
+    "relay": "relay.x25519.test",
+    "submission": "submission.x25519.test",
+    "signer": "signer.x25519.test",
+}
+
+
+def zones(dkim_txt: str) -> dict[str, str]:
+    ours = "\n".join([
+        f"@ MX 10 {NAMES['verifier']}.",
+        f"mail A {HOSTS['verifier']}",
+        f'@ TXT "v=spf1 mx ip4:{OUR_OUTGOING_IP} -all"',
+        f"poste._domainkey TXT {zone_txt(split_txt(dkim_txt))}",
+        f'_dmarc TXT "v=DMARC1; p=reject; rua=mailto:hostmaster@{DOMAIN}"',
+    ])
+    gmail = "\n".join([
+        "@ MX 10 mx.gmail.test.", f"mx A {GMAIL_IP}", f'@ TXT "v=spf1 ip4:{GMAIL_IP} -all"',
+    ])
+    outlook = "\n".join([
+        "@ MX 10 mx.outlook.test.", f"mx A {OUTLOOK_IP}",
+        f'@ TXT "v=spf1 ip4:{OUTLOOK_IP} -all"',
+    ])
+    return {
+        DOMAIN: simple_zone(DOMAIN, ours + "\n"),
+        "gmail.test": simple_zone("gmail.test", gmail + "\n"),
+        "outlook.test": simple_zone("outlook.test", outlook + "\n"),
+    }
+
+
+@dataclass
+class World:
+    tmp: Path
+    poste_bin: str
+    knot: KnotServer
+    ns_host: str
+    gmail: Srv
+    outlook: Srv
+    smtp_port: int
+    users: Path
+    dkim_key: Path
+    cert: Path
+    key: Path
+    procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+    @property
+    def nameserver(self) -> str:
+        return f"{self.ns_host}:53"
+
+    def spawn(self, name: str, args: list[str], env: dict[str, str] | None = None
+              ) -> subprocess.Popen[bytes]:
+        log = open(self.tmp / f"{name}.log", "ab")
+        full_env = {k: v for k, v in os.environ.items() if not k.startswith("POSTE_")}
+        full_env.update(env or {})
+        proc = subprocess.Popen([self.poste_bin, *args], stdout=log, stderr=log, env=full_env,
+                                start_new_session=True)
+        log.close()
+        self.procs.append(proc)
+        return proc
+
+    def logs(self) -> str:
+        return "\n".join(f"== {p.name}\n{p.read_text(errors='replace')[-4000:]}"
+                         for p in sorted(self.tmp.glob("*.log")))
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in self.procs:
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        self.gmail.stop()
+        self.outlook.stop()
+        self.knot.stop()
+
+
+def make_world(tmp: Path, poste_bin: str) -> World:
+    key = generate("rsa")
+    dkim_key = tmp / "dkim" / "poste.pem"
+    dkim_key.parent.mkdir()
+    write_key(key, dkim_key)
+    cert, tls_key = tmp / "cert.pem", tmp / "key.pem"
+    certificate(cert, tls_key)
+    ns_host = opendkim.port53_host()
+    knot = KnotServer(tmp / "knot", zones(key.txt_value()), host=ns_host, port=53)
+    knot.start()
+    smtp_port = common_port([GMAIL_IP, OUTLOOK_IP])
+    gmail = Srv(poste_bin, GMAIL_IP, smtp_port, tmp / "gmail").start()
+    outlook = Srv(poste_bin, OUTLOOK_IP, smtp_port, tmp / "outlook").start()
+    users = tmp / "users"
+    # Step 1 of the recap: the admin adds the user, whose mail goes to Gmail.
+    subprocess.run(
+        [poste_bin, "users", "add", "login", "--repo", str(users), "--target",
+         "login@gmail.test", "--password-stdin"],
+        input=PASSWORD + "\n", text=True, check=True, capture_output=True, timeout=60,
+    )
+    subprocess.run(
+        [poste_bin, "users", "add", "hostmaster", "--repo", str(users), "--target",
+         "admin@outlook.test", "--no-password"],
+        check=True, capture_output=True, timeout=60,
+    )
+    return World(tmp, poste_bin, knot, ns_host, gmail, outlook, smtp_port, users, dkim_key,
+                 cert, tls_key)
+
+
+def certificate(cert_path: Path, key_path: Path) -> None:
+    """Self-signed, valid for every service's name and loopback address (--tls-verify works)."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, NAMES["verifier"])])
+    alt: list[x509.GeneralName] = [x509.DNSName(n) for n in NAMES.values()]
+    alt += [x509.IPAddress(ipaddress.ip_address(h)) for h in HOSTS.values()]
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name)
+        .public_key(key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=30))
+        .add_extension(x509.SubjectAlternativeName(alt), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+
+
+def metrics(addr: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Scrape http://addr/metrics (what `curl` shows) into {(name, labels): value}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://{addr}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    out: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def sample(m: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str,
+           **labels: str) -> float:
+    return m.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def head(mail: bytes) -> str:
+    text = mail.split(b"\r\n\r\n", 1)[0].decode("utf-8", "replace")
+    return re.sub(r"\r\n[ \t]+", " ", text)
+
+
+def fields(mail: bytes, name: str) -> list[str]:
+    return [line.split(":", 1)[1].strip() for line in head(mail).split("\r\n")
+            if line.lower().startswith(name.lower() + ":")]
+
+
+def received_by(mail: bytes) -> list[str]:
+    """The `by` host of each Received:, top (last hop) first."""
+    return [m.group(1) for r in fields(mail, "Received")
+            if (m := re.search(r"\bby (\S+)", r))]
+
+
+def swaks(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["swaks", "--timeout", "30", *args], capture_output=True, text=True,
+                          timeout=90)
+
+
+@dataclass
+class Entry:
+    """Where the scenario talks to the stack."""
+
+    verifier: tuple[str, int]
+    submission_tls: tuple[str, int]
+    submission: tuple[str, int]
+
+
+def run_scenario(world: World, entry: Entry) -> tuple[bytes, bytes]:
+    """The article's recap, steps 2-8; returns (the Gmail mail, the Outlook mail)."""
+    # 2. Gmail checks the "Send mail as" credentials: AUTH on implicit TLS (465 style).
+    host, port = entry.submission_tls
+    r = swaks("--server", host, "--port", str(port), "--tlsc", "--auth", "LOGIN",
+              "--auth-user", LOGIN, "--auth-password", PASSWORD, "--quit-after", "AUTH")
+    assert r.returncode == 0 and "235 " in r.stdout, r.stdout + r.stderr + world.logs()
+    # 3. Gmail sends the confirmation mail to login@x25519.test, to our MX, from its own IP.
+    host, port = entry.verifier
+    r = swaks("--server", host, "--port", str(port), "--tls", "--local-interface", GMAIL_IP,
+              "--ehlo", "mx.gmail.test", "--from", "forwarding-noreply@gmail.test",
+              "--to", LOGIN, "--header", f"Subject: Gmail Confirmation - Send Mail as {LOGIN}",
+              "--body", "Confirmation code: 123456789")
+    assert r.returncode == 0, r.stdout + r.stderr + world.logs()
+    # 4-5. verifier -> spamfilter -> relay -> Gmail (the user's target).
+    try:
+        confirmation = world.gmail.wait(1)[0]
+    except TimeoutError:
+        raise AssertionError(world.logs()) from None
+    # 6. Mail sent as login@x25519.test through submission (587 style, STARTTLS).
+    host, port = entry.submission
+    mail = (
+        f"From: {LOGIN}\r\nTo: friend@outlook.test\r\nSubject: sent as x25519\r\n"
+        f"Message-ID: <loop-{time.time_ns()}@{DOMAIN}>\r\n"
+        "Date: Mon, 23 Nov 2026 10:00:00 +0000\r\n\r\nHello Outlook!\r\n"
+    )
+    r = subprocess.run(
+        [world.poste_bin, "submit", "-", f"{host}:{port}", "-s", LOGIN, "-r",
+         "friend@outlook.test", "-u", LOGIN, "-p", PASSWORD, "--tls-verify", str(world.cert)],
+        input=mail.encode(), capture_output=True, timeout=60,
+    )
+    assert r.returncode == 0, r.stderr.decode() + world.logs()
+    # 7-8. submission -> signer -> relay -> Outlook.
+    try:
+        sent = world.outlook.wait(1)[0]
+    except TimeoutError:
+        raise AssertionError(world.logs()) from None
+    return confirmation, sent
+
+
+def check_confirmation(mail: bytes) -> None:
+    """What the article shows of the mail forwarded back to Gmail."""
+    by = received_by(mail)
+    # top first: Gmail's MX, then our relay, spamfilter, verifier
+    assert by[:4] == [f"mx-{GMAIL_IP}", NAMES["relay"], NAMES["spamfilter"], NAMES["verifier"]], by
+    bottom = fields(mail, "Received")[3]
+    assert f"[{GMAIL_IP}]" in bottom and "mx.gmail.test" in bottom and "ESMTPS" in bottom, bottom
+    spf = fields(mail, "Received-SPF")
+    assert len(spf) == 1 and spf[0].startswith("pass "), spf
+    assert f"client-ip={GMAIL_IP}" in spf[0]
+    spam = fields(mail, "X-Spamtacus")
+    assert len(spam) == 1 and spam[0] in ("yes", "no", "unknown"), spam
+    ar = fields(mail, "Authentication-Results")
+    assert ar and "spf=pass" in ar[0], ar
+    assert fields(mail, "Delivered-To") == ["login@gmail.test"]
+    # forwarded: the envelope sender is SRS-rewritten into our domain, so SPF holds at Gmail
+    rp = fields(mail, "Return-Path")[0].strip("<>")
+    assert rp.startswith("SRS0=") and rp.endswith(f"@{DOMAIN}"), rp
+    assert "Confirmation code: 123456789" in mail.decode()
+
+
+def check_sent(world: World, mail: bytes) -> None:
+    """The mail sent as login@x25519.test: DKIM verifies, SPF passes for its envelope sender."""
+    from poste.auth.spf import check_sync, resolver_for
+    from poste.dkim.verify import txt_lookup, verify_message
+    from poste.dns.resolver import make_sync_resolver
+
+    by = received_by(mail)
+    assert by[:4] == [f"mx-{OUTLOOK_IP}", NAMES["relay"], NAMES["signer"], NAMES["submission"]], by
+    assert "ESMTPSA" in fields(mail, "Received")[3]
+    sigs = fields(mail, "DKIM-Signature")
+    assert len(sigs) == 1 and "d=x25519.test" in sigs[0] and "s=poste" in sigs[0], sigs
+    # dkimpy, keys from knot
+    results = verify_message(mail, txt_lookup(make_sync_resolver([world.nameserver])))
+    assert [r.ok for r in results] == [True], results
+    # and an independent implementation: opendkim-testmsg, also against knot
+    if opendkim.available():
+        out = opendkim.testmsg(mail, world.ns_host, world.tmp / "opendkim")
+        assert out.returncode == 0 and not out.stdout.strip(), out.stdout + out.stderr
+    rp = fields(mail, "Return-Path")[0].strip("<>")
+    assert rp == LOGIN
+    top = fields(mail, "Received")[0]  # Outlook's own: the address we connected from
+    m = re.search(r"\[(\d+\.\d+\.\d+\.\d+)\]", top)
+    assert m, top
+    helo = top.split()[1]
+    spf = check_sync(m.group(1), rp, helo, resolver_for([world.nameserver]))
+    assert spf.result == "pass", spf
+
+
+def wait_for(fn, timeout: float = 10.0):  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return fn()
+        except (OSError, AssertionError):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
+def dump(obj: object) -> str:
+    return json.dumps(obj, default=str, indent=1)
+
+
+__all__ = [
+    "HOSTS", "NAMES", "Entry", "World", "check_confirmation", "check_sent", "free_port",
+    "make_world", "metrics", "run_scenario", "sample", "wait_port",
+]

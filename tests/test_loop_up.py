@@ -1,0 +1,114 @@
+"""The seed's loop once more, against `poste up`: the same scenario and the same
+headers as with separate services, all five chained in memory in one process."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from support.loop_world import (
+    HOSTS,
+    NAMES,
+    Entry,
+    World,
+    check_confirmation,
+    check_sent,
+    make_world,
+    metrics,
+    run_scenario,
+    sample,
+)
+from support.net import free_port, wait_port
+from support.relay_env import common_port
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def world(tmp_path: Path, poste_bin: str) -> Iterator[World]:
+    w = make_world(tmp_path, poste_bin)
+    try:
+        yield w
+    finally:
+        w.stop()
+
+
+def test_loop_through_poste_up(world: World) -> None:
+    port = common_port([HOSTS["verifier"], HOSTS["submission"]])
+    port_tls = free_port(HOSTS["submission"])
+    metrics_addr = f"127.0.0.1:{free_port('127.0.0.1')}"
+    config = world.tmp / "poste.toml"
+    config.write_text(f"""
+domain = ["x25519.test"]
+postmaster = "hostmaster@x25519.test"
+tls-cert = "{world.cert}"
+tls-key = "{world.key}"
+users = "{world.users}"
+nameserver = ["{world.nameserver}"]
+metrics = "{metrics_addr}"
+log-format = "json"
+
+[verifier]
+listen = "{HOSTS['verifier']}:{port}"
+hostname = "{NAMES['verifier']}"
+
+[spamfilter]
+hostname = "{NAMES['spamfilter']}"
+
+[relay]
+spool = "spool"
+hostname = "{NAMES['relay']}"
+smtp-port = {world.smtp_port}
+no-ipv6 = true
+
+[submission]
+listen-tls = "{HOSTS['submission']}:{port_tls}"
+listen = "{HOSTS['submission']}:{port}"
+hostname = "{NAMES['submission']}"
+
+[signer]
+hostname = "{NAMES['signer']}"
+selector = ["poste"]
+private-key = ["{world.dkim_key}"]
+""")
+    proc = world.spawn("up", ["up", "--config", str(config)])
+    for host, p in ((HOSTS["verifier"], port), (HOSTS["submission"], port),
+                    (HOSTS["submission"], port_tls)):
+        try:
+            wait_port(host, p, timeout=30)
+        except TimeoutError:
+            raise AssertionError(world.logs()) from None
+    assert proc.poll() is None
+    before = metrics(metrics_addr)
+
+    confirmation, sent = run_scenario(
+        world,
+        Entry((HOSTS["verifier"], port), (HOSTS["submission"], port_tls),
+              (HOSTS["submission"], port)),
+    )
+    check_confirmation(confirmation)
+    check_sent(world, sent)
+
+    # The counters moved, as `curl http://ADDR/metrics` shows.
+    after = metrics(metrics_addr)
+    for service in ("verifier", "spamfilter", "relay", "submission", "signer"):
+        name = "poste_mails_total"
+        assert sample(after, name, service=service, result="accepted") == sample(
+            before, name, service=service, result="accepted") + (2 if service == "relay" else 1), (
+            service)
+    assert sample(after, "poste_auth_results_total", method="spf", result="pass") == 1
+    assert sum(v for (n, _), v in after.items() if n == "poste_spam_labels_total") == 1
+    assert sample(after, "poste_queued_total") == 2
+    assert sample(after, "poste_deliveries_total", result="delivered") == 2
+    assert ("poste_spool_messages", ()) in after
+    # one JSON log line per mail per service, with the queue id
+    import json
+
+    lines = [json.loads(line) for line in (world.tmp / "up.log").read_text().splitlines()
+             if line.startswith("{")]
+    per_mail = [obj for obj in lines if "service" in obj and "queue_id" in obj
+                and obj.get("code") == 250]
+    assert {o["service"] for o in per_mail} >= {
+        "verifier", "spamfilter", "relay", "submission", "signer"}
