@@ -1,0 +1,95 @@
+"""The seed article's loop with separate processes, as in the article: verifier,
+spamfilter, relay, submission and signer each on its own 127.0.0.x, talking SMTP,
+a real DNS server (knot) and `poste srv` standing in for Gmail and Outlook."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from support.loop_world import (
+    HOSTS,
+    NAMES,
+    Entry,
+    World,
+    check_confirmation,
+    check_sent,
+    make_world,
+    metrics,
+    run_scenario,
+    sample,
+)
+from support.net import free_port, wait_port
+from support.relay_env import common_port
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def world(tmp_path: Path, poste_bin: str) -> Iterator[World]:
+    w = make_world(tmp_path, poste_bin)
+    try:
+        yield w
+    finally:
+        w.stop()
+
+
+def test_loop_separate_services(world: World) -> None:
+    port = common_port(list(HOSTS.values()))  # one port for all, as port 25 in the article
+    port_tls = free_port(HOSTS["submission"])
+    h = HOSTS
+    # Each process serves /metrics on its own address (POSTE_METRICS, until --metrics flags).
+    mport = common_port(list(HOSTS.values()))
+    metric_addr = {name: f"{ip}:{mport}" for name, ip in HOSTS.items()}
+
+    def spawn(name: str, args: list[str]) -> None:
+        world.spawn(name, [name, *args, "--hostname", NAMES[name]],
+                    env={"POSTE_METRICS": metric_addr[name]})
+
+    spawn("relay", [
+        "--domain", "x25519.test", "--postmaster", "hostmaster@x25519.test",
+        "--users", str(world.users), "--spool", str(world.tmp / "spool"),
+        "--listen", f"{h['relay']}:{port}", "--nameserver", world.nameserver,
+        "--smtp-port", str(world.smtp_port), "--no-ipv6",
+    ])
+    spawn("spamfilter", ["--listen", f"{h['spamfilter']}:{port}",
+                         "--destination", f"{h['relay']}:{port}"])
+    spawn("verifier", [
+        "--domain", "x25519.test", "--postmaster", "hostmaster@x25519.test",
+        "--destination", f"{h['spamfilter']}:{port}", "--listen", f"{h['verifier']}:{port}",
+        "--tls-cert", str(world.cert), "--tls-key", str(world.key),
+        "--nameserver", world.nameserver,
+    ])
+    spawn("signer", [
+        "--domain", "x25519.test", "--selector", "poste", "--private-key", str(world.dkim_key),
+        "--destination", f"{h['relay']}:{port}", "--listen", f"{h['signer']}:{port}",
+    ])
+    spawn("submission", [
+        "--domain", "x25519.test", "--destination", f"{h['signer']}:{port}",
+        "--users", str(world.users), "--tls-cert", str(world.cert), "--tls-key", str(world.key),
+        "--listen-tls", f"{h['submission']}:{port_tls}", "--listen", f"{h['submission']}:{port}",
+    ])
+    for name, ip in HOSTS.items():
+        try:
+            wait_port(ip, port, timeout=30)
+            wait_port(ip, mport, timeout=30)
+        except TimeoutError:
+            raise AssertionError(f"{name} did not start\n{world.logs()}") from None
+    before = {name: metrics(addr) for name, addr in metric_addr.items()}
+
+    confirmation, sent = run_scenario(
+        world, Entry((h["verifier"], port), (h["submission"], port_tls), (h["submission"], port))
+    )
+    check_confirmation(confirmation)
+    check_sent(world, sent)
+
+    # `curl http://127.0.0.x:PORT/metrics` of each service: its counter moved.
+    after = {name: metrics(addr) for name, addr in metric_addr.items()}
+    for name in HOSTS:
+        got = sample(after[name], "poste_mails_total", service=name, result="accepted")
+        was = sample(before[name], "poste_mails_total", service=name, result="accepted")
+        assert got == was + (2 if name == "relay" else 1), (name, was, got)
+    assert sum(v for (n, _), v in after["spamfilter"].items()
+               if n == "poste_spam_labels_total") == 1
