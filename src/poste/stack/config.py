@@ -167,8 +167,8 @@ def _convert(kind: str, value: Any, where: str, base: Path) -> Any:
         return ConfigError(f"{where}: expected {expected}, got {value!r}")
 
     if kind == STR:
-        if isinstance(value, bool) or not isinstance(value, str | int | float):
-            raise bad("a string")
+        if not isinstance(value, str):
+            raise bad("a string (in quotes)")
         return str(value)
     if kind in (STRS, PATHS):
         items = [value] if isinstance(value, str) else value
