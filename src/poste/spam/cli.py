@@ -89,6 +89,9 @@ def main() -> None:
               help="Remove the given mails from the database (implies --update).")
 @click.option("--min-count", type=click.IntRange(1), default=1, show_default=True,
               help="Drop tokens seen in fewer mails than this (2 drops one-off tokens).")
+@click.option("--drop", "drop_prefixes", multiple=True, metavar="PREFIX",
+              help="Drop tokens starting with PREFIX (e.g. received: for a database "
+                   "shipped to other sites).")
 @click.option("--note", default=None, help="A line saying what the database was trained on.")
 @click.option("--compress/--no-compress", default=None,
               help="gzip the file (default: when the name ends in .gz).")
@@ -100,6 +103,7 @@ def train(
     update: bool,
     untrain: bool,
     min_count: int,
+    drop_prefixes: tuple[str, ...],
     note: str | None,
     compress: bool | None,
     jobs: int | None,
@@ -129,6 +133,7 @@ def train(
                 done[is_spam] += 1
                 bar.update(1)
     dropped = db.prune(min_count) if min_count > 1 else 0
+    dropped += db.drop_prefixes(drop_prefixes)
     if note is not None:
         db.note = note
     try:
@@ -138,7 +143,7 @@ def train(
     verb = "untrained" if untrain else "trained"
     click.echo(
         f"{verb} {done[True]} spam and {done[False]} ham; {output}: {db.nspam} spam, "
-        f"{db.nham} ham, {len(db)} tokens" + (f" ({dropped} rare tokens dropped)" if dropped else ""),
+        f"{db.nham} ham, {len(db)} tokens" + (f" ({dropped} tokens dropped)" if dropped else ""),
         err=True,
     )
 

@@ -112,6 +112,20 @@ class Database:
         self.generation += 1
         return before - len(self.counts)
 
+    def drop_prefixes(self, prefixes: Iterable[str]) -> int:
+        """Drop tokens starting with any of the prefixes; returns how many.
+
+        For a database meant for other sites: `received:`, `to:` tokens name
+        the infrastructure and people of the site that trained it.
+        """
+        pre = tuple(prefixes)
+        if not pre:
+            return 0
+        before = len(self.counts)
+        self.counts = {t: c for t, c in self.counts.items() if not t.startswith(pre)}
+        self.generation += 1
+        return before - len(self.counts)
+
     # -- files ----------------------------------------------------------------
 
     def to_bytes(self) -> bytes:

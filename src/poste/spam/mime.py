@@ -15,8 +15,7 @@ from __future__ import annotations
 import binascii
 import codecs
 import re
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 MAX_DEPTH = 16
 MAX_PARTS = 64
@@ -24,6 +23,7 @@ MAX_HEAD = 64 * 1024  # a header block longer than this is cut there
 DEFAULT_MAX_BYTES = 256 * 1024
 
 _FOLD = re.compile(rb"\n[ \t]+")
+_FIELD_START = re.compile(rb"[!-9;-~]{1,76}[ \t]*:")
 _FIELD = re.compile(rb"^([!-9;-~]{1,76})[ \t]*:[ \t]*([^\n]*)", re.M)
 # fields decoded (RFC 2047, charsets) because their words become tokens
 DECODED_FIELDS = frozenset(
@@ -45,7 +45,6 @@ class Part:
     text: str = ""
     filename: str = ""
     depth: int = 0
-    flags: list[str] = field(default_factory=list)
 
 
 def split_head(raw: bytes, start: int = 0, end: int = -1) -> tuple[bytes, int]:
@@ -57,6 +56,8 @@ def split_head(raw: bytes, start: int = 0, end: int = -1) -> tuple[bytes, int]:
         end = len(raw)
     if raw.startswith(b"\n", start) or raw.startswith(b"\r\n", start):  # no header at all
         return b"", start + (1 if raw[start] == 10 else 2)
+    if not _FIELD_START.match(raw, start, end):  # text where the header should be: all body
+        return b"", start
     limit = min(end, start + MAX_HEAD + 4)
     # bytes.find is much faster than a regex without a literal prefix
     i = raw.find(b"\n\n", start, limit)
@@ -170,26 +171,28 @@ def _filename(fields: dict[str, list[bytes]], params: dict[str, str]) -> str:
     return name.strip().lower()
 
 
-def walk(raw: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> Iterator[Part]:
-    """The leaf parts of a message, in order, text parts decoded.
+def walk(raw: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> tuple[list[Part], set[str]]:
+    """The parts of a message in order, text parts decoded, and flags about its shape.
 
     The first part is always the message itself (its fields are the top-level
     header); its text is set only when it is a single-part text message.
+    Flags are `mime:too-deep`, `mime:too-many-parts`, `mime:no-boundary`.
     Offsets into `raw` are passed down instead of slices, so a 20 MB
     attachment nested deep is never copied.
     """
     walker = _Walker(raw, max_bytes)
-    yield from walker.walk(0, len(raw), "text/plain", 0)
+    walker.walk(0, len(raw), "text/plain", 0)
+    return walker.out, walker.flags
 
 
 class _Walker:
     def __init__(self, raw: bytes, max_bytes: int) -> None:
         self.raw = raw
         self.budget = max_bytes
-        self.parts = 0
+        self.out: list[Part] = []
+        self.flags: set[str] = set()
 
-    def walk(self, start: int, end: int, default: str, depth: int) -> Iterator[Part]:
-        self.parts += 1
+    def walk(self, start: int, end: int, default: str, depth: int) -> None:
         raw = self.raw
         head, body = split_head(raw, start, end)
         raw_fields = parse_fields(head)
@@ -201,33 +204,33 @@ class _Walker:
             for k, vs in raw_fields.items()
         }
         part = Part(ctype, headers, depth=depth, filename=_filename(raw_fields, params))
+        self.out.append(part)
         if ctype.startswith("multipart/"):
-            yield part
             boundary = params.get("boundary", "")
             if not boundary:
-                part.flags.append("mime:no-boundary")
+                self.flags.add("mime:no-boundary")
                 part.text = self.text_of(body, end, "7bit", "")
                 return
             if depth >= MAX_DEPTH:
-                part.flags.append("mime:too-deep")
+                self.flags.add("mime:too-deep")
                 return
             sub_default = "message/rfc822" if ctype == "multipart/digest" else "text/plain"
             delim = b"--" + boundary.encode("latin-1", "replace")
             for s, e in _split_multipart(raw, body, end, delim):
-                if self.parts >= MAX_PARTS:
-                    part.flags.append("mime:too-many-parts")
+                if len(self.out) >= MAX_PARTS:
+                    self.flags.add("mime:too-many-parts")
                     return
-                yield from self.walk(s, e, sub_default, depth + 1)
+                self.walk(s, e, sub_default, depth + 1)
             return
         if ctype == "message/rfc822":
-            yield part
-            if depth < MAX_DEPTH and self.parts < MAX_PARTS:
-                yield from self.walk(body, end, "text/plain", depth + 1)
+            if depth >= MAX_DEPTH:
+                self.flags.add("mime:too-deep")
+            elif len(self.out) < MAX_PARTS:
+                self.walk(body, end, "text/plain", depth + 1)
             return
         if ctype.startswith("text/") and self.budget > 0:
             cte = raw_fields.get("content-transfer-encoding", [b""])[0].strip().lower()
             part.text = self.text_of(body, end, cte.decode("latin-1"), params.get("charset", ""))
-        yield part
 
     def text_of(self, start: int, end: int, cte: str, charset: str) -> str:
         # Enough raw input for `budget` bytes of output whatever the encoding.

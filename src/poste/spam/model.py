@@ -32,7 +32,7 @@ class Params:
     min_strength: float = 0.1  # tokens with |f - 0.5| below this are ignored
     max_tokens: int = 150  # at most this many of the strongest tokens are combined
     ham_cutoff: float = 0.20  # score below: ham ("no")
-    spam_cutoff: float = 0.90  # score at or above: spam ("yes"); between: "unknown"
+    spam_cutoff: float = 0.99  # score at or above: spam ("yes"); between: "unknown"
     max_bytes: int = DEFAULT_MAX_BYTES  # text tokenized per message
 
 

@@ -171,8 +171,6 @@ def _header_tokens(part: Part, out: set[str]) -> None:
 
 def _part_tokens(part: Part, top: bool, out: set[str]) -> None:
     out.add(f"ct:{_clean(part.content_type, 40)}")
-    for flag in part.flags:
-        out.add(flag)
     h = part.headers
     for value in h.get("content-transfer-encoding", ())[:1]:
         out.add(f"cte:{_clean(value)}")
@@ -211,7 +209,9 @@ def _tokenize(raw: bytes, max_bytes: int, out: set[str]) -> None:
         out.add("header:8bit")
     text_seen = False
     first = True
-    for part in walk(raw, max_bytes):
+    parts, flags = walk(raw, max_bytes)
+    out.update(flags)
+    for part in parts:
         if first:
             _header_tokens(part, out)
         _part_tokens(part, first, out)

@@ -1,0 +1,172 @@
+"""`poste spamfilter`: label every mail `X-Spamtacus: yes|no|unknown` and pass it on.
+
+It labels; it never drops and never refuses.  Classification runs in a
+worker thread so the event loop keeps serving other sessions while a big
+mail is judged, and its work is bounded (see poste.spam.mime).  A mail the
+classifier cannot make sense of is labelled from its raw words (or, if the
+classifier itself fails, `unknown`) and passed on byte-identical below the
+prepended fields.  SIGHUP reloads the database from --db, so a filter can be
+retrained without a restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import click
+from prometheus_client import Counter
+
+from poste.services.common import (
+    destination_option,
+    hostname_option,
+    listen_option,
+    parse_hostport,
+    run_services,
+    setup_logging,
+    tls_cert_option,
+    tls_context_from,
+    tls_key_option,
+    verbose_option,
+)
+from poste.spam import UNKNOWN, default_db_path
+from poste.spam.database import Database, DatabaseError
+from poste.spam.model import Classifier, Params
+from poste.smtp.stage import Envelope, Stage, Verdict
+
+log = logging.getLogger("poste.spamfilter")
+
+LABELS = Counter("poste_spam_labels", "Mails labelled by the spamfilter.", ["label"])
+
+DEFAULT_HEADER = "X-Spamtacus"
+
+
+def check_field_name(name: str) -> str:
+    if not name or not all(33 <= ord(c) <= 126 and c != ":" for c in name):
+        raise click.BadParameter(f"not a header field name: {name!r}", param_hint="--header-name")
+    return name
+
+
+class SpamfilterStage(Stage):
+    """Accepts everything; at the end of DATA prepends the label (and the detail)."""
+
+    name = "spamfilter"
+
+    def __init__(
+        self,
+        classifier: Classifier,
+        header_name: str = DEFAULT_HEADER,
+        detail: bool = False,
+        db_path: str | None = None,
+    ) -> None:
+        self.classifier = classifier
+        self.header_name = header_name
+        self.detail = detail
+        self.db_path = db_path
+        # build the f(w) table now, not on the first mail
+        classifier.probs()
+
+    def judge(self, data: bytes) -> tuple[str, float, str]:
+        """(label, score, detail line); runs in a worker thread; never raises."""
+        clf = self.classifier
+        try:
+            result = clf.classify(data)
+        except Exception:  # a classifier bug must not cost the mail
+            log.exception("classifier failed; labelling unknown")
+            return UNKNOWN, 0.5, "score=0.5000; classifier error"
+        return result.label, result.score, result.detail() if self.detail else ""
+
+    def fields(self, label: str, detail: str) -> bytes:
+        text = f"{self.header_name}: {label}\r\n"
+        if self.detail and detail:
+            # fold at the "; " between score, spam clues and ham clues
+            text += f"{self.header_name}-Detail: " + ";\r\n\t".join(detail.split("; ")) + "\r\n"
+        return text.encode("ascii", "replace")
+
+    async def on_data(self, env: Envelope, data: bytes) -> Verdict:
+        label, score, detail = await asyncio.to_thread(self.judge, data)
+        LABELS.labels(label).inc()
+        log.info("%s: %s %s=%.4f size=%d", env.queue_id, self.header_name, label, score, len(data))
+        return Verdict(prepend=self.fields(label, detail))
+
+    async def reload(self) -> None:
+        """Load --db again (after retraining); a bad file keeps the old database."""
+        path = self.db_path
+        if path is None:
+            return
+        try:
+            db = await asyncio.to_thread(Database.load, path)
+            clf = Classifier(db, self.classifier.params)
+            await asyncio.to_thread(clf.probs)
+        except DatabaseError as exc:
+            log.error("reload of %s failed, keeping the old database: %s", path, exc)
+            return
+        self.classifier = clf
+        log.info("reloaded %s: %d spam, %d ham, %d tokens", path, db.nspam, db.nham, len(db))
+
+
+def load_classifier(db_path: str | None, ham_cutoff: float, spam_cutoff: float) -> Classifier:
+    """The classifier of a --db flag (the shipped database when None); one-line errors."""
+    if ham_cutoff > spam_cutoff:
+        raise click.UsageError("--ham-cutoff must not be above --spam-cutoff")
+    try:
+        db = Database.load(db_path if db_path is not None else default_db_path())
+    except DatabaseError as exc:
+        raise click.ClickException(str(exc)) from None
+    return Classifier(db, Params(ham_cutoff=ham_cutoff, spam_cutoff=spam_cutoff))
+
+
+@click.command()
+@listen_option
+@destination_option
+@click.option("--db", "db_path", type=click.Path(dir_okay=False), default=None,
+              help="Token database (default: the one shipped with poste). SIGHUP reloads it.")
+@click.option("--header-name", default=DEFAULT_HEADER, show_default=True,
+              help="Name of the label field.")
+@click.option("--detail", is_flag=True,
+              help="Also add HEADER-NAME-Detail: with the score and the strongest tokens.")
+@click.option("--ham-cutoff", type=click.FloatRange(0, 1), default=Params.ham_cutoff,
+              show_default=True, help="Scores below this are labelled 'no'.")
+@click.option("--spam-cutoff", type=click.FloatRange(0, 1), default=Params.spam_cutoff,
+              show_default=True, help="Scores at or above this are labelled 'yes'.")
+@hostname_option
+@tls_cert_option
+@tls_key_option
+@verbose_option
+def main(
+    listen: str,
+    destination: str,
+    db_path: str | None,
+    header_name: str,
+    detail: bool,
+    ham_cutoff: float,
+    spam_cutoff: float,
+    hostname: str | None,
+    tls_cert: str | None,
+    tls_key: str | None,
+    verbose: int,
+) -> None:
+    """Label each mail X-Spamtacus: yes|no|unknown and pass it on to --destination."""
+    from poste.smtp.client import SMTPHop
+    from poste.smtp.server import SMTPService
+
+    setup_logging(verbose)
+    check_field_name(header_name)
+    host, port = parse_hostport(listen, 25)
+    dest_host, dest_port = parse_hostport(destination, 25)
+    ctx = tls_context_from(tls_cert, tls_key)
+    classifier = load_classifier(db_path, ham_cutoff, spam_cutoff)
+    stage = SpamfilterStage(classifier, header_name, detail, db_path)
+    service = SMTPService(
+        stage,
+        SMTPHop(dest_host, dest_port, helo=hostname),
+        host=host,
+        port=port,
+        hostname=hostname,
+        tls_context=ctx,
+    )
+
+    def on_hup() -> None:
+        asyncio.get_running_loop().create_task(stage.reload())
+
+    run_services(service, on_hup=on_hup)
