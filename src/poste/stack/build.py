@@ -158,9 +158,25 @@ class Stack:
 # -- metering wrappers (metrics the services do not count themselves) --------
 
 
+def _verifier_counts_itself() -> bool:
+    """Whether VerifierStage.on_data feeds poste_auth_results (then we must not count too)."""
+    import inspect
+
+    from poste.services.verifier import VerifierStage
+
+    try:
+        return "_count(" in inspect.getsource(VerifierStage.on_data)
+    except (OSError, TypeError):
+        return False
+
+
 def meter_authenticator(auth: Any) -> Any:
-    """Count SPF/DKIM/DMARC results of the verifier's Authenticator.check."""
-    if getattr(auth, "_poste_metered", False):
+    """Count SPF/DKIM/DMARC results of the verifier's Authenticator.check.
+
+    Only while the verifier does not count them itself (it means to: see its
+    `_count`); then this wrapper steps aside so nothing is counted twice.
+    """
+    if getattr(auth, "_poste_metered", False) or _verifier_counts_itself():
         return auth
     check = auth.check
 
