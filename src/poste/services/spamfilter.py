@@ -29,10 +29,10 @@ from poste.services.common import (
     tls_key_option,
     verbose_option,
 )
+from poste.smtp.stage import Envelope, Stage, Verdict
 from poste.spam import UNKNOWN, default_db_path
 from poste.spam.database import Database, DatabaseError
 from poste.spam.model import Classifier, Params
-from poste.smtp.stage import Envelope, Stage, Verdict
 
 log = logging.getLogger("poste.spamfilter")
 
