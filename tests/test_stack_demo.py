@@ -65,8 +65,11 @@ def _wait_files(folder: Path, n: int, timeout: float = 20.0) -> list[Path]:
         time.sleep(0.05)
 
 
-def _run(cmd: str, env: dict[str, str], cwd: Path, bindir: str) -> subprocess.CompletedProcess[str]:
-    env = dict(env, PATH=bindir + os.pathsep + env.get("PATH", ""))
+def _run(cmd: str, env: dict[str, str], cwd: Path, bindir: str | None
+         ) -> subprocess.CompletedProcess[str]:
+    # A second terminal: no virtualenv activated unless bindir is given.
+    path = "/usr/local/bin:/usr/bin:/bin"
+    env = dict(env, PATH=bindir + os.pathsep + path if bindir else path)
     return subprocess.run(cmd, shell=True, env=env, cwd=cwd, capture_output=True, text=True,
                           timeout=60)
 
@@ -83,8 +86,7 @@ def test_demo_submit_and_receive(demo, poste_bin: str) -> None:
         if line.strip().startswith("printf")
     ]
     assert len(commands) == 2, banner
-    bindir = str(Path(poste_bin).parent)
-    sent = _run(commands[0], env, cwd, bindir)
+    sent = _run(commands[0], env, cwd, None)  # pasted as printed, in a fresh shell
     assert sent.returncode == 0, sent.stderr
     assert "250" in sent.stdout + sent.stderr
     box = folder / "mailbox"
@@ -100,7 +102,7 @@ def test_demo_submit_and_receive(demo, poste_bin: str) -> None:
     assert len(received) == 3, head.decode()
     assert b"ESMTPSA" in received[-1]
 
-    got = _run(commands[1], env, cwd, bindir)
+    got = _run(commands[1], env, cwd, None)
     assert got.returncode == 0, got.stderr
     files = _wait_files(box, 2)
     assert len(files) == 2, log_path.read_text()

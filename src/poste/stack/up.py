@@ -75,8 +75,23 @@ def prepare_demo(folder: Path, host: str, ports: tuple[int, int, int]) -> tuple[
     return config, password
 
 
+def _poste_command() -> str:
+    """`poste` if that is us on PATH, else our full path (a second terminal has no venv)."""
+    import shutil
+    import sys
+
+    me = Path(sys.argv[0]).resolve() if sys.argv and sys.argv[0] else None
+    found = shutil.which("poste")
+    if me is None or me.name != "poste" or not me.exists():
+        return "poste"
+    if found and Path(found).resolve() == me:
+        return "poste"
+    return str(me)
+
+
 def demo_banner(folder: Path, host: str, ports: tuple[int, int, int], password: str) -> str:
     verifier, tls_port, starttls_port = ports
+    poste = _poste_command()
     user = f"{DEMO_USER}@{DEMO_DOMAIN}"
     box = folder / "mailbox"
     return (
@@ -87,15 +102,15 @@ def demo_banner(folder: Path, host: str, ports: tuple[int, int, int], password: 
         f"  login:                   {user}   password: {password}\n"
         f"  the Internet stand-in:   {box}/  (every mail the relay sends lands here)\n"
         "\nIn a second terminal, send a mail as the demo user (submission -> signer -> relay):\n\n"
-        f"  printf 'Hello from poste!\\n' | poste make --from {user} --to friend@example.org"
+        f"  printf 'Hello from poste!\\n' | {poste} make --from {user} --to friend@example.org"
         " -f 'Subject: hello' \\\n"
-        f"    | poste submit - {host}:{starttls_port} -s {user} -r friend@example.org"
+        f"    | {poste} submit - {host}:{starttls_port} -s {user} -r friend@example.org"
         f" -u {user} -p {password} \\\n"
         f"        --tls-verify {folder}/tls/cert.pem\n"
         f"  ls {box}/ && cat {box}/1.eml\n"
         "\nor send one to the demo user from outside (verifier -> spamfilter -> relay):\n\n"
-        f"  printf 'Hi!\\n' | poste make --from friend@example.org --to {user}"
-        f" | poste send - {host}:{verifier} -s friend@example.org -r {user}\n"
+        f"  printf 'Hi!\\n' | {poste} make --from friend@example.org --to {user}"
+        f" | {poste} send - {host}:{verifier} -s friend@example.org -r {user}\n"
         "\nStop with Ctrl-C.  For your own domain: poste init DIR --domain YOUR.DOMAIN\n"
     )
 
