@@ -1,0 +1,68 @@
+"""`poste up`'s assembly in-process: sections can be switched off, the relay can have
+its own listener, and `[relay] mailbox` delivers into a folder."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from poste.smtp.client import send_message
+from poste.stack.build import build
+from poste.stack.config import ConfigError, load, parse
+from poste.stack.init import Layout, write_stack
+from support.net import free_port
+
+
+def _folder(tmp_path: Path) -> Path:
+    d = tmp_path / "mail"
+    write_stack(d, Layout(domain="our.test", hostname="mail.our.test",
+                          postmaster="admin@elsewhere.test", mailbox="box"))
+    return d
+
+
+async def test_relay_listener_and_mailbox(tmp_path: Path) -> None:
+    d = _folder(tmp_path)
+    port = free_port("127.0.0.1")
+    text = (d / "poste.toml").read_text()
+    text = text.replace('# listen = "127.0.0.1:2526"', f'listen = "127.0.0.1:{port}"')
+    text = text.replace("[verifier]", "[verifier]\nenabled = false")
+    text = text.replace("[submission]", "[submission]\nenabled = false")
+    (d / "poste.toml").write_text(text)
+    stack = build(load(d / "poste.toml"))
+    assert [s.stage.name for s in stack.services] == ["relay"]
+    await stack.start()
+    try:
+        msg = b"From: a@b.test\r\nTo: x@far.test\r\nSubject: t\r\n\r\nhi\r\n"
+        result = await send_message("127.0.0.1", port, "a@b.test", ["x@far.test"], msg)
+        assert result.data_reply is not None and result.data_reply.code == 250
+        for _ in range(200):
+            files = list((d / "box").glob("*.eml"))
+            if files:
+                break
+            await asyncio.sleep(0.05)
+        assert len(files) == 1
+        stored = files[0].read_bytes()
+        assert stored.startswith(b"Return-Path: <a@b.test>\r\nDelivered-To: x@far.test\r\n")
+        assert stored.endswith(msg)
+    finally:
+        await stack.stop()
+
+
+def test_relay_cannot_be_disabled(tmp_path: Path) -> None:
+    d = _folder(tmp_path)
+    with pytest.raises(ConfigError, match="relay"):
+        build(parse({"users": str(d / "users"), "domain": ["our.test"],
+                     "relay": {"enabled": False, "spool": str(d / "spool")}}))
+
+
+def test_submission_needs_a_certificate(tmp_path: Path) -> None:
+    d = _folder(tmp_path)
+    cfg = parse({"users": str(d / "users"), "domain": ["our.test"],
+                 "relay": {"spool": str(d / "spool")},
+                 "verifier": {"enabled": False},
+                 "signer": {"enabled": False},
+                 "submission": {"listen": "127.0.0.1:0"}})
+    with pytest.raises(ConfigError, match="tls-cert"):
+        build(cfg)
