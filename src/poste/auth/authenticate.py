@@ -1,7 +1,7 @@
 """SPF, DKIM and DMARC for one message, and the header fields that report them.
 
-SPF and DKIM run at the same time in the auth thread pool; DMARC follows,
-since it needs both.  Nothing here raises on bad input or bad DNS: every
+SPF (MAIL FROM and HELO identities) and DKIM run at the same time in the
+auth thread pool; DMARC follows, since it needs both.  Nothing here raises on bad input or bad DNS: every
 failure becomes a result word (`permerror`, `temperror`), because the
 verifier labels mail and must never lose it.
 """
@@ -12,8 +12,11 @@ import asyncio
 import logging
 from dataclasses import dataclass, field
 
-from poste.auth import dkim_verify, dmarc, spf, workers
+from publicsuffixlist import PublicSuffixList
+
+from poste.auth import dkim_verify, dmarc, rdns, spf, workers
 from poste.auth.results import authentication_results
+from poste.auth.spf import SPFResult
 from poste.dns.resolver import SyncResolver
 
 log = logging.getLogger("poste.verifier")
@@ -21,47 +24,95 @@ log = logging.getLogger("poste.verifier")
 
 @dataclass
 class Report:
-    spf: spf.SPFResult | None
+    spf: spf.SPFResult | None  # the MAIL FROM identity (HELO's for the null sender): DMARC's
     dkim: list[dkim_verify.DKIMResult] = field(default_factory=list)
     dmarc: dmarc.DMARCResult | None = None
+    helo_spf: SPFResult | None = None  # the HELO identity, when checked on its own
+
+    @property
+    def decisive_spf(self) -> SPFResult | None:
+        """The SPF result that decides: HELO's `fail`, else MAIL FROM's (RFC 7208 2.3)."""
+        if self.helo_spf is not None and self.helo_spf.result == "fail":
+            return self.helo_spf
+        return self.spf
 
     def summary(self) -> str:
         dk = ",".join(r.result for r in self.dkim) or "none"
+        helo = f" spf-helo={self.helo_spf.result}" if self.helo_spf else ""
         return (
-            f"spf={self.spf.result if self.spf else 'none'} dkim={dk} "
+            f"spf={self.spf.result if self.spf else 'none'}{helo} dkim={dk} "
             f"dmarc={self.dmarc.result if self.dmarc else 'none'}"
         )
 
 
 class Authenticator:
-    """Holds the resolver and our name; `check` is called once per message."""
+    """Holds the resolver, our name and the PSL; `check` is called once per message."""
 
-    def __init__(self, resolver: SyncResolver, hostname: str) -> None:
+    def __init__(
+        self,
+        resolver: SyncResolver,
+        hostname: str,
+        *,
+        psl: PublicSuffixList | None = None,
+        rdns_timeout: float = rdns.TIMEOUT,
+    ) -> None:
         self.resolver = resolver
         self.hostname = hostname
+        self.psl = psl
+        self.rdns_timeout = rdns_timeout
+        self._async_resolver = rdns.async_twin(resolver)
 
     async def check(self, ip: str, sender: str, helo: str, message: bytes) -> Report:
         spf_task = self._spf(ip, sender, helo)
+        helo_task = self._helo_spf(ip, sender, helo)
         dkim_task = self._dkim(message)
-        spf_result, dkim_results = await asyncio.gather(spf_task, dkim_task)
+        spf_result, helo_result, dkim_results = await asyncio.gather(
+            spf_task, helo_task, dkim_task
+        )
         try:
             dmarc_result = await workers.run(
-                lambda: dmarc.evaluate_sync(message, spf_result, dkim_results, self.resolver)
+                lambda: dmarc.evaluate_sync(
+                    message, spf_result, dkim_results, self.resolver, psl=self.psl
+                )
             )
         except Exception as exc:  # a label must never cost the mail
             log.exception("dmarc evaluation failed")
             dmarc_result = dmarc.DMARCResult("permerror", reason=exc.__class__.__name__)
-        return Report(spf_result, dkim_results, dmarc_result)
+        return Report(spf_result, dkim_results, dmarc_result, helo_result)
+
+    async def peer_name(self, ip: str) -> str | None:
+        """The forward-confirmed rDNS name of `ip`, or None (no name, DNS trouble, timeout)."""
+        if not ip:
+            return None
+        return await rdns.confirmed_name(
+            self._async_resolver,
+            ip,
+            tcp=bool(getattr(self.resolver, "use_tcp", False)),
+            timeout=min(self.rdns_timeout, self.resolver.lifetime),
+        )
 
     async def _spf(self, ip: str, sender: str, helo: str) -> spf.SPFResult | None:
         if not ip:
             return None
+        return await self._one_spf(ip, sender, helo or ip, "mailfrom")
+
+    async def _helo_spf(self, ip: str, sender: str, helo: str) -> spf.SPFResult | None:
+        """HELO on its own (RFC 7208 2.3), when it is a name and not already MAIL FROM's stand-in."""
+        if not ip or not sender or not spf.helo_checkable(helo):
+            return None
+        return await self._one_spf(ip, sender, helo, "helo")
+
+    async def _one_spf(self, ip: str, sender: str, helo: str, identity: str) -> spf.SPFResult:
         try:
-            return await spf.check(ip, sender, helo or ip, self.resolver, receiver=self.hostname)
+            return await spf.check(
+                ip, sender, helo, self.resolver, receiver=self.hostname, identity=identity
+            )
         except Exception as exc:
             log.exception("spf evaluation failed")
-            identity = "mailfrom" if sender else "helo"
-            domain = sender.rpartition("@")[2] if sender else helo
+            if identity == "helo" or not sender:
+                identity, domain = "helo", helo
+            else:
+                domain = sender.rpartition("@")[2] or sender
             return spf.SPFResult(
                 "temperror", identity, domain, ip, sender, helo, problem=exc.__class__.__name__
             )
@@ -76,11 +127,17 @@ class Authenticator:
     def fields(self, report: Report, disposition: str = "none") -> bytes:
         """`Received-SPF:` then `Authentication-Results:`, each ending in CRLF."""
         lines = []
-        if report.spf is not None:
-            lines.append(report.spf.field(self.hostname))
+        decisive = report.decisive_spf
+        if decisive is not None:
+            lines.append(decisive.field(self.hostname))
         lines.append(
             authentication_results(
-                self.hostname, report.spf, report.dkim, report.dmarc, disposition=disposition
+                self.hostname,
+                report.spf,
+                report.dkim,
+                report.dmarc,
+                disposition=disposition,
+                helo_spf=report.helo_spf,
             )
         )
         return "".join(line + "\r\n" for line in lines).encode("ascii", "replace")

@@ -1,7 +1,8 @@
 """DMARC (RFC 7489): identifier alignment and the From domain's published policy.
 
 The organisational domain comes from publicsuffixlist (loaded once per
-process; authheaders re-reads its list on every call).  Policy records are
+process; authheaders re-reads its list on every call), or from a fresher
+`public_suffix_list.dat` given with `--psl` (`load_psl`).  Policy records are
 looked up at `_dmarc.<From domain>`, then at `_dmarc.<organisational
 domain>` (RFC 7489 6.6.3).
 """
@@ -12,6 +13,7 @@ import email
 import email.policy
 import email.utils
 import functools
+import os
 import random
 from dataclasses import dataclass
 
@@ -31,17 +33,43 @@ def _psl() -> PublicSuffixList:
     return PublicSuffixList()
 
 
-def org_domain(domain: str) -> str:
+class PSLError(ValueError):
+    """The file given as the public suffix list cannot be used (one-line reason)."""
+
+
+def load_psl(path: str | os.PathLike[str]) -> PublicSuffixList:
+    """A public suffix list read from a `public_suffix_list.dat` file.
+
+    The file must look like the real list (its ICANN section marker and at
+    least one rule): an empty or wrong file would otherwise make every
+    domain its own organisation without a word, and DMARC alignment with it.
+    """
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as exc:
+        raise PSLError(f"cannot read {os.fspath(path)!r}: {exc.strerror or exc}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise PSLError(f"{os.fspath(path)!r} is not UTF-8 text") from None
+    rules = [ln for ln in text.splitlines() if ln.strip() and not ln.startswith("//")]
+    if "===BEGIN ICANN DOMAINS===" not in text or not rules:
+        raise PSLError(f"{os.fspath(path)!r} does not look like public_suffix_list.dat")
+    return PublicSuffixList(text)
+
+
+def org_domain(domain: str, psl: PublicSuffixList | None = None) -> str:
     """The organisational domain: the public suffix plus one label (RFC 7489 3.2)."""
     domain = domain.rstrip(".").lower()
-    return _psl().privatesuffix(domain) or domain
+    return (psl or _psl()).privatesuffix(domain) or domain
 
 
-def aligned(a: str, b: str, mode: str) -> bool:
+def aligned(a: str, b: str, mode: str, psl: PublicSuffixList | None = None) -> bool:
     a, b = a.rstrip(".").lower(), b.rstrip(".").lower()
     if not a or not b:
         return False
-    return a == b if mode == "s" else org_domain(a) == org_domain(b)
+    return a == b if mode == "s" else org_domain(a, psl) == org_domain(b, psl)
 
 
 @dataclass(frozen=True)
@@ -157,8 +185,10 @@ def parse_record(text: str) -> Policy | None:
     )
 
 
-def _policy(resolver: SyncResolver, domain: str) -> Policy | None:
-    for where, org in ((domain, False), (org_domain(domain), True)):
+def _policy(
+    resolver: SyncResolver, domain: str, psl: PublicSuffixList | None = None
+) -> Policy | None:
+    for where, org in ((domain, False), (org_domain(domain, psl), True)):
         if org and where == domain:
             break
         records = [r for r in _txt(resolver, f"_dmarc.{where}") if r.lower().startswith("v=dmarc1")]
@@ -172,18 +202,31 @@ def _policy(resolver: SyncResolver, domain: str) -> Policy | None:
 
 
 def evaluate_sync(
-    message: bytes, spf: SPFResult | None, dkim: list[DKIMResult], resolver: SyncResolver
+    message: bytes,
+    spf: SPFResult | None,
+    dkim: list[DKIMResult],
+    resolver: SyncResolver,
+    *,
+    psl: PublicSuffixList | None = None,
 ) -> DMARCResult:
-    """DMARC for one message (blocking: runs in the auth thread pool)."""
+    """DMARC for one message (blocking: runs in the auth thread pool).
+
+    `spf` is the MAIL FROM identity's result (RFC 7489 4.1), `psl` the list
+    for organisational domains (the packaged one when None).
+    """
     domain, why = from_domain(message)
     if domain is None:
         return DMARCResult("permerror", reason=why)
     try:
-        policy = _policy(resolver, domain)
+        policy = _policy(resolver, domain, psl)
     except _Trouble as exc:
         return DMARCResult("temperror", domain, reason=str(exc))
     if policy is None:
         return DMARCResult("none", domain)
-    spf_ok = spf is not None and spf.result == "pass" and aligned(spf.domain, domain, policy.aspf)
-    dkim_ok = any(r.result == "pass" and aligned(r.domain, domain, policy.adkim) for r in dkim)
+    spf_ok = (
+        spf is not None and spf.result == "pass" and aligned(spf.domain, domain, policy.aspf, psl)
+    )
+    dkim_ok = any(
+        r.result == "pass" and aligned(r.domain, domain, policy.adkim, psl) for r in dkim
+    )
     return DMARCResult("pass" if spf_ok or dkim_ok else "fail", domain, policy)

@@ -1,7 +1,7 @@
 """The `Authentication-Results:` field (RFC 8601) with spf, dkim and dmarc.
 
 One field, naming our host as authserv-id, one resinfo per method (one per
-DKIM signature), each on its own folded line so the field stays readable and
+SPF identity checked, one per DKIM signature), each on its own folded line so the field stays readable and
 under the line-length limits whatever the sender put in its envelope.
 """
 
@@ -71,11 +71,20 @@ def authentication_results(
     dmarc: DMARCResult | None,
     *,
     disposition: str = "none",
+    helo_spf: SPFResult | None = None,
 ) -> str:
-    """The whole field, folded, without the final CRLF."""
+    """The whole field, folded, without the final CRLF.
+
+    `spf` is the MAIL FROM identity's result (smtp.mailfrom, or smtp.helo
+    for the null sender); `helo_spf`, when HELO was checked on its own,
+    adds a second spf resinfo with smtp.helo (RFC 8601 2.7.2 allows one per
+    identity).
+    """
     resinfos = []
     if spf is not None:
         resinfos.append(spf_resinfo(spf))
+    if helo_spf is not None:
+        resinfos.append(spf_resinfo(helo_spf))
     if dkim:
         resinfos += [dkim_resinfo(r) for r in dkim]
     else:

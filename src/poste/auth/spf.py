@@ -146,7 +146,7 @@ class SPFResult:
     def received_spf(self, receiver: str) -> str:
         """The value of a `Received-SPF:` field, RFC 7208 section 9.1 (folded once)."""
         pairs = [("client-ip", self.client_ip)]
-        if self.identity == "mailfrom":
+        if self.sender:  # also when the HELO identity decided: the reader wants both
             pairs.append(("envelope-from", self.sender))
         if self.helo:
             pairs.append(("helo", self.helo))
@@ -180,10 +180,37 @@ def _comment_text(text: str) -> str:
     return cleaned.replace("\\", "\\\\").replace("(", "\\(").replace(")", "\\)")
 
 
-def _identity(sender: str, helo: str) -> tuple[str, str]:
-    if sender:
-        return "mailfrom", sender.rpartition("@")[2] if "@" in sender else helo
-    return "helo", helo
+def _identity(sender: str, helo: str) -> tuple[str, str, str]:
+    """(identity, local-part, domain) that pyspf must evaluate, RFC 7208 2.4 and 4.3.
+
+    The domain is what follows the *last* "@" (a quoted local part may hold
+    one); a sender with no "@" at all is taken as a bare domain, as pyspf
+    does.  Reporting another domain than the one evaluated would let a
+    sender's own SPF pass be counted for the HELO name in DMARC alignment.
+    """
+    if not sender:
+        return "helo", "postmaster", helo
+    local, at, domain = sender.rpartition("@")
+    if not at:
+        return "mailfrom", "postmaster", sender
+    return "mailfrom", local or "postmaster", domain
+
+
+_LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
+
+
+def helo_checkable(helo: str) -> bool:
+    """Whether the HELO name can be an SPF identity (RFC 7208 2.3).
+
+    Only a fully qualified domain name is: an address literal, a bare word
+    or anything else that is not a hostname is skipped (no result), so a
+    client that greets with `[192.0.2.1]` costs no DNS lookup.
+    """
+    name = helo.rstrip(".")
+    if not name or len(name) > 253 or "." not in name:
+        return False
+    labels = name.split(".")
+    return all(_LABEL.match(label) for label in labels) and not labels[-1].isdigit()
 
 
 def check_sync(
@@ -196,26 +223,34 @@ def check_sync(
     default_explanation: str | None = None,
     total_time: float = TOTAL_TIME,
     strict: bool | int = True,
+    identity: str = "mailfrom",
 ) -> SPFResult:
     """Evaluate SPF on this thread (blocking); `check` is the async entry point.
 
     The identity is MAIL FROM, or `postmaster@HELO` for the null sender
-    (RFC 7208 2.4).  Never raises on DNS trouble: that is `temperror`.
+    (RFC 7208 2.4); with `identity="helo"` it is the HELO name whatever the
+    sender (RFC 7208 2.3), the sender still being reported.  Never raises
+    on DNS trouble: that is `temperror`.
     """
     _install()
-    identity, domain = _identity(sender, helo)
+    if identity == "helo":
+        identity, local, domain = _identity("", helo)
+    else:
+        identity, local, domain = _identity(sender, helo)
     client_ip = _normal_ip(ip)
     _local.resolver = resolver
     try:
         q = _Query(
             i=client_ip,
-            s=sender,
+            s=sender if identity == "mailfrom" else "",
             h=helo,
             receiver=receiver,
             strict=strict,
             timeout=total_time,
             querytime=total_time,
         )
+        # pyspf splits the sender at its first "@"; evaluate what we report
+        q.l, q.o, q.d = local, domain, domain
         if default_explanation is not None:
             q.set_default_explanation(default_explanation)
         try:
@@ -268,6 +303,7 @@ async def check(
     default_explanation: str | None = None,
     total_time: float = TOTAL_TIME,
     strict: bool | int = True,
+    identity: str = "mailfrom",
 ) -> SPFResult:
     """Evaluate SPF off the event loop, on the auth thread pool."""
     return await workers.run(
@@ -280,6 +316,7 @@ async def check(
             default_explanation=default_explanation,
             total_time=total_time,
             strict=strict,
+            identity=identity,
         ),
     )
 

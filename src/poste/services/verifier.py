@@ -1,12 +1,14 @@
 """`poste verifier`: the public MX (ptt's verifier).
 
 It labels, it does not judge: each accepted mail gets `Received-SPF:` and
-one `Authentication-Results:` (spf, dkim, dmarc) and goes on to
-`--destination`.  Not an open relay: recipients outside `--domain` get
-550 5.7.1 at RCPT; postmaster@ each domain is always accepted (RFC 5321
-4.5.1), and the null sender too (bounces must reach us).  With
-`--reject-failures`, SPF `fail` and DMARC failures under `p=reject` are
-refused with 550 at the end of DATA instead of labelled.
+one `Authentication-Results:` (spf for MAIL FROM and HELO, dkim, dmarc) and
+goes on to `--destination`; the peer's forward-confirmed rDNS name, looked
+up before the greeting, goes into the `Received:` field.  Not an open
+relay: recipients outside `--domain` get 550 5.7.1 at RCPT; postmaster@
+each domain is always accepted (RFC 5321 4.5.1), and the null sender too
+(bounces must reach us).  With `--reject-failures`, SPF `fail` (MAIL FROM
+or HELO) and DMARC failures under `p=reject` are refused with 550 at the
+end of DATA instead of labelled.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import click
 
 from poste import metrics
 from poste.auth.authenticate import Authenticator, Report
+from poste.auth.dmarc import PSLError, load_psl
 from poste.auth.spf import resolver_for
 from poste.dns.resolver import NameserverError
 from poste.services.common import (
@@ -61,6 +64,12 @@ class VerifierStage(Stage):
         self.postmaster = (postmaster or "").lower()
         self.reject_failures = reject_failures
 
+    async def on_connect(self, env: Envelope) -> Reply | None:
+        """Name the peer for `Received:` (FCrDNS); no name is no reason to refuse."""
+        if env.peer_name is None and env.peer_ip:
+            env.peer_name = await self.auth.peer_name(env.peer_ip)
+        return None
+
     async def on_rcpt(self, env: Envelope, rcpt: str) -> Reply | None:
         address = rcpt.strip().strip("<>")
         low = address.lower()
@@ -76,9 +85,14 @@ class VerifierStage(Stage):
         log.info(
             "%s %s from=<%s> ip=%s", env.queue_id, report.summary(), env.mail_from, env.peer_ip
         )
+        if not getattr(self.auth, "_poste_metered", False):  # `poste up` counts from outside
+            _count(report)
         if self.reject_failures:
-            if report.spf is not None and report.spf.result == "fail":
-                text = report.spf.explanation or "SPF fail - not authorized"
+            decisive = report.decisive_spf
+            if decisive is not None and decisive.result == "fail":
+                text = decisive.explanation or "SPF fail - not authorized"
+                if decisive.identity == "helo" and decisive.sender:
+                    text = f"HELO {decisive.helo}: {text}"
                 return Verdict(reply=Reply(550, f"5.7.23 {_oneline(text)}"))
             if report.dmarc is not None and report.dmarc.wants_reject():
                 domain = report.dmarc.from_domain
@@ -125,6 +139,12 @@ def _oneline(text: str) -> str:
     help="DNS server for SPF/DKIM/DMARC lookups (repeatable; default: the system's).",
 )
 @click.option("--dns-timeout", default=5.0, show_default=True, help="Seconds per DNS query.")
+@click.option(
+    "--psl",
+    "psl_file",
+    metavar="FILE",
+    help="A public_suffix_list.dat fresher than the packaged one (DMARC organisational domains).",
+)
 @hostname_option
 @click.option("--require-tls", is_flag=True, help="Refuse mail before STARTTLS (530).")
 @click.option(
@@ -142,6 +162,7 @@ def main(
     tls_key: str | None,
     nameservers: tuple[str, ...],
     dns_timeout: float,
+    psl_file: str | None,
     hostname: str | None,
     require_tls: bool,
     reject_failures: bool,
@@ -161,6 +182,10 @@ def main(
         resolver = resolver_for(nameservers, dns_timeout)
     except NameserverError as exc:
         raise click.ClickException(f"--nameserver: {exc}") from None
+    try:
+        psl = load_psl(psl_file) if psl_file else None
+    except PSLError as exc:
+        raise click.ClickException(f"--psl: {exc}") from None
     ctx = tls_context_from(tls_cert, tls_key)
     if require_tls and ctx is None:
         raise click.ClickException("--require-tls needs --tls-cert and --tls-key")
@@ -168,7 +193,7 @@ def main(
     name = hostname or socket.getfqdn()
     stage = VerifierStage(
         list(domains),
-        Authenticator(resolver, name),
+        Authenticator(resolver, name, psl=psl),
         postmaster=postmaster,
         reject_failures=reject_failures,
     )
