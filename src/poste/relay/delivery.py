@@ -12,10 +12,12 @@ RCPT can be accepted, deferred or refused on its own.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import random
+import socket
 import ssl
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import aiosmtplib
@@ -65,8 +67,29 @@ def _tls_context() -> ssl.SSLContext:
     return ctx
 
 
+@dataclass
+class _Session:
+    """An open SMTP session kept for the next message to the same domain."""
+
+    client: aiosmtplib.SMTP
+    mta: str
+    uses: int  # transactions done on it
+    timer: asyncio.TimerHandle | None = None
+
+
 class Deliverer:
-    """Delivers over SMTP to MX hosts found with `resolver`."""
+    """Delivers over SMTP to MX hosts found with `resolver`.
+
+    `self_addresses`: the IPs we listen on (a wildcard 0.0.0.0 / :: means
+    every address of this machine); an MX resolving to one of them is mail
+    that would loop back to us.
+
+    Connection reuse (as Postfix's connection cache): after a clean
+    transaction with the best MX of a domain, the session is kept open for
+    `reuse_idle` seconds, and the next message to that domain starts with RSET
+    on it instead of a new connection, up to `reuse_limit` messages per
+    session.  `aclose()` ends the kept sessions with QUIT.
+    """
 
     def __init__(
         self,
@@ -78,6 +101,10 @@ class Deliverer:
         connect_timeout: float = 15.0,
         ipv6: bool = True,
         tls: bool = True,
+        self_addresses: Iterable[str] = (),
+        reuse_limit: int = 20,
+        reuse_idle: float = 2.0,
+        max_idle_per_domain: int = 10,
     ) -> None:
         self.resolver = resolver
         self.helo = helo
@@ -87,6 +114,24 @@ class Deliverer:
         self.ipv6 = ipv6
         self.tls = tls
         self._tls_context = _tls_context()
+        self._self: set[ipaddress.IPv4Address | ipaddress.IPv6Address] = set()
+        self._self_any4 = self._self_any6 = False
+        for text in self_addresses:
+            addr = _ip(text)
+            if addr is None:
+                raise ValueError(f"{text!r} is not an IP address")
+            if addr.is_unspecified:
+                if addr.version == 4:
+                    self._self_any4 = True
+                else:
+                    self._self_any4 = self._self_any6 = True  # "::" is dual-stack on Linux
+            else:
+                self._self.add(addr)
+        self.reuse_limit = reuse_limit
+        self.reuse_idle = reuse_idle
+        self.max_idle_per_domain = max_idle_per_domain
+        self._idle: dict[str, list[_Session]] = {}
+        self._closing: set[asyncio.Task[None]] = set()
 
     # -- DNS ---------------------------------------------------------------
 
@@ -107,14 +152,14 @@ class Deliverer:
             raise DomainFailure(451, f"4.4.3 DNS lookup of {host} failed, will retry")
         return found
 
-    async def mx_hosts(self, domain: str) -> list[str]:
-        """MX host names in the order to try them (implicit MX when there is none)."""
+    async def mx_records(self, domain: str) -> tuple[list[tuple[int, str]], bool]:
+        """(preference, host) in the order to try them, and whether the MX is implicit."""
         try:
             answer = await self.resolver.resolve(domain, "MX")
         except dns.resolver.NXDOMAIN:
             raise DomainFailure(550, f"5.1.2 Domain {domain} does not exist") from None
         except dns.resolver.NoAnswer:
-            return [domain]  # implicit MX, RFC 5321 5.1
+            return [(0, domain)], True  # implicit MX, RFC 5321 5.1
         except dns.exception.DNSException as exc:
             raise DomainFailure(
                 451, f"4.4.3 MX lookup of {domain} failed ({type(exc).__name__}), will retry"
@@ -127,12 +172,28 @@ class Deliverer:
         by_pref: dict[int, list[str]] = {}
         for pref, name in records:
             by_pref.setdefault(pref, []).append(name)
-        hosts: list[str] = []
+        ordered: list[tuple[int, str]] = []
         for pref in sorted(by_pref):
             group = by_pref[pref]
             random.shuffle(group)
-            hosts.extend(group)
-        return hosts
+            ordered.extend((pref, name) for name in group)
+        return ordered, False
+
+    async def mx_hosts(self, domain: str) -> list[str]:
+        """MX host names in the order to try them (implicit MX when there is none)."""
+        records, _implicit = await self.mx_records(domain)
+        return [name for _, name in records]
+
+    def is_self(self, address: str) -> bool:
+        """True if `address` is one where we listen (so delivering there loops back)."""
+        addr = _ip(address)
+        if addr is None:
+            return False
+        if addr in self._self:
+            return True
+        if (addr.version == 4 and self._self_any4) or (addr.version == 6 and self._self_any6):
+            return _is_local_address(addr)
+        return False
 
     # -- SMTP --------------------------------------------------------------
 
@@ -140,41 +201,77 @@ class Deliverer:
         self, domain: str, sender: str, recipients: Sequence[str], message: bytes
     ) -> dict[str, Result]:
         """Try the MX hosts of `domain` until one gives a final answer for the recipients."""
+        reused = await self._deliver_reused(domain, sender, recipients, message)
+        if reused is not None:
+            return reused
         try:
-            hosts = await self.mx_hosts(domain)
+            records, implicit = await self.mx_records(domain)
         except DomainFailure as exc:
             return dict.fromkeys(recipients, exc.result)
         last = Result(451, f"4.4.1 No MX host of {domain} could be reached")
         tried = 0
-        for host in hosts:
-            try:
-                addrs = await self._addresses(host)
-            except DomainFailure as exc:
-                last = exc.result
-                continue
-            if not addrs:
-                last = Result(451, f"4.4.4 MX host {host} has no address")
-                continue
-            for addr in addrs:
-                tried += 1
+        best = records[0][0] if records else 0
+        # Resolve each preference level before trying it, so that a level holding one
+        # of our own addresses ends the list (RFC 5321 5.1, as Postfix does).
+        levels: dict[int, list[str]] = {}
+        for pref, host in records:
+            levels.setdefault(pref, []).append(host)
+        for pref, hosts in levels.items():
+            resolved: list[tuple[str, list[str]]] = []
+            for host in hosts:
                 try:
-                    return await self._session(Target(host, addr), sender, recipients, message)
+                    addrs = await self._addresses(host)
                 except DomainFailure as exc:
                     last = exc.result
-                    log.info("delivery to %s [%s] for %s: %s", host, addr, domain, last.text)
-                    if last.permanent:
-                        return dict.fromkeys(recipients, last)
-        if not tried and not hosts:
+                    continue
+                if not addrs:
+                    if implicit:  # no MX, no A/AAAA: the domain takes no mail (Postfix bounces)
+                        kinds = "address record" if self.ipv6 else "IPv4 address (IPv6 is off)"
+                        return dict.fromkeys(recipients, Result(
+                            550, f"5.4.4 Domain {domain} has no MX and no {kinds}"))
+                    last = Result(451, f"4.4.4 MX host {host} has no address")
+                    continue
+                resolved.append((host, addrs))
+            if any(self.is_self(a) for _, addrs in resolved for a in addrs):
+                if pref == best:
+                    loop = Result(554, f"5.4.6 mail for {domain} loops back to myself")
+                    log.warning("delivery to %s: %s", domain, loop.text)
+                    return dict.fromkeys(recipients, loop)
+                log.info("delivery to %s: MX preference %d is ourselves; not trying it or "
+                         "worse ones", domain, pref)
+                break
+            for host, addrs in resolved:
+                for addr in addrs:
+                    tried += 1
+                    try:
+                        return await self._session(
+                            Target(host, addr), sender, recipients, message,
+                            cache_as=domain if pref == best else None,
+                        )
+                    except DomainFailure as exc:
+                        last = exc.result
+                        log.info("delivery to %s [%s] for %s: %s", host, addr, domain, last.text)
+                        if last.permanent:
+                            return dict.fromkeys(recipients, last)
+        if not tried and not records:
             last = Result(451, f"4.4.4 No MX host for {domain}")
         return dict.fromkeys(recipients, last)
 
     async def _session(
-        self, target: Target, sender: str, recipients: Sequence[str], message: bytes
+        self,
+        target: Target,
+        sender: str,
+        recipients: Sequence[str],
+        message: bytes,
+        *,
+        cache_as: str | None = None,
     ) -> dict[str, Result]:
         try:
-            return await self._try(target, sender, recipients, message, tls=self.tls)
+            return await self._try(target, sender, recipients, message, tls=self.tls,
+                                   cache_as=cache_as)
         except _TLSFailed:
-            return await self._try(target, sender, recipients, message, tls=False)
+            return await self._try(target, sender, recipients, message, tls=False,
+                                   cache_as=cache_as)
 
     async def _try(
         self,
@@ -184,6 +281,7 @@ class Deliverer:
         message: bytes,
         *,
         tls: bool,
+        cache_as: str | None = None,
     ) -> dict[str, Result]:
         mta = target.host
         client = aiosmtplib.SMTP(
@@ -194,6 +292,7 @@ class Deliverer:
             start_tls=False,
             validate_certs=False,
         )
+        kept = False
         try:
             try:
                 await client.connect(timeout=self.connect_timeout)
@@ -210,55 +309,72 @@ class Deliverer:
                 except (ssl.SSLError, aiosmtplib.SMTPException, OSError):
                     raise _TLSFailed() from None
                 await self._hello(client, mta)
-            options: list[str] = []
-            if any(b > 127 for b in message) and client.supports_extension("8bitmime"):
-                options.append("BODY=8BITMIME")
-            needs_utf8 = not (sender + "".join(recipients)).isascii()
-            if needs_utf8:
-                if not client.supports_extension("smtputf8"):
-                    raise DomainFailure(
-                        553, "5.6.7 Destination does not support SMTPUTF8 addresses", mta
-                    )
-                options.append("SMTPUTF8")
-            enc = "utf-8" if needs_utf8 else "ascii"
-            try:
-                await client.mail(sender, options=options, encoding=enc)
-            except aiosmtplib.SMTPResponseException as exc:
-                raise _failure(exc, mta, "MAIL FROM") from None
-            results: dict[str, Result] = {}
-            accepted: list[str] = []
-            for rcpt in recipients:
-                try:
-                    resp = await client.rcpt(rcpt, encoding=enc)
-                except aiosmtplib.SMTPResponseException as exc:
-                    if isinstance(exc, aiosmtplib.SMTPServerDisconnected):
-                        raise
-                    results[rcpt] = Result(exc.code, f"{exc.code} {_flat(exc.message)}", mta)
-                    continue
-                accepted.append(rcpt)
-                results[rcpt] = Result(resp.code, f"{resp.code} {_flat(resp.message)}", mta)
-            if not accepted:
+            results = await self._transaction(client, mta, sender, recipients, message)
+            if cache_as is not None and _reusable(client, results):
+                kept = self._park(cache_as, _Session(client, mta, 1))
+            if not kept:
                 await _quit(client)
-                return results
-            try:
-                resp = await client.data(message)
-                final = Result(resp.code, f"{resp.code} {_flat(resp.message)}", mta)
-            except aiosmtplib.SMTPServerDisconnected as exc:
-                final = Result(451, f"4.4.2 {mta} dropped the connection after DATA: {exc}", mta)
-            except aiosmtplib.SMTPResponseException as exc:
-                final = Result(exc.code, f"{exc.code} {_flat(exc.message)}", mta)
-            except (aiosmtplib.SMTPException, OSError) as exc:
-                final = Result(451, f"4.4.2 Lost connection with {mta} in DATA: {exc}", mta)
-            for rcpt in accepted:
-                results[rcpt] = final
-            await _quit(client)
             return results
         except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError) as exc:
             raise DomainFailure(451, f"4.4.2 Lost connection with {mta}: {exc}", mta) from None
         except (aiosmtplib.SMTPException, OSError) as exc:
             raise DomainFailure(451, f"4.4.2 SMTP error with {mta}: {exc}", mta) from None
         finally:
-            client.close()
+            if not kept:
+                client.close()
+
+    async def _transaction(
+        self,
+        client: aiosmtplib.SMTP,
+        mta: str,
+        sender: str,
+        recipients: Sequence[str],
+        message: bytes,
+    ) -> dict[str, Result]:
+        """MAIL, RCPT..., DATA on an open session; DomainFailure before DATA only."""
+        options: list[str] = []
+        if any(b > 127 for b in message) and client.supports_extension("8bitmime"):
+            options.append("BODY=8BITMIME")
+        needs_utf8 = not (sender + "".join(recipients)).isascii()
+        if needs_utf8:
+            if not client.supports_extension("smtputf8"):
+                raise DomainFailure(
+                    553, "5.6.7 Destination does not support SMTPUTF8 addresses", mta
+                )
+            options.append("SMTPUTF8")
+        enc = "utf-8" if needs_utf8 else "ascii"
+        try:
+            await client.mail(sender, options=options, encoding=enc)
+        except aiosmtplib.SMTPResponseException as exc:
+            if isinstance(exc, aiosmtplib.SMTPServerDisconnected):
+                raise
+            raise _failure(exc, mta, "MAIL FROM") from None
+        results: dict[str, Result] = {}
+        accepted: list[str] = []
+        for rcpt in recipients:
+            try:
+                resp = await client.rcpt(rcpt, encoding=enc)
+            except aiosmtplib.SMTPResponseException as exc:
+                if isinstance(exc, aiosmtplib.SMTPServerDisconnected):
+                    raise
+                results[rcpt] = Result(exc.code, f"{exc.code} {_flat(exc.message)}", mta)
+                continue
+            accepted.append(rcpt)
+            results[rcpt] = Result(resp.code, f"{resp.code} {_flat(resp.message)}", mta)
+        if not accepted:
+            return results
+        try:
+            resp = await client.data(message)
+            final = Result(resp.code, f"{resp.code} {_flat(resp.message)}", mta)
+        except aiosmtplib.SMTPServerDisconnected as exc:
+            final = Result(451, f"4.4.2 {mta} dropped the connection after DATA: {exc}", mta)
+        except aiosmtplib.SMTPResponseException as exc:
+            final = Result(exc.code, f"{exc.code} {_flat(exc.message)}", mta)
+        except (aiosmtplib.SMTPException, OSError) as exc:
+            final = Result(451, f"4.4.2 Lost connection with {mta} in DATA: {exc}", mta)
+        for rcpt in accepted:
+            results[rcpt] = final
+        return results
 
     async def _hello(self, client: aiosmtplib.SMTP, mta: str) -> None:
         try:
@@ -268,6 +384,88 @@ class Deliverer:
                 await client.helo()
             except aiosmtplib.SMTPResponseException as exc:
                 raise _failure(exc, mta, "HELO") from None
+
+    # -- connection reuse --------------------------------------------------
+
+    def _park(self, domain: str, session: _Session) -> bool:
+        """Keep `session` for the next message to `domain`; False if it should be closed."""
+        if session.uses >= self.reuse_limit or self.reuse_idle <= 0:
+            return False
+        idle = self._idle.setdefault(domain, [])
+        if len(idle) >= self.max_idle_per_domain:
+            return False
+        loop = asyncio.get_running_loop()
+        session.timer = loop.call_later(self.reuse_idle, self._expire, domain, session)
+        idle.append(session)
+        return True
+
+    def _take(self, domain: str) -> _Session | None:
+        idle = self._idle.get(domain)
+        if not idle:
+            return None
+        session = idle.pop()
+        if not idle:
+            del self._idle[domain]
+        if session.timer is not None:
+            session.timer.cancel()
+            session.timer = None
+        return session
+
+    def _expire(self, domain: str, session: _Session) -> None:
+        idle = self._idle.get(domain, [])
+        if session in idle:
+            idle.remove(session)
+            if not idle:
+                self._idle.pop(domain, None)
+            self._close_later(session)
+
+    def _close_later(self, session: _Session) -> None:
+        task = asyncio.get_running_loop().create_task(_quit_and_close(session.client))
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
+    async def aclose(self) -> None:
+        """QUIT every kept session (at shutdown)."""
+        sessions = [s for idle in self._idle.values() for s in idle]
+        self._idle.clear()
+        for s in sessions:
+            if s.timer is not None:
+                s.timer.cancel()
+        await asyncio.gather(*(_quit_and_close(s.client) for s in sessions),
+                             *list(self._closing), return_exceptions=True)
+
+    async def _deliver_reused(
+        self, domain: str, sender: str, recipients: Sequence[str], message: bytes
+    ) -> dict[str, Result] | None:
+        """Deliver over a kept session of `domain`, or None to open a new one.
+
+        A kept session that fails before DATA (the server timed it out,
+        refuses RSET, drops the line) is closed and the message goes the
+        normal way, so reuse never turns into a failure of its own.
+        """
+        while (session := self._take(domain)) is not None:
+            client, mta = session.client, session.mta
+            try:
+                if not client.is_connected:
+                    raise aiosmtplib.SMTPServerDisconnected("closed while idle")
+                await client.rset()
+                results = await self._transaction(client, mta, sender, recipients, message)
+            except DomainFailure as exc:
+                if exc.result.permanent:  # a real answer of the server about this mail
+                    self._close_later(session)
+                    return dict.fromkeys(recipients, exc.result)
+                self._close_later(session)
+                continue
+            except (aiosmtplib.SMTPException, OSError) as exc:
+                log.debug("kept session to %s for %s unusable: %s", mta, domain, exc)
+                client.close()
+                continue
+            session.uses += 1
+            log.debug("%s: message %d on a kept session to %s", domain, session.uses, mta)
+            if not (_reusable(client, results) and self._park(domain, session)):
+                self._close_later(session)
+            return results
+        return None
 
 
 class _TLSFailed(Exception):
@@ -291,3 +489,37 @@ async def _quit(client: aiosmtplib.SMTP) -> None:
         await asyncio.wait_for(client.quit(), 10)
     except (TimeoutError, aiosmtplib.SMTPException, OSError):
         pass
+
+
+async def _quit_and_close(client: aiosmtplib.SMTP) -> None:
+    if client.is_connected:
+        await _quit(client)
+    client.close()
+
+
+def _reusable(client: aiosmtplib.SMTP, results: dict[str, Result]) -> bool:
+    """A session is kept only after a clean transaction (no 421, no local failure)."""
+    return client.is_connected and all(
+        r.code != 421 and r.text[:3].isdigit() for r in results.values()
+    )
+
+
+def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        addr = ipaddress.ip_address(text.split("%")[0])
+    except ValueError:
+        return None
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
+        return addr.ipv4_mapped
+    return addr
+
+
+def _is_local_address(addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    """Whether `addr` belongs to this machine: only then can a socket bind to it."""
+    family = socket.AF_INET if addr.version == 4 else socket.AF_INET6
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.bind((str(addr), 0))
+    except OSError:
+        return False
+    return True

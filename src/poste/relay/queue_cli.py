@@ -2,7 +2,9 @@
 
 Works on the files directly (the format is in docs/relay.md), so it is usable
 whether the relay runs or not; a running relay notices `retry` and `delete`
-at its next spool rescan.
+at its next spool rescan.  Changes go through the per-message lock that the
+relay also takes (Spool.modify / Spool.remove), so neither side's write
+silently undoes the other's.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import time
 
 import click
 
-from poste.relay.spool import PENDING, Spool, SpoolError
+from poste.relay.spool import PENDING, Entry, Spool, SpoolError
 
 spool_option = click.option(
     "--spool",
@@ -109,14 +111,20 @@ def retry(spool_dir: str, queue_ids: tuple[str, ...], everything: bool) -> None:
     ids = spool.ids() if everything else list(queue_ids)
     if not ids:
         raise click.UsageError("give queue ids or --all")
+    def due_now(entry: Entry) -> Entry:
+        entry.next_attempt = time.time()
+        return entry
+
     for qid in ids:
         try:
-            entry = spool.load(qid)
+            entry = spool.modify(qid, due_now)
         except SpoolError as exc:
+            if everything and not spool.envelope_path(qid).exists():
+                continue  # delivered or deleted since we listed it
             raise click.ClickException(str(exc)) from None
-        entry.next_attempt = time.time()
-        spool.update(entry)
-        n = sum(1 for r in entry.recipients if r.state == PENDING)
+        except OSError as exc:
+            raise click.ClickException(f"{qid}: {exc}") from None
+        n = sum(1 for r in entry.recipients if r.state == PENDING) if entry else 0
         click.echo(f"{qid}: retry now ({n} recipient(s) pending)")
 
 
@@ -132,6 +140,11 @@ def delete(spool_dir: str, queue_ids: tuple[str, ...], everything: bool) -> None
         raise click.UsageError("give queue ids or --all")
     for qid in ids:
         if not spool.envelope_path(qid).exists():
+            if everything:
+                continue
             raise click.ClickException(f"no message {qid} in {spool.path}")
-        spool.remove(qid)
+        try:
+            spool.remove(qid)
+        except OSError as exc:
+            raise click.ClickException(f"{qid}: {exc}") from None
         click.echo(f"{qid}: deleted")

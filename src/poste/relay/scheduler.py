@@ -13,8 +13,12 @@ Concurrency is bounded twice: `max_active` messages in flight, and
 `max_per_domain` SMTP sessions per destination domain, so one slow domain
 cannot hold every slot and we never hammer one receiver.
 
-On start the whole spool is read and resumed; a rescan every `rescan` seconds
-picks up `poste queue retry|delete` done while the relay runs.
+On start the scheduler takes the spool's exclusive lock (one relay per spool),
+then reads and resumes the whole spool; a rescan every `rescan` seconds picks
+up `poste queue retry|delete` done while the relay runs.  The state written
+after an attempt is merged, under the message lock, into the envelope as it
+is on disk then: a `retry` made during the attempt (a changed next_attempt)
+is kept, and a `delete` made during it stays deleted.
 """
 
 from __future__ import annotations
@@ -86,7 +90,8 @@ class Scheduler:
     # -- life cycle ----------------------------------------------------------
 
     async def start(self) -> None:
-        """Resume the spool: every message on disk gets scheduled."""
+        """Own the spool (SpoolLocked if another relay does), then resume it."""
+        await asyncio.to_thread(self.spool.lock)
         removed = await asyncio.to_thread(self.spool.recover)
         if removed:
             log.info("spool: removed %d leftovers of interrupted writes", len(removed))
@@ -106,6 +111,7 @@ class Scheduler:
             task.cancel()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
+        self.spool.unlock()
 
     def submit(self, entry: Entry) -> None:
         """A message just written to the spool: try it now."""
@@ -188,6 +194,7 @@ class Scheduler:
         except SpoolError as exc:
             log.info("%s: gone from the spool (%s)", qid, exc)
             return
+        seen_next = entry.next_attempt
         try:
             message = await asyncio.to_thread(self.spool.read_message, qid)
         except SpoolError as exc:
@@ -230,17 +237,26 @@ class Scheduler:
         ):
             await self._notify(entry, pending, DELAYED, message)
             entry.warned = True
-        if not pending:
-            await asyncio.to_thread(self.spool.remove, qid)
-            return
-        entry.next_attempt = min(now + self.policy.backoff(entry.attempts), max(expires, now))
+        if pending:
+            entry.next_attempt = min(now + self.policy.backoff(entry.attempts), max(expires, now))
+
+        def merge(on_disk: Entry) -> Entry | None:
+            # We are the only writer of delivery state; `poste queue retry`
+            # only moves next_attempt.  If it did so during this attempt, keep it.
+            if not entry.pending:
+                return None
+            if on_disk.next_attempt != seen_next:
+                log.info("%s: retry requested during the attempt: kept", qid)
+                entry.next_attempt = on_disk.next_attempt
+            return entry
+
         try:
-            await asyncio.to_thread(self.spool.update, entry)
+            written = await asyncio.to_thread(self.spool.modify, qid, merge)
         except SpoolError as exc:
-            log.info("%s: %s", qid, exc)
+            log.info("%s: %s during the attempt; not rewritten", qid, exc)
             return
-        if not self._stopping:
-            self._schedule(qid, entry.next_attempt)
+        if written is not None and not self._stopping:
+            self._schedule(qid, written.next_attempt)
 
     async def _deliver_group(
         self, entry: Entry, domain: str, sender: str, rcpts: list[Recipient], message: bytes

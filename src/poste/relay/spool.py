@@ -6,6 +6,15 @@ Layout of a spool folder (format version 1, see docs/relay.md):
     SPOOL/ID.eml           the message, raw bytes as received (our Received: on top)
     SPOOL/ID.json          the envelope: sender, recipients and their delivery state
     SPOOL/.tmp-*           files being written (removed on start)
+    SPOOL/lock             held (flock) by the one relay that owns the spool
+
+Two kinds of lock keep concurrent hands apart.  The relay holds an exclusive
+flock on SPOOL/lock for its whole life, so a second relay on the same spool
+refuses to start.  Every read-modify-write of an envelope (the relay's state
+update, `poste queue retry|delete`) holds an flock on that message's ID.eml,
+the one file that never changes, and re-reads the envelope under it: two
+writers never interleave, and the relay keeps a `retry` made while it was
+delivering (see `Spool.modify`).
 
 The envelope is the commit record.  `put` writes the message, then the
 envelope, each to a temporary file that is fsynced and renamed into place,
@@ -20,14 +29,17 @@ never a loss).
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import secrets
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+import click
 
 from poste.smtp.stage import new_queue_id
 
@@ -40,6 +52,10 @@ FAILED = "failed"
 
 class SpoolError(Exception):
     pass
+
+
+class SpoolLocked(SpoolError, click.ClickException):
+    """Another process owns the spool (a ClickException: one line, exit 1, whoever runs it)."""
 
 
 @dataclass
@@ -117,6 +133,57 @@ class Spool:
         version = self.path / "VERSION"
         if version.exists() and version.read_text().strip() != VERSION:
             raise SpoolError(f"{version}: unknown spool format {version.read_text().strip()!r}")
+        self._owner_fd: int | None = None
+
+    # -- ownership -------------------------------------------------------
+
+    def lock(self) -> None:
+        """Own the spool for this process's life; SpoolLocked if another relay does.
+
+        An flock dies with its process (even on SIGKILL), so a crash never
+        leaves a stale lock behind.  Idempotent for the same Spool object.
+        """
+        if self._owner_fd is not None:
+            return
+        path = self.path / "lock"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode("ascii", "replace").strip() or "?"
+            os.close(fd)
+            raise SpoolLocked(
+                f"spool {self.path} is in use by another relay (pid {holder})"
+            ) from None
+        except BaseException:
+            os.close(fd)
+            raise
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._owner_fd = fd
+
+    def unlock(self) -> None:
+        if self._owner_fd is not None:
+            os.close(self._owner_fd)
+            self._owner_fd = None
+
+    @contextlib.contextmanager
+    def message_lock(self, qid: str) -> Iterator[None]:
+        """Hold the per-message lock (flock on ID.eml); SpoolError if the message is gone.
+
+        Blocking, and held only for a read-modify-write of the envelope, never
+        across a delivery.  Not reentrant: a second open of the file in the
+        same process waits for the first.
+        """
+        try:
+            fd = os.open(self.message_path(qid), os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise SpoolError(f"no message {qid} in {self.path}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
 
     # -- paths -----------------------------------------------------------
 
@@ -157,18 +224,41 @@ class Spool:
         _fsync_dir(self.path)
 
     def update(self, entry: Entry) -> None:
-        """Rewrite the envelope (delivery state) atomically.
+        """Rewrite the envelope (delivery state) atomically, under the message lock.
 
         Refused once the message is gone (`poste queue delete` while a delivery
         ran), so a deleted message never comes back as an envelope alone.
         """
-        if not self.message_path(entry.id).exists():
-            raise SpoolError(f"message {entry.id} was deleted")
-        self._write_atomic(self.envelope_path(entry.id), _dump(entry))
-        _fsync_dir(self.path)
+        self.modify(entry.id, lambda _current: entry)
+
+    def modify(self, qid: str, change: Callable[[Entry], Entry | None]) -> Entry | None:
+        """Read-modify-write one envelope under the message lock.
+
+        `change` gets the envelope as it is on disk now and returns the one to
+        write, or None to remove the message.  SpoolError if the message is
+        gone.  Every writer goes through here, so no update is ever lost to
+        another's stale copy.
+        """
+        with self.message_lock(qid):
+            if not self.envelope_path(qid).exists():
+                raise SpoolError(f"no message {qid} in {self.path}")
+            new = change(self.load(qid))
+            if new is None:
+                self._remove_files(qid)
+                return None
+            self._write_atomic(self.envelope_path(qid), _dump(new))
+            _fsync_dir(self.path)
+            return new
 
     def remove(self, qid: str) -> None:
         """Forget a message: envelope first (the commit record), then the bytes."""
+        try:
+            with self.message_lock(qid):
+                self._remove_files(qid)
+        except SpoolError:  # no message file: drop what is left
+            self._remove_files(qid)
+
+    def _remove_files(self, qid: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             self.envelope_path(qid).unlink()
         with contextlib.suppress(FileNotFoundError):

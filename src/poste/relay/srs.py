@@ -16,20 +16,35 @@ rewritten addresses cannot be used as an open relay.
 A sender that is already SRS0 of another forwarder becomes SRS1, which keeps the
 first forwarder's opaque part and only names that forwarder (the scheme of
 Shevek's paper and libsrs2, with our own hash and encoding).
+
+RFC 5321 limits a local part to 64 octets, and the stateless forms above grow
+with the original address.  When one would exceed 64 octets and a database
+folder is given, the address becomes `SRS0=HHHHHH=TT=TOKEN@our.test` instead:
+TOKEN (16 base32 characters, an HMAC of the original address) names a small
+file in the folder holding that address.  Hash and timestamp are checked as
+for the long form, so forgery and expiry are still refused statelessly; only
+the reversal needs the file, which is why only the relay that wrote it can
+reverse such an address.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import hmac
+import os
+import secrets as _secrets
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 B32 = "ABCDEFGHIJKLMNOPQRSTUVWXYZ234567"
 DAY = 86400
 TS_MOD = 1024  # two base32 characters
+MAX_LOCAL = 64  # RFC 5321 4.5.3.1.1
+TOKEN_LENGTH = 16  # base32 characters: 80 bits
 
 
 class SRSError(ValueError):
@@ -54,6 +69,59 @@ def is_srs(address: str) -> bool:
     return head in ("SRS0=", "SRS0-", "SRS0+", "SRS1=", "SRS1-", "SRS1+")
 
 
+class SRSDatabase:
+    """TOKEN -> original address, one small file each (for too-long SRS addresses).
+
+    Written with fsync before the address is used, refreshed (mtime) each
+    time it is used again, pruned once older than the SRS lifetime.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+
+    def put(self, token: str, address: str) -> None:
+        target = self.path / token
+        try:
+            if target.read_text(encoding="utf-8") == address:
+                os.utime(target)
+                return
+        except (FileNotFoundError, UnicodeDecodeError):
+            pass
+        tmp = self.path / f".tmp-{token}-{_secrets.token_hex(4)}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.write(fd, address.encode("utf-8"))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(tmp, target)
+        dfd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+    def get(self, token: str) -> str | None:
+        if not token.isalnum():
+            return None
+        try:
+            return (self.path / token.upper()).read_text(encoding="utf-8")
+        except (FileNotFoundError, UnicodeDecodeError):
+            return None
+
+    def prune(self, max_age: float) -> int:
+        """Remove entries unused for `max_age` seconds; returns how many."""
+        limit = time.time() - max_age
+        removed = 0
+        for p in self.path.iterdir():
+            with contextlib.suppress(FileNotFoundError):
+                if p.stat().st_mtime < limit:
+                    p.unlink()
+                    removed += 1
+        return removed
+
+
 @dataclass
 class SRS:
     """Forward and reverse SRS addresses for `domain`.
@@ -67,6 +135,7 @@ class SRS:
     max_age_days: int = 21
     hash_length: int = 6
     algorithm: str = "sha256"  # or "sha1"
+    db: SRSDatabase | None = None  # for addresses whose local part would exceed 64 octets
 
     def __post_init__(self) -> None:
         if not self.secrets or not all(self.secrets):
@@ -99,13 +168,28 @@ class SRS:
         """The SRS address to send as, for `sender` forwarded by us.
 
         The null sender, our own addresses and addresses without a domain are
-        returned as they are: they need no rewriting.
+        returned as they are: they need no rewriting.  A result whose local
+        part would exceed 64 octets uses the database form when there is a
+        database, and stays long (as in every stateless SRS) when there is not.
         """
         if not sender or "@" not in sender:
             return sender
-        local, _, dom = sender.rpartition("@")
-        if dom.lower() == self.domain:
+        if sender.rpartition("@")[2].lower() == self.domain:
             return sender
+        out = self._forward(sender, now)
+        if self.db is not None and len(out.rpartition("@")[0].encode("utf-8")) > MAX_LOCAL:
+            token = base64.b32encode(
+                hmac.new(self.secrets[0], b"srs-db\0" + sender.encode("utf-8"),
+                         hashlib.sha256).digest()
+            ).decode("ascii")[:TOKEN_LENGTH]
+            self.db.put(token, sender)
+            ts = _ts_encode(int((time.time() if now is None else now) // DAY))
+            hh = self._hash(self.secrets[0], ts, token)
+            return f"SRS0={hh}={ts}={token}@{self.domain}"
+        return out
+
+    def _forward(self, sender: str, now: float | None) -> str:
+        local, _, dom = sender.rpartition("@")
         secret = self.secrets[0]
         upper = local[:5].upper()
         if upper[:4] == "SRS0" and len(local) > 5 and upper[4] in "=-+":
@@ -137,21 +221,31 @@ class SRS:
         upper = local[:4].upper()
         if upper == "SRS0" and len(local) > 5 and local[4] in "=-+":
             fields = local[5:].split("=", 3)
+            if len(fields) == 3 and all(fields) and self.db is not None:
+                hh, ts, token = fields  # the database form
+                self._check_hash(hh, ts, token.upper())
+                self._check_age(ts, now)
+                original = self.db.get(token)
+                if original is None:
+                    raise SRSError("SRS address unknown here (not signed by this relay?)")
+                return original
             if len(fields) != 4 or not all(fields[:3]):
                 raise SRSError("malformed SRS0 address")
             hh, ts, odom, olocal = fields
             self._check_hash(hh, ts, odom, olocal)
-            signed = _ts_decode(ts)
-            today = int((time.time() if now is None else now) // DAY) % TS_MOD
-            age = (today - signed) % TS_MOD
-            if age > self.max_age_days:
-                raise SRSError("SRS address has expired")
+            self._check_age(ts, now)
             return f"{olocal}@{odom}"
         if upper == "SRS1" and len(local) > 5 and local[4] in "=-+":
             _, hh, first, opaque = _split_srs1(local)
             self._check_hash(hh, first, opaque)
             return f"SRS0{opaque}@{first}"
         raise SRSError("not an SRS address")
+
+    def _check_age(self, ts: str, now: float | None) -> None:
+        signed = _ts_decode(ts)
+        today = int((time.time() if now is None else now) // DAY) % TS_MOD
+        if (today - signed) % TS_MOD > self.max_age_days:
+            raise SRSError("SRS address has expired")
 
 
 def _split_srs1(local: str) -> tuple[str, str, str, str]:

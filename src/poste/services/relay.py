@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import os
 import re
@@ -18,7 +19,7 @@ from poste.relay.delivery import Deliverer
 from poste.relay.router import Router, parse_networks
 from poste.relay.scheduler import Policy, Scheduler
 from poste.relay.spool import Spool, SpoolError
-from poste.relay.srs import SRS, load_secrets
+from poste.relay.srs import DAY, SRS, SRSDatabase, load_secrets
 from poste.relay.stage import MAX_RECEIVED, QueueHop, RelayStage
 from poste.services.common import (
     hostname_option,
@@ -114,6 +115,9 @@ def _srs_secrets(secret: str | None, secret_file: str | None, spool: Path) -> li
 @click.option("--max-received", default=MAX_RECEIVED, show_default=True,
               type=click.IntRange(1, 1000), help="More Received: fields than this is a loop (554).")
 @click.option("--no-ipv6", is_flag=True, help="Deliver over IPv4 only.")
+@click.option("--self-address", "self_addresses", multiple=True, metavar="IP",
+              help="Another address of ours (e.g. the public IP of our MX): mail whose MX "
+                   "resolves to it, or to --listen, loops back and is bounced (5.4.6).")
 @verbose_option
 def main(
     domains: tuple[str, ...],
@@ -136,6 +140,7 @@ def main(
     users_poll: float,
     max_received: int,
     no_ipv6: bool,
+    self_addresses: tuple[str, ...],
     verbose: int,
 ) -> None:
     """Deliver mail: local addresses to their targets (SRS), others to their MX (--granted only).
@@ -168,6 +173,8 @@ def main(
         users_poll=users_poll,
         max_received=max_received,
         ipv6=not no_ipv6,
+        listen_host=host,
+        self_addresses=list(self_addresses),
     )
     scheduler, watcher = parts.scheduler, parts.watcher
     service = SMTPService(parts.stage, parts.hop, host=host, port=port, hostname=parts.hostname)
@@ -177,6 +184,19 @@ def main(
             await asyncio.Event().wait()
         finally:
             await scheduler.stop()
+            await parts.deliverer.aclose()
+
+    async def prune_srs_db() -> None:
+        # Entries unused for longer than an SRS address lives can go.
+        while True:
+            try:
+                n = await asyncio.to_thread(parts.srs_db.prune, (parts.srs_max_age + 1) * DAY)
+            except OSError as exc:
+                log.warning("SRS database %s: prune failed: %s", parts.srs_db.path, exc)
+            else:
+                if n:
+                    log.info("SRS database: %d expired entr%s removed", n, "y" if n == 1 else "ies")
+            await asyncio.sleep(3600)
 
     def on_hup() -> None:
         asyncio.get_running_loop().create_task(watcher.areload())
@@ -185,7 +205,7 @@ def main(
     run_services(
         service,
         on_start=scheduler.start,
-        background=[watcher.run, keep_scheduler],
+        background=[watcher.run, keep_scheduler, prune_srs_db],
         on_hup=on_hup,
     )
 
@@ -205,6 +225,9 @@ class RelayParts:
     watcher: UsersWatcher
     router: Router
     hostname: str
+    deliverer: Deliverer
+    srs_db: SRSDatabase
+    srs_max_age: int
 
 
 def build_relay(
@@ -223,6 +246,8 @@ def build_relay(
     users_poll: float = 2.0,
     max_received: int = MAX_RECEIVED,
     ipv6: bool = True,
+    listen_host: str | None = None,
+    self_addresses: list[str] | None = None,
 ) -> RelayParts:
     """Check the settings and build the relay; bad input is a one-line ClickException."""
     if not domains:
@@ -242,16 +267,24 @@ def build_relay(
         watcher = UsersWatcher(users_repo, domain, poll_interval=users_poll)
     except UsersRepoError as exc:
         raise click.ClickException(f"users repository: {exc}") from None
+    ours = _self_addresses(listen_host, self_addresses or [])
     try:
         spool = Spool(spool_dir)
+        # One relay per spool: refuse now, before touching anything in it.
+        spool.lock()
     except (OSError, SpoolError) as exc:
         raise click.ClickException(f"spool {spool_dir}: {exc}") from None
     secrets_ = _srs_secrets(srs_secret, srs_secret_file, spool.path)
     if not secrets_:
         raise click.ClickException("the SRS secret is empty")
     me = hostname or socket.getfqdn()
-    router = Router(domains, postmaster, SRS(domain, secrets_), lambda: watcher.db, nets)
-    deliverer = Deliverer(resolver, helo=me, port=smtp_port, ipv6=ipv6)
+    try:
+        srs_db = SRSDatabase(spool.path / "srs-db")
+    except OSError as exc:
+        raise click.ClickException(f"SRS database in {spool.path}: {exc}") from None
+    srs = SRS(domain, secrets_, db=srs_db)
+    router = Router(domains, postmaster, srs, lambda: watcher.db, nets)
+    deliverer = Deliverer(resolver, helo=me, port=smtp_port, ipv6=ipv6, self_addresses=ours)
     scheduler = Scheduler(
         spool, deliverer.deliver, hostname=me, domain=domain, policy=policy or Policy(),
         expand=router.dsn_targets,
@@ -263,4 +296,30 @@ def build_relay(
         watcher=watcher,
         router=router,
         hostname=me,
+        deliverer=deliverer,
+        srs_db=srs_db,
+        srs_max_age=srs.max_age_days,
     )
+
+
+def _self_addresses(listen_host: str | None, extra: list[str]) -> list[str]:
+    """Our own IPs: --self-address and the --listen address (a name is resolved)."""
+    found: list[str] = []
+    for text in extra:
+        try:
+            found.append(str(ipaddress.ip_address(text.strip())))
+        except ValueError:
+            raise click.BadParameter(f"{text!r} is not an IP address",
+                                     param_hint="--self-address") from None
+    if listen_host:
+        host = listen_host.strip("[]")
+        try:
+            found.append(str(ipaddress.ip_address(host)))
+        except ValueError:
+            try:
+                infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
+            except OSError as exc:
+                raise click.BadParameter(f"cannot resolve {host!r}: {exc}",
+                                         param_hint="--listen") from None
+            found.extend(str(info[4][0]) for info in infos)
+    return found
