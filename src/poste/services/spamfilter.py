@@ -64,7 +64,7 @@ class SpamfilterStage(Stage):
         self.detail = detail
         self.db_path = db_path
         # build the f(w) table now, not on the first mail
-        classifier.probs()
+        classifier.prepare()
 
     def judge(self, data: bytes) -> tuple[str, float, str]:
         """(label, score, detail line); runs in a worker thread; never raises."""
@@ -97,7 +97,7 @@ class SpamfilterStage(Stage):
         try:
             db = await asyncio.to_thread(Database.load, path)
             clf = Classifier(db, self.classifier.params)
-            await asyncio.to_thread(clf.probs)
+            await asyncio.to_thread(clf.prepare)
         except DatabaseError as exc:
             log.error("reload of %s failed, keeping the old database: %s", path, exc)
             return

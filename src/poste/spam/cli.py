@@ -123,9 +123,8 @@ def train(
     with click.progressbar(length=total, label="training", file=sys.stderr,
                            hidden=not show) as bar:
         for is_spam, path in work:
-            for tokens in tokenize_many(
-                (raw for _, raw in _messages((path,))), DEFAULT_MAX_BYTES, jobs
-            ):
+            mails = [raw for _, raw in _messages((path,))]
+            for tokens in tokenize_many(mails, DEFAULT_MAX_BYTES, jobs):
                 if untrain:
                     db.untrain(tokens, is_spam)
                 else:
@@ -164,16 +163,13 @@ def classify(
 ) -> None:
     """Print `yes|no|unknown SCORE NAME` for each mail at each PATH."""
     clf = Classifier(_load(db_path), _params(ham_cutoff, spam_cutoff))
-    names: list[str] = []
-
-    def mails() -> Iterator[bytes]:
-        for name, raw in _messages(files):
-            names.append(name)
-            yield raw
-
+    found = list(_messages(files))
+    names = [name for name, _ in found]
+    mails = [raw for _, raw in found]
+    del found
     out = sys.stdout
     for i, (score, label, clues) in enumerate(
-        classify_many(clf, mails(), jobs or default_jobs(), 10 if detail else 0)
+        classify_many(clf, mails, jobs or default_jobs(), 10 if detail else 0)
     ):
         line = f"{label} {score:.4f} {names[i]}"
         if detail:
@@ -219,24 +215,23 @@ def mark(
         out.flush()
         return
     stored: list[tuple[bytes, bytes]] = []
-
-    def mails() -> Iterator[bytes]:
-        for path in mboxes:
-            try:
-                data = Path(path).read_bytes()
-            except OSError as exc:
-                raise click.ClickException(f"cannot read {path}: {exc.strerror}") from None
-            if not data.startswith(b"From "):
-                raise click.ClickException(f"{path}: not an mbox (no From_ line at the start)")
-            for from_line, msg in split_mbox_raw(data):
-                stored.append((from_line, msg))
-                yield unquote_mbox(msg)
-
-    judged = classify_many(clf, mails(), jobs or default_jobs(), 40 if detail else 0)
-    for i, (score, label, clues) in enumerate(judged):
-        from_line, msg = stored[i]
-        stored[i] = (b"", b"")
-        out.write(from_line + _fields(header_name, detail, label, score, clues, msg) + msg)
+    for path in mboxes:
+        try:
+            data = Path(path).read_bytes()
+        except OSError as exc:
+            raise click.ClickException(f"cannot read {path}: {exc.strerror}") from None
+        if not data.startswith(b"From "):
+            raise click.ClickException(f"{path}: not an mbox (no From_ line at the start)")
+        stored.extend(split_mbox_raw(data))
+    mails = [unquote_mbox(msg) for _, msg in stored]
+    judged = classify_many(clf, mails, jobs or default_jobs(), 40 if detail else 0)
+    chunk: list[bytes] = []
+    for (from_line, msg), (score, label, clues) in zip(stored, judged, strict=True):
+        chunk += (from_line, _fields(header_name, detail, label, score, clues, msg), msg)
+        if len(chunk) > 3000:
+            out.write(b"".join(chunk))
+            chunk.clear()
+    out.write(b"".join(chunk))
     out.flush()
 
 
@@ -279,8 +274,8 @@ def evaluate(
 
     params = _params(ham_cutoff, spam_cutoff)
     j = jobs or default_jobs()
-    spam = list(tokenize_many((raw for _, raw in _messages(spam_paths)), params.max_bytes, j))
-    ham = list(tokenize_many((raw for _, raw in _messages(ham_paths)), params.max_bytes, j))
+    spam = list(tokenize_many([raw for _, raw in _messages(spam_paths)], params.max_bytes, j))
+    ham = list(tokenize_many([raw for _, raw in _messages(ham_paths)], params.max_bytes, j))
     if len(spam) < folds or len(ham) < folds:
         raise click.ClickException(f"need at least {folds} spam and {folds} ham mails")
     report = cross_validate(spam, ham, folds, params)

@@ -27,7 +27,6 @@ import json
 import os
 import struct
 import sys
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -218,6 +217,8 @@ class Database:
 
 def atomic_write(target: Path, data: bytes) -> None:
     """tmp file in the same folder, fsync, rename over, fsync the folder."""
+    import tempfile  # only writers need it; readers start faster without
+
     folder = target.parent
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=folder)
     try:

@@ -15,7 +15,9 @@ from __future__ import annotations
 import binascii
 import codecs
 import re
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 MAX_DEPTH = 16
 MAX_PARTS = 64
@@ -36,12 +38,48 @@ _ENCODED_WORD = re.compile(rb"=\?([^?\s]{1,40})\?([bBqQ])\?([^?\s]*)\?=")
 _ENCODED_GAP = re.compile(rb"(\?=)[ \t\r\n]+(=\?)")
 
 
+class Fields(Mapping[str, list[str]]):
+    """Header fields of a part, decoded only when asked for (most never are)."""
+
+    __slots__ = ("_decoded", "_raw", "_words")
+
+    def __init__(self, raw: dict[str, list[bytes]], words: bool) -> None:
+        self._raw = raw
+        self._words = words  # decode RFC 2047 words in DECODED_FIELDS
+        self._decoded: dict[str, list[str]] = {}
+
+    def __getitem__(self, name: str) -> list[str]:
+        found = self._decoded.get(name)
+        if found is None:
+            values = self._raw[name]
+            if self._words and name in DECODED_FIELDS:
+                found = [decode_words(v.strip()) for v in values]
+            else:
+                found = [v.decode("latin-1").strip() for v in values]
+            self._decoded[name] = found
+        return found
+
+    def get(self, name: str, default: Any = None) -> Any:
+        if name in self._raw:
+            return self[name]
+        return default
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._raw
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._raw)
+
+    def __len__(self) -> int:
+        return len(self._raw)
+
+
 @dataclass
 class Part:
     """One leaf of the MIME tree: its content type, its fields, its text if it is text."""
 
     content_type: str
-    headers: dict[str, list[str]]
+    headers: Fields
     text: str = ""
     filename: str = ""
     depth: int = 0
@@ -197,13 +235,7 @@ class _Walker:
         head, body = split_head(raw, start, end)
         raw_fields = parse_fields(head)
         ctype, params = content_type(raw_fields, default)
-        headers = {
-            k: [decode_words(v) for v in vs]
-            if depth == 0 and k in DECODED_FIELDS
-            else [v.decode("latin-1") for v in vs]
-            for k, vs in raw_fields.items()
-        }
-        part = Part(ctype, headers, depth=depth, filename=_filename(raw_fields, params))
+        part = Part(ctype, Fields(raw_fields, depth == 0), depth=depth, filename=_filename(raw_fields, params))
         self.out.append(part)
         if ctype.startswith("multipart/"):
             boundary = params.get("boundary", "")

@@ -11,7 +11,7 @@ or it points both ways at once -- which is what the `unknown` label is for.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from poste.spam.database import Database
@@ -42,8 +42,6 @@ class Result:
     label: str
     # the tokens that decided (found only when asked: most callers want the label)
     deciding: _Lazy | None = field(default=None, repr=False, compare=False)
-    # f(w) of (at least) those tokens; shared with the classifier, not copied
-    probs: Mapping[str, float] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def tokens(self) -> list[str]:
@@ -52,7 +50,10 @@ class Result:
     @property
     def clues(self) -> list[tuple[str, float]]:
         """(token, f(w)) of the deciding tokens."""
-        return [(t, self.probs[t]) for t in self.tokens]
+        if self.deciding is None:
+            return []
+        f = self.deciding.clf.token_prob
+        return [(t, f(t)) for t in self.tokens]
 
     def strongest(self, count: int) -> list[tuple[str, float]]:
         """The `count` strongest clues, strongest first (ties by name)."""
@@ -97,92 +98,133 @@ def _safe(token: str) -> str:
 
 
 def chi2q(x2: float, v: int) -> float:
-    """P(chisq >= x2) with v (even) degrees of freedom."""
+    """P(chisq >= x2) with v (even) degrees of freedom.
+
+    The series sum_{i<v/2} e^-m m^i / i! (m = x2/2) is cut short when what is
+    left cannot matter: past its peak (i > m) once a term is negligible, and
+    not at all when even the largest term is below 1e-30.
+    """
     m = x2 / 2.0
+    k = v // 2
+    if m > k + 50 and -m + (k - 1) * math.log(m) - math.lgamma(k) < -69.0:  # largest term < 1e-30
+        return 0.0
     term = math.exp(-m)
     total = term
-    for i in range(1, v // 2):
+    for i in range(1, k):
         term *= m / i
         total += term
+        if i > m and term < total * 1e-17:
+            break
     return min(total, 1.0)
 
 
+_MISSING = (0.0, 0.0, 0.0, 0.0)  # sentinel: not looked at yet (never a real entry)
+
+Entry = tuple[float, float, float, float]  # (rank = -|f - 0.5|, f, ln f, ln(1 - f))
+
+
 class Classifier:
-    """A database and the parameters to judge with; the f(w) table is cached."""
+    """A database and the parameters to judge with.
+
+    Each token's f(w), with its logarithms, is computed once and cached.  A
+    long-running user (the service) builds the whole table up front with
+    `prepare()`; a batch run leaves it lazy, so only the tokens its mails
+    actually contain are ever computed (about half of them on a typical run).
+    The cache is dropped whenever the database changes.
+    """
 
     def __init__(self, db: Database, params: Params | None = None) -> None:
         self.db = db
         self.params = params or Params()
-        self._probs: dict[str, float] = {}
-        self._vals: dict[str, tuple[float, float, float]] = {}
-        self._generation = -1
-
-    def probs(self) -> dict[str, float]:
-        """f(w) of every token strong enough to count (rebuilt after training)."""
-        if self._generation != self.db.generation:
-            self._build()
-            self._generation = self.db.generation
-        return self._probs
-
-    def _build(self) -> None:
+        # token -> Entry for strong tokens, None for tokens that do not count
+        self._vals: dict[str, Entry | None] = {}
+        self._complete = False
+        self._generation = db.generation
         p = self.params
-        db = self.db
-        nspam = max(db.nspam, 1)
-        nham = max(db.nham, 1)
-        s, x, floor = p.unknown_strength, p.unknown_prob, p.min_strength
-        sx = s * x
-        lo, hi = 0.5 - floor, 0.5 + floor
-        tokens: list[str] = []
-        fs: list[float] = []
-        for t, (sc, hc) in db.counts.items():
-            # Robinson: f = (s*x + n*p) / (s + n), p = spam ratio / (spam + ham ratios)
-            sr = sc * nham
-            n = sc + hc
-            f = (sx + n * sr / (sr + hc * nspam)) / (s + n)
-            if f >= hi or f <= lo:
-                tokens.append(t)
-                fs.append(f)
-        log = math.log
-        self._probs = dict(zip(tokens, fs, strict=True))
-        # One dict lookup per token gives all scoring needs: (rank, ln f, ln(1-f)),
-        # rank = -|f - 0.5| so that sorting the tuples puts the strongest first.
-        # (The lookups are memory-bound: three dicts cost three cache misses.)
-        self._vals = dict(
-            zip(tokens, [(-abs(f - 0.5), log(f), log(1.0 - f)) for f in fs], strict=True)
-        )
+        self._lo, self._hi = 0.5 - p.min_strength, 0.5 + p.min_strength
+
+    def _check(self) -> None:
+        if self._generation != self.db.generation:
+            self._vals = {}
+            self._complete = False
+            self._generation = self.db.generation
+
+    def prepare(self) -> None:
+        """Compute the whole table now (a service does, before its first mail)."""
+        self._check()
+        if self._complete:
+            return
+        entry = self._entry
+        self._vals = {t: e for t, c in self.db.counts.items() if (e := entry(c)) is not None}
+        self._complete = True
+
+    def _f(self, sc: int, hc: int) -> float:
+        """Robinson: f = (s*x + n*p) / (s + n), p = spam ratio / (spam ratio + ham ratio)."""
+        p = self.params
+        nspam = self.db.nspam or 1
+        nham = self.db.nham or 1
+        s = p.unknown_strength
+        sr = sc * nham
+        n = sc + hc
+        return (s * p.unknown_prob + n * sr / (sr + hc * nspam)) / (s + n)
+
+    def _entry(self, counts: tuple[int, int] | None) -> Entry | None:
+        """A token's table entry, or None if it does not count (weak or unknown)."""
+        if counts is None:
+            return None
+        f = self._f(*counts)
+        if self._lo < f < self._hi:
+            return None
+        return (-abs(f - 0.5), f, math.log(f), math.log(1.0 - f))
+
+    def _lookup(self, tokens: Iterable[str]) -> list[Entry]:
+        self._check()
+        vals = self._vals
+        if self._complete:
+            return [e for e in map(vals.get, tokens) if e is not None]
+        found: list[Entry] = []
+        counts = self.db.counts
+        entry = self._entry
+        for t in tokens:
+            e = vals.get(t, _MISSING)
+            if e is _MISSING:
+                e = vals[t] = entry(counts.get(t))
+            if e is not None:
+                found.append(e)
+        if len(vals) > 2 * len(counts) + 100_000:  # bound the cache of unknown words
+            self.prepare()
+        return found
 
     def token_prob(self, token: str) -> float:
-        return self.probs().get(token, self.params.unknown_prob)
+        """f(w) of a token (the prior for a token never seen in training)."""
+        counts = self.db.counts.get(token)
+        return self.params.unknown_prob if counts is None else self._f(*counts)
 
     def deciding(self, tokens: Iterable[str]) -> list[str]:
         """The tokens of a mail that take part in its score."""
-        probs = self.probs()
-        keys = [t for t in tokens if t in probs]
-        if len(keys) > self.params.max_tokens:
-            keys.sort(key=lambda t: (self._vals[t][0], t))
-            del keys[self.params.max_tokens :]
-        return keys
+        ranked = [(e[0], t) for t in tokens if (e := self._entry(self.db.counts.get(t)))]
+        ranked.sort()
+        return [t for _, t in ranked[: self.params.max_tokens]]
 
     def score_tokens(self, tokens: Iterable[str]) -> Result:
         p = self.params
-        probs = self.probs()
-        vals = [v for v in map(self._vals.get, tokens) if v is not None]
-        n = len(vals)
+        found = self._lookup(tokens)
+        n = len(found)
         if n > p.max_tokens:
             # equal ranks mean equal f(w): which of them is cut does not change the score
-            vals.sort()
-            del vals[p.max_tokens :]
+            found.sort()
+            del found[p.max_tokens :]
             n = p.max_tokens
         if n == 0:
             return Result(0.5, self.label(0.5))
-        _, ln_f, ln_1f = zip(*vals, strict=True)
+        _, _, ln_f, ln_1f = zip(*found, strict=True)
         # Fisher: -2 ln(prod f) is chi-square with 2n degrees of freedom.
         # fsum is exact, so the score does not depend on the (hash-seeded)
         # order of the set: the same mail scores the same in every process.
         spamminess = 1.0 - chi2q(-2.0 * math.fsum(ln_1f), 2 * n)
         hamminess = 1.0 - chi2q(-2.0 * math.fsum(ln_f), 2 * n)
         score = (spamminess - hamminess + 1.0) / 2.0
-        return Result(score, self.label(score), _Lazy(self, tokens), probs)
+        return Result(score, self.label(score), _Lazy(self, tokens))
 
     def label(self, score: float) -> str:
         if score >= self.params.spam_cutoff:
