@@ -161,3 +161,32 @@ def test_send_to_nothing_is_one_line(poste_bin: str) -> None:
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert result.stderr.count("\n") == 1 and "cannot send" in result.stderr
     assert time.monotonic() - t0 < 60
+
+
+async def test_submit_with_implicit_tls_on_any_port(poste_bin: str, tmp_path: Path) -> None:
+    import asyncio
+
+    from poste.smtp.stage import Envelope, Reply, Stage
+    from poste.smtp.tls import server_context
+    from poste.tools.srv import Mailbox, MailboxHop
+    from support.smtp import running
+
+    class Login(Stage):
+        auth_required = True
+
+        async def authenticate(self, env: Envelope, username: str, password: str) -> Reply | None:
+            return None if (username, password) == ("joe", "pw") else Reply(535, "5.7.8 No")
+
+    self_signed(tmp_path / "c.pem", tmp_path / "k.pem", "sub.test")
+    ctx = server_context(tmp_path / "c.pem", tmp_path / "k.pem")
+    box = Mailbox(str(tmp_path / "box") + "/", 0, False)
+    async with running(Login(), MailboxHop(box), tls_context=ctx, implicit_tls=True) as svc:
+        proc = await asyncio.create_subprocess_exec(
+            poste_bin, "submit", "-", f"127.0.0.1:{svc.sockname[1]}", "--tls", "-s", "joe@x.test",
+            "-r", "b@y.test", "-u", "joe", "-p", "pw",
+            stdin=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )
+        _, err = await proc.communicate(b"Subject: hi\n\nbody\n")
+        assert proc.returncode == 0, err
+    mail = (tmp_path / "box" / "1.eml").read_bytes()
+    assert b"with ESMTPSA" in mail and b"joe" not in mail.split(b"\r\n\r\n")[0].split(b"Subject")[0]

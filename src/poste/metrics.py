@@ -53,27 +53,3 @@ def delivery_outcome(code: int) -> str:
     if 400 <= code < 500:
         return "deferred"
     return "bounced"
-
-
-def _serve_from_env() -> None:
-    """`POSTE_METRICS=ADDR:PORT`: expose /metrics from any poste process.
-
-    Until every service has a `--metrics` flag, this lets an operator (and the
-    loop test) scrape separate service processes without changing their code.
-    """
-    import os
-
-    spec = os.environ.get("POSTE_METRICS")
-    if not spec:
-        return
-    from poste.stack.metrics_http import serve
-
-    try:
-        serve(spec)
-    except (OSError, ValueError) as exc:
-        import logging
-
-        logging.getLogger("poste").warning("POSTE_METRICS=%s: %s", spec, exc)
-
-
-_serve_from_env()

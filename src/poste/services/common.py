@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import signal
-import sys
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
@@ -51,10 +51,15 @@ def tls_context_from(cert: str | None, key: str | None):  # type: ignore[no-unty
         raise click.ClickException(str(exc)) from None
 
 
+# Set by the --log-format/--metrics flags (see verbose_option), read by setup_logging/run_services.
+_observability: dict[str, Any] = {"log_format": "plain", "metrics": None}
+
+
 def setup_logging(verbose: int = 0, json_logs: bool = False) -> None:
-    level = logging.DEBUG if verbose > 1 else logging.INFO
-    fmt = "%(asctime)s %(name)s %(levelname)s %(message)s"
-    logging.basicConfig(level=level, format=fmt, stream=sys.stderr)
+    from poste.stack.logs import setup
+
+    log_format = "json" if json_logs else _observability["log_format"]
+    setup(log_format, verbose)
     if verbose < 2:
         # aiosmtpd's chatter, including a deprecation warning on every successful AUTH.
         logging.getLogger("mail.log").setLevel(logging.ERROR)
@@ -75,6 +80,11 @@ def run_services(
 
     A port that cannot be bound is a one-line error and exit status 1.
     """
+
+    if _observability["metrics"]:
+        from poste.stack.metrics_http import serve_or_fail
+
+        serve_or_fail(_observability["metrics"])
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
@@ -143,4 +153,35 @@ tls_cert_option = click.option(
     "--tls-cert", type=click.Path(dir_okay=False), help="PEM certificate."
 )
 tls_key_option = click.option("--tls-key", type=click.Path(dir_okay=False), help="PEM private key.")
-verbose_option = click.option("-v", "--verbose", count=True, help="More logging (-vv: debug).")
+
+
+def verbose_option(func: Callable[..., Any]) -> Callable[..., Any]:
+    """-v, and the two flags every service shares for operations: --log-format and --metrics.
+
+    The latter two are consumed here (the command never sees them) and read
+    back by setup_logging() and run_services(), so every service gets them
+    the same way without repeating the plumbing.
+    """
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, log_format: str, metrics: str | None, **kwargs: Any) -> Any:
+        _observability["log_format"] = log_format
+        _observability["metrics"] = metrics
+        return func(*args, **kwargs)
+
+    wrapper = click.option(
+        "--metrics",
+        default=None,
+        metavar="ADDR:PORT",
+        envvar="POSTE_METRICS",
+        help="Serve Prometheus metrics at http://ADDR:PORT/metrics.",
+    )(wrapper)
+    wrapper = click.option(
+        "--log-format",
+        type=click.Choice(["plain", "json"]),
+        default="plain",
+        envvar="POSTE_LOG_FORMAT",
+        show_default=True,
+        help="Log lines as plain text or one JSON object each.",
+    )(wrapper)
+    return click.option("-v", "--verbose", count=True, help="More logging (-vv: debug).")(wrapper)

@@ -23,7 +23,7 @@ import ssl
 from dataclasses import dataclass
 from typing import Any
 
-from aiosmtpd.smtp import SMTP, AuthResult, syntax
+from aiosmtpd.smtp import SMTP, AuthResult, TLSSetupException, syntax
 
 from poste.smtp.chain import StageTransaction
 from poste.smtp.hop import Hop
@@ -466,6 +466,11 @@ class _Handler:
         return "221 2.0.0 Bye"
 
     async def handle_exception(self, error: Exception) -> str:
+        if isinstance(error, TLSSetupException):
+            # A client that gives up the handshake is routine on port 25, not a bug.
+            log.warning("TLS handshake with %s failed: %s", self.conn.poste_env.peer_ip,
+                        error.__cause__ or error)
+            return "454 4.7.0 TLS handshake failed"
         log.error("session error: %r", error, exc_info=error)
         self.conn._abort_txn()
         return "451 4.3.0 Local error in processing, try again later"

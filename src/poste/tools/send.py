@@ -56,9 +56,10 @@ def deliver(
     cafile: str | None,
     username: str | None = None,
     password: str | None = None,
+    implicit_tls: bool = False,
 ) -> None:
     host, port = parse_hostport(server, default_port)
-    implicit = username is not None and port == 465
+    implicit = implicit_tls or (username is not None and port == 465)
     ctx = client_context(cafile)
     try:
         result = asyncio.run(
@@ -117,6 +118,8 @@ def main(
     deliver(read_mail(mail), server, 25, sender, recipients, helo, cafile)
 
 
+@click.option("--tls", "implicit_tls", is_flag=True,
+              help="Implicit TLS whatever the port (465 always is).")
 @click.option("-u", "--user", required=True, help="Login.")
 @click.option(
     "-p", "--password", default=None, help="Password (default: $POSTE_PASSWORD, else a prompt)."
@@ -129,13 +132,14 @@ def submit(
     recipients: tuple[str, ...],
     user: str,
     password: str | None,
+    implicit_tls: bool,
     helo: str | None,
     cafile: str | None,
 ) -> None:
-    """Submit MAIL with AUTH: port 465 is implicit TLS, any other port STARTTLS (587 default)."""
+    """Submit MAIL with AUTH: port 465 (or --tls) is implicit TLS, any other STARTTLS (587 default)."""
     data = read_mail(mail)
     if password is None:
         password = os.environ.get("POSTE_PASSWORD")
     if password is None:
         password = click.prompt("Password", hide_input=True, err=True)
-    deliver(data, server, 587, sender, recipients, helo, cafile, user, password)
+    deliver(data, server, 587, sender, recipients, helo, cafile, user, password, implicit_tls)
