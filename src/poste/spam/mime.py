@@ -15,7 +15,7 @@ from __future__ import annotations
 import binascii
 import codecs
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -63,6 +63,9 @@ class Fields(Mapping[str, list[str]]):
         if name in self._raw:
             return self[name]
         return default
+
+    def names(self) -> Iterable[str]:
+        return self._raw.keys()
 
     def __contains__(self, name: object) -> bool:
         return name in self._raw

@@ -13,6 +13,7 @@ them one per line).
 
 from __future__ import annotations
 
+import functools
 import html
 import re
 
@@ -37,11 +38,11 @@ _ADDR = re.compile(r"<?([^\s<>\"]+@[^\s<>\"]+?)>?\s*$")
 # header fields whose words are tokens of their own (besides the special ones)
 _WORD_FIELDS = ("subject", "x-mailer", "user-agent", "organization")
 # fields that only tell something by being there
-_SEEN_FIELDS = (
+_SEEN_FIELDS = frozenset({
     "x-mailer", "user-agent", "x-msmail-priority", "x-priority", "list-id", "list-unsubscribe",
     "in-reply-to", "references", "mime-version", "reply-to", "x-originating-ip",
     "disposition-notification-to", "errors-to", "organization", "precedence",
-)
+})
 
 
 def words(text: str) -> set[str]:
@@ -71,23 +72,28 @@ def _clean(value: str, size: int = 20) -> str:
 
 
 def _host_tokens(prefix: str, host: str, out: set[str]) -> None:
+    out.update(_host_token_tuple(prefix, host))
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _host_token_tuple(prefix: str, host: str) -> tuple[str, ...]:
+    """`prefix:host` and its owner domains (cached: the same hosts recur in every mail)."""
     host = _clean(host, 255).strip(".").rsplit("@", 1)[-1]
     if not host:
-        return
+        return ()
     if _IP.match(host):
-        out.add(f"{prefix}:ip")
-        out.add(f"{prefix}:{host.rsplit('.', 1)[0]}")
-        return
-    out.add(f"{prefix}:{host}")
+        return (f"{prefix}:ip", f"{prefix}:{host.rsplit('.', 1)[0]}")
+    out = [f"{prefix}:{host}"]
     labels = host.split(".")
     n = len(labels)
     if n > 8:
-        out.add(f"{prefix}:many-labels")
+        out.append(f"{prefix}:many-labels")
     # the parent domains that can name an owner: example.com, example.co.uk
     if n > 2:
-        out.add(f"{prefix}:{labels[-2]}.{labels[-1]}")
+        out.append(f"{prefix}:{labels[-2]}.{labels[-1]}")
     if n > 3:
-        out.add(f"{prefix}:{labels[-3]}.{labels[-2]}.{labels[-1]}")
+        out.append(f"{prefix}:{labels[-3]}.{labels[-2]}.{labels[-1]}")
+    return tuple(out)
 
 
 def html_to_text(markup: str, out: set[str]) -> str:
@@ -115,19 +121,15 @@ def _address_tokens(prefix: str, value: str, out: set[str]) -> None:
         name = value[: m.start()]
         if any(c.isdigit() for c in local):
             out.add(f"{prefix}:local-has-digits")
-    for w in words(name):
-        out.add(f"{prefix}:name:{w}")
+    out.update([f"{prefix}:name:{w}" for w in words(name)])
 
 
 def _header_tokens(part: Part, out: set[str]) -> None:
     h = part.headers
-    for name in h:
-        if name in _SEEN_FIELDS:
-            out.add(f"header:{name}")
+    out.update([f"header:{name}" for name in _SEEN_FIELDS.intersection(h.names())])
     for name in _WORD_FIELDS:
         for value in h.get(name, ()):
-            for w in words(value):
-                out.add(f"{name}:{w}")
+            out.update([f"{name}:{w}" for w in words(value)])
     subjects = h.get("subject")
     if subjects:
         s = subjects[0]
