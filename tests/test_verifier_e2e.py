@@ -2,7 +2,10 @@
 
 swaks connects from 127.0.0.10 (or .11) with STARTTLS; the test zone
 publishes sender.test's SPF (`ip4:127.0.0.10 -all`), its DKIM key and a DMARC
-policy.  What arrives at `poste srv` must carry the labels a user would read.
+policy, an SPF record for a HELO name that allows nobody, and the reverse
+zone of 127.0.0.0/24 (127.0.0.10 is forward-confirmed, 127.0.0.11's PTR name
+points elsewhere).  What arrives at `poste srv` must carry the labels a user
+would read.
 """
 
 from __future__ import annotations
@@ -22,9 +25,10 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from support.dkimkit import service
+from support.fakedns import DROP, fake_dns
 from support.knot import knot_server, simple_zone
 from support.net import free_port
-from support.verifierkit import find, header, mail, swaks, verifier_args
+from support.verifierkit import find, header, mail, swaks, swaks_args, verifier_args
 
 pytestmark = pytest.mark.skipif(shutil.which("swaks") is None, reason="swaks missing")
 
@@ -50,9 +54,17 @@ def zones(key: rsa.RSAPrivateKey) -> dict[str, str]:
             "sender.test",
             '@ TXT "v=spf1 ip4:127.0.0.10 -all"\n'
             f"{SELECTOR}._domainkey TXT {_split(dkim_txt)}\n"
-            '_dmarc TXT "v=DMARC1; p=reject"\n',
+            '_dmarc TXT "v=DMARC1; p=reject"\n'
+            'mail TXT "v=spf1 ip4:127.0.0.10 -all"\n'
+            'badhelo TXT "v=spf1 -all"\n'
+            "client A 127.0.0.10\n"
+            "liar A 127.0.0.99\n",
         ),
         "nospf.test": simple_zone("nospf.test", "@ A 192.0.2.1\n"),
+        "0.0.127.in-addr.arpa": simple_zone(
+            "0.0.127.in-addr.arpa",
+            "10 PTR client.sender.test.\n11 PTR liar.sender.test.\n",
+        ),
     }
 
 
@@ -265,3 +277,107 @@ def test_spf_check_tool(stack: dict[str, Any], poste_bin: str) -> None:
     assert "client-ip=127.0.0.10; envelope-from=" in r.stdout
     r = spf("--ip", "not-an-ip", "--sender", "a@sender.test")
     assert r.returncode != 0 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+
+
+def _with_helo(args: list[str], helo: str) -> list[str]:
+    """A swaks command line greeting with another HELO name than the kit's."""
+    out = list(args)
+    out[out.index("--helo") + 1] = helo
+    return out
+
+
+def _our_received(stored: bytes) -> str:
+    """The verifier's own `Received:` field (by mx.our.test), unfolded."""
+    head = stored.split(b"\r\n\r\n", 1)[0].decode("latin-1")
+    unfolded = head.replace("\r\n\t", " ").replace("\r\n ", " ")
+    ours = [ln for ln in unfolded.split("\r\n") if ln.startswith("Received: ") and "by mx." in ln]
+    assert len(ours) == 1, head
+    return ours[0]
+
+
+def test_helo_fail_decides_received_spf(stack: dict[str, Any], key: Any) -> None:
+    args = _with_helo(
+        swaks_args(stack["port"], sign(mail("helo fails"), key), stack["tmp"]),
+        "badhelo.sender.test",
+    )
+    r = subprocess.run(args, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+    stored = find(stack["box"], b"Subject: helo fails")
+    spf = header(stored, "Received-SPF")
+    assert spf.startswith("fail (mx.our.test: helo badhelo.sender.test does not designate")
+    assert "identity=helo" in spf and "helo=badhelo.sender.test" in spf
+    ar = header(stored, "Authentication-Results")
+    assert "spf=pass smtp.mailfrom=someone@sender.test;" in ar
+    assert "spf=fail smtp.helo=badhelo.sender.test;" in ar
+    assert "dmarc=pass" in ar
+
+
+def test_helo_checked_alongside_mailfrom(stack: dict[str, Any], key: Any) -> None:
+    r = swaks(stack["port"], sign(mail("helo none"), key), stack["tmp"])
+    assert r.returncode == 0, r.stdout + r.stderr
+    stored = find(stack["box"], b"Subject: helo none")
+    assert "identity=mailfrom" in header(stored, "Received-SPF")
+    ar = header(stored, "Authentication-Results")
+    assert "spf=pass smtp.mailfrom=someone@sender.test;" in ar
+    assert "spf=none smtp.helo=client.sender.test;" in ar  # no SPF record for the HELO name
+
+
+def test_received_names_only_a_forward_confirmed_peer(stack: dict[str, Any], key: Any) -> None:
+    r = swaks(stack["port"], sign(mail("named peer"), key), stack["tmp"])
+    assert r.returncode == 0, r.stdout + r.stderr
+    received = _our_received(find(stack["box"], b"Subject: named peer"))
+    assert received.startswith(
+        "Received: from client.sender.test (client.sender.test [127.0.0.10])"
+    )
+    # 127.0.0.11's PTR says liar.sender.test, whose A record is another address
+    r = swaks(stack["port"], sign(mail("liar peer"), key), stack["tmp"], source="127.0.0.11")
+    assert r.returncode == 0, r.stdout + r.stderr
+    received = _our_received(find(stack["box"], b"Subject: liar peer"))
+    assert received.startswith("Received: from client.sender.test ([127.0.0.11])")
+    assert "liar" not in received
+
+
+def test_nameserver_that_drops_queries_gives_temperror_and_mail_passes(
+    tmp_path: Path, poste_bin: str, stack: dict[str, Any], key: Any
+) -> None:
+    """No answer at all (not a refusal): every lookup waits out --dns-timeout, then temperror."""
+    port = free_port()
+    with fake_dns(lambda qname, qtype: DROP) as silent:
+        args = verifier_args(poste_bin, port, stack["srv_port"], tmp_path, silent.nameserver)
+        with service([*args, "--dns-timeout", "1"], "127.0.0.1", port, tmp_path / "v.log"):
+            r = swaks(port, sign(mail("silent dns"), key), tmp_path)
+        asked = {qtype for _, qtype in silent.queries}
+    assert r.returncode == 0, r.stdout + r.stderr
+    stored = find(stack["box"], b"Subject: silent dns")
+    assert header(stored, "Received-SPF").startswith("temperror ")
+    ar = header(stored, "Authentication-Results")
+    assert "spf=temperror smtp.mailfrom=someone@sender.test;" in ar
+    assert "spf=temperror smtp.helo=client.sender.test;" in ar
+    assert "dkim=temperror" in ar and "dmarc=temperror" in ar
+    assert _our_received(stored).startswith("Received: from client.sender.test ([127.0.0.10])")
+    assert {"TXT", "PTR"} <= asked  # the queries went out and were dropped
+
+
+def test_psl_file_changes_organisational_domains(
+    tmp_path: Path, poste_bin: str, stack: dict[str, Any]
+) -> None:
+    """A fresher list that makes sender.test a public suffix: mail.sender.test no longer aligns."""
+    psl = tmp_path / "public_suffix_list.dat"
+    psl.write_text(
+        "// ===BEGIN ICANN DOMAINS===\ncom\nuk\nco.uk\n// ===END ICANN DOMAINS===\n"
+        "// ===BEGIN PRIVATE DOMAINS===\nsender.test\n// ===END PRIVATE DOMAINS===\n"
+    )
+    msg = mail("bounce domain aligned")
+    r = swaks(stack["port"], msg, stack["tmp"], sender="bounce@mail.sender.test")
+    assert r.returncode == 0, r.stdout + r.stderr
+    ar = header(find(stack["box"], b"Subject: bounce domain aligned"), "Authentication-Results")
+    assert "spf=pass smtp.mailfrom=bounce@mail.sender.test" in ar and "dmarc=pass" in ar
+
+    port = free_port()
+    args = verifier_args(poste_bin, port, stack["srv_port"], tmp_path, stack["ns"].nameserver)
+    with service([*args, "--psl", str(psl)], "127.0.0.1", port, tmp_path / "v.log"):
+        r = swaks(port, mail("bounce domain apart"), tmp_path, sender="bounce@mail.sender.test")
+    assert r.returncode == 0, r.stdout + r.stderr
+    ar = header(find(stack["box"], b"Subject: bounce domain apart"), "Authentication-Results")
+    assert "spf=pass smtp.mailfrom=bounce@mail.sender.test" in ar
+    assert "dmarc=fail" in ar and "header.from=sender.test" in ar

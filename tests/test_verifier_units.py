@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from poste.auth import dmarc
@@ -54,6 +56,29 @@ def test_org_domain_and_alignment() -> None:
     assert not dmarc.aligned("bounce.example.com", "example.com", "s")
     assert not dmarc.aligned("example.co.uk", "other.co.uk", "r")
     assert not dmarc.aligned("", "example.com", "r")
+
+
+def test_psl_file(tmp_path: Path) -> None:
+    from publicsuffixlist import PSLFILE
+
+    psl = dmarc.load_psl(PSLFILE)  # the packaged file itself is a valid --psl
+    assert dmarc.org_domain("mail.example.co.uk", psl) == "example.co.uk"
+    fresh = tmp_path / "psl.dat"
+    fresh.write_text("// ===BEGIN ICANN DOMAINS===\nuk\nco.uk\nnewsuffix.example\n")
+    psl = dmarc.load_psl(fresh)
+    assert dmarc.org_domain("a.b.newsuffix.example", psl) == "b.newsuffix.example"
+    assert dmarc.org_domain("a.b.newsuffix.example") == "newsuffix.example"  # packaged list
+    assert not dmarc.aligned("a.newsuffix.example", "b.newsuffix.example", "r", psl)
+    assert dmarc.aligned("a.newsuffix.example", "b.newsuffix.example", "r")
+    for bad in ("", "just some text\n", "// ===BEGIN ICANN DOMAINS===\n// nothing\n"):
+        fresh.write_text(bad)
+        with pytest.raises(dmarc.PSLError, match="does not look like"):
+            dmarc.load_psl(fresh)
+    fresh.write_bytes(b"\xff\xfe")
+    with pytest.raises(dmarc.PSLError, match="not UTF-8"):
+        dmarc.load_psl(fresh)
+    with pytest.raises(dmarc.PSLError, match="cannot read"):
+        dmarc.load_psl(tmp_path / "missing.dat")
 
 
 def test_dmarc_record_parsing() -> None:
@@ -198,6 +223,8 @@ async def test_ed25519_and_rsa_signatures_and_missing_key() -> None:
         (["--postmaster", "nobody"], "--postmaster"),
         (["--require-tls"], "--require-tls"),
         (["--listen", "127.0.0.1:99999"], "port"),
+        (["--psl", "/nonexistent/public_suffix_list.dat"], "--psl"),
+        (["--psl", "/etc/hostname"], "does not look like public_suffix_list.dat"),
     ],
 )
 def test_bad_flags_are_one_line(poste_bin: str, extra: list[str], needle: str) -> None:

@@ -342,6 +342,22 @@ class TolerantNameserver(dns.nameserver.Do53Nameserver):
         one_rr_per_rrset: bool = False,
         ignore_trailing: bool = False,
     ) -> dns.message.Message:
+        try:
+            return self._query(request, timeout, source, source_port, max_size)
+        except TimeoutError:
+            # a socket timeout is dnspython's Timeout: the server is slow or
+            # drops queries (retried within the lifetime, reported as a
+            # timeout), not broken (an OSError takes it out of the answer)
+            raise dns.exception.Timeout(timeout=timeout) from None  # type: ignore[no-untyped-call]
+
+    def _query(
+        self,
+        request: dns.message.QueryMessage,
+        timeout: float,
+        source: str | None,
+        source_port: int,
+        max_size: bool,
+    ) -> dns.message.Message:
         family = dns.inet.af_for_address(self.address)
         expiration = time.monotonic() + timeout
         wire = request.to_wire()
