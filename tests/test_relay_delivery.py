@@ -9,7 +9,7 @@ import pytest
 
 from poste.dns.resolver import make_resolver
 from poste.relay.delivery import Deliverer
-from poste.smtp.server import SMTPService
+from poste.smtp.server import Limits, SMTPService
 from poste.smtp.stage import Envelope, Reply, Stage
 from poste.smtp.tls import self_signed, server_context
 from poste.tools.srv import Mailbox, MailboxHop
@@ -140,3 +140,136 @@ async def test_ipv6_first_then_ipv4(world: World) -> None:
     got = await world.deliverer().deliver("v6.test", "a@example.org", ["y@v6.test"], MSG)
     assert got["y@v6.test"].ok
     assert len(mails(box4)) == 1
+
+
+# -- mail that would loop back to ourselves (Postfix: "loops back to myself", 5.4.6) --------
+
+
+async def test_mx_that_is_ourselves_is_a_permanent_loop(world: World) -> None:
+    box = await world.mx("127.0.0.21")
+    d = world.deliverer()
+    d_self = Deliverer(d.resolver, helo="relay.our.test", port=world.port, timeout=10,
+                       connect_timeout=3, self_addresses=["127.0.0.21"])
+    got = await d_self.deliver("gmail.test", "a@example.org", ["x@gmail.test"], MSG)
+    r = got["x@gmail.test"]
+    assert r.permanent and r.text == "5.4.6 mail for gmail.test loops back to myself"
+    assert mails(box) == []  # never delivered to ourselves
+    # The same for an implicit MX (the domain's own A record).
+    d_self = Deliverer(d.resolver, helo="h", port=world.port, self_addresses=["127.0.0.27"])
+    got = await d_self.deliver("implicit.test", "a@example.org", ["x@implicit.test"], MSG)
+    assert "5.4.6" in got["x@implicit.test"].text and got["x@implicit.test"].permanent
+    # A wildcard listen address means every address of this machine (127.0.0.21 included).
+    d_any = Deliverer(d.resolver, helo="h", port=world.port, self_addresses=["0.0.0.0"])
+    got = await d_any.deliver("gmail.test", "a@example.org", ["x@gmail.test"], MSG)
+    assert "loops back to myself" in got["x@gmail.test"].text
+    assert mails(box) == []
+
+
+async def test_backup_mx_that_is_ourselves_is_not_tried(world: World) -> None:
+    backup = await world.mx("127.0.0.29")  # mx2 (preference 20) is us; mx1 is down
+    d = Deliverer(make_resolver([world.ns.nameserver]), helo="h", port=world.port,
+                  connect_timeout=3, self_addresses=["127.0.0.29"])
+    got = await d.deliver("backup.test", "a@example.org", ["x@backup.test"], MSG)
+    r = got["x@backup.test"]
+    assert not r.ok and not r.permanent  # mx1 may come back: wait for it
+    assert "loops" not in r.text and mails(backup) == []
+    # If the primary is us, that is the loop, whatever the backups are.
+    d = Deliverer(make_resolver([world.ns.nameserver]), helo="h", port=world.port,
+                  connect_timeout=3, self_addresses=["127.0.0.28"])
+    got = await d.deliver("backup.test", "a@example.org", ["x@backup.test"], MSG)
+    assert got["x@backup.test"].permanent and "5.4.6" in got["x@backup.test"].text
+    assert mails(backup) == []
+
+
+async def test_domain_without_mx_or_address_is_permanent(world: World) -> None:
+    got = await world.deliverer().deliver("noaddr.test", "a@example.org", ["x@noaddr.test"], MSG)
+    assert got["x@noaddr.test"].permanent and "5.4.4" in got["x@noaddr.test"].text
+
+
+# -- connection reuse -----------------------------------------------------------------------
+
+
+class Counting(Refuse):
+    def __init__(self) -> None:
+        self.connections = 0
+
+    async def on_connect(self, env: Envelope) -> Reply | None:
+        self.connections += 1
+        return None
+
+
+async def counting_mx(world: World, ip: str, **limits: float) -> tuple[Counting, Path]:
+    stage = Counting()
+    folder = world.tmp / f"{ip}-counted"
+    svc = SMTPService(stage, MailboxHop(Mailbox(f"{folder}/", 0, True)), host=ip,
+                      port=world.port, hostname=f"mx-{ip}",
+                      limits=Limits(**limits) if limits else None)  # type: ignore[arg-type]
+    await svc.start()
+    world.services.append(svc)
+    return stage, folder
+
+
+async def test_messages_to_one_domain_share_a_session(world: World) -> None:
+    stage, box = await counting_mx(world, "127.0.0.21")
+    d = Deliverer(make_resolver([world.ns.nameserver]), helo="relay.our.test", port=world.port,
+                  reuse_limit=3, reuse_idle=30)
+    try:
+        for i in range(7):
+            got = await d.deliver("gmail.test", f"s{i}@example.org",
+                                  [f"u{i}@gmail.test", "nobody@gmail.test"], MSG)
+            assert got[f"u{i}@gmail.test"].ok, got
+            assert got["nobody@gmail.test"].permanent  # per-recipient results on reuse too
+    finally:
+        await d.aclose()
+    got_mails = mails(box)
+    assert len(got_mails) == 7
+    # RSET/MAIL per message: each mail has its own sender and recipient.
+    assert sorted(return_path(m) for m in got_mails) == [f"s{i}@example.org" for i in range(7)]
+    assert sorted(header(m, "Delivered-To")[0] for m in got_mails) == [
+        f"u{i}@gmail.test" for i in range(7)
+    ]
+    assert stage.connections == 3  # 3 + 3 + 1 messages (reuse_limit=3)
+
+
+async def test_kept_session_closed_by_the_server_falls_back(world: World) -> None:
+    import asyncio
+
+    stage, box = await counting_mx(world, "127.0.0.21", idle_timeout=0.3)
+    d = Deliverer(make_resolver([world.ns.nameserver]), helo="h", port=world.port,
+                  reuse_idle=30)
+    try:
+        assert (await d.deliver("gmail.test", "a@example.org", ["u1@gmail.test"], MSG))[
+            "u1@gmail.test"].ok
+        await asyncio.sleep(1.0)  # the server drops our idle session meanwhile
+        got = await d.deliver("gmail.test", "a@example.org", ["u2@gmail.test"], MSG)
+        assert got["u2@gmail.test"].ok, got
+    finally:
+        await d.aclose()
+    assert len(mails(box)) == 2 and stage.connections == 2
+
+
+async def test_scheduler_drains_a_queue_over_few_sessions(world: World) -> None:
+    import asyncio
+
+    from poste.relay.scheduler import Policy, Scheduler
+    from poste.relay.spool import Entry, Recipient, Spool
+
+    stage, box = await counting_mx(world, "127.0.0.21")
+    spool = Spool(world.tmp / "spool")
+    for i in range(12):
+        spool.put(Entry(id=f"R{i:02}", return_path="", recipients=[
+            Recipient(f"u{i}@gmail.test", "a@example.org")]), MSG)
+    d = Deliverer(make_resolver([world.ns.nameserver]), helo="h", port=world.port)
+    sched = Scheduler(spool, d.deliver, hostname="relay.our.test", domain="our.test",
+                      policy=Policy(max_per_domain=2, rescan=3600))
+    await sched.start()
+    try:
+        for _ in range(300):
+            if not spool.ids():
+                break
+            await asyncio.sleep(0.05)
+    finally:
+        await sched.stop()
+        await d.aclose()
+    assert spool.ids() == [] and len(mails(box)) == 12
+    assert stage.connections <= 2  # at most the per-domain cap, reused

@@ -52,3 +52,107 @@ async def test_per_domain_cap_and_resume(tmp_path: Path) -> None:
     assert sorted(done) == sorted(f"u{i}@{'a.test' if i % 2 else 'b.test'}" for i in range(12))
     assert peak == {"a.test": 2, "b.test": 2}
     assert spool.ids() == []
+
+
+# -- one relay per spool, and `poste queue` beside a running relay -------------------------
+
+
+def test_one_owner_per_spool(tmp_path: Path) -> None:
+    import os
+
+    import pytest
+
+    from poste.relay.spool import SpoolLocked
+
+    first = Spool(tmp_path)
+    first.lock()
+    with pytest.raises(SpoolLocked, match=rf"in use by another relay \(pid {os.getpid()}\)"):
+        Spool(tmp_path).lock()
+    first.unlock()
+    Spool(tmp_path).lock()  # free again (and an flock dies with its process anyway)
+
+
+async def _running(
+    tmp_path: Path, release: asyncio.Event, started: asyncio.Event, reply: Result
+) -> tuple[Spool, Scheduler]:
+    spool = Spool(tmp_path)
+    spool.put(Entry(id="Q1", return_path="", recipients=[
+        Recipient("u@a.test", "s@our.test")]), MSG)
+
+    async def deliver(domain: str, sender: str, rcpts: list[str], msg: bytes) -> dict[str, Result]:
+        started.set()
+        await release.wait()
+        return {r: reply for r in rcpts}
+
+    sched = Scheduler(spool, deliver, hostname="relay.our.test", domain="our.test",
+                      policy=Policy(retry_min=3600, rescan=3600, warn_after=0))
+    await sched.start()
+    return spool, sched
+
+
+def _queue(poste_bin: str, tmp_path: Path, *args: str) -> str:
+    import subprocess
+
+    out = subprocess.run([poste_bin, "queue", *args, "--spool", str(tmp_path)],
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+async def test_retry_during_an_attempt_is_not_undone(tmp_path: Path, poste_bin: str) -> None:
+    release, started = asyncio.Event(), asyncio.Event()
+    spool, sched = await _running(tmp_path, release, started,
+                                  Result(451, "451 4.2.0 try later", "mx.a.test"))
+    try:
+        await asyncio.wait_for(started.wait(), 10)  # the relay is delivering Q1 now
+        out = await asyncio.to_thread(_queue, poste_bin, tmp_path, "retry", "Q1")
+        assert "Q1: retry now" in out
+        started.clear()
+        release.set()  # the attempt ends with a 4xx: its own next try would be ~1 hour away
+        # The retry asked during the attempt is kept: a second attempt comes at once.
+        await asyncio.wait_for(started.wait(), 10)
+        for _ in range(200):
+            if spool.load("Q1").attempts == 2:
+                break
+            await asyncio.sleep(0.02)
+        e = spool.load("Q1")
+        assert e.attempts == 2 and e.recipients[0].last_reply == "451 4.2.0 try later"
+    finally:
+        await sched.stop()
+
+
+async def test_delete_during_an_attempt_stays_deleted(tmp_path: Path, poste_bin: str) -> None:
+    release, started = asyncio.Event(), asyncio.Event()
+    spool, sched = await _running(tmp_path, release, started,
+                                  Result(451, "451 4.2.0 try later", "mx.a.test"))
+    try:
+        await asyncio.wait_for(started.wait(), 10)
+        assert "Q1: deleted" in await asyncio.to_thread(_queue, poste_bin, tmp_path, "delete", "Q1")
+        release.set()
+        for _ in range(50):
+            await asyncio.sleep(0.02)
+            if await sched.idle():
+                break
+        assert await sched.idle()
+    finally:
+        await sched.stop()
+    # No envelope came back, no orphan message file either.
+    left = await asyncio.to_thread(lambda: list(tmp_path.glob("Q1.*")))
+    assert spool.ids() == [] and not left
+
+
+def test_queue_retry_waits_for_the_message_lock(tmp_path: Path, poste_bin: str) -> None:
+    import subprocess
+    import time
+
+    spool = Spool(tmp_path)
+    spool.put(Entry(id="Q1", return_path="", recipients=[
+        Recipient("u@a.test", "s@our.test")], next_attempt=2e9), MSG)
+    with spool.message_lock("Q1"):  # the relay is rewriting Q1's envelope
+        proc = subprocess.Popen([poste_bin, "queue", "retry", "Q1", "--spool", str(tmp_path)],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        time.sleep(1.0)
+        assert proc.poll() is None  # waiting, not writing over the relay's update
+        assert spool.load("Q1").next_attempt == 2e9
+    assert proc.wait(30) == 0
+    assert spool.load("Q1").next_attempt < 2e9

@@ -272,3 +272,55 @@ def test_sigterm_stops_cleanly_and_keeps_the_queue(world: World) -> None:
     assert relay.proc.wait(15) == 0
     relay.proc = None
     assert "carol@late.test" in world.queue()
+
+
+def test_second_relay_on_the_same_spool_is_refused(world: World) -> None:
+    first = world.relay()
+    second = Relay(world.poste_bin, world.tmp, world.ns.nameserver, world.port)
+    out = subprocess.run(second.args, capture_output=True, text=True, timeout=30)
+    assert out.returncode != 0 and "Traceback" not in out.stderr
+    [line] = out.stderr.strip().splitlines()
+    assert "in use by another relay" in line and str(first.proc.pid if first.proc else "") in line
+    # The first one still works; once it stopped, the spool can be taken over.
+    assert send(first, "bob@example.org", ["carol@our.test"], mail("still"))[0] == 250
+    first.stop()
+    world.relays.append(second.start())
+    assert "carol@late.test" in world.queue()
+
+
+def test_mail_that_would_loop_back_to_us_bounces(world: World) -> None:
+    outlook, example = world.srv("outlook.test"), world.srv("example.org")
+    gmail = world.srv("gmail.test")
+    # 127.0.0.21 (Gmail's MX here) is declared ours; selfloop.test's MX is our --listen address.
+    relay = world.relay("--self-address", MX["gmail.test"])
+    assert send(relay, "bob@example.org", ["alice@our.test"], mail("loop1"))[0] == 250
+    assert send(relay, "bob@example.org", ["x@selfloop.test"], mail("loop2"))[0] == 250
+    [o] = outlook.wait(1)
+    assert header(o, "Delivered-To") == ["alice2@outlook.test"]
+    dsns = example.wait(2)
+    text = b"\n".join(dsns)
+    assert b"Final-Recipient: rfc822; alice@gmail.test" in text
+    assert b"Final-Recipient: rfc822; x@selfloop.test" in text
+    assert text.count(b"Status: 5.4.6") == 2
+    assert b"mail for gmail.test loops back to myself" in text
+    assert b"mail for selfloop.test loops back to myself" in text
+    assert gmail.mails() == []
+    wait_for(lambda: "0 message(s)" in world.queue(), "queue empty")
+    bad = subprocess.run([*relay.args, "--self-address", "not-an-ip"], capture_output=True,
+                         text=True, timeout=30)
+    assert bad.returncode != 0 and "--self-address" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_long_sender_gets_a_short_srs_address_that_reverses(world: World) -> None:
+    gmail, _outlook, example = (world.srv("gmail.test"), world.srv("outlook.test"),
+                                world.srv("example.org"))
+    relay = world.relay()
+    long_sender = "bounces+1234567-abcdef0123456789=subscriber.example.net@example.org"
+    assert send(relay, long_sender, ["alice@our.test"], mail("long"))[0] == 250
+    [g] = gmail.wait(1)
+    srs = return_path(g)
+    assert srs.startswith("SRS0=") and len(srs.partition("@")[0]) <= 64
+    bounce = b"From: MAILER-DAEMON@gmail.test\r\nSubject: bounce\r\n\r\nsorry\r\n"
+    assert send(relay, "", [srs], bounce)[0] == 250
+    [b] = example.wait(1)
+    assert header(b, "Delivered-To") == [long_sender]

@@ -121,3 +121,14 @@ def test_dsn_is_a_multipart_report() -> None:
         retry_until=time.time() + 86400,
     )
     assert b"Action: delayed" in delayed and b"Will-Retry-Until:" in delayed
+
+
+def test_dsn_status_of_local_failures() -> None:
+    from poste.relay.dsn import status_of
+
+    assert status_of("550 5.1.1 No such user", "5.0.0") == "5.1.1"
+    assert status_of("5.1.2 Domain nosuch.test does not exist", "5.0.0") == "5.1.2"
+    assert status_of("5.4.6 mail for a.test loops back to myself", "5.0.0") == "5.4.6"
+    assert status_of("556 5.1.10 null MX", "5.0.0") == "5.1.10"
+    assert status_of("554 Spam", "5.0.0") == "5.0.0"
+    assert status_of("connection refused", "4.0.0") == "4.0.0"

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import pytest
 
-from poste.relay.srs import SRS, SRSError, is_srs
+from poste.relay.srs import SRS, SRSDatabase, SRSError, is_srs
 
 NOW = time.time()
 
@@ -95,3 +96,57 @@ def test_malformed_refused(address: str) -> None:
 def test_algorithms(alg: str) -> None:
     srs = make(algorithm=alg, hash_length=8)
     assert srs.reverse(srs.forward("x@y.test", now=NOW), now=NOW) == "x@y.test"
+
+
+# -- local parts over 64 octets (RFC 5321 4.5.3.1.1) ---------------------------------------
+
+LONG = "bounces+1234567-abcdef0123456789=subscriber.example.net@newsletters.example.com"
+
+
+def test_long_sender_without_database_stays_long() -> None:
+    rewritten = make().forward(LONG, now=NOW)
+    assert len(rewritten.partition("@")[0]) > 64  # the documented stateless limit
+    assert make().reverse(rewritten, now=NOW) == LONG
+
+
+def test_long_sender_uses_the_database_form(tmp_path: Path) -> None:
+    srs = make(db=SRSDatabase(tmp_path / "db"))
+    short = srs.forward("bob@example.org", now=NOW)
+    assert "example.org" in short  # short addresses keep the stateless form
+    rewritten = srs.forward(LONG, now=NOW)
+    local = rewritten.partition("@")[0]
+    assert rewritten.startswith("SRS0=") and rewritten.endswith("@our.test")
+    assert len(local.encode()) <= 64 and is_srs(rewritten)
+    assert srs.forward(LONG, now=NOW) == rewritten  # one entry per sender, not per mail
+    assert len(list((tmp_path / "db").iterdir())) == 1
+    # After a restart (a new SRS on the same folder), even case-folded by some MTA.
+    again = make(db=SRSDatabase(tmp_path / "db"))
+    assert again.reverse(rewritten, now=NOW) == LONG
+    assert again.reverse(rewritten.lower(), now=NOW) == LONG
+    # Forged hash, expired, or unknown to this relay: refused.
+    hh = local.split("=")[1]
+    with pytest.raises(SRSError):
+        again.reverse(rewritten.replace(hh, "AAAAAA" if hh != "AAAAAA" else "BBBBBB"), now=NOW)
+    with pytest.raises(SRSError, match="expired"):
+        again.reverse(rewritten, now=NOW + 30 * 86400)
+    other = make(db=SRSDatabase(tmp_path / "other"))
+    with pytest.raises(SRSError, match="unknown"):
+        other.reverse(rewritten, now=NOW)
+    # An SRS1 chain that grows too long takes the same way back.
+    first = SRS("a-rather-long-forwarder-name.example.net", [b"k1"])
+    srs1 = srs.forward(first.forward("someone.with.a.long.name@example.org", now=NOW), now=NOW)
+    assert len(srs1.partition("@")[0]) <= 64
+    assert first.reverse(srs.reverse(srs1, now=NOW), now=NOW) == (
+        "someone.with.a.long.name@example.org"
+    )
+
+
+def test_database_prune(tmp_path: Path) -> None:
+    import os
+
+    db = SRSDatabase(tmp_path)
+    make(db=db).forward(LONG, now=NOW)
+    [entry] = list(tmp_path.iterdir())
+    assert db.prune(22 * 86400) == 0
+    os.utime(entry, (NOW - 23 * 86400, NOW - 23 * 86400))
+    assert db.prune(22 * 86400) == 1 and list(tmp_path.iterdir()) == []

@@ -26,7 +26,7 @@ MX = {
 
 
 def mx_zones() -> dict[str, str]:
-    """MX records for every stand-in domain, plus a null MX, an implicit MX and a 2-MX domain."""
+    """MX records for every stand-in domain, plus null MX, implicit MX, 2-MX and odd domains."""
     zones = {
         dom: simple_zone(dom, f"@ MX 10 mx.{dom}.\nmx A {ip}\n") for dom, ip in MX.items()
     }
@@ -38,6 +38,10 @@ def mx_zones() -> dict[str, str]:
         "mx1 A 127.0.0.28\nmx2 A 127.0.0.29\n",
     )
     zones["v6.test"] = simple_zone("v6.test", "@ MX 10 mx.v6.test.\nmx AAAA ::1\nmx A 127.0.0.30\n")
+    # Takes no mail at all: no MX, no address (only a TXT record).
+    zones["noaddr.test"] = simple_zone("noaddr.test", '@ TXT "no mail here"\n')
+    # Its MX is the relay's own --listen address (127.0.0.1): a loop.
+    zones["selfloop.test"] = simple_zone("selfloop.test", "@ MX 10 mx.selfloop.test.\nmx A 127.0.0.1\n")
     return zones
 
 

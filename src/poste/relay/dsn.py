@@ -20,9 +20,13 @@ DELAYED = "delayed"
 
 
 def status_of(reply: str, default: str) -> str:
-    """The enhanced status code in an SMTP reply text, else `default`."""
+    """The enhanced status code in an SMTP reply text, else `default`.
+
+    Remote replies carry it after the code ("550 5.1.1 ..."); our own failures
+    start with it ("5.1.2 Domain ... does not exist").
+    """
     parts = reply.split()
-    for word in parts[1:3]:
+    for word in parts[:3]:
         bits = word.split(".")
         if len(bits) == 3 and all(b.isdigit() for b in bits) and bits[0] in "245":
             return word

@@ -18,7 +18,7 @@ from poste.dns.resolver import NameserverError, make_resolver
 from poste.relay.delivery import Deliverer
 from poste.relay.router import Router, parse_networks
 from poste.relay.scheduler import Policy, Scheduler
-from poste.relay.spool import Spool, SpoolError
+from poste.relay.spool import Spool, SpoolError, SpoolLocked
 from poste.relay.srs import DAY, SRS, SRSDatabase, load_secrets
 from poste.relay.stage import MAX_RECEIVED, QueueHop, RelayStage
 from poste.services.common import (
@@ -263,17 +263,19 @@ def build_relay(
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--granted") from None
     domain = domains[0].lower().rstrip(".")
+    ours = _self_addresses(listen_host, self_addresses or [])
+    try:
+        spool = Spool(spool_dir)
+        # One relay per spool: refuse now, before anything else is read or written.
+        spool.lock()
+    except SpoolLocked:
+        raise
+    except (OSError, SpoolError) as exc:
+        raise click.ClickException(f"spool {spool_dir}: {exc}") from None
     try:
         watcher = UsersWatcher(users_repo, domain, poll_interval=users_poll)
     except UsersRepoError as exc:
         raise click.ClickException(f"users repository: {exc}") from None
-    ours = _self_addresses(listen_host, self_addresses or [])
-    try:
-        spool = Spool(spool_dir)
-        # One relay per spool: refuse now, before touching anything in it.
-        spool.lock()
-    except (OSError, SpoolError) as exc:
-        raise click.ClickException(f"spool {spool_dir}: {exc}") from None
     secrets_ = _srs_secrets(srs_secret, srs_secret_file, spool.path)
     if not secrets_:
         raise click.ClickException("the SRS secret is empty")
