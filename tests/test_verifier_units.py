@@ -234,3 +234,96 @@ def test_bad_flags_are_one_line(poste_bin: str, extra: list[str], needle: str) -
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
     assert r.returncode != 0
     assert "Traceback" not in r.stderr and needle in r.stderr
+
+
+async def test_dkim_key_record_problems_are_permerror_not_fail() -> None:
+    """A broken key record is the signer's DNS mistake (permerror), not a forged mail (fail).
+
+    And a selector with a stray TXT beside the key still verifies.
+    """
+    import base64
+
+    import dkim
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    from poste.auth import dkim_verify, spf
+    from support.fakedns import fake_dns, records_lookup
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.TraditionalOpenSSL,
+        serialization.NoEncryption(),
+    )
+    der = key.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    pub = base64.b64encode(der).decode()
+
+    def txt(text: str) -> list[bytes]:
+        raw = text.encode()
+        return [raw[i : i + 200] for i in range(0, len(raw), 200)]
+
+    records: dict[str, list[tuple[str, str | bytes | list[bytes]]]] = {
+        "good._domainkey.x.test": [("TXT", txt(f"v=DKIM1; k=rsa; p={pub}"))],
+        "badv._domainkey.x.test": [("TXT", txt(f"v=DKIM2; k=rsa; p={pub}"))],
+        "badk._domainkey.x.test": [("TXT", txt(f"v=DKIM1; k=foo; p={pub}"))],
+        "revoked._domainkey.x.test": [("TXT", "v=DKIM1; k=rsa; p=")],
+        "junk._domainkey.x.test": [("TXT", "hello world")],
+        "two._domainkey.x.test": [
+            ("TXT", "google-site-verification=abc"),
+            ("TXT", txt(f"v=DKIM1; k=rsa; p={pub}")),
+        ],
+    }
+    msg = b"From: a@x.test\r\nTo: b@y.test\r\nSubject: s\r\n\r\nhello\r\n"
+
+    def signed(selector: str) -> bytes:
+        field = dkim.sign(
+            msg, selector.encode(), b"x.test", pem, include_headers=[b"from", b"subject"],
+            linesep=b"\r\n",
+        )
+        return bytes(field) + msg
+
+    with fake_dns(records_lookup(records)) as ns:  # type: ignore[arg-type]
+        resolver = spf.resolver_for([ns.nameserver], 2)
+        got = {
+            sel: (await dkim_verify.verify(signed(sel), resolver))[0]
+            for sel in ("good", "badv", "badk", "revoked", "junk", "two")
+        }
+        forged = signed("good").replace(b"Subject: s", b"Subject: t")
+        tampered = (await dkim_verify.verify(forged, resolver))[0]
+    assert {sel: r.result for sel, r in got.items()} == {
+        "good": "pass",
+        "badv": "permerror",
+        "badk": "permerror",
+        "revoked": "permerror",
+        "junk": "permerror",
+        "two": "pass",
+    }
+    assert got["revoked"].reason == "key revoked (empty p=)"
+    assert tampered.result == "fail"  # a usable key and a signature that does not match
+
+
+async def test_results_counted_once_standalone_and_under_poste_up() -> None:
+    """`poste verifier` feeds poste_auth_results itself; `poste up` meters from outside."""
+    from prometheus_client import REGISTRY
+
+    from poste.auth import spf
+    from poste.stack.build import meter_authenticator
+    from support.fakedns import fake_dns, records_lookup
+
+    def count() -> float:
+        labels = {"method": "spf", "result": "pass"}
+        return REGISTRY.get_sample_value("poste_auth_results_total", labels) or 0.0
+
+    records = {"x.test": [("TXT", "v=spf1 ip4:192.0.2.1 -all")]}
+    msg = b"From: <a@x.test>\r\n\r\nhi\r\n"
+    with fake_dns(records_lookup(records)) as ns:  # type: ignore[arg-type]
+        for wrap in (lambda a: a, meter_authenticator):
+            auth = wrap(Authenticator(spf.resolver_for([ns.nameserver], 2), "mx.our.test"))
+            env = Envelope(peer_ip="192.0.2.1", helo="[192.0.2.1]", mail_from="a@x.test")
+            before = count()
+            verdict = await VerifierStage(["our.test"], auth).on_data(env, msg)
+            assert b"spf=pass" in verdict.prepend
+            assert count() - before == 1.0

@@ -59,7 +59,7 @@ class _Quiet(logging.Handler):
             self.messages.append(record.getMessage())
 
 
-def _dnsfunc(resolver: SyncResolver, seen: dict[str, bool]) -> Callable[..., bytes | None]:
+def _dnsfunc(resolver: SyncResolver, seen: dict[str, bytes]) -> Callable[..., bytes | None]:
     def lookup(name: bytes | str, timeout: float = 5) -> bytes | None:
         qname = name.decode("ascii", "replace") if isinstance(name, bytes) else name
         try:
@@ -78,10 +78,14 @@ def _dnsfunc(resolver: SyncResolver, seen: dict[str, bool]) -> Callable[..., byt
             raise _DNSTrouble(f"key lookup for {qname} failed ({exc.__class__.__name__})") from None
         if answer.rrset is None:
             return None
-        for rdata in answer.rrset:
-            seen["key"] = True
-            return b"".join(rdata.strings)
-        return None
+        records = [b"".join(rdata.strings) for rdata in answer.rrset]
+        if not records:
+            return None
+        # one TXT per selector is the rule (RFC 6376 3.6.2.2); when a zone
+        # has another one beside the key, the key is what was meant
+        keys = [r for r in records if b"p=" in r] or records
+        seen["key"] = keys[0]
+        return keys[0]
 
     return lookup
 
@@ -131,8 +135,9 @@ def _one(
     selector: str,
     signature: str,
 ) -> DKIMResult:
-    seen: dict[str, bool] = {}
+    seen: dict[str, bytes] = {}
     quiet.messages.clear()
+    d.pk = None  # set by dkimpy only once a usable key was loaded for this signature
 
     def result(word: str, reason: str = "") -> DKIMResult:
         return DKIMResult(word, domain, selector, signature, reason)
@@ -155,8 +160,10 @@ def _one(
     if not seen:
         return result("permerror", "no key for signature")
     why = quiet.messages[-1] if quiet.messages else "signature did not verify"
-    if "KeyFormatError" in why or "public key" in why:
-        return result("permerror", why)
+    if getattr(d, "pk", None) is None:  # dkimpy refused the key record: not a failed signature
+        if _tags(seen["key"]).get(b"p", b"x").strip() == b"":
+            return result("permerror", "key revoked (empty p=)")
+        return result("permerror", f"unusable key: {why}")
     return result("fail", why)
 
 
