@@ -165,3 +165,14 @@ async def test_reject_failures_refuses_helo_fail(dns: FakeDNS) -> None:
 )
 def test_helo_checkable(helo: str, ok: bool) -> None:
     assert spf.helo_checkable(helo) is ok
+
+
+async def test_null_sender_with_address_literal_helo_is_none_without_dns(dns: FakeDNS) -> None:
+    a = auth(dns)
+    report = await a.check("::ffff:192.0.2.10", "", "[192.0.2.10]", message())
+    rspf, ar = fields(a, report)
+    assert report.spf is not None and report.spf.result == "none"
+    assert rspf.startswith("none ") and "client-ip=192.0.2.10;" in rspf
+    assert 'helo="[192.0.2.10]"' in rspf and "identity=helo" in rspf
+    assert 'spf=none smtp.helo="[192.0.2.10]"' in ar
+    assert not any("[" in name for name, _ in dns.queries)

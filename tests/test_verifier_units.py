@@ -327,3 +327,13 @@ async def test_results_counted_once_standalone_and_under_poste_up() -> None:
             verdict = await VerifierStage(["our.test"], auth).on_data(env, msg)
             assert b"spf=pass" in verdict.prepend
             assert count() - before == 1.0
+
+
+@pytest.mark.parametrize("timeout", ["0", "-1"])
+def test_spf_check_timeout_must_be_positive(poste_bin: str, timeout: str) -> None:
+    import subprocess
+
+    cmd = [poste_bin, "spf", "check", "--ip", "192.0.2.1", "--sender", "a@x.test"]
+    r = subprocess.run([*cmd, "--timeout", timeout], capture_output=True, text=True, timeout=30)
+    assert r.returncode != 0 and "--timeout must be positive" in r.stderr
+    assert "Traceback" not in r.stderr and r.stderr.count("\n") == 1

@@ -94,7 +94,10 @@ class Authenticator:
     async def _spf(self, ip: str, sender: str, helo: str) -> spf.SPFResult | None:
         if not ip:
             return None
-        return await self._one_spf(ip, sender, helo or ip, "mailfrom")
+        if not sender and not spf.helo_checkable(helo):
+            # postmaster@[192.0.2.1] has no domain to ask about (RFC 7208 4.3): none, no DNS
+            return spf.SPFResult("none", "helo", helo, spf.normal_ip(ip), "", helo)
+        return await self._one_spf(ip, sender, helo, "mailfrom")
 
     async def _helo_spf(self, ip: str, sender: str, helo: str) -> spf.SPFResult | None:
         """HELO on its own (RFC 7208 2.3), when it is a name and not already MAIL FROM's stand-in."""

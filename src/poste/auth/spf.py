@@ -237,7 +237,7 @@ def check_sync(
         identity, local, domain = _identity("", helo)
     else:
         identity, local, domain = _identity(sender, helo)
-    client_ip = _normal_ip(ip)
+    client_ip = normal_ip(ip)
     _local.resolver = resolver
     try:
         q = _Query(
@@ -283,7 +283,8 @@ def check_sync(
     )
 
 
-def _normal_ip(ip: str) -> str:
+def normal_ip(ip: str) -> str:
+    """The address as SPF sees it: an IPv4-mapped IPv6 address is the IPv4 one."""
     try:
         addr = ipaddress.ip_address(ip)
     except ValueError:

@@ -43,6 +43,8 @@ def check(
 
     Exit status is 0 whatever the result: it is a label, not a verdict.
     """
+    if not timeout > 0:
+        raise click.ClickException("--timeout must be positive")
     try:
         ipaddress.ip_address(ip)
     except ValueError:
@@ -58,8 +60,9 @@ def check(
         resolver = spf.resolver_for(nameservers, timeout)
     except NameserverError as exc:
         raise click.ClickException(f"--nameserver: {exc}") from None
-    result = spf.check_sync(ip, sender, helo, resolver, receiver=receiver or socket.getfqdn())
+    receiver = receiver or socket.getfqdn()
+    result = spf.check_sync(ip, sender, helo, resolver, receiver=receiver)
     if header:
-        click.echo(result.field(receiver or socket.getfqdn()))
+        click.echo(result.field(receiver))
     else:
         click.echo(result.result)
