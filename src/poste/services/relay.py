@@ -179,12 +179,10 @@ def main(
     scheduler, watcher = parts.scheduler, parts.watcher
     service = SMTPService(parts.stage, parts.hop, host=host, port=port, hostname=parts.hostname)
 
-    async def keep_scheduler() -> None:
-        try:
-            await asyncio.Event().wait()
-        finally:
-            await scheduler.stop()
-            await parts.deliverer.aclose()
+    async def stop_delivery() -> None:
+        # After the listeners closed, so no mail is accepted once the spool lock is gone.
+        await scheduler.stop()
+        await parts.deliverer.aclose()
 
     async def prune_srs_db() -> None:
         # Entries unused for longer than an SRS address lives can go.
@@ -205,8 +203,9 @@ def main(
     run_services(
         service,
         on_start=scheduler.start,
-        background=[watcher.run, keep_scheduler, prune_srs_db],
+        background=[watcher.run, prune_srs_db],
         on_hup=on_hup,
+        on_stop=stop_delivery,
     )
 
 
