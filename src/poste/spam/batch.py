@@ -49,6 +49,20 @@ def _parallel(job: Callable[[bytes], T], mails: Sequence[bytes], jobs: int) -> I
     Children inherit the mails and the classifier by fork: nothing big is
     copied or pickled.
     """
+    # The tokenizer makes no reference cycles, so the cycle collector only
+    # costs time here (it would rescan the whole database over and over).
+    enabled = gc.isenabled()
+    gc.freeze()
+    gc.disable()
+    try:
+        yield from _spread(job, mails, jobs)
+    finally:
+        gc.unfreeze()
+        if enabled:
+            gc.enable()
+
+
+def _spread(job: Callable[[bytes], T], mails: Sequence[bytes], jobs: int) -> Iterator[T]:
     n = len(mails)
     if jobs <= 1 or n < 4 * jobs or not hasattr(os, "fork"):
         yield from map(job, mails)
@@ -60,25 +74,21 @@ def _parallel(job: Callable[[bytes], T], mails: Sequence[bytes], jobs: int) -> I
     rest = n - first
     bounds = [0, first] + [first + rest * i // (jobs - 1) for i in range(1, jobs)]
     children: list[tuple[int, int]] = []
-    gc.freeze()  # children must not copy every page just to scan it for cycles
-    try:
-        for lo, hi in itertools.pairwise(bounds[1:]):
-            rfd, wfd = os.pipe()
-            pid = os.fork()
-            if pid == 0:  # pragma: no cover - runs in the child
-                code = 1
-                try:
-                    os.close(rfd)
-                    data = pickle.dumps([job(m) for m in mails[lo:hi]], protocol=5)
-                    with os.fdopen(wfd, "wb") as f:
-                        f.write(data)
-                    code = 0
-                finally:
-                    os._exit(code)
-            os.close(wfd)
-            children.append((pid, rfd))
-    finally:
-        gc.unfreeze()
+    for lo, hi in itertools.pairwise(bounds[1:]):
+        rfd, wfd = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - runs in the child
+            code = 1
+            try:
+                os.close(rfd)
+                data = pickle.dumps([job(m) for m in mails[lo:hi]], protocol=5)
+                with os.fdopen(wfd, "wb") as f:
+                    f.write(data)
+                code = 0
+            finally:
+                os._exit(code)
+        os.close(wfd)
+        children.append((pid, rfd))
     try:
         yield from map(job, mails[: bounds[1]])
         while children:

@@ -188,6 +188,11 @@ def _decode_body(body: bytes, cte: str, max_bytes: int) -> bytes:
     """Transfer decoding of at most about max_bytes of output; junk stays raw."""
     if cte == "base64":
         chunk = body[: max_bytes * 4 // 3 + 1024]
+        try:
+            return binascii.a2b_base64(chunk)  # skips line breaks and junk characters
+        except (binascii.Error, ValueError):
+            pass
+        # cut mid-quantum (or junk): keep whole 4-character groups
         chunk = re.sub(rb"[^A-Za-z0-9+/]", b"", chunk)
         chunk = chunk[: len(chunk) - len(chunk) % 4]
         try:

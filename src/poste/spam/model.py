@@ -11,6 +11,7 @@ or it points both ways at once -- which is what the `unknown` label is for.
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -121,6 +122,8 @@ def chi2q(x2: float, v: int) -> float:
 _MISSING = (0.0, 0.0, 0.0, 0.0)  # sentinel: not looked at yet (never a real entry)
 
 Entry = tuple[float, float, float, float]  # (rank = -|f - 0.5|, f, ln f, ln(1 - f))
+_LN_F = operator.itemgetter(2)
+_LN_1F = operator.itemgetter(3)
 
 
 class Classifier:
@@ -181,7 +184,7 @@ class Classifier:
         self._check()
         vals = self._vals
         if self._complete:
-            return [e for e in map(vals.get, tokens) if e is not None]
+            return list(filter(None, map(vals.get, tokens)))  # entries are non-empty tuples
         found: list[Entry] = []
         counts = self.db.counts
         entry = self._entry
@@ -217,12 +220,11 @@ class Classifier:
             n = p.max_tokens
         if n == 0:
             return Result(0.5, self.label(0.5))
-        _, _, ln_f, ln_1f = zip(*found, strict=True)
         # Fisher: -2 ln(prod f) is chi-square with 2n degrees of freedom.
         # fsum is exact, so the score does not depend on the (hash-seeded)
         # order of the set: the same mail scores the same in every process.
-        spamminess = 1.0 - chi2q(-2.0 * math.fsum(ln_1f), 2 * n)
-        hamminess = 1.0 - chi2q(-2.0 * math.fsum(ln_f), 2 * n)
+        spamminess = 1.0 - chi2q(-2.0 * math.fsum(map(_LN_1F, found)), 2 * n)
+        hamminess = 1.0 - chi2q(-2.0 * math.fsum(map(_LN_F, found)), 2 * n)
         score = (spamminess - hamminess + 1.0) / 2.0
         return Result(score, self.label(score), _Lazy(self, tokens))
 
