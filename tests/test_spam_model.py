@@ -175,3 +175,31 @@ def test_tokens_of_training_are_what_classify_sees() -> None:
     db = Database()
     Classifier(db).train(raw, True)
     assert set(db.counts) == tokenize(raw)
+
+
+def test_scores_do_not_depend_on_the_hash_seed(tmp_path: Path) -> None:
+    """Two processes with different string-hash seeds give bit-identical scores."""
+    import os
+    import subprocess
+    import sys
+
+    db = small_db()
+    db.save(tmp_path / "x.db")
+    spam, ham = corpus(seed=21, count=5)
+    for i, raw in enumerate(spam + ham):
+        (tmp_path / f"{i}.eml").write_bytes(raw)
+    script = (
+        "import sys; from pathlib import Path\n"
+        "from poste.spam import Classifier, Database\n"
+        "c = Classifier(Database.load(sys.argv[1]))\n"
+        "for i in range(10): print(repr(c.classify(Path(sys.argv[2], f'{i}.eml').read_bytes())"
+        ".score))\n"
+    )
+    outs = []
+    for seed in ("1", "2"):
+        env = {**os.environ, "PYTHONHASHSEED": seed}
+        r = subprocess.run([sys.executable, "-c", script, str(tmp_path / "x.db"), str(tmp_path)],
+                           capture_output=True, env=env, check=True, timeout=60)
+        outs.append(r.stdout)
+    assert outs[0] == outs[1]
+    assert len(outs[0].splitlines()) == 10

@@ -206,3 +206,21 @@ async def test_twenty_megabyte_mail_is_labelled_by_the_real_classifier(tmp_path:
     assert stored.endswith(big)
     fields, _ = split_fields(stored)
     assert any(f.startswith(b"X-Spamtacus: ") for f in fields)
+
+
+async def test_reload_swaps_the_database_and_keeps_it_on_a_bad_file(tmp_path: Path) -> None:
+    path = tmp_path / "spam.db"
+    small_db().save(path)
+    stage = SpamfilterStage(Classifier(small_db()), db_path=str(path))
+    raw = spammy(random.Random(4))
+    assert stage.judge(raw)[0] == "yes"
+    # the same mails with the labels swapped: what was spam now reads as ham
+    flipped = small_db()
+    flipped.counts = {t: (h, s) for t, (s, h) in flipped.counts.items()}
+    flipped.nspam, flipped.nham = flipped.nham, flipped.nspam
+    flipped.save(path)
+    await stage.reload()
+    assert stage.judge(raw)[0] == "no"
+    path.write_bytes(b"damaged")
+    await stage.reload()
+    assert stage.judge(raw)[0] == "no"
