@@ -120,10 +120,7 @@ def classify_many(
     global _CLASSIFIER, _CLUES
     _CLASSIFIER = clf
     _CLUES = clues
-    if len(mails) * 10 > len(clf.db):
-        # Enough mails to touch most tokens: the whole table, built once before
-        # the fork, is cheaper than each worker filling its own cache.
-        clf.prepare()
+    clf.prepare()  # once, before the fork
     yield from _parallel(_judge, mails, jobs)
 
 
