@@ -69,6 +69,17 @@ def _messages(paths: tuple[str, ...]) -> Iterator[tuple[str, bytes]]:
             raise click.ClickException(str(exc)) from None
 
 
+def _chunks(mails: Iterator[bytes], size: int = 4000) -> Iterator[list[bytes]]:
+    chunk: list[bytes] = []
+    for raw in mails:
+        chunk.append(raw)
+        if len(chunk) >= size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def main() -> None:
     """Train, run and evaluate the Bayesian spam classifier.
@@ -123,14 +134,15 @@ def train(
     with click.progressbar(length=total, label="training", file=sys.stderr,
                            hidden=not show) as bar:
         for is_spam, path in work:
-            mails = [raw for _, raw in _messages((path,))]
-            for tokens in tokenize_many(mails, DEFAULT_MAX_BYTES, jobs):
-                if untrain:
-                    db.untrain(tokens, is_spam)
-                else:
-                    db.train(tokens, is_spam)
-                done[is_spam] += 1
-                bar.update(1)
+            # in chunks, so a big Maildir is never all in memory at once
+            for mails in _chunks(raw for _, raw in _messages((path,))):
+                for tokens in tokenize_many(mails, DEFAULT_MAX_BYTES, jobs):
+                    if untrain:
+                        db.untrain(tokens, is_spam)
+                    else:
+                        db.train(tokens, is_spam)
+                    done[is_spam] += 1
+                    bar.update(1)
     dropped = db.prune(min_count) if min_count > 1 else 0
     dropped += db.drop_prefixes(drop_prefixes)
     if note is not None:
