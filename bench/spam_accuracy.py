@@ -148,7 +148,7 @@ def bench(corpus: Path, work: Path, every: int, runs: int, copies: int) -> int:
     n = len(test)
     print(f"corpus {corpus.name}: train {len(train['spam'])} spam + {len(train['ham'])} ham, "
           f"test {n} ({', '.join(f'{k} {v}' for k, v in sorted(Counter(truth).items()))}); "
-          f"every {every}th mail of each folder is a test mail")
+          f"1 mail in {every} of each folder is a test mail")
 
     pdb, sdb, bdir = work / "poste.db", work / "spamoracle.db", work / "bogofilter"
     # train from scratch even in a kept work folder (spamoracle and bogofilter add to a db)
