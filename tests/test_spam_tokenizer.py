@@ -175,3 +175,31 @@ def test_mbox_from_line_is_ignored() -> None:
     raw = b"From someone@example.org Mon Jan  1 00:00:00 2024\n" + mail("hello", "words\n")
     toks = tokenize(raw)
     assert "subject:hello" in toks
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"From: " + b"a" * 60_000 + b"\r\n\r\nbody",
+        b"From: " + b"<" * 60_000 + b"\r\n\r\nbody",
+        b"Content-Type: text/html\r\n\r\n" + b"<style>" * 50_000,
+        b"Content-Type: text/html\r\n\r\n" + b"<!--" * 50_000,
+        b"Content-Type: text/html\r\n\r\n" + b"<a " * 70_000,
+        b"Content-Type: text/plain; " + b'a="b; ' * 10_000 + b"\r\n\r\nbody",
+        b"Subject: " + b"=?utf-8?q?" * 6_000 + b"\r\n\r\nx",
+        b"\r\n\r\nhttp://" + b"a." * 100_000,
+    ],
+    ids=["long-from", "from-brackets", "unclosed-style", "unclosed-comments", "open-tags",
+         "quoted-params", "encoded-word-junk", "long-host"],
+)
+def test_hostile_inputs_take_linear_time(raw: bytes) -> None:
+    """Inputs that make naive regexes quadratic (seconds to minutes) finish at once."""
+    tokenize(raw)
+
+
+def test_hidden_html_is_dropped_even_when_unclosed() -> None:
+    toks = tokenize(mail("x", "<p>seen</p><style>p{}</style>after<!-- never closed hidden",
+                         extra="Content-Type: text/html"))
+    assert {"seen", "after"} <= toks
+    assert "hidden" not in toks and "never" not in toks
