@@ -20,6 +20,7 @@ from support.loop_world import (
     metrics,
     run_scenario,
     sample,
+    total,
 )
 from support.net import free_port, wait_port
 from support.relay_env import common_port
@@ -40,13 +41,13 @@ def test_loop_separate_services(world: World) -> None:
     port = common_port(list(HOSTS.values()))  # one port for all, as port 25 in the article
     port_tls = free_port(HOSTS["submission"])
     h = HOSTS
-    # Each process serves /metrics on its own address (POSTE_METRICS, until --metrics flags).
+    # Each process serves /metrics on its own address (every service's --metrics).
     mport = common_port(list(HOSTS.values()))
     metric_addr = {name: f"{ip}:{mport}" for name, ip in HOSTS.items()}
 
     def spawn(name: str, args: list[str]) -> None:
-        world.spawn(name, [name, *args, "--hostname", NAMES[name]],
-                    env={"POSTE_METRICS": metric_addr[name]})
+        world.spawn(name, [name, *args, "--hostname", NAMES[name],
+                           "--metrics", metric_addr[name]])
 
     spawn("relay", [
         "--domain", "x25519.test", "--postmaster", "hostmaster@x25519.test",
@@ -93,3 +94,16 @@ def test_loop_separate_services(world: World) -> None:
         assert got == was + (2 if name == "relay" else 1), (name, was, got)
     assert sum(v for (n, _), v in after["spamfilter"].items()
                if n == "poste_spam_labels_total") == 1
+    # The verifier counts its own results and the relay its queue and deliveries, exactly as
+    # under `poste up` (test_loop_up.py): one mail in, one mail out.
+    def moved(name: str, metric: str, **labels: str) -> float:
+        return total(after[name], metric, **labels) - total(before[name], metric, **labels)
+
+    for method in ("spf", "dkim", "dmarc"):
+        assert moved("verifier", "poste_auth_results_total", method=method) == 1, method
+    assert moved("verifier", "poste_auth_results_total", method="spf", result="pass") == 1
+    assert moved("relay", "poste_queued_total") == 2
+    assert moved("relay", "poste_deliveries_total", result="delivered") == 2
+    assert moved("relay", "poste_deliveries_total") == 2  # nothing deferred or bounced
+    assert ("poste_spool_messages", ()) in after["relay"]
+    assert ("poste_spool_oldest_age_seconds", ()) in after["relay"]

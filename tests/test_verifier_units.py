@@ -306,11 +306,14 @@ async def test_dkim_key_record_problems_are_permerror_not_fail() -> None:
 
 
 async def test_results_counted_once_standalone_and_under_poste_up() -> None:
-    """`poste verifier` feeds poste_auth_results itself; `poste up` meters from outside."""
+    """The verifier's stage feeds poste_auth_results itself, once per mail.
+
+    `poste up` builds this same stage with the same builder (nothing meters it
+    from outside); tests/test_stack_metrics.py checks the counts through it.
+    """
     from prometheus_client import REGISTRY
 
-    from poste.auth import spf
-    from poste.stack.build import meter_authenticator
+    from poste.services.verifier import build_stage
     from support.fakedns import fake_dns, records_lookup
 
     def count() -> float:
@@ -320,11 +323,12 @@ async def test_results_counted_once_standalone_and_under_poste_up() -> None:
     records = {"x.test": [("TXT", "v=spf1 ip4:192.0.2.1 -all")]}
     msg = b"From: <a@x.test>\r\n\r\nhi\r\n"
     with fake_dns(records_lookup(records)) as ns:  # type: ignore[arg-type]
-        for wrap in (lambda a: a, meter_authenticator):
-            auth = wrap(Authenticator(spf.resolver_for([ns.nameserver], 2), "mx.our.test"))
+        stage = build_stage(["our.test"], nameservers=[ns.nameserver], dns_timeout=2,
+                            hostname="mx.our.test")
+        for _ in range(2):  # each mail once
             env = Envelope(peer_ip="192.0.2.1", helo="[192.0.2.1]", mail_from="a@x.test")
             before = count()
-            verdict = await VerifierStage(["our.test"], auth).on_data(env, msg)
+            verdict = await stage.on_data(env, msg)
             assert b"spf=pass" in verdict.prepend
             assert count() - before == 1.0
 

@@ -194,6 +194,13 @@ def sample(m: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str,
     return m.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
+def total(m: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str,
+          **labels: str) -> float:
+    """Sum of the samples of `name` whose labels include `labels` (e.g. every result of spf)."""
+    return sum(v for (n, ls), v in m.items()
+               if n == name and all(dict(ls).get(k) == x for k, x in labels.items()))
+
+
 def head(mail: bytes) -> str:
     text = mail.split(b"\r\n\r\n", 1)[0].decode("utf-8", "replace")
     return re.sub(r"\r\n[ \t]+", " ", text)
@@ -330,5 +337,5 @@ def dump(obj: object) -> str:
 
 __all__ = [
     "HOSTS", "NAMES", "Entry", "World", "check_confirmation", "check_sent", "free_port",
-    "make_world", "metrics", "run_scenario", "sample", "wait_port",
+    "make_world", "metrics", "run_scenario", "sample", "total", "wait_port",
 ]

@@ -9,16 +9,19 @@ import os
 import re
 import secrets
 import socket
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import click
 
 from poste.dns.resolver import NameserverError, make_resolver
-from poste.relay.delivery import Deliverer
+from poste.metrics import DELIVERIES, QUEUED, delivery_outcome
+from poste.relay.delivery import Deliverer, Result
 from poste.relay.router import Router, parse_networks
-from poste.relay.scheduler import Policy, Scheduler
-from poste.relay.spool import Spool, SpoolError, SpoolLocked
+from poste.relay.scheduler import DeliverFn, Policy, Scheduler
+from poste.relay.spool import Entry, Spool, SpoolError, SpoolLocked
 from poste.relay.srs import DAY, SRS, SRSDatabase, load_secrets
 from poste.relay.stage import MAX_RECEIVED, QueueHop, RelayStage
 from poste.services.common import (
@@ -173,49 +176,64 @@ def main(
         users_poll=users_poll,
         max_received=max_received,
         ipv6=not no_ipv6,
-        listen_host=host,
+        listen_hosts=[host],
         self_addresses=list(self_addresses),
     )
-    scheduler, watcher = parts.scheduler, parts.watcher
     service = SMTPService(parts.stage, parts.hop, host=host, port=port, hostname=parts.hostname)
 
-    async def stop_delivery() -> None:
-        # After the listeners closed, so no mail is accepted once the spool lock is gone.
-        await scheduler.stop()
-        await parts.deliverer.aclose()
-
-    async def prune_srs_db() -> None:
-        # Entries unused for longer than an SRS address lives can go.
-        while True:
-            try:
-                n = await asyncio.to_thread(parts.srs_db.prune, (parts.srs_max_age + 1) * DAY)
-            except OSError as exc:
-                log.warning("SRS database %s: prune failed: %s", parts.srs_db.path, exc)
-            else:
-                if n:
-                    log.info("SRS database: %d expired entr%s removed", n, "y" if n == 1 else "ies")
-            await asyncio.sleep(3600)
-
     def on_hup() -> None:
-        asyncio.get_running_loop().create_task(watcher.areload())
+        asyncio.get_running_loop().create_task(parts.watcher.areload())
 
-    # The spool is resumed (and cleaned of half-written files) before we listen.
+    # The spool is resumed (and cleaned of half-written files) before we listen;
+    # delivery stops after the listener closed, so no mail is accepted once the
+    # spool lock is gone.
     run_services(
         service,
-        on_start=scheduler.start,
-        background=[watcher.run, prune_srs_db],
+        on_start=parts.start,
+        background=parts.background(),
         on_hup=on_hup,
-        on_stop=stop_delivery,
+        on_stop=parts.stop,
     )
+
+
+class CountingScheduler(Scheduler):
+    """The scheduler, counting every message it writes to the spool (mail and DSNs)."""
+
+    async def enqueue(self, entry: Entry, message: bytes) -> None:
+        await super().enqueue(entry, message)
+        QUEUED.inc()
+
+
+def count_deliveries(deliver: DeliverFn) -> DeliverFn:
+    """`deliver`, counting each recipient's result of each attempt in poste_deliveries.
+
+    A crash or a missing result is what the scheduler makes of it: deferred.
+    """
+
+    async def counted(
+        domain: str, sender: str, recipients: list[str], message: bytes
+    ) -> dict[str, Result]:
+        try:
+            results = await deliver(domain, sender, recipients, message)
+        except Exception:
+            DELIVERIES.labels("deferred").inc(len(recipients))
+            raise
+        for rcpt in recipients:
+            res = results.get(rcpt)
+            DELIVERIES.labels(delivery_outcome(res.code) if res else "deferred").inc()
+        return results
+
+    return counted
 
 
 @dataclass
 class RelayParts:
-    """What `poste relay` runs, for `poste up` to chain in memory.
+    """What `poste relay` runs; `poste up` chains `stage` and `hop` in memory.
 
-    Start order matters: `await scheduler.start()` (resumes the spool and
+    Life cycle, the same in both: `await start()` (resumes the spool and
     removes half-written files) must finish before anything can reach `hop`;
-    run `watcher.run()` in the background; `await scheduler.stop()` at the end.
+    run each of `background()` as a task; `await stop()` once the listeners
+    are closed.
     """
 
     stage: RelayStage
@@ -224,9 +242,32 @@ class RelayParts:
     watcher: UsersWatcher
     router: Router
     hostname: str
+    spool: Spool
     deliverer: Deliverer
     srs_db: SRSDatabase
     srs_max_age: int
+
+    async def start(self) -> None:
+        await self.scheduler.start()
+
+    async def stop(self) -> None:
+        await self.scheduler.stop()  # also releases the spool lock
+        await self.deliverer.aclose()
+
+    def background(self) -> list[Callable[[], Coroutine[Any, Any, None]]]:
+        return [self.watcher.run, self.prune_srs_db]
+
+    async def prune_srs_db(self) -> None:
+        """Hourly: drop SRS database entries unused for longer than an SRS address lives."""
+        while True:
+            try:
+                n = await asyncio.to_thread(self.srs_db.prune, (self.srs_max_age + 1) * DAY)
+            except OSError as exc:
+                log.warning("SRS database %s: prune failed: %s", self.srs_db.path, exc)
+            else:
+                if n:
+                    log.info("SRS database: %d expired entr%s removed", n, "y" if n == 1 else "ies")
+            await asyncio.sleep(3600)
 
 
 def build_relay(
@@ -245,10 +286,22 @@ def build_relay(
     users_poll: float = 2.0,
     max_received: int = MAX_RECEIVED,
     ipv6: bool = True,
-    listen_host: str | None = None,
+    listen_hosts: Sequence[str] = (),
     self_addresses: list[str] | None = None,
+    extra_domains: Sequence[str] = (),
+    deliver: DeliverFn | None = None,
+    lock: bool = True,
 ) -> RelayParts:
-    """Check the settings and build the relay; bad input is a one-line ClickException."""
+    """Check the settings and build the relay; bad input is a one-line ClickException.
+
+    `listen_hosts`: where we (or, in `poste up`, our MX) listen; mail whose MX
+    resolves there loops.  `extra_domains`: more domains of the users
+    repository besides `domains` (`poste up`: submission's).  `deliver`
+    replaces MX delivery (`poste up`'s `[relay] mailbox`).  `lock=False`
+    builds without owning the spool (`poste up --check` beside a running one).
+    """
+    from poste.stack.metrics_http import watch_spool
+
     if not domains:
         raise click.UsageError("the relay needs at least one --domain")
     if "@" not in postmaster:
@@ -262,34 +315,44 @@ def build_relay(
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--granted") from None
     domain = domains[0].lower().rstrip(".")
-    ours = _self_addresses(listen_host, self_addresses or [])
+    ours = _self_addresses(listen_hosts, self_addresses or [])
     try:
         spool = Spool(spool_dir)
         # One relay per spool: refuse now, before anything else is read or written.
-        spool.lock()
+        if lock:
+            spool.lock()
     except SpoolLocked:
         raise
     except (OSError, SpoolError) as exc:
         raise click.ClickException(f"spool {spool_dir}: {exc}") from None
     try:
-        watcher = UsersWatcher(users_repo, domain, poll_interval=users_poll)
-    except UsersRepoError as exc:
-        raise click.ClickException(f"users repository: {exc}") from None
-    secrets_ = _srs_secrets(srs_secret, srs_secret_file, spool.path)
-    if not secrets_:
-        raise click.ClickException("the SRS secret is empty")
+        more = tuple(
+            d for d in dict.fromkeys(x.lower().rstrip(".") for x in [*domains[1:], *extra_domains])
+            if d != domain
+        )
+        try:
+            watcher = UsersWatcher(users_repo, domain, poll_interval=users_poll, extra_domains=more)
+        except UsersRepoError as exc:
+            raise click.ClickException(f"users repository: {exc}") from None
+        secrets_ = _srs_secrets(srs_secret, srs_secret_file, spool.path)
+        if not secrets_:
+            raise click.ClickException("the SRS secret is empty")
+        try:
+            srs_db = SRSDatabase(spool.path / "srs-db")
+        except OSError as exc:
+            raise click.ClickException(f"SRS database in {spool.path}: {exc}") from None
+    except BaseException:
+        spool.unlock()  # a relay that does not run must not keep the spool
+        raise
     me = hostname or socket.getfqdn()
-    try:
-        srs_db = SRSDatabase(spool.path / "srs-db")
-    except OSError as exc:
-        raise click.ClickException(f"SRS database in {spool.path}: {exc}") from None
     srs = SRS(domain, secrets_, db=srs_db)
     router = Router(domains, postmaster, srs, lambda: watcher.db, nets)
     deliverer = Deliverer(resolver, helo=me, port=smtp_port, ipv6=ipv6, self_addresses=ours)
-    scheduler = Scheduler(
-        spool, deliverer.deliver, hostname=me, domain=domain, policy=policy or Policy(),
-        expand=router.dsn_targets,
+    scheduler = CountingScheduler(
+        spool, count_deliveries(deliver or deliverer.deliver), hostname=me, domain=domain,
+        policy=policy or Policy(), expand=router.dsn_targets,
     )
+    watch_spool(spool.path)  # poste_spool_messages, poste_spool_oldest_age_seconds
     return RelayParts(
         stage=RelayStage(router, max_received),
         hop=QueueHop(router, scheduler),
@@ -297,14 +360,15 @@ def build_relay(
         watcher=watcher,
         router=router,
         hostname=me,
+        spool=spool,
         deliverer=deliverer,
         srs_db=srs_db,
         srs_max_age=srs.max_age_days,
     )
 
 
-def _self_addresses(listen_host: str | None, extra: list[str]) -> list[str]:
-    """Our own IPs: --self-address and the --listen address (a name is resolved)."""
+def _self_addresses(listen_hosts: Sequence[str], extra: list[str]) -> list[str]:
+    """Our own IPs: --self-address and the --listen addresses (a name is resolved)."""
     found: list[str] = []
     for text in extra:
         try:
@@ -312,8 +376,10 @@ def _self_addresses(listen_host: str | None, extra: list[str]) -> list[str]:
         except ValueError:
             raise click.BadParameter(f"{text!r} is not an IP address",
                                      param_hint="--self-address") from None
-    if listen_host:
-        host = listen_host.strip("[]")
+    for listen in listen_hosts:
+        host = listen.strip("[]")
+        if not host:
+            continue
         try:
             found.append(str(ipaddress.ip_address(host)))
         except ValueError:

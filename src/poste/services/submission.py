@@ -74,6 +74,19 @@ class SubmissionStage(Stage):
         return None
 
 
+def make_throttle(
+    delay: float = 0.5, max_delay: float = 8.0, max_failures: int = 10, lockout: float = 900.0
+) -> LoginThrottle:
+    """The password-guessing brake of the --auth-* flags (failures count within the lockout)."""
+    return LoginThrottle(
+        base_delay=delay,
+        max_delay=max_delay,
+        max_failures=max_failures,
+        window=max(lockout, 60.0),
+        lockout=lockout,
+    )
+
+
 def build_stage(
     users: str | Path,
     domains: tuple[str, ...],
@@ -81,12 +94,18 @@ def build_stage(
     poll_interval: float = 2.0,
     throttle: LoginThrottle | None = None,
     concurrency: int = 4,
+    watcher: UsersWatcher | None = None,
 ) -> SubmissionStage:
     """The stage with its users watcher (for `poste submission` and `poste up`).
 
-    Raises UsersRepoError when the repository cannot be read.
+    `watcher`: one already watching `users` (`poste up` shares the relay's,
+    so both see a commit at the same moment); then `domains` and
+    `poll_interval` are that watcher's business.  Without one, a new watcher
+    is opened: run `stage.watcher.run()` in the background.  Raises
+    UsersRepoError when the repository cannot be read.
     """
-    watcher = UsersWatcher(users, domains[0], poll_interval, extra_domains=tuple(domains[1:]))
+    if watcher is None:
+        watcher = UsersWatcher(users, domains[0], poll_interval, extra_domains=tuple(domains[1:]))
     authenticator = Authenticator(watcher, throttle=throttle, concurrency=concurrency)
     return SubmissionStage(watcher, authenticator)
 
@@ -189,13 +208,7 @@ def main(
     dest_host, dest_port = parse_hostport(destination, 25)
     tls_addr = parse_hostport(listen_tls, 465) if listen_tls is not None else None
     starttls_addr = parse_hostport(listen, 587) if listen is not None else None
-    throttle = LoginThrottle(
-        base_delay=auth_delay,
-        max_delay=auth_max_delay,
-        max_failures=auth_max_failures,
-        window=max(auth_lockout, 60.0),
-        lockout=auth_lockout,
-    )
+    throttle = make_throttle(auth_delay, auth_max_delay, auth_max_failures, auth_lockout)
     try:
         stage = build_stage(
             users,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import socket
+from collections.abc import Sequence
 
 import click
 
@@ -85,8 +86,7 @@ class VerifierStage(Stage):
         log.info(
             "%s %s from=<%s> ip=%s", env.queue_id, report.summary(), env.mail_from, env.peer_ip
         )
-        if not getattr(self.auth, "_poste_metered", False):  # `poste up` counts from outside
-            _count(report)
+        _count(report)
         if self.reject_failures:
             decisive = report.decisive_spf
             if decisive is not None and decisive.result == "fail":
@@ -101,16 +101,53 @@ class VerifierStage(Stage):
 
 
 def _count(report: Report) -> None:
-    """Feed the `poste_auth_results` counter when this build has it."""
-    counter = getattr(metrics, "AUTH_RESULTS", None)
-    if counter is None:
-        return
+    """One result per method per mail in `poste_auth_results` (SPF: the MAIL FROM identity)."""
+    counter = metrics.AUTH_RESULTS
     counter.labels("spf", report.spf.result if report.spf else "none").inc()
     for r in report.dkim or []:
         counter.labels("dkim", r.result).inc()
     if not report.dkim:
         counter.labels("dkim", "none").inc()
     counter.labels("dmarc", report.dmarc.result if report.dmarc else "none").inc()
+
+
+def build_stage(
+    domains: Sequence[str],
+    *,
+    postmaster: str | None = None,
+    nameservers: Sequence[str] = (),
+    dns_timeout: float = 5.0,
+    psl_file: str | None = None,
+    hostname: str | None = None,
+    reject_failures: bool = False,
+) -> VerifierStage:
+    """Check the settings and build the stage, for `poste verifier` and `poste up` alike.
+
+    Bad input raises click.BadParameter naming the flag (`poste up` names the
+    config key instead).
+    """
+    for d in domains:
+        if not d.strip() or "@" in d or " " in d:
+            raise click.BadParameter(f"{d!r} is not a domain name", param_hint="--domain")
+    if postmaster and "@" not in postmaster:
+        raise click.BadParameter(f"{postmaster!r} is not an address", param_hint="--postmaster")
+    if dns_timeout <= 0:
+        raise click.BadParameter("must be positive", param_hint="--dns-timeout")
+    try:
+        resolver = resolver_for(nameservers, dns_timeout)
+    except NameserverError as exc:
+        raise click.BadParameter(str(exc), param_hint="--nameserver") from None
+    try:
+        psl = load_psl(psl_file) if psl_file else None
+    except PSLError as exc:
+        raise click.BadParameter(str(exc), param_hint="--psl") from None
+    name = hostname or socket.getfqdn()
+    return VerifierStage(
+        list(domains),
+        Authenticator(resolver, name, psl=psl),
+        postmaster=postmaster,
+        reject_failures=reject_failures,
+    )
 
 
 def _oneline(text: str) -> str:
@@ -171,32 +208,23 @@ def main(
     """The public MX: label mail with SPF, DKIM and DMARC, pass it to --destination."""
     host, port = parse_hostport(listen, 25)
     dest_host, dest_port = parse_hostport(destination, 25)
-    for d in domains:
-        if not d.strip() or "@" in d or " " in d:
-            raise click.ClickException(f"--domain: {d!r} is not a domain name")
-    if postmaster and "@" not in postmaster:
-        raise click.ClickException(f"--postmaster: {postmaster!r} is not an address")
-    if dns_timeout <= 0:
-        raise click.ClickException("--dns-timeout must be positive")
     try:
-        resolver = resolver_for(nameservers, dns_timeout)
-    except NameserverError as exc:
-        raise click.ClickException(f"--nameserver: {exc}") from None
-    try:
-        psl = load_psl(psl_file) if psl_file else None
-    except PSLError as exc:
-        raise click.ClickException(f"--psl: {exc}") from None
+        stage = build_stage(
+            domains,
+            postmaster=postmaster,
+            nameservers=nameservers,
+            dns_timeout=dns_timeout,
+            psl_file=psl_file,
+            hostname=hostname,
+            reject_failures=reject_failures,
+        )
+    except click.BadParameter as exc:  # one line, as every poste command
+        raise click.ClickException(f"{exc.param_hint}: {exc.message}") from None
     ctx = tls_context_from(tls_cert, tls_key)
     if require_tls and ctx is None:
         raise click.ClickException("--require-tls needs --tls-cert and --tls-key")
     setup_logging(verbose)
-    name = hostname or socket.getfqdn()
-    stage = VerifierStage(
-        list(domains),
-        Authenticator(resolver, name, psl=psl),
-        postmaster=postmaster,
-        reject_failures=reject_failures,
-    )
+    name = stage.auth.hostname
     service = SMTPService(
         stage,
         SMTPHop(dest_host, dest_port, helo=name),

@@ -1,22 +1,21 @@
 """Assemble the five services in one process from a `StackConfig` (`poste up`).
 
-The stages are the services' own; only the hops differ from separate
-processes: verifier -> spamfilter -> relay and submission -> signer -> relay
-are chained with `StageHop`, so each in-memory hop still adds its own
-`Received:` and each RCPT/DATA reply is the next stage's, and the relay's
-queue is the final hop.  Only the entry listeners open sockets.
-
-Counting for /metrics happens here, around the services' objects (SPF/DKIM/
-DMARC results, queued and delivered mail), so separate
-services only lack these extra series until their owners count them too.
+Each service is made by its own builder, the one its command uses (the
+relay's `build_relay`, the verifier's and submission's `build_stage`, the
+signer's `make_signer` + `SignerStage`, the spamfilter's `load_classifier` +
+`SpamfilterStage`), so a key means what the flag means and the two cannot
+drift.  Only the hops differ from separate processes: verifier -> spamfilter
+-> relay and submission -> signer -> relay are chained with `StageHop`, so
+each in-memory hop still adds its own `Received:` and each RCPT/DATA reply is
+the next stage's, and the relay's queue is the final hop.  Only the entry
+listeners open sockets.  The services count their own metrics; nothing here
+wraps them, so every series moves once per event, as with separate processes.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import secrets
 import socket
 import ssl
 from collections.abc import Awaitable, Callable, Sequence
@@ -26,13 +25,10 @@ from typing import Any
 
 import click
 
-from poste.metrics import AUTH_RESULTS, DELIVERIES, QUEUED, delivery_outcome
-from poste.relay.delivery import Deliverer, Result
-from poste.relay.router import Router, parse_networks
-from poste.relay.scheduler import Policy, Scheduler
-from poste.relay.spool import Entry, Spool, SpoolError
-from poste.relay.srs import SRS, load_secrets
-from poste.relay.stage import MAX_RECEIVED, QueueHop, RelayStage
+from poste.relay.delivery import Result
+from poste.relay.scheduler import Policy
+from poste.relay.stage import MAX_RECEIVED
+from poste.services.relay import RelayParts
 from poste.smtp.chain import StageHop
 from poste.smtp.hop import Hop
 from poste.smtp.server import SMTPService
@@ -41,8 +37,6 @@ from poste.smtp.tls import TLSConfigError, server_context
 from poste.stack.config import ConfigError, Section, StackConfig
 
 log = logging.getLogger("poste.up")
-
-DeliverFn = Callable[[str, str, Sequence[str], bytes], Awaitable[dict[str, Result]]]
 
 
 def split_hostport(text: str, default_port: int, where: str) -> tuple[str, int]:
@@ -71,13 +65,16 @@ class TLSFiles:
 class Stack:
     config: StackConfig
     services: list[SMTPService]
-    scheduler: Scheduler
-    watcher: Any  # poste.users.repo.UsersWatcher
-    spool: Spool
+    relay: RelayParts
     tls: list[TLSFiles] = field(default_factory=list)
     mailbox: Path | None = None
     on_start: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
     spam_stage: Stage | None = None
+    _tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+    @property
+    def watcher(self) -> Any:  # poste.users.repo.UsersWatcher, shared by relay and submission
+        return self.relay.watcher
 
     def listeners(self) -> list[tuple[str, str, int, str]]:
         """(service, host, port, note) for each socket, after start()."""
@@ -90,9 +87,10 @@ class Stack:
         return out
 
     async def start(self) -> None:
+        """The relay's start (spool resumed), then the listeners, then the background jobs."""
         for job in self.on_start:
             await job()
-        await self.scheduler.start()
+        await self.relay.start()
         started: list[SMTPService] = []
         try:
             for service in self.services:
@@ -101,16 +99,22 @@ class Stack:
         except OSError as exc:
             for s in started:
                 await s.stop()
-            await self.scheduler.stop()
+            await self.relay.stop()
             raise click.ClickException(
                 f"{service.stage.name}: cannot listen on {service.host}:{service.port}:"
                 f" {exc.strerror or exc}"
             ) from None
+        self._tasks = [asyncio.create_task(job()) for job in self.relay.background()]
 
     async def stop(self) -> None:
+        """As `poste relay`: listeners closed first, delivery stopped after."""
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
         for service in self.services:
             await service.stop()
-        await self.scheduler.stop()
+        await self.relay.stop()
 
     async def reload(self) -> None:
         """SIGHUP: users, certificates, the spam database; config changes are reported."""
@@ -155,64 +159,6 @@ class Stack:
                 log.error("reload: spam database refused: %s", exc)
 
 
-# -- metering wrappers (metrics the services do not count themselves) --------
-
-
-def _verifier_counts_itself() -> bool:
-    """Whether VerifierStage.on_data feeds poste_auth_results (then we must not count too)."""
-    import inspect
-
-    from poste.services.verifier import VerifierStage
-
-    try:
-        return "_count(" in inspect.getsource(VerifierStage.on_data)
-    except (OSError, TypeError):
-        return False
-
-
-def meter_authenticator(auth: Any) -> Any:
-    """Count SPF/DKIM/DMARC results of the verifier's Authenticator.check.
-
-    Only while the verifier does not count them itself (it means to: see its
-    `_count`); then this wrapper steps aside so nothing is counted twice.
-    """
-    if getattr(auth, "_poste_metered", False) or _verifier_counts_itself():
-        return auth
-    check = auth.check
-
-    async def metered(ip: str, sender: str, helo: str, message: bytes) -> Any:
-        report = await check(ip, sender, helo, message)
-        AUTH_RESULTS.labels("spf", report.spf.result if report.spf else "none").inc()
-        for r in report.dkim or []:
-            AUTH_RESULTS.labels("dkim", r.result).inc()
-        if not report.dkim:
-            AUTH_RESULTS.labels("dkim", "none").inc()
-        AUTH_RESULTS.labels("dmarc", report.dmarc.result if report.dmarc else "none").inc()
-        return report
-
-    auth.check = metered
-    auth._poste_metered = True
-    return auth
-
-
-def meter_deliver(deliver: DeliverFn) -> DeliverFn:
-    async def metered(
-        domain: str, sender: str, recipients: Sequence[str], message: bytes
-    ) -> dict[str, Result]:
-        results = await deliver(domain, sender, recipients, message)
-        for r in results.values():
-            DELIVERIES.labels(delivery_outcome(r.code)).inc()
-        return results
-
-    return metered
-
-
-class MeteredScheduler(Scheduler):
-    async def enqueue(self, entry: Entry, message: bytes) -> None:
-        await super().enqueue(entry, message)
-        QUEUED.inc()
-
-
 class MailboxDeliverer:
     """Delivers every mail into a folder (`[relay] mailbox`): the demo's stand-in for the Internet."""
 
@@ -251,109 +197,53 @@ def _tls(section: Section, required: bool) -> TLSFiles | None:
         raise ConfigError(f"[{section.name}] {exc}") from None
 
 
-def _srs_secrets(section: Section, spool: Path) -> list[bytes]:
-    try:
-        found = load_secrets(section.get("srs-secret"), section.get("srs-secret-file"))
-    except OSError as exc:
-        raise ConfigError(f"[relay] cannot read srs-secret-file: {exc.strerror}") from None
-    if found:
-        return found
-    path = spool / "srs-secret"
-    if not path.exists():
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            fh.write(secrets.token_hex(32) + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-    return load_secrets(None, str(path))
+def config_error(section: str, exc: click.ClickException) -> ConfigError:
+    """A service builder's complaint about a flag, told as the config key it came from."""
+    if isinstance(exc, click.BadParameter) and exc.param_hint:
+        hint = exc.param_hint if isinstance(exc.param_hint, str) else exc.param_hint[0]
+        key = hint.strip("'\"").lstrip("-")
+        return ConfigError(f"[{section}] {key}: {exc.message}")
+    return ConfigError(f"[{section}] {exc.format_message()}")
 
 
 def _spam_stage(section: Section) -> Stage:
     """The spamfilter service's own stage (it counts its labels itself)."""
-    try:
-        from poste.services.spamfilter import SpamfilterStage, load_classifier
-    except ImportError:  # not built in this tree: a stand-in that labels the same way
-        from poste.stack.spam_fallback import FallbackSpamStage
-
-        try:
-            return FallbackSpamStage(
-                section.get("db"),
-                header=str(section.get("header-name", "X-Spamtacus")),
-                detail=bool(section.get("detail", False)),
-                ham_cutoff=section.get("ham-cutoff"),
-                spam_cutoff=section.get("spam-cutoff"),
-            )
-        except Exception as exc:
-            raise ConfigError(f"[spamfilter] cannot load the spam database: {exc}") from None
+    from poste.services.spamfilter import SpamfilterStage, check_field_name, load_classifier
     from poste.spam.model import Params
 
     header = str(section.get("header-name", "X-Spamtacus"))
-    if not header or not all(33 <= ord(c) <= 126 and c != ":" for c in header):
-        raise ConfigError(f"[spamfilter] header-name: not a header field name: {header!r}")
     try:
+        check_field_name(header)
         classifier = load_classifier(
             section.get("db"),
             float(section.get("ham-cutoff", Params.ham_cutoff)),
             float(section.get("spam-cutoff", Params.spam_cutoff)),
         )
     except click.ClickException as exc:
-        raise ConfigError(f"[spamfilter] {exc.format_message()}") from None
+        raise config_error("spamfilter", exc) from None
     return SpamfilterStage(classifier, header, bool(section.get("detail", False)),
                            section.get("db"))
 
 
-def build(cfg: StackConfig) -> Stack:
-    """Every stage, hop and listener of the config; raises ConfigError (one line)."""
-    from poste.dns.resolver import NameserverError, make_resolver
-    from poste.users.repo import UsersRepoError, UsersWatcher
+def _listen_host(section: Section, key: str, default_port: int) -> str | None:
+    value = section.get(key)
+    if not section.enabled or not value:
+        return None
+    return split_hostport(str(value), default_port, f"[{section.name}] {key}")[0]
 
-    relay = cfg["relay"]
+
+def _relay(cfg: StackConfig, check: bool) -> tuple[RelayParts, Path | None]:
+    """The relay from `build_relay`, as `poste relay` has it."""
+    from poste.services.relay import build_relay
+
+    relay, sub, verifier = cfg["relay"], cfg["submission"], cfg["verifier"]
     if not relay.enabled:
         raise ConfigError("[relay] cannot be disabled in `poste up`: it is where mail rests")
     domains = [d.lower().rstrip(".") for d in relay.need("domain")]
-    postmaster = str(relay.get("postmaster") or f"postmaster@{domains[0]}")
-    if "@" not in postmaster:
-        raise ConfigError(f"[relay] postmaster {postmaster!r} is not an address")
-    users_path = relay.need("users")
-    spool_dir = relay.need("spool")
-    try:
-        spool = Spool(spool_dir)
-    except (OSError, SpoolError) as exc:
-        raise ConfigError(f"[relay] spool {spool_dir}: {exc}") from None
-    sub = cfg["submission"]
-    sub_domains = [d.lower().rstrip(".") for d in (sub.get("domain") or domains)]
-    extra = tuple(d for d in dict.fromkeys(domains[1:] + sub_domains) if d != domains[0])
-    try:
-        watcher = UsersWatcher(
-            users_path, domains[0], poll_interval=float(relay.get("users-poll", 2.0)),
-            extra_domains=extra,
-        )
-    except UsersRepoError as exc:
-        raise ConfigError(f"[relay] users repository: {exc}") from None
-    if sub.enabled and sub.get("users") and Path(sub.get("users")) != Path(users_path):
+    users = relay.need("users")
+    spool = relay.need("spool")
+    if sub.enabled and sub.get("users") and Path(sub.get("users")) != Path(users):
         raise ConfigError("[submission] users must be the relay's repository in `poste up`")
-
-    try:
-        nets = parse_networks(relay.get("granted") or ["127.0.0.0/8", "::1/128"])
-    except ValueError as exc:
-        raise ConfigError(f"[relay] granted: {exc}") from None
-    try:
-        resolver = make_resolver(relay.get("nameserver") or [])
-    except NameserverError as exc:
-        raise ConfigError(f"[relay] nameserver: {exc}") from None
-    srs = SRS(domains[0], _srs_secrets(relay, spool.path))
-    router = Router(domains, postmaster, srs, lambda: watcher.db, nets)
-    relay_name = _hostname(relay)
-    mailbox = relay.get("mailbox")
-    deliver: DeliverFn
-    if mailbox:
-        deliver = MailboxDeliverer(Path(mailbox)).deliver
-    else:
-        deliverer = Deliverer(
-            resolver, helo=relay_name, port=int(relay.get("smtp-port", 25)),
-            ipv6=not relay.get("no-ipv6", False),
-        )
-        deliver = deliverer.deliver
     retry_min = float(relay.get("retry-min", 300.0))
     policy = Policy(
         retry_min=retry_min,
@@ -363,44 +253,83 @@ def build(cfg: StackConfig) -> Stack:
         max_per_domain=int(relay.get("domain-concurrency", 10)),
         rescan=float(relay.get("queue-rescan", 30.0)),
     )
-    scheduler = MeteredScheduler(
-        spool, meter_deliver(deliver), hostname=relay_name, domain=domains[0], policy=policy,
-        expand=router.dsn_targets,
-    )
-    relay_stage = RelayStage(router, int(relay.get("max-received", MAX_RECEIVED)))
-    queue_hop = QueueHop(router, scheduler)
-    stack = Stack(cfg, [], scheduler, watcher, spool, mailbox=Path(mailbox) if mailbox else None)
+    # Our MX is the verifier here: mail whose MX resolves to it would loop.
+    listen_hosts = [h for h in (_listen_host(relay, "listen", 25),
+                                _listen_host(verifier, "listen", 25)) if h]
+    mailbox = relay.get("mailbox")
+    try:
+        parts = build_relay(
+            domains=domains,
+            postmaster=str(relay.get("postmaster") or f"postmaster@{domains[0]}"),
+            users_repo=users,
+            spool_dir=spool,
+            nameservers=relay.get("nameserver") or [],
+            smtp_port=int(relay.get("smtp-port", 25)),
+            granted=relay.get("granted") or [],
+            srs_secret=relay.get("srs-secret"),
+            srs_secret_file=relay.get("srs-secret-file"),
+            hostname=relay.get("hostname"),
+            policy=policy,
+            users_poll=float(relay.get("users-poll", 2.0)),
+            max_received=int(relay.get("max-received", MAX_RECEIVED)),
+            ipv6=not relay.get("no-ipv6", False),
+            listen_hosts=listen_hosts,
+            extra_domains=sub.get("domain") or [],
+            deliver=MailboxDeliverer(Path(mailbox)).deliver if mailbox else None,
+            lock=not check,
+        )
+    except click.ClickException as exc:
+        raise config_error("relay", exc) from None
+    return parts, Path(mailbox) if mailbox else None
+
+
+def build(cfg: StackConfig, *, check: bool = False) -> Stack:
+    """Every stage, hop and listener of the config; raises ConfigError (one line).
+
+    The relay owns its spool from here on (`stop()` releases it); with
+    `check`, nothing is locked (`poste up --check` beside a running stack).
+    """
+    relay_parts, mailbox = _relay(cfg, check)
+    try:
+        return _assemble(cfg, relay_parts, mailbox)
+    except BaseException:
+        relay_parts.spool.unlock()
+        raise
+
+
+def _assemble(cfg: StackConfig, parts: RelayParts, mailbox: Path | None) -> Stack:
+    relay = cfg["relay"]
+    domains = [d.lower().rstrip(".") for d in relay.need("domain")]
+    postmaster = str(relay.get("postmaster") or f"postmaster@{domains[0]}")
+    relay_name = parts.hostname
+    relay_stage, queue_hop = parts.stage, parts.hop
+    stack = Stack(cfg, [], parts, mailbox=mailbox)
 
     # -- receiving: verifier -> spamfilter -> relay
     verifier, spam = cfg["verifier"], cfg["spamfilter"]
     if verifier.enabled:
-        from poste.auth.authenticate import Authenticator
-        from poste.auth.spf import resolver_for
-        from poste.services.verifier import VerifierStage
+        from poste.services.verifier import build_stage as verifier_stage
 
-        v_name = _hostname(verifier)
-        into_relay: Hop = StageHop(relay_stage, queue_hop, relay_name, v_name)
+        try:
+            v_stage = verifier_stage(
+                verifier.get("domain") or domains,
+                postmaster=verifier.get("postmaster") or postmaster,
+                nameservers=verifier.get("nameserver") or [],
+                dns_timeout=float(verifier.get("dns-timeout", 5.0)),
+                psl_file=verifier.get("psl"),
+                hostname=_hostname(verifier),
+                reject_failures=bool(verifier.get("reject-failures", False)),
+            )
+        except click.ClickException as exc:
+            raise config_error("verifier", exc) from None
+        v_name = v_stage.auth.hostname
+        first: Hop = StageHop(relay_stage, queue_hop, relay_name, v_name)
         if spam.enabled:
             spam_stage = _spam_stage(spam)
             stack.spam_stage = spam_stage
             spam_name = _hostname(spam)
             into_relay = StageHop(relay_stage, queue_hop, relay_name, spam_name)
-            first: Hop = StageHop(spam_stage, into_relay, spam_name, v_name)
-        else:
-            first = into_relay
-        try:
-            v_resolver = resolver_for(
-                verifier.get("nameserver") or [], float(verifier.get("dns-timeout", 5.0))
-            )
-        except NameserverError as exc:
-            raise ConfigError(f"[verifier] nameserver: {exc}") from None
-        v_domains = verifier.get("domain") or domains
-        v_stage = VerifierStage(
-            list(v_domains),
-            meter_authenticator(Authenticator(v_resolver, v_name)),
-            postmaster=verifier.get("postmaster") or postmaster,
-            reject_failures=bool(verifier.get("reject-failures", False)),
-        )
+            first = StageHop(spam_stage, into_relay, spam_name, v_name)
         v_tls = _tls(verifier, required=False)
         if verifier.get("require-tls") and v_tls is None:
             raise ConfigError("[verifier] require-tls needs tls-cert and tls-key")
@@ -418,11 +347,10 @@ def build(cfg: StackConfig) -> Stack:
             stack.tls.append(v_tls)
 
     # -- sending: submission -> signer -> relay
-    signer = cfg["signer"]
+    sub, signer = cfg["submission"], cfg["signer"]
     if sub.enabled:
-        from poste.services.submission import SubmissionStage
-        from poste.users.logins import Authenticator as LoginAuthenticator
-        from poste.users.logins import LoginThrottle
+        from poste.services.submission import build_stage as submission_stage
+        from poste.services.submission import make_throttle
 
         s_name = _hostname(sub)
         out_hop: Hop = StageHop(relay_stage, queue_hop, relay_name, s_name)
@@ -439,19 +367,17 @@ def build(cfg: StackConfig) -> Stack:
             )
             if signer.get("dns-server") or signer.get("dns-key"):
                 stack.on_start.append(_publisher(signer, signer_obj, domains[0]))
-        lockout = float(sub.get("auth-lockout", 900.0))
-        throttle = LoginThrottle(
-            base_delay=float(sub.get("auth-delay", 0.5)),
-            max_delay=float(sub.get("auth-max-delay", 8.0)),
-            max_failures=int(sub.get("auth-max-failures", 10)),
-            window=max(lockout, 60.0),
-            lockout=lockout,
-        )
-        s_stage = SubmissionStage(
-            watcher,
-            LoginAuthenticator(
-                watcher, throttle=throttle, concurrency=int(sub.get("auth-concurrency", 4))
+        s_stage = submission_stage(
+            relay.need("users"),
+            tuple(sub.get("domain") or domains),
+            throttle=make_throttle(
+                float(sub.get("auth-delay", 0.5)),
+                float(sub.get("auth-max-delay", 8.0)),
+                int(sub.get("auth-max-failures", 10)),
+                float(sub.get("auth-lockout", 900.0)),
             ),
+            concurrency=int(sub.get("auth-concurrency", 4)),
+            watcher=parts.watcher,  # one watcher: relay and submission see a commit together
         )
         s_tls = _tls(sub, required=True)
         assert s_tls is not None

@@ -52,6 +52,7 @@ SCHEMA: dict[str, dict[str, str]] = {
         "tls-key": PATH,
         "nameserver": STRS,
         "dns-timeout": FLOAT,
+        "psl": PATH,
         "hostname": STR,
         "require-tls": BOOL,
         "reject-failures": BOOL,

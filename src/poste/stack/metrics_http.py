@@ -75,10 +75,15 @@ metrics_option = click.option(
 
 
 class SpoolCollector(Collector):
-    """Queue size and age of the oldest message, read from the spool folder per scrape."""
+    """Queue size and age of the oldest message, read from the spool folders per scrape.
 
-    def __init__(self, spool_dir: str | Path) -> None:
-        self.spool_dir = Path(spool_dir)
+    One collector per process: the registry refuses two with the same series.
+    A process runs one relay, so there is one folder; a process that builds
+    several (tests) gets their sum, and a folder that is gone counts nothing.
+    """
+
+    def __init__(self, *spool_dirs: str | Path) -> None:
+        self.spool_dirs: list[Path] = [Path(d) for d in spool_dirs]
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         from poste.relay.spool import Spool, SpoolError
@@ -91,28 +96,31 @@ class SpoolCollector(Collector):
             "Age of the oldest message in the relay's spool (0 when empty).",
         )
         count, oldest = 0, 0.0
-        try:
-            spool = Spool(self.spool_dir, create=False)
-            now = time.time()
-            for entry in spool.entries():
-                count += 1
-                oldest = max(oldest, now - entry.created)
-        except (OSError, SpoolError, ValueError):
-            log.debug("spool %s unreadable for metrics", self.spool_dir, exc_info=True)
+        now = time.time()
+        for folder in list(self.spool_dirs):
+            try:
+                spool = Spool(folder, create=False)
+                for entry in spool.entries():
+                    count += 1
+                    oldest = max(oldest, now - entry.created)
+            except (OSError, SpoolError, ValueError):
+                log.debug("spool %s unreadable for metrics", folder, exc_info=True)
         size.add_metric([], count)
         age.add_metric([], oldest)
         yield size
         yield age
 
 
-_spools: set[str] = set()
+_collector: SpoolCollector | None = None
 
 
 def watch_spool(spool_dir: str | Path) -> None:
-    """Register the queue gauges for this spool (once per process and folder)."""
-    key = str(Path(spool_dir).resolve())
+    """Serve the queue gauges of this spool (idempotent per process and folder)."""
+    global _collector
+    folder = Path(spool_dir).resolve()
     with _lock:
-        if key in _spools:
-            return
-        _spools.add(key)
-    REGISTRY.register(SpoolCollector(spool_dir))
+        if _collector is None:
+            _collector = SpoolCollector()
+            REGISTRY.register(_collector)
+        if folder not in _collector.spool_dirs:
+            _collector.spool_dirs.append(folder)

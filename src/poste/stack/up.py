@@ -157,7 +157,7 @@ def main(
     database, and reports config changes that need a restart.
     """
     from poste.stack import logs
-    from poste.stack.metrics_http import serve_or_fail, watch_spool
+    from poste.stack.metrics_http import serve_or_fail
 
     banner = ""
     if config_path is None:
@@ -177,14 +177,13 @@ def main(
     from poste.stack.build import build
 
     try:
-        stack = build(cfg)
+        stack = build(cfg, check=check)
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from None
     if check:
         click.echo(f"{config_path}: ok")
         return
-    serve_or_fail(metrics or cfg.metrics)
-    watch_spool(stack.spool.path)
+    serve_or_fail(metrics or cfg.metrics)  # the relay registered its spool gauges
     _run(stack, cfg, banner)
 
 
@@ -208,13 +207,11 @@ def _run(stack: object, cfg: StackConfig, banner: str) -> None:
 
         loop.add_signal_handler(signal.SIGHUP, on_hup)
         await stack.start()
-        watcher_task = loop.create_task(stack.watcher.run())
         if banner:
             click.echo(banner, err=True)
         log.info("poste up: ready (config %s)", cfg.path)
         await stop.wait()
         log.info("stopping")
-        watcher_task.cancel()
         await stack.stop()
 
     asyncio.run(run())
