@@ -121,6 +121,11 @@ def _stage_of(stack: Stack, name: str) -> object:
 
 def test_up_is_built_by_the_services_builders(tmp_path: Path, nameserver: str) -> None:
     d, _ = _folder(tmp_path, nameserver)
+    text = (d / "poste.toml").read_text()
+    (d / "poste.toml").write_text(text.replace("[relay]", "[relay]\nself-address = ['x']"))
+    with pytest.raises(ConfigError, match=r"^\[relay\] self-address: 'x' is not an IP address"):
+        build(load(d / "poste.toml"))
+    (d / "poste.toml").write_text(text.replace("[relay]", "[relay]\nself-address = ['192.0.2.9']"))
     stack = build(load(d / "poste.toml"))
     try:
         # one users watcher for relay and submission
@@ -130,6 +135,7 @@ def test_up_is_built_by_the_services_builders(tmp_path: Path, nameserver: str) -
         # the verifier's listen address is ours: an MX resolving to it is a loop
         assert stack.relay.deliverer.is_self("127.0.0.1")
         assert not stack.relay.deliverer.is_self("127.0.0.2")
+        assert stack.relay.deliverer.is_self("192.0.2.9")  # [relay] self-address, as the flag
         # the relay owns the spool: a second stack on it is refused, `--check` is not
         with pytest.raises(ConfigError, match=r"^\[relay\] .*in use by another relay"):
             build(load(d / "poste.toml"))

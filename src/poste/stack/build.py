@@ -274,6 +274,7 @@ def _relay(cfg: StackConfig, check: bool) -> tuple[RelayParts, Path | None]:
             max_received=int(relay.get("max-received", MAX_RECEIVED)),
             ipv6=not relay.get("no-ipv6", False),
             listen_hosts=listen_hosts,
+            self_addresses=relay.get("self-address") or [],
             extra_domains=sub.get("domain") or [],
             deliver=MailboxDeliverer(Path(mailbox)).deliver if mailbox else None,
             lock=not check,

@@ -87,6 +87,7 @@ SCHEMA: dict[str, dict[str, str]] = {
         "users-poll": DURATION,
         "max-received": INT,
         "no-ipv6": BOOL,
+        "self-address": STRS,
         # not a flag of `poste relay`: deliver everything into this folder (demo, tests)
         "mailbox": PATH,
     },

@@ -72,6 +72,7 @@ def config_text(lay: Layout) -> str:
         kv("listen", lay.verifier_listen),
         kv("require-tls", False, comment=True),
         kv("reject-failures", False, comment=True),
+        kv("psl", "public_suffix_list.dat", comment=True),
     ]
     if lay.dns_timeout is not None:
         out.append(kv("dns-timeout", lay.dns_timeout))
@@ -83,6 +84,7 @@ def config_text(lay: Layout) -> str:
         kv("srs-secret-file", "srs-secret"),
         kv("listen", lay.relay_listen or "127.0.0.1:2526", comment=lay.relay_listen is None),
         kv("granted", ["127.0.0.0/8", "::1/128"], comment=True),
+        kv("self-address", ["192.0.2.1"], comment=True),
     ]
     if lay.smtp_port is not None:
         out.append(kv("smtp-port", lay.smtp_port))
