@@ -235,15 +235,12 @@ def mark(
         if not data.startswith(b"From "):
             raise click.ClickException(f"{path}: not an mbox (no From_ line at the start)")
         stored.extend(split_mbox_raw(data))
-    mails = [unquote_mbox(msg) for _, msg in stored]
+    # the classifier does not care about the blank line that ends an mbox
+    # entry, so only mails with quoted From_ lines are copied
+    mails = [unquote_mbox(msg) if b">From " in msg else msg for _, msg in stored]
     judged = classify_many(clf, mails, jobs or default_jobs(), 40 if detail else 0)
-    chunk: list[bytes] = []
     for (from_line, msg), (score, label, clues) in zip(stored, judged, strict=True):
-        chunk += (from_line, _fields(header_name, detail, label, score, clues, msg), msg)
-        if len(chunk) > 3000:
-            out.write(b"".join(chunk))
-            chunk.clear()
-    out.write(b"".join(chunk))
+        out.writelines((from_line, _fields(header_name, detail, label, score, clues, msg), msg))
     out.flush()
 
 

@@ -27,7 +27,7 @@ import json
 import os
 import struct
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 MAGIC = b"POSTESPM"
@@ -45,13 +45,37 @@ class Database:
     def __init__(self) -> None:
         self.nspam = 0
         self.nham = 0
-        # token -> (spam messages, ham messages) it appeared in
-        self.counts: dict[str, tuple[int, int]] = {}
+        # token -> (spam messages, ham messages) it appeared in; built from
+        # the file's arrays on first use (a classifier alone never needs it)
+        self._counts: dict[str, tuple[int, int]] | None = {}
+        self._columns: tuple[list[str], array.array[int], array.array[int]] | None = None
         self.note = ""
         # bumped on every change so classifiers know to rebuild their cache
         self.generation = 0
 
+    @property
+    def counts(self) -> dict[str, tuple[int, int]]:
+        if self._counts is None:
+            assert self._columns is not None
+            tokens, spam, ham = self._columns
+            self._counts = dict(zip(tokens, zip(spam, ham, strict=True), strict=True))
+            self._columns = None
+        return self._counts
+
+    @counts.setter
+    def counts(self, value: dict[str, tuple[int, int]]) -> None:
+        self._counts = value
+        self._columns = None
+
+    def items(self) -> Iterator[tuple[str, int, int]]:
+        """(token, spam count, ham count) of every token, without building `counts`."""
+        if self._counts is None and self._columns is not None:
+            return zip(*self._columns, strict=True)
+        return ((t, c[0], c[1]) for t, c in self.counts.items())
+
     def __len__(self) -> int:
+        if self._counts is None and self._columns is not None:
+            return len(self._columns[0])
         return len(self.counts)
 
     def get(self, token: str) -> tuple[int, int]:
@@ -193,7 +217,8 @@ class Database:
         db.nspam = int(header["nspam"])
         db.nham = int(header["nham"])
         db.note = str(header.get("note", ""))
-        db.counts = dict(zip(tokens, zip(spam, ham, strict=True), strict=True))
+        db._counts = None
+        db._columns = (tokens, spam, ham)
         return db
 
     @classmethod

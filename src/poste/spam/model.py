@@ -159,8 +159,8 @@ class Classifier:
             return
         strong = self._strong
         vals = {}
-        for t, c in self.db.counts.items():
-            f = strong(c)
+        for t, sc, hc in self.db.items():
+            f = strong((sc, hc))
             if f:
                 vals[t] = f
         self._vals = vals
