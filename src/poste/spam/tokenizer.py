@@ -152,7 +152,7 @@ def _split_address(value: str) -> tuple[str, str]:
         words_ = value.split()
         addr = next((w for w in reversed(words_) if "@" in w), "")
         name = value.replace(addr, " ") if addr else value
-    if "@" not in addr or len(addr) > 254 or any(c.isspace() for c in addr):
+    if "@" not in addr or len(addr) > 254 or addr.split() != [addr]:
         return "", value
     return addr.strip('"()<>,;'), name
 
@@ -180,8 +180,8 @@ def _header_tokens(part: Part, out: set[str]) -> None:
     subjects = h.get("subject")
     if subjects:
         s = subjects[0]
-        letters = [c for c in s if c.isalpha()]
-        if len(letters) >= 6 and sum(c.isupper() for c in letters) > 0.7 * len(letters):
+        letters = "".join(filter(str.isalpha, s))
+        if len(letters) >= 6 and sum(map(str.isupper, letters)) > 0.7 * len(letters):
             out.add("subject:shouting")
         if "!" in s:
             out.add("subject:bang")
