@@ -120,14 +120,20 @@ def main() -> int:
     ap.add_argument("corpus", nargs="?", default=str(DEFAULT_CORPUS))
     ap.add_argument("--test-every", type=int, default=3, help="every N-th mail is a test mail")
     ap.add_argument("--runs", type=int, default=3, help="timed runs per tool (best is kept)")
-    ap.add_argument("--speed-copies", type=int, default=10,
-                    help="copies of the test mbox in the big mbox timed for speed")
+    ap.add_argument(
+        "--speed-copies",
+        type=int,
+        default=10,
+        help="copies of the test mbox in the big mbox timed for speed",
+    )
     ap.add_argument("--keep", help="keep the work folder here")
     args = ap.parse_args()
     for tool in ("spamoracle", "bogofilter"):
         if shutil.which(tool) is None:
-            print(f"{tool} is not installed (apt-get install -y spamoracle bogofilter)",
-                  file=sys.stderr)
+            print(
+                f"{tool} is not installed (apt-get install -y spamoracle bogofilter)",
+                file=sys.stderr,
+            )
             return 2
     work = Path(args.keep or tempfile.mkdtemp(prefix="spambench."))
     work.mkdir(parents=True, exist_ok=True)
@@ -146,9 +152,11 @@ def bench(corpus: Path, work: Path, every: int, runs: int, copies: int) -> int:
     te.write_bytes(b"".join(mbox_bytes(raw) for _, raw in test))
     truth = [folder for folder, _ in test]
     n = len(test)
-    print(f"corpus {corpus.name}: train {len(train['spam'])} spam + {len(train['ham'])} ham, "
-          f"test {n} ({', '.join(f'{k} {v}' for k, v in sorted(Counter(truth).items()))}); "
-          f"1 mail in {every} of each folder is a test mail")
+    print(
+        f"corpus {corpus.name}: train {len(train['spam'])} spam + {len(train['ham'])} ham, "
+        f"test {n} ({', '.join(f'{k} {v}' for k, v in sorted(Counter(truth).items()))}); "
+        f"1 mail in {every} of each folder is a test mail"
+    )
 
     pdb, sdb, bdir = work / "poste.db", work / "spamoracle.db", work / "bogofilter"
     # train from scratch even in a kept work folder (spamoracle and bogofilter add to a db)
@@ -157,10 +165,12 @@ def bench(corpus: Path, work: Path, every: int, runs: int, copies: int) -> int:
     shutil.rmtree(bdir, ignore_errors=True)
     bdir.mkdir()
     train_time = {
-        "poste": run([POSTE, "spam", "train", "--spam", str(tr_spam), "--ham", str(tr_ham),
-                      "-o", str(pdb)])[0],
-        "spamoracle": run(["spamoracle", "-f", str(sdb), "add", "-spam", str(tr_spam),
-                           "-good", str(tr_ham)])[0],
+        "poste": run(
+            [POSTE, "spam", "train", "--spam", str(tr_spam), "--ham", str(tr_ham), "-o", str(pdb)]
+        )[0],
+        "spamoracle": run(
+            ["spamoracle", "-f", str(sdb), "add", "-spam", str(tr_spam), "-good", str(tr_ham)]
+        )[0],
         "bogofilter": run(["bogofilter", "-C", "-d", str(bdir), "-M", "-s", "-I", str(tr_spam)])[0]
         + run(["bogofilter", "-C", "-d", str(bdir), "-M", "-n", "-I", str(tr_ham)])[0],
     }
@@ -202,22 +212,32 @@ def bench(corpus: Path, work: Path, every: int, runs: int, copies: int) -> int:
     nspam = sum(1 for t in truth if t.startswith("spam"))
     nham = n - nspam
     print()
-    print(f"{'tool':<12}{'spam caught':>14}{'ham as spam':>13}{'unknown':>9}"
-          f"{'msgs/s':>9}{f'msgs/s x{copies}':>14}{'cpu s':>8}{'train s':>9}")
+    print(
+        f"{'tool':<12}{'spam caught':>14}{'ham as spam':>13}{'unknown':>9}"
+        f"{'msgs/s':>9}{f'msgs/s x{copies}':>14}{'cpu s':>8}{'train s':>9}"
+    )
     results = {}
     for tool, labs in labels.items():
         if len(labs) != n:
             print(f"{tool}: got {len(labs)} labels for {n} mails", file=sys.stderr)
             return 1
-        caught = sum(1 for t, lab in zip(truth, labs, strict=True) if t.startswith("spam") and lab == "yes")
-        fp = sum(1 for t, lab in zip(truth, labs, strict=True) if not t.startswith("spam") and lab == "yes")
+        caught = sum(
+            1 for t, lab in zip(truth, labs, strict=True) if t.startswith("spam") and lab == "yes"
+        )
+        fp = sum(
+            1
+            for t, lab in zip(truth, labs, strict=True)
+            if not t.startswith("spam") and lab == "yes"
+        )
         unk = sum(1 for lab in labs if lab == "unknown")
         wall = best[tool][0]
         big_wall, big_cpu = best_big[tool]
         results[tool] = (caught, fp, unk, n / wall, n * copies / big_wall)
-        print(f"{tool:<12}{f'{caught}/{nspam}':>14}{f'{fp}/{nham}':>13}{unk:>9}"
-              f"{n / wall:>9.0f}{n * copies / big_wall:>14.0f}{big_cpu:>8.2f}"
-              f"{train_time[tool]:>9.2f}")
+        print(
+            f"{tool:<12}{f'{caught}/{nspam}':>14}{f'{fp}/{nham}':>13}{unk:>9}"
+            f"{n / wall:>9.0f}{n * copies / big_wall:>14.0f}{big_cpu:>8.2f}"
+            f"{train_time[tool]:>9.2f}"
+        )
     for tool, labs in labels.items():
         print(f"\n{tool}: label per test folder")
         print(f"  {'folder':<12}{'yes':>6}{'unknown':>9}{'no':>6}")
@@ -232,10 +252,14 @@ def bench(corpus: Path, work: Path, every: int, runs: int, copies: int) -> int:
     ok_speed = p[3] >= results["spamoracle"][3]
     ok_speed_big = p[4] >= results["spamoracle"][4]
     print()
-    print(f"poste catches more spam than both: {'yes' if ok_catch else 'NO'}; "
-          f"false positives no more than the best: {'yes' if ok_fp else 'NO'}")
-    print(f"at least as fast as spamoracle mark: on the test mbox "
-          f"{'yes' if ok_speed else 'NO'}, on the x{copies} mbox {'yes' if ok_speed_big else 'NO'}")
+    print(
+        f"poste catches more spam than both: {'yes' if ok_catch else 'NO'}; "
+        f"false positives no more than the best: {'yes' if ok_fp else 'NO'}"
+    )
+    print(
+        f"at least as fast as spamoracle mark: on the test mbox "
+        f"{'yes' if ok_speed else 'NO'}, on the x{copies} mbox {'yes' if ok_speed_big else 'NO'}"
+    )
     return 0 if ok_catch and ok_fp and (ok_speed or ok_speed_big) else 1
 
 

@@ -12,7 +12,9 @@ import pytest
 from support.spamkit import corpus, hammy, spammy, write_folder, write_mbox
 
 
-def poste(poste_bin: str, *args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
+def poste(
+    poste_bin: str, *args: str, stdin: bytes | None = None
+) -> subprocess.CompletedProcess[bytes]:
     return subprocess.run([poste_bin, *args], input=stdin, capture_output=True, timeout=120)
 
 
@@ -23,8 +25,17 @@ def trained(tmp_path: Path, poste_bin: str) -> Path:
     write_folder(tmp_path / "spam", spam)
     write_mbox(tmp_path / "ham.mbox", ham)
     db = tmp_path / "spam.db"
-    r = poste(poste_bin, "spam", "train", "--spam", str(tmp_path / "spam"),
-              "--ham", str(tmp_path / "ham.mbox"), "-o", str(db))
+    r = poste(
+        poste_bin,
+        "spam",
+        "train",
+        "--spam",
+        str(tmp_path / "spam"),
+        "--ham",
+        str(tmp_path / "ham.mbox"),
+        "-o",
+        str(db),
+    )
     assert r.returncode == 0, r.stderr
     assert b"trained 40 spam and 40 ham" in r.stderr
     return db
@@ -34,8 +45,15 @@ def test_classify_prints_label_score_name(tmp_path: Path, poste_bin: str, traine
     rng = random.Random(123)
     (tmp_path / "s.eml").write_bytes(spammy(rng))
     (tmp_path / "h.eml").write_bytes(hammy(rng))
-    r = poste(poste_bin, "spam", "classify", "--db", str(trained),
-              str(tmp_path / "s.eml"), str(tmp_path / "h.eml"))
+    r = poste(
+        poste_bin,
+        "spam",
+        "classify",
+        "--db",
+        str(trained),
+        str(tmp_path / "s.eml"),
+        str(tmp_path / "h.eml"),
+    )
     assert r.returncode == 0, r.stderr
     lines = [line.split() for line in r.stdout.decode().splitlines()]
     assert [(w[0], w[2]) for w in lines] == [
@@ -62,15 +80,22 @@ def test_classify_reads_maildir_and_tarball(tmp_path: Path, poste_bin: str, trai
     assert labels == ["yes"] * 3 + ["no"] * 3 + ["no"] * 3
 
 
-def test_mark_stdin_prepends_the_field_and_keeps_the_mail(
-    poste_bin: str, trained: Path
-) -> None:
+def test_mark_stdin_prepends_the_field_and_keeps_the_mail(poste_bin: str, trained: Path) -> None:
     raw = spammy(random.Random(5))
     r = poste(poste_bin, "spam", "mark", "--db", str(trained), stdin=raw)
     assert r.returncode == 0, r.stderr
     assert r.stdout == b"X-Spamtacus: yes\r\n" + raw
-    r = poste(poste_bin, "spam", "mark", "--db", str(trained), "--header-name", "X-Spam",
-              "--detail", stdin=raw)
+    r = poste(
+        poste_bin,
+        "spam",
+        "mark",
+        "--db",
+        str(trained),
+        "--header-name",
+        "X-Spam",
+        "--detail",
+        stdin=raw,
+    )
     head, rest = r.stdout.split(b"\r\n", 2)[:2], r.stdout.split(b"\r\n", 2)[2]
     assert head[0] == b"X-Spam: yes"
     assert head[1].startswith(b"X-Spam-Detail: score=")
@@ -86,7 +111,9 @@ def test_mark_mbox_labels_every_message(tmp_path: Path, poste_bin: str, trained:
     out = r.stdout
     assert out.count(b"\nFrom ") + out.startswith(b"From ") == 3
     assert [line for line in out.split(b"\n") if line.startswith(b"X-Spamtacus:")] == [
-        b"X-Spamtacus: yes", b"X-Spamtacus: no", b"X-Spamtacus: yes"
+        b"X-Spamtacus: yes",
+        b"X-Spamtacus: no",
+        b"X-Spamtacus: yes",
     ]
     # every message is the input, byte for byte, below the field
     assert out.replace(b"X-Spamtacus: yes\n", b"").replace(b"X-Spamtacus: no\n", b"") == (
@@ -109,14 +136,27 @@ def test_eval_prints_a_confusion_table(tmp_path: Path, poste_bin: str) -> None:
     spam, ham = corpus(seed=3, count=20)
     write_folder(tmp_path / "spam", spam)
     write_folder(tmp_path / "ham", ham)
-    r = poste(poste_bin, "spam", "eval", "--spam", str(tmp_path / "spam"),
-              "--ham", str(tmp_path / "ham"), "-k", "4", "--sweep")
+    r = poste(
+        poste_bin,
+        "spam",
+        "eval",
+        "--spam",
+        str(tmp_path / "spam"),
+        "--ham",
+        str(tmp_path / "ham"),
+        "-k",
+        "4",
+        "--sweep",
+    )
     assert r.returncode == 0, r.stderr
     text = r.stdout.decode()
     assert "4-fold cross-validation, 20 spam, 20 ham" in text
     assert "false positives (ham labelled yes): 0 (0.00%)" in text
-    rows = {line.split()[0]: line.split()[1:] for line in text.splitlines()
-            if line.startswith(("spam ", "ham "))}
+    rows = {
+        line.split()[0]: line.split()[1:]
+        for line in text.splitlines()
+        if line.startswith(("spam ", "ham "))
+    }
     assert rows["spam"] == ["20", "0", "0"]
     assert rows["ham"] == ["0", "0", "20"]
     assert "spam-cutoff" in text

@@ -107,8 +107,13 @@ def test_file_format_header(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     "content",
-    [b"", b"not a database", MAGIC + b"\x02\x00\x00\x00", MAGIC + b"\x01\x00\x00\x00\xff\xff",
-     b"\x1f\x8b garbage"],
+    [
+        b"",
+        b"not a database",
+        MAGIC + b"\x02\x00\x00\x00",
+        MAGIC + b"\x01\x00\x00\x00\xff\xff",
+        b"\x1f\x8b garbage",
+    ],
 )
 def test_damaged_files_raise_database_error(tmp_path: Path, content: bytes) -> None:
     path = tmp_path / "bad.db"
@@ -128,8 +133,10 @@ def test_truncated_file_is_refused(tmp_path: Path) -> None:
 def test_hundred_thousand_token_database_round_trips(tmp_path: Path) -> None:
     db = Database()
     rng = random.Random(0)
-    db.counts = {f"tok{i}:{rng.random():.6f}": (rng.randrange(50), rng.randrange(1, 50))
-                 for i in range(100_000)}
+    db.counts = {
+        f"tok{i}:{rng.random():.6f}": (rng.randrange(50), rng.randrange(1, 50))
+        for i in range(100_000)
+    }
     db.nspam, db.nham = 500, 2500
     db.save(tmp_path / "big.db")
     again = Database.load(tmp_path / "big.db")
@@ -198,8 +205,13 @@ def test_scores_do_not_depend_on_the_hash_seed(tmp_path: Path) -> None:
     outs = []
     for seed in ("1", "2"):
         env = {**os.environ, "PYTHONHASHSEED": seed}
-        r = subprocess.run([sys.executable, "-c", script, str(tmp_path / "x.db"), str(tmp_path)],
-                           capture_output=True, env=env, check=True, timeout=60)
+        r = subprocess.run(
+            [sys.executable, "-c", script, str(tmp_path / "x.db"), str(tmp_path)],
+            capture_output=True,
+            env=env,
+            check=True,
+            timeout=60,
+        )
         outs.append(r.stdout)
     assert outs[0] == outs[1]
     assert len(outs[0].splitlines()) == 10

@@ -51,7 +51,9 @@ def split_fields(stored: bytes) -> tuple[list[bytes], bytes]:
 def send(poste_bin: str, raw: bytes, port: int) -> None:
     r = subprocess.run(
         [poste_bin, "send", "-", f"127.0.0.1:{port}", "-s", "a@example.org", "-r", "b@example.net"],
-        input=raw, capture_output=True, timeout=60,
+        input=raw,
+        capture_output=True,
+        timeout=60,
     )
     assert r.returncode == 0, r.stderr
 
@@ -59,7 +61,7 @@ def send(poste_bin: str, raw: bytes, port: int) -> None:
 MALFORMED = (
     b"Subject: \xff\xfe broken \xc3 8-bit\r\n"
     b"From: <\r\n"
-    b"Content-Type: multipart/mixed; boundary=\"nope\r\n"
+    b'Content-Type: multipart/mixed; boundary="nope\r\n'
     b"Content-Transfer-Encoding: base64\r\n"
     b"X-\xff\xff: \x00\x01junk\r\n"
     b"\r\n"
@@ -78,13 +80,27 @@ def test_spam_ham_and_malformed_mail_are_labelled(tmp_path: Path, poste_bin: str
     with (
         service(
             [poste_bin, "srv", f"127.0.0.1:{srv_port}", "-o", f"{box}/", "--count", "0"],
-            "127.0.0.1", srv_port, tmp_path / "srv.log",
+            "127.0.0.1",
+            srv_port,
+            tmp_path / "srv.log",
         ),
         service(
-            [poste_bin, "spamfilter", "--listen", f"127.0.0.1:{port}",
-             "--destination", f"127.0.0.1:{srv_port}", "--db", str(db), "--detail",
-             "--hostname", "spamfilter.test"],
-            "127.0.0.1", port, tmp_path / "spamfilter.log",
+            [
+                poste_bin,
+                "spamfilter",
+                "--listen",
+                f"127.0.0.1:{port}",
+                "--destination",
+                f"127.0.0.1:{srv_port}",
+                "--db",
+                str(db),
+                "--detail",
+                "--hostname",
+                "spamfilter.test",
+            ],
+            "127.0.0.1",
+            port,
+            tmp_path / "spamfilter.log",
         ),
     ):
         for i, raw in enumerate((spam, ham, MALFORMED), 1):
@@ -109,20 +125,30 @@ def test_spam_ham_and_malformed_mail_are_labelled(tmp_path: Path, poste_bin: str
             assert rest == original
 
 
-def test_header_name_is_configurable_and_default_db_is_used(
-    tmp_path: Path, poste_bin: str
-) -> None:
+def test_header_name_is_configurable_and_default_db_is_used(tmp_path: Path, poste_bin: str) -> None:
     srv_port, port = free_port(), free_port()
     box = tmp_path / "box"
     with (
         service(
             [poste_bin, "srv", f"127.0.0.1:{srv_port}", "-o", f"{box}/", "--count", "0"],
-            "127.0.0.1", srv_port, tmp_path / "srv.log",
+            "127.0.0.1",
+            srv_port,
+            tmp_path / "srv.log",
         ),
         service(
-            [poste_bin, "spamfilter", "--listen", f"127.0.0.1:{port}",
-             "--destination", f"127.0.0.1:{srv_port}", "--header-name", "X-Spam-Label"],
-            "127.0.0.1", port, tmp_path / "spamfilter.log",
+            [
+                poste_bin,
+                "spamfilter",
+                "--listen",
+                f"127.0.0.1:{port}",
+                "--destination",
+                f"127.0.0.1:{srv_port}",
+                "--header-name",
+                "X-Spam-Label",
+            ],
+            "127.0.0.1",
+            port,
+            tmp_path / "spamfilter.log",
         ),
     ):
         send(poste_bin, hammy(random.Random(1)), port)
@@ -141,9 +167,17 @@ def test_header_name_is_configurable_and_default_db_is_used(
 )
 def test_bad_flags_are_one_line_errors(poste_bin: str, args: list[str], message: str) -> None:
     r = subprocess.run(
-        [poste_bin, "spamfilter", "--listen", f"127.0.0.1:{free_port()}",
-         "--destination", "127.0.0.1:1", *args],
-        capture_output=True, timeout=60,
+        [
+            poste_bin,
+            "spamfilter",
+            "--listen",
+            f"127.0.0.1:{free_port()}",
+            "--destination",
+            "127.0.0.1:1",
+            *args,
+        ],
+        capture_output=True,
+        timeout=60,
     )
     assert r.returncode != 0
     assert message in r.stderr.decode()
@@ -176,8 +210,14 @@ async def test_big_mail_being_classified_does_not_block_another_session(
         host, port = svc.sockname[0], svc.sockname[1]
 
         async def deliver(raw: bytes) -> None:
-            await aiosmtplib.send(raw, sender="a@example.org", recipients=["b@example.net"],
-                                  hostname=host, port=port, timeout=120)
+            await aiosmtplib.send(
+                raw,
+                sender="a@example.org",
+                recipients=["b@example.net"],
+                hostname=host,
+                port=port,
+                timeout=120,
+            )
 
         big_task = asyncio.create_task(deliver(big))
         assert await asyncio.to_thread(stage.big_started.wait, 60)
@@ -200,8 +240,14 @@ async def test_twenty_megabyte_mail_is_labelled_by_the_real_classifier(tmp_path:
     box = Mailbox(f"{tmp_path}/box/", 0, with_data=False)
     big = big_attachment()
     async with running(stage, MailboxHop(box)) as svc:
-        await aiosmtplib.send(big, sender="a@example.org", recipients=["b@example.net"],
-                              hostname=svc.sockname[0], port=svc.sockname[1], timeout=120)
+        await aiosmtplib.send(
+            big,
+            sender="a@example.org",
+            recipients=["b@example.net"],
+            hostname=svc.sockname[0],
+            port=svc.sockname[1],
+            timeout=120,
+        )
     stored = (tmp_path / "box" / "1.eml").read_bytes()
     assert stored.endswith(big)
     fields, _ = split_fields(stored)

@@ -23,8 +23,11 @@ def test_plain_words_are_lowercased_and_subject_words_carry_their_origin() -> No
 
 def test_base64_utf8_body_is_decoded() -> None:
     body = base64.encodebytes("Grüße aus München, Überweisung bestätigt\n".encode()).decode()
-    raw = mail("x", body, extra="Content-Type: text/plain; charset=utf-8\n"
-                               "Content-Transfer-Encoding: base64")
+    raw = mail(
+        "x",
+        body,
+        extra="Content-Type: text/plain; charset=utf-8\nContent-Transfer-Encoding: base64",
+    )
     toks = tokenize(raw)
     assert {"grüße", "münchen", "überweisung", "bestätigt"} <= toks
     assert "cte:base64" in toks
@@ -34,8 +37,12 @@ def test_quoted_printable_latin1_with_soft_breaks() -> None:
     text = "Le café est très bon, réservation confirmée pour demain " * 3
     body = quopri.encodestring(text.encode("latin-1")).decode("ascii")
     assert "=\n" in body  # soft line breaks are exercised
-    raw = mail("x", body, extra="Content-Type: text/plain; charset=iso-8859-1\n"
-                               "Content-Transfer-Encoding: quoted-printable")
+    raw = mail(
+        "x",
+        body,
+        extra="Content-Type: text/plain; charset=iso-8859-1\n"
+        "Content-Transfer-Encoding: quoted-printable",
+    )
     toks = tokenize(raw)
     assert {"café", "très", "réservation", "confirmée"} <= toks
     assert "charset:iso-8859-1" in toks
@@ -105,7 +112,7 @@ def test_multipart_alternative_reads_both_parts_and_skips_attachments() -> None:
         b'Content-Type: multipart/mixed; boundary="Q"\r\n\r\n--Q\r\nunclosed part words',
         b"Content-Type: text/plain\r\nContent-Transfer-Encoding: base64\r\n\r\n!!!not*base64@@",
         b"Content-Type: text/plain; charset=no-such-charset\r\n\r\ncharset words",
-        b"Content-Type: text/plain; charset=\"utf-8\r\n\r\nbroken quote words",
+        b'Content-Type: text/plain; charset="utf-8\r\n\r\nbroken quote words',
         b"Content-Type: ;;;===\r\nContent-Transfer-Encoding: x-weird\r\n\r\nodd words",
         b"Subject: =?utf-8?B?####?= =?bogus?Q?=ZZ?=\r\n\r\nencoded word junk",
         b"Subject: \xff\xfe\x80 junk \xc3\r\nFrom: \x90\x91 <@@>\r\nX-\xff: \xff\r\n\r\nbody",
@@ -190,8 +197,16 @@ def test_mbox_from_line_is_ignored() -> None:
         b"Subject: " + b"=?utf-8?q?" * 6_000 + b"\r\n\r\nx",
         b"\r\n\r\nhttp://" + b"a." * 100_000,
     ],
-    ids=["long-from", "from-brackets", "unclosed-style", "unclosed-comments", "open-tags",
-         "quoted-params", "encoded-word-junk", "long-host"],
+    ids=[
+        "long-from",
+        "from-brackets",
+        "unclosed-style",
+        "unclosed-comments",
+        "open-tags",
+        "quoted-params",
+        "encoded-word-junk",
+        "long-host",
+    ],
 )
 def test_hostile_inputs_take_linear_time(raw: bytes) -> None:
     """Inputs that make naive regexes quadratic (seconds to minutes) finish at once."""
@@ -199,7 +214,12 @@ def test_hostile_inputs_take_linear_time(raw: bytes) -> None:
 
 
 def test_hidden_html_is_dropped_even_when_unclosed() -> None:
-    toks = tokenize(mail("x", "<p>seen</p><style>p{}</style>after<!-- never closed hidden",
-                         extra="Content-Type: text/html"))
+    toks = tokenize(
+        mail(
+            "x",
+            "<p>seen</p><style>p{}</style>after<!-- never closed hidden",
+            extra="Content-Type: text/html",
+        )
+    )
     assert {"seen", "after"} <= toks
     assert "hidden" not in toks and "never" not in toks

@@ -89,8 +89,9 @@ def write_mbox(path: Path, mails: list[bytes]) -> Path:
         for raw in mails:
             f.write(b"From sender@example.org Mon Jan  1 10:00:00 2024\n")
             body = raw.replace(b"\r\n", b"\n")
-            body = b"\n".join(b">" + line if line.startswith(b"From ") else line
-                              for line in body.split(b"\n"))
+            body = b"\n".join(
+                b">" + line if line.startswith(b"From ") else line for line in body.split(b"\n")
+            )
             f.write(body + b"\n\n")
     return path
 
@@ -101,12 +102,12 @@ def deep_multipart(depth: int, leaf_text: str = "deepest words here") -> bytes:
     for level in range(depth, 0, -1):
         b = f"b{level}".encode()
         inner = (
-            b"Content-Type: multipart/mixed; boundary=\"" + b + b"\"\r\n\r\n"
+            b'Content-Type: multipart/mixed; boundary="' + b + b'"\r\n\r\n'
             b"--" + b + b"\r\n" + inner + b"\r\n--" + b + b"--\r\n"
         )
     top = (
         b"From: a@example.org\r\nSubject: nested surface\r\nMIME-Version: 1.0\r\n"
-        b"Content-Type: multipart/mixed; boundary=\"top\"\r\n\r\n"
+        b'Content-Type: multipart/mixed; boundary="top"\r\n\r\n'
         b"--top\r\nContent-Type: text/plain\r\n\r\nshallow visible words\r\n"
         b"--top\r\n" + inner + b"\r\n--top--\r\n"
     )
@@ -117,15 +118,15 @@ def big_attachment(size: int = 20 * 1024 * 1024) -> bytes:
     """A mail with a short text part and a `size`-byte base64 attachment."""
     import base64
 
-    payload = base64.encodebytes(bytes(range(256)) * (size // 256 // 4 * 3 + 1))[: size]
+    payload = base64.encodebytes(bytes(range(256)) * (size // 256 // 4 * 3 + 1))[:size]
     return (
         b"From: a@example.org\r\nTo: b@example.net\r\nSubject: the big report\r\n"
-        b"MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=\"BIG\"\r\n\r\n"
+        b'MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary="BIG"\r\n\r\n'
         b"--BIG\r\nContent-Type: text/plain; charset=us-ascii\r\n\r\n"
         b"please find attached quarterly numbers\r\n"
-        b"--BIG\r\nContent-Type: application/octet-stream; name=\"data.bin\"\r\n"
+        b'--BIG\r\nContent-Type: application/octet-stream; name="data.bin"\r\n'
         b"Content-Transfer-Encoding: base64\r\n"
-        b"Content-Disposition: attachment; filename=\"data.bin\"\r\n\r\n"
+        b'Content-Disposition: attachment; filename="data.bin"\r\n\r\n'
         + payload.replace(b"\n", b"\r\n")
         + b"\r\n--BIG--\r\n"
     )

@@ -119,16 +119,35 @@ def load_classifier(db_path: str | None, ham_cutoff: float, spam_cutoff: float) 
 @click.command()
 @listen_option
 @destination_option
-@click.option("--db", "db_path", type=click.Path(dir_okay=False), default=None,
-              help="Token database (default: the one shipped with poste). SIGHUP reloads it.")
-@click.option("--header-name", default=DEFAULT_HEADER, show_default=True,
-              help="Name of the label field.")
-@click.option("--detail", is_flag=True,
-              help="Also add HEADER-NAME-Detail: with the score and the strongest tokens.")
-@click.option("--ham-cutoff", type=click.FloatRange(0, 1), default=Params.ham_cutoff,
-              show_default=True, help="Scores below this are labelled 'no'.")
-@click.option("--spam-cutoff", type=click.FloatRange(0, 1), default=Params.spam_cutoff,
-              show_default=True, help="Scores at or above this are labelled 'yes'.")
+@click.option(
+    "--db",
+    "db_path",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Token database (default: the one shipped with poste). SIGHUP reloads it.",
+)
+@click.option(
+    "--header-name", default=DEFAULT_HEADER, show_default=True, help="Name of the label field."
+)
+@click.option(
+    "--detail",
+    is_flag=True,
+    help="Also add HEADER-NAME-Detail: with the score and the strongest tokens.",
+)
+@click.option(
+    "--ham-cutoff",
+    type=click.FloatRange(0, 1),
+    default=Params.ham_cutoff,
+    show_default=True,
+    help="Scores below this are labelled 'no'.",
+)
+@click.option(
+    "--spam-cutoff",
+    type=click.FloatRange(0, 1),
+    default=Params.spam_cutoff,
+    show_default=True,
+    help="Scores at or above this are labelled 'yes'.",
+)
 @hostname_option
 @tls_cert_option
 @tls_key_option

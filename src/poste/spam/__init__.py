@@ -1,8 +1,8 @@
 """poste's Bayesian spam classifier, usable as a library.
 
-    from poste.spam import Classifier, load_db
-    clf = Classifier(load_db(None))          # the database shipped with poste
-    result = clf.classify(raw_bytes)         # .label "yes"|"no"|"unknown", .score
+from poste.spam import Classifier, load_db
+clf = Classifier(load_db(None))          # the database shipped with poste
+result = clf.classify(raw_bytes)         # .label "yes"|"no"|"unknown", .score
 """
 
 from __future__ import annotations

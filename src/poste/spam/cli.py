@@ -31,13 +31,26 @@ db_option = click.option(
     help="Token database (default: the one shipped with poste).",
 )
 cutoff_options = [
-    click.option("--ham-cutoff", type=click.FloatRange(0, 1), default=Params.ham_cutoff,
-                 show_default=True, help="Scores below this are labelled 'no'."),
-    click.option("--spam-cutoff", type=click.FloatRange(0, 1), default=Params.spam_cutoff,
-                 show_default=True, help="Scores at or above this are labelled 'yes'."),
+    click.option(
+        "--ham-cutoff",
+        type=click.FloatRange(0, 1),
+        default=Params.ham_cutoff,
+        show_default=True,
+        help="Scores below this are labelled 'no'.",
+    ),
+    click.option(
+        "--spam-cutoff",
+        type=click.FloatRange(0, 1),
+        default=Params.spam_cutoff,
+        show_default=True,
+        help="Scores at or above this are labelled 'yes'.",
+    ),
 ]
 jobs_option = click.option(
-    "-j", "--jobs", type=click.IntRange(1, 64), default=None,
+    "-j",
+    "--jobs",
+    type=click.IntRange(1, 64),
+    default=None,
     help="Worker processes for batches (default: one per core, up to 8).",
 )
 
@@ -92,20 +105,41 @@ def main() -> None:
 @main.command()
 @click.option("--spam", "spam_paths", multiple=True, metavar="PATH", help="Mails that are spam.")
 @click.option("--ham", "ham_paths", multiple=True, metavar="PATH", help="Mails that are not.")
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
-              help="Database to write (atomically).")
-@click.option("--update", is_flag=True,
-              help="Start from the database already at --output instead of an empty one.")
-@click.option("--untrain", is_flag=True,
-              help="Remove the given mails from the database (implies --update).")
-@click.option("--min-count", type=click.IntRange(1), default=1, show_default=True,
-              help="Drop tokens seen in fewer mails than this (2 drops one-off tokens).")
-@click.option("--drop", "drop_prefixes", multiple=True, metavar="PREFIX",
-              help="Drop tokens starting with PREFIX (e.g. received: for a database "
-                   "shipped to other sites).")
+@click.option(
+    "-o",
+    "--output",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="Database to write (atomically).",
+)
+@click.option(
+    "--update",
+    is_flag=True,
+    help="Start from the database already at --output instead of an empty one.",
+)
+@click.option(
+    "--untrain", is_flag=True, help="Remove the given mails from the database (implies --update)."
+)
+@click.option(
+    "--min-count",
+    type=click.IntRange(1),
+    default=1,
+    show_default=True,
+    help="Drop tokens seen in fewer mails than this (2 drops one-off tokens).",
+)
+@click.option(
+    "--drop",
+    "drop_prefixes",
+    multiple=True,
+    metavar="PREFIX",
+    help="Drop tokens starting with PREFIX (e.g. received: for a database shipped to other sites).",
+)
 @click.option("--note", default=None, help="A line saying what the database was trained on.")
-@click.option("--compress/--no-compress", default=None,
-              help="gzip the file (default: when the name ends in .gz).")
+@click.option(
+    "--compress/--no-compress",
+    default=None,
+    help="gzip the file (default: when the name ends in .gz).",
+)
 @jobs_option
 def train(
     spam_paths: tuple[str, ...],
@@ -131,8 +165,7 @@ def train(
     total = sum(count_messages(p) for _, p in work)
     done = {True: 0, False: 0}
     show = sys.stderr.isatty()
-    with click.progressbar(length=total, label="training", file=sys.stderr,
-                           hidden=not show) as bar:
+    with click.progressbar(length=total, label="training", file=sys.stderr, hidden=not show) as bar:
         for is_spam, path in work:
             # in chunks, so a big Maildir is never all in memory at once
             for mails in _chunks(raw for _, raw in _messages((path,))):
@@ -192,10 +225,14 @@ def classify(
 @main.command()
 @db_option
 @_cutoffs
-@click.option("--header-name", default=DEFAULT_HEADER, show_default=True,
-              help="Name of the field added.")
-@click.option("--detail", is_flag=True,
-              help="Also add HEADER-NAME-Detail: with the score and strongest tokens.")
+@click.option(
+    "--header-name", default=DEFAULT_HEADER, show_default=True, help="Name of the field added."
+)
+@click.option(
+    "--detail",
+    is_flag=True,
+    help="Also add HEADER-NAME-Detail: with the score and strongest tokens.",
+)
 @jobs_option
 @click.argument("mboxes", nargs=-1, type=click.Path(exists=True, dir_okay=False))
 def mark(

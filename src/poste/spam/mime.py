@@ -31,9 +31,7 @@ _FIELD = re.compile(rb"^([!-9;-~]{1,76})[ \t]*:[ \t]*([^\n]*)", re.M)
 DECODED_FIELDS = frozenset(
     {"subject", "from", "reply-to", "to", "cc", "organization", "x-mailer", "user-agent"}
 )
-_PARAM = re.compile(
-    r"""(?:^|;)\s*([a-z0-9*._-]+)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^;\s]*))""", re.I
-)
+_PARAM = re.compile(r"""(?:^|;)\s*([a-z0-9*._-]+)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^;\s]*))""", re.I)
 _ENCODED_WORD = re.compile(rb"=\?([^?\s]{1,40})\?([bBqQ])\?([^?\s]*)\?=")
 _ENCODED_GAP = re.compile(rb"(\?=)[ \t\r\n]+(=\?)")
 
@@ -243,7 +241,12 @@ class _Walker:
         head, body = split_head(raw, start, end)
         raw_fields = parse_fields(head)
         ctype, params = content_type(raw_fields, default)
-        part = Part(ctype, Fields(raw_fields, depth == 0), depth=depth, filename=_filename(raw_fields, params))
+        part = Part(
+            ctype,
+            Fields(raw_fields, depth == 0),
+            depth=depth,
+            filename=_filename(raw_fields, params),
+        )
         self.out.append(part)
         if ctype.startswith("multipart/"):
             boundary = params.get("boundary", "")

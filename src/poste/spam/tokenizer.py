@@ -39,11 +39,25 @@ _BRACKET_IP = re.compile(r"\[(\d{1,3})\.(\d{1,3})\.(\d{1,3})\.\d{1,3}\]")
 # header fields whose words are tokens of their own (besides the special ones)
 _WORD_FIELDS = ("subject", "x-mailer", "user-agent", "organization")
 # fields that only tell something by being there
-_SEEN_FIELDS = frozenset({
-    "x-mailer", "user-agent", "x-msmail-priority", "x-priority", "list-id", "list-unsubscribe",
-    "in-reply-to", "references", "mime-version", "reply-to", "x-originating-ip",
-    "disposition-notification-to", "errors-to", "organization", "precedence",
-})
+_SEEN_FIELDS = frozenset(
+    {
+        "x-mailer",
+        "user-agent",
+        "x-msmail-priority",
+        "x-priority",
+        "list-id",
+        "list-unsubscribe",
+        "in-reply-to",
+        "references",
+        "mime-version",
+        "reply-to",
+        "x-originating-ip",
+        "disposition-notification-to",
+        "errors-to",
+        "organization",
+        "precedence",
+    }
+)
 
 
 def words(text: str) -> set[str]:
