@@ -365,3 +365,19 @@ async def test_auth_only_under_tls_and_no_foreign_authzid(
         assert (await c.cmd(f"AUTH PLAIN {good}")).startswith("235")
         assert (await c.cmd("MAIL FROM:<joe@x.test>")).startswith("250")
         await c.close()
+
+
+async def test_data_timeout(tmp_path: Path) -> None:
+    async with mailbox_server(tmp_path, limits=Limits(idle_timeout=30, data_timeout=0.5)) as (
+        service,
+        _,
+    ):
+        c = await LineClient.connect(*service.sockname)
+        await hello(c)
+        await c.cmd("MAIL FROM:<a@x.test>")
+        await c.cmd("RCPT TO:<b@y.test>")
+        assert (await c.cmd("DATA")).startswith("354")
+        await c.send(b"Subject: stalled\r\n\r\nhalf a mail\r\n")
+        assert (await c.reply(timeout=10)).startswith("421 4.4.2")
+        await c.close()
+    assert mails(tmp_path) == []
