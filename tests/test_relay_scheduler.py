@@ -156,3 +156,60 @@ def test_queue_retry_waits_for_the_message_lock(tmp_path: Path, poste_bin: str) 
         assert spool.load("Q1").next_attempt == 2e9
     assert proc.wait(30) == 0
     assert spool.load("Q1").next_attempt < 2e9
+
+
+# -- metrics: counted where the scheduler decides ------------------------------------------
+
+
+def _count(name: str, **labels: str) -> float:
+    from prometheus_client import REGISTRY
+
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+async def test_each_recipient_outcome_is_counted_once(tmp_path: Path) -> None:
+    """Delivered once as delivered, a 5xx and an expired recipient once as bounced."""
+    spool = Spool(tmp_path)
+    calls: dict[str, int] = {}
+
+    async def deliver(domain: str, sender: str, rcpts: list[str], msg: bytes) -> dict[str, Result]:
+        calls[domain] = calls.get(domain, 0) + 1
+        reply = {
+            "a.test": Result(250, "250 2.0.0 Ok", "mx.a.test"),
+            "b.test": Result(451, "451 4.2.0 try later", "mx.b.test"),
+            "c.test": Result(550, "550 5.1.1 no such user", "mx.c.test"),
+        }[domain]
+        return {r: reply for r in rcpts}
+
+    before = {
+        "queued": _count("poste_queued_total"),
+        **{w: _count("poste_deliveries_total", result=w)
+           for w in ("delivered", "deferred", "bounced")},
+    }
+    sched = Scheduler(spool, deliver, hostname="relay.our.test", domain="our.test",
+                      policy=Policy(retry_min=0.1, retry_max=0.2, lifetime=1.0, warn_after=0,
+                                    rescan=3600))
+    await sched.start()
+    try:
+        # From <>: no DSN, so every count below is this message's own.
+        await sched.enqueue(Entry(id="Q1", return_path="", recipients=[
+            Recipient("ok@a.test", "s@our.test"),
+            Recipient("late@b.test", "s@our.test"),
+            Recipient("no@c.test", "s@our.test"),
+        ]), MSG)
+        for _ in range(500):
+            if not spool.ids():
+                break
+            await asyncio.sleep(0.02)
+    finally:
+        await sched.stop()
+    assert spool.ids() == []  # every recipient reached its final outcome
+    moved = {
+        "queued": _count("poste_queued_total") - before["queued"],
+        **{w: _count("poste_deliveries_total", result=w) - before[w]
+           for w in ("delivered", "deferred", "bounced")},
+    }
+    assert calls["a.test"] == 1 and calls["c.test"] == 1
+    assert calls["b.test"] >= 2  # retried before its lifetime ran out
+    # late@b.test: deferred on each attempt but its last, bounced on the last one.
+    assert moved == {"queued": 1, "delivered": 1, "deferred": calls["b.test"] - 1, "bounced": 2}

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import smtplib
+import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -11,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from support.knot import KnotServer, knot_factory  # noqa: F401
+from support.net import free_port
 from support.relay_env import MX, Relay, Srv, common_port, header, make_users, mx_zones, return_path
 
 HOSTS = [f"127.0.0.{i}" for i in range(21, 30)]
@@ -262,6 +265,68 @@ def test_bad_flags_are_one_line(poste_bin: str, tmp_path: Path) -> None:
     helped = subprocess.run([poste_bin, "relay", "--help"], capture_output=True, text=True,
                             timeout=30)
     assert helped.returncode == 0 and "--srs-secret-file" in helped.stdout
+
+
+def _bad_spool(tmp: Path) -> Path:
+    """A spool folder the relay cannot write to (root ignores modes: a folder under a file)."""
+    if os.geteuid() == 0:
+        (tmp / "plain-file").write_text("x")
+        return tmp / "plain-file" / "spool"
+    ro = tmp / "ro-spool"
+    ro.mkdir()
+    ro.chmod(0o500)
+    return ro
+
+
+BAD_FLAGS: list[tuple[str, Callable[[Path, int], list[str]], str]] = [
+    ("nameserver", lambda t, p: ["--nameserver", "bogus"], "--nameserver"),
+    ("nameserver-port", lambda t, p: ["--nameserver", "127.0.0.1:99999"], "--nameserver"),
+    ("granted", lambda t, p: ["--granted", "10.0.0.0/33"], "--granted"),
+    ("granted-word", lambda t, p: ["--granted", "lan"], "--granted"),
+    ("listen-port", lambda t, p: ["--listen", "127.0.0.1:99999"], "--listen"),
+    ("listen-name", lambda t, p: ["--listen", "nowhere.invalid:2525"], "--listen"),
+    ("listen-busy", lambda t, p: ["--listen", f"127.0.0.1:{p}"], "cannot listen"),
+    ("spool-unwritable", lambda t, p: ["--spool", str(_bad_spool(t))], "spool"),
+    ("spool-is-a-file", lambda t, p: ["--spool", str(t / "users" / "README")], "--spool"),
+    ("users-missing", lambda t, p: ["--users", str(t / "none")], "users repository"),
+    ("srs-secret-file-missing", lambda t, p: ["--srs-secret-file", str(t / "none")],
+     "--srs-secret-file"),
+    ("srs-secret-file-empty", lambda t, p: ["--srs-secret-file", str(t / "users" / "README")],
+     "no secret"),
+    ("self-address", lambda t, p: ["--self-address", "here"], "--self-address"),
+    ("postmaster", lambda t, p: ["--postmaster", "nobody"], "--postmaster"),
+    ("lifetime", lambda t, p: ["--lifetime", "soon"], "--lifetime"),
+    ("smtp-port", lambda t, p: ["--smtp-port", "0"], "--smtp-port"),
+    ("unknown-flag", lambda t, p: ["--colour"], "--colour"),
+]
+
+
+@pytest.mark.parametrize(
+    ("make_args", "word"), [(m, w) for _, m, w in BAD_FLAGS], ids=[n for n, _, _ in BAD_FLAGS]
+)
+def test_each_bad_flag_is_one_line(
+    poste_bin: str, tmp_path: Path, make_args: Callable[[Path, int], list[str]], word: str
+) -> None:
+    users = tmp_path / "users"
+    make_users(poste_bin, users, {"alice": ["alice@gmail.test"]})
+    (users / "README").write_text("# not a secret\n")  # a file that holds no SRS secret
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        good = {
+            "--domain": "our.test", "--postmaster": "admin@example.org", "--users": str(users),
+            "--spool": str(tmp_path / "spool"), "--listen": f"127.0.0.1:{free_port('127.0.0.1')}",
+            "--srs-secret": "test-secret",
+        }
+        bad = make_args(tmp_path, busy.getsockname()[1])
+        good.pop(bad[0], None)
+        args = [a for kv in good.items() for a in kv] + bad
+        out = subprocess.run([poste_bin, "relay", *args], capture_output=True, text=True,
+                             timeout=30)
+    assert out.returncode != 0, out.stderr
+    assert out.stderr.count("\n") == 1, out.stderr  # one line, nothing before or after it
+    assert out.stderr.startswith("Error: ") and word in out.stderr, out.stderr
+    assert out.stdout == ""
 
 
 def test_sigterm_stops_cleanly_and_keeps_the_queue(world: World) -> None:

@@ -19,6 +19,13 @@ up `poste queue retry|delete` done while the relay runs.  The state written
 after an attempt is merged, under the message lock, into the envelope as it
 is on disk then: a `retry` made during the attempt (a changed next_attempt)
 is kept, and a `delete` made during it stays deleted.
+
+The relay's metrics are counted here, where outcomes are decided, so every
+builder of a scheduler (`poste relay`, `poste up`) counts the same:
+`poste_queued` for each message written to the spool (DSNs included), and
+`poste_deliveries` once per recipient per attempt with that attempt's
+outcome: `delivered`, `deferred` (temporary failure, still pending) or
+`bounced` (5xx, or the lifetime ran out: the recipient's last attempt).
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+from poste.metrics import DELIVERIES, QUEUED
 from poste.relay.delivery import Result
 from poste.relay.dsn import DELAYED, FAILED, make_dsn
 from poste.relay.spool import DELIVERED, PENDING, Entry, Recipient, Spool, SpoolError
@@ -119,6 +127,7 @@ class Scheduler:
 
     async def enqueue(self, entry: Entry, message: bytes) -> None:
         await asyncio.to_thread(self.spool.put, entry, message)
+        QUEUED.inc()
         self.submit(entry)
 
     def _schedule(self, qid: str, when: float) -> None:
@@ -202,8 +211,9 @@ class Scheduler:
             log.error("%s: %s; dropping its envelope", qid, exc)
             await asyncio.to_thread(self.spool.remove, qid)
             return
+        tried = entry.pending
         groups: dict[tuple[str, str], list[Recipient]] = {}
-        for r in entry.pending:
+        for r in tried:
             groups.setdefault((r.domain, r.sender), []).append(r)
         if groups:
             await asyncio.gather(
@@ -225,6 +235,13 @@ class Scheduler:
                 r.state = "failed"
                 failed.append(r)
                 log.info("%s: to=<%s> status=bounced (%s)", qid, r.address, r.last_reply)
+        for r in tried:
+            if r.state == DELIVERED:
+                DELIVERIES.labels("delivered").inc()
+            elif r.state == PENDING:
+                DELIVERIES.labels("deferred").inc()
+            else:
+                DELIVERIES.labels("bounced").inc()
         entry.attempts += 1
         if failed:
             await self._notify(entry, failed, FAILED, message)

@@ -17,11 +17,10 @@ from typing import Any
 import click
 
 from poste.dns.resolver import NameserverError, make_resolver
-from poste.metrics import DELIVERIES, QUEUED, delivery_outcome
-from poste.relay.delivery import Deliverer, Result
+from poste.relay.delivery import Deliverer
 from poste.relay.router import Router, parse_networks
 from poste.relay.scheduler import DeliverFn, Policy, Scheduler
-from poste.relay.spool import Entry, Spool, SpoolError, SpoolLocked
+from poste.relay.spool import Spool, SpoolError, SpoolLocked
 from poste.relay.srs import DAY, SRS, SRSDatabase, load_secrets
 from poste.relay.stage import MAX_RECEIVED, QueueHop, RelayStage
 from poste.services.common import (
@@ -58,27 +57,78 @@ class Duration(click.ParamType):  # type: ignore[type-arg]
 DURATION = Duration()
 
 
-def _srs_secrets(secret: str | None, secret_file: str | None, spool: Path) -> list[bytes]:
+class OneLineErrors(click.Command):
+    """A command whose every usage error is one line (`Error: ...`), without click's usage text.
+
+    Click prints `Usage:` and a `Try --help` hint above a UsageError (a bad or
+    missing flag, a BadParameter from a builder); scripts and logs want the
+    reason alone.  The exit status stays click's (2 for usage errors).
+    """
+
+    def make_context(
+        self,
+        info_name: str | None,
+        args: list[str],
+        parent: click.Context | None = None,
+        **extra: Any,
+    ) -> click.Context:
+        try:
+            return super().make_context(info_name, args, parent, **extra)
+        except click.UsageError as exc:
+            raise _one_line(exc) from None
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except click.UsageError as exc:
+            raise _one_line(exc) from None
+
+
+class _UsageLine(click.ClickException):
+    exit_code = 2  # click's status for usage errors
+
+
+def _one_line(exc: click.UsageError) -> click.ClickException:
+    return _UsageLine(" ".join(exc.format_message().split()))
+
+
+def _given_secrets(secret: str | None, secret_file: str | None) -> list[bytes]:
+    """The SRS secrets of the flags ([] when neither is given); a bad file is one line."""
     try:
-        found = load_secrets(secret, secret_file)
+        from_file = load_secrets(None, secret_file)
     except OSError as exc:
         raise click.ClickException(f"cannot read --srs-secret-file: {exc.strerror}") from None
-    if found:
-        return found
-    # No secret given: keep one of our own beside the queue, so that bounces
-    # to addresses signed before a restart still verify.
+    except ValueError:  # not UTF-8 text
+        raise click.ClickException(
+            f"--srs-secret-file {secret_file}: not a text file of secrets") from None
+    if secret_file and not from_file:
+        # Going on without the file's secrets would silently break a secret
+        # shared by several relays.
+        raise click.ClickException(f"--srs-secret-file {secret_file}: no secret in it")
+    return load_secrets(secret, None) + from_file
+
+
+def _own_secret(spool: Path) -> list[bytes]:
+    """No secret given: keep one of our own beside the queue, so that bounces
+    to addresses signed before a restart still verify."""
     path = spool / "srs-secret"
-    if not path.exists():
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            fh.write(secrets.token_hex(32) + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        log.info("no --srs-secret given: generated %s", path)
-    return load_secrets(None, str(path))
+    try:
+        if not path.exists():
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as fh:
+                fh.write(secrets.token_hex(32) + "\n")
+                fh.flush()
+                os.fsync(fh.fileno())
+            log.info("no --srs-secret given: generated %s", path)
+        found = load_secrets(None, str(path))
+    except (OSError, ValueError) as exc:
+        raise click.ClickException(f"SRS secret {path}: {exc}") from None
+    if not found:
+        raise click.ClickException(f"SRS secret {path}: no secret in it")
+    return found
 
 
-@click.command()
+@click.command(cls=OneLineErrors)
 @click.option("--domain", "domains", multiple=True, required=True, metavar="D",
               help="Our mail domain (repeat for more; the first is the users' default).")
 @click.option("--postmaster", required=True, metavar="ADDR",
@@ -152,7 +202,10 @@ def main(
     is retried with backoff and bounced (RFC 3464 DSN) after --lifetime.
     """
     setup_logging(verbose)
-    host, port = parse_hostport(listen, 25)
+    try:
+        host, port = parse_hostport(listen, 25)
+    except click.BadParameter as exc:
+        raise click.BadParameter(exc.message, param_hint="--listen") from None
     policy = Policy(
         retry_min=retry_min,
         retry_max=max(retry_max, retry_min),
@@ -178,6 +231,7 @@ def main(
         ipv6=not no_ipv6,
         listen_hosts=[host],
         self_addresses=list(self_addresses),
+        preflight=lambda: _check_bindable(host, port),
     )
     service = SMTPService(parts.stage, parts.hop, host=host, port=port, hostname=parts.hostname)
 
@@ -194,36 +248,6 @@ def main(
         on_hup=on_hup,
         on_stop=parts.stop,
     )
-
-
-class CountingScheduler(Scheduler):
-    """The scheduler, counting every message it writes to the spool (mail and DSNs)."""
-
-    async def enqueue(self, entry: Entry, message: bytes) -> None:
-        await super().enqueue(entry, message)
-        QUEUED.inc()
-
-
-def count_deliveries(deliver: DeliverFn) -> DeliverFn:
-    """`deliver`, counting each recipient's result of each attempt in poste_deliveries.
-
-    A crash or a missing result is what the scheduler makes of it: deferred.
-    """
-
-    async def counted(
-        domain: str, sender: str, recipients: list[str], message: bytes
-    ) -> dict[str, Result]:
-        try:
-            results = await deliver(domain, sender, recipients, message)
-        except Exception:
-            DELIVERIES.labels("deferred").inc(len(recipients))
-            raise
-        for rcpt in recipients:
-            res = results.get(rcpt)
-            DELIVERIES.labels(delivery_outcome(res.code) if res else "deferred").inc()
-        return results
-
-    return counted
 
 
 @dataclass
@@ -291,6 +315,7 @@ def build_relay(
     extra_domains: Sequence[str] = (),
     deliver: DeliverFn | None = None,
     lock: bool = True,
+    preflight: Callable[[], None] | None = None,
 ) -> RelayParts:
     """Check the settings and build the relay; bad input is a one-line ClickException.
 
@@ -299,6 +324,8 @@ def build_relay(
     repository besides `domains` (`poste up`: submission's).  `deliver`
     replaces MX delivery (`poste up`'s `[relay] mailbox`).  `lock=False`
     builds without owning the spool (`poste up --check` beside a running one).
+    `preflight` runs once the flags are checked, before any file is touched
+    (`poste relay`: can --listen be bound?).
     """
     from poste.stack.metrics_http import watch_spool
 
@@ -316,6 +343,8 @@ def build_relay(
         raise click.BadParameter(str(exc), param_hint="--granted") from None
     domain = domains[0].lower().rstrip(".")
     ours = _self_addresses(listen_hosts, self_addresses or [])
+    if preflight is not None:
+        preflight()
     try:
         spool = Spool(spool_dir)
         # One relay per spool: refuse now, before anything else is read or written.
@@ -326,6 +355,13 @@ def build_relay(
     except (OSError, SpoolError) as exc:
         raise click.ClickException(f"spool {spool_dir}: {exc}") from None
     try:
+        # Every check that can fail comes before the users watcher, whose
+        # loading logs a line: a refused start prints its one error line alone.
+        secrets_ = _given_secrets(srs_secret, srs_secret_file)
+        try:
+            srs_db = SRSDatabase(spool.path / "srs-db")
+        except OSError as exc:
+            raise click.ClickException(f"SRS database in {spool.path}: {exc}") from None
         more = tuple(
             d for d in dict.fromkeys(x.lower().rstrip(".") for x in [*domains[1:], *extra_domains])
             if d != domain
@@ -334,13 +370,7 @@ def build_relay(
             watcher = UsersWatcher(users_repo, domain, poll_interval=users_poll, extra_domains=more)
         except UsersRepoError as exc:
             raise click.ClickException(f"users repository: {exc}") from None
-        secrets_ = _srs_secrets(srs_secret, srs_secret_file, spool.path)
-        if not secrets_:
-            raise click.ClickException("the SRS secret is empty")
-        try:
-            srs_db = SRSDatabase(spool.path / "srs-db")
-        except OSError as exc:
-            raise click.ClickException(f"SRS database in {spool.path}: {exc}") from None
+        secrets_ = secrets_ or _own_secret(spool.path)
     except BaseException:
         spool.unlock()  # a relay that does not run must not keep the spool
         raise
@@ -348,8 +378,8 @@ def build_relay(
     srs = SRS(domain, secrets_, db=srs_db)
     router = Router(domains, postmaster, srs, lambda: watcher.db, nets)
     deliverer = Deliverer(resolver, helo=me, port=smtp_port, ipv6=ipv6, self_addresses=ours)
-    scheduler = CountingScheduler(
-        spool, count_deliveries(deliver or deliverer.deliver), hostname=me, domain=domain,
+    scheduler = Scheduler(
+        spool, deliver or deliverer.deliver, hostname=me, domain=domain,
         policy=policy or Policy(), expand=router.dsn_targets,
     )
     watch_spool(spool.path)  # poste_spool_messages, poste_spool_oldest_age_seconds
@@ -365,6 +395,32 @@ def build_relay(
         srs_db=srs_db,
         srs_max_age=srs.max_age_days,
     )
+
+
+def _check_bindable(host: str, port: int) -> None:
+    """Refuse a --listen address we cannot bind before the spool and users are loaded.
+
+    The listener itself opens only after the spool is resumed (and logged),
+    so a busy port found then would follow several log lines; found here it
+    is the one line of a refused start.  (A port taken in between still
+    fails cleanly, at the listener.)
+    """
+    try:
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
+                                   flags=socket.AI_PASSIVE)
+    except OSError as exc:
+        raise click.BadParameter(f"cannot resolve {host!r}: {exc}", param_hint="--listen") from None
+    for family, kind, proto, _, addr in infos:
+        with socket.socket(family, kind, proto) as sock:
+            # As asyncio's create_server binds: reuse, and v6 sockets v6-only.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                sock.bind(addr)
+            except OSError as exc:
+                raise click.ClickException(
+                    f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
 
 
 def _self_addresses(listen_hosts: Sequence[str], extra: list[str]) -> list[str]:
