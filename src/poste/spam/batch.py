@@ -31,9 +31,13 @@ def default_jobs() -> int:
 
 
 def _judge(raw: bytes) -> Judgement:
-    assert _CLASSIFIER is not None
-    r = _CLASSIFIER.classify(raw)
-    return r.score, r.label, r.strongest(_CLUES) if _CLUES else []
+    clf = _CLASSIFIER
+    assert clf is not None
+    if _CLUES:
+        r = clf.classify(raw)
+        return r.score, r.label, r.strongest(_CLUES)
+    score = clf.score(tokenize(raw, clf.params.max_bytes))
+    return score, clf.label(score), []
 
 
 def _tokens(raw: bytes) -> set[str]:

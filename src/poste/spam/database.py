@@ -27,7 +27,7 @@ import json
 import os
 import struct
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 MAGIC = b"POSTESPM"
@@ -66,6 +66,17 @@ class Database:
     def counts(self, value: dict[str, tuple[int, int]]) -> None:
         self._counts = value
         self._columns = None
+        self.generation += 1
+
+    def columns(self) -> tuple[Sequence[str], Sequence[int], Sequence[int]]:
+        """Tokens, spam counts, ham counts as parallel sequences (from the file's arrays as read)."""
+        if self._counts is None and self._columns is not None:
+            return self._columns
+        counts = self.counts
+        if not counts:
+            return [], [], []
+        spam, ham = zip(*counts.values(), strict=True)
+        return list(counts), spam, ham
 
     def items(self) -> Iterator[tuple[str, int, int]]:
         """(token, spam count, ham count) of every token, without building `counts`."""
