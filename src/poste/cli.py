@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import importlib
 import sys
-from typing import Any
 
 import click
+from click.exceptions import NoArgsIsHelpError
 
 # name -> "module:attribute" of a click command or group
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -80,9 +80,23 @@ def cli() -> None:
     """poste: own the mail of your domain."""
 
 
-def main(argv: list[str] | None = None) -> Any:
-    """Run the CLI; errors are one line on stderr, never a traceback."""
+def main(argv: list[str] | None = None) -> None:
+    """Run the CLI; errors are one line on stderr, never a traceback or a usage dump."""
     try:
-        return cli.main(args=argv, prog_name="poste", standalone_mode=True)
-    except KeyboardInterrupt:
+        cli.main(args=argv, prog_name="poste", standalone_mode=False)
+    except NoArgsIsHelpError as exc:  # `poste queue` alone: the help is the answer
+        click.echo(exc.ctx.get_help() if exc.ctx else str(exc), err=True)
+        sys.exit(exc.exit_code)
+    except click.UsageError as exc:
+        hint = f" (see '{exc.ctx.command_path} --help')" if exc.ctx else ""
+        message = " ".join(exc.format_message().split())
+        click.echo(f"Error: {message}{hint}", err=True)
+        sys.exit(exc.exit_code)
+    except click.ClickException as exc:
+        click.echo(f"Error: {' '.join(exc.format_message().split())}", err=True)
+        sys.exit(exc.exit_code)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except (click.Abort, KeyboardInterrupt):
+        click.echo("Aborted.", err=True)
         sys.exit(130)

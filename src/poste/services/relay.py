@@ -57,41 +57,6 @@ class Duration(click.ParamType):  # type: ignore[type-arg]
 DURATION = Duration()
 
 
-class OneLineErrors(click.Command):
-    """A command whose every usage error is one line (`Error: ...`), without click's usage text.
-
-    Click prints `Usage:` and a `Try --help` hint above a UsageError (a bad or
-    missing flag, a BadParameter from a builder); scripts and logs want the
-    reason alone.  The exit status stays click's (2 for usage errors).
-    """
-
-    def make_context(
-        self,
-        info_name: str | None,
-        args: list[str],
-        parent: click.Context | None = None,
-        **extra: Any,
-    ) -> click.Context:
-        try:
-            return super().make_context(info_name, args, parent, **extra)
-        except click.UsageError as exc:
-            raise _one_line(exc) from None
-
-    def invoke(self, ctx: click.Context) -> Any:
-        try:
-            return super().invoke(ctx)
-        except click.UsageError as exc:
-            raise _one_line(exc) from None
-
-
-class _UsageLine(click.ClickException):
-    exit_code = 2  # click's status for usage errors
-
-
-def _one_line(exc: click.UsageError) -> click.ClickException:
-    return _UsageLine(" ".join(exc.format_message().split()))
-
-
 def _given_secrets(secret: str | None, secret_file: str | None) -> list[bytes]:
     """The SRS secrets of the flags ([] when neither is given); a bad file is one line."""
     try:
@@ -128,7 +93,7 @@ def _own_secret(spool: Path) -> list[bytes]:
     return found
 
 
-@click.command(cls=OneLineErrors)
+@click.command()
 @click.option("--domain", "domains", multiple=True, required=True, metavar="D",
               help="Our mail domain (repeat for more; the first is the users' default).")
 @click.option("--postmaster", required=True, metavar="ADDR",
