@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import json
 import random
 import struct
 from pathlib import Path
@@ -101,8 +102,60 @@ def test_file_format_header(tmp_path: Path) -> None:
     db.save(tmp_path / "x.db")
     data = (tmp_path / "x.db").read_bytes()
     assert data[:8] == b"POSTESPM"
-    assert struct.unpack_from("<I", data, 8)[0] == VERSION == 1
+    assert struct.unpack_from("<I", data, 8)[0] == VERSION == 2
     assert Database.load(tmp_path / "x.db").note == "synthetic"
+
+
+def _version1_bytes(db: Database) -> bytes:
+    """The same counts in the version 1 layout (sorted tokens, two count columns)."""
+    tokens = sorted(db.counts)
+    header = json.dumps(
+        {"nspam": db.nspam, "nham": db.nham, "tokens": len(tokens), "note": db.note}
+    ).encode()
+    blob = "\n".join(tokens).encode()
+    return b"".join(
+        [
+            MAGIC,
+            struct.pack("<II", 1, len(header)),
+            header,
+            struct.pack("<I", len(blob)),
+            blob,
+            struct.pack(f"<{len(tokens)}I", *(db.counts[t][0] for t in tokens)),
+            struct.pack(f"<{len(tokens)}I", *(db.counts[t][1] for t in tokens)),
+        ]
+    )
+
+
+def test_version_1_files_still_load_with_the_same_scores(tmp_path: Path) -> None:
+    db = small_db()
+    db.note = "old"
+    (tmp_path / "v1.db").write_bytes(_version1_bytes(db))
+    old = Database.load(tmp_path / "v1.db")
+    assert old.counts == db.counts
+    assert (old.nspam, old.nham, old.note) == (db.nspam, db.nham, "old")
+    spam, ham = corpus(seed=12, count=10)
+    assert [Classifier(old).classify(r).score for r in spam + ham] == [
+        Classifier(db).classify(r).score for r in spam + ham
+    ]
+    # rewritten, it becomes version 2 with the same counts
+    old.save(tmp_path / "v2.db")
+    assert struct.unpack_from("<I", (tmp_path / "v2.db").read_bytes(), 8)[0] == 2
+    assert Database.load(tmp_path / "v2.db").counts == db.counts
+
+
+def test_tokens_are_grouped_by_counts_most_seen_first(tmp_path: Path) -> None:
+    db = Database()
+    db.counts = {"rare": (1, 0), "common": (5, 7), "other": (0, 1), "twin": (5, 7)}
+    db.save(tmp_path / "x.db")
+    again = Database.load(tmp_path / "x.db")
+    groups = again.groups()
+    assert groups is not None
+    tokens, pairs, sizes = groups
+    assert tokens == ["common", "twin", "other", "rare"]
+    assert pairs == [(5, 7), (0, 1), (1, 0)]
+    assert sizes == [2, 1, 1]
+    assert again.counts == db.counts
+    assert again.groups() is None  # counts built: changes go there from now on
 
 
 @pytest.mark.parametrize(
@@ -110,8 +163,9 @@ def test_file_format_header(tmp_path: Path) -> None:
     [
         b"",
         b"not a database",
-        MAGIC + b"\x02\x00\x00\x00",
+        MAGIC + b"\x03\x00\x00\x00",
         MAGIC + b"\x01\x00\x00\x00\xff\xff",
+        MAGIC + b"\x02\x00\x00\x00\xff\xff",
         b"\x1f\x8b garbage",
     ],
 )

@@ -26,7 +26,10 @@ DEFAULT_MAX_BYTES = 256 * 1024
 
 _FOLD = re.compile(rb"\n[ \t]+")
 _FIELD_START = re.compile(rb"[!-9;-~]{1,76}[ \t]*:")
-_FIELD = re.compile(rb"^([!-9;-~]{1,76})[ \t]*:[ \t]*([^\n]*)", re.M)
+# matched after a newline (the text gets one in front): a literal first
+# character lets the regex engine skip to line starts instead of trying every
+# position, as "^" with re.M would
+_FIELD = re.compile(rb"\n([!-9;-~]{1,76})[ \t]*:[ \t]*([^\n]*)")
 # fields decoded (RFC 2047, charsets) because their words become tokens
 DECODED_FIELDS = frozenset(
     {"subject", "from", "reply-to", "to", "cc", "organization", "x-mailer", "user-agent"}
@@ -58,9 +61,26 @@ class Fields(Mapping[str, list[str]]):
         return found
 
     def get(self, name: str, default: Any = None) -> Any:
+        found = self._decoded.get(name)
+        if found is not None:
+            return found
         if name in self._raw:
             return self[name]
         return default
+
+    def first(self, name: str, count: int = 1) -> list[str]:
+        """The first `count` values of a field (only those are decoded), or []."""
+        values = self._raw.get(name)
+        if not values:
+            return []
+        if len(values) <= count:
+            return self[name]
+        found = self._decoded.get(name)
+        if found is not None:
+            return found[:count]
+        if self._words and name in DECODED_FIELDS:
+            return [decode_words(v.strip()) for v in values[:count]]
+        return [v.decode("latin-1").strip() for v in values[:count]]
 
     def names(self) -> Iterable[str]:
         return self._raw.keys()
@@ -100,7 +120,8 @@ def split_head(raw: bytes, start: int = 0, end: int = -1) -> tuple[bytes, int]:
     limit = min(end, start + MAX_HEAD + 4)
     # bytes.find is much faster than a regex without a literal prefix
     i = raw.find(b"\n\n", start, limit)
-    j = raw.find(b"\n\r\n", start, limit)
+    # only a CRLF blank line before the first LF one matters: no need to look further
+    j = raw.find(b"\n\r\n", start, limit if i < 0 else i)
     if i < 0 and j < 0:
         cut = min(end, start + MAX_HEAD)
         return raw[start:cut], cut
@@ -161,7 +182,7 @@ def parse_fields(head: bytes) -> dict[str, list[bytes]]:
     Values keep trailing white space; users strip what they use.
     """
     fields: dict[str, list[bytes]] = {}
-    for name, value in _FIELD.findall(_FOLD.sub(b" ", head.replace(b"\r\n", b"\n"))):
+    for name, value in _FIELD.findall(b"\n" + _FOLD.sub(b" ", head.replace(b"\r\n", b"\n"))):
         fields.setdefault(name.decode("ascii").lower(), []).append(value)
     return fields
 
@@ -220,7 +241,8 @@ def walk(raw: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> tuple[list[Part], se
 
     The first part is always the message itself (its fields are the top-level
     header); its text is set only when it is a single-part text message.
-    Flags are `mime:too-deep`, `mime:too-many-parts`, `mime:no-boundary`.
+    Flags are `mime:too-deep`, `mime:too-many-parts`, `mime:no-boundary`, and
+    `header:8bit` for raw 8-bit bytes in the top-level header.
     Offsets into `raw` are passed down instead of slices, so a 20 MB
     attachment nested deep is never copied.
     """
@@ -239,6 +261,8 @@ class _Walker:
     def walk(self, start: int, end: int, default: str, depth: int) -> None:
         raw = self.raw
         head, body = split_head(raw, start, end)
+        if depth == 0 and not head[:4096].isascii():
+            self.flags.add("header:8bit")
         raw_fields = parse_fields(head)
         ctype, params = content_type(raw_fields, default)
         part = Part(

@@ -11,8 +11,9 @@ or it points both ways at once -- which is what the `unknown` label is for.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from itertools import chain, repeat
 
 from poste.spam.database import Database
 from poste.spam.mime import DEFAULT_MAX_BYTES
@@ -150,8 +151,15 @@ class Classifier:
         if self._complete and self._generation == self.db.generation:
             return
         self._generation = self.db.generation
-        tokens, spam, ham = self.db.columns()
-        distinct = set(zip(spam, ham, strict=True))
+        groups = self.db.groups()
+        tokens: Sequence[str]
+        codes: Iterable[int]
+        if groups is not None:  # as read from a file: one pair per group of tokens
+            tokens, pairs, sizes = groups
+            distinct: Iterable[tuple[int, int]] = pairs
+        else:
+            tokens, spam, ham = self.db.columns()
+            distinct = set(zip(spam, ham, strict=True))
         strong: dict[float, list[tuple[int, int]]] = {}
         for counts in distinct:
             f = self._f(*counts)
@@ -167,9 +175,11 @@ class Classifier:
         self._fval = [0.5, *ranked]
         self._ln_f = [0.0, *map(math.log, ranked)]
         self._ln_1f = [0.0, *(math.log1p(-f) for f in ranked)]
-        self._codes = dict(
-            zip(tokens, map(code_of.__getitem__, zip(spam, ham, strict=True)), strict=True)
-        )
+        if groups is not None:
+            codes = chain.from_iterable(map(repeat, map(code_of.__getitem__, pairs), sizes))
+        else:
+            codes = map(code_of.__getitem__, zip(spam, ham, strict=True))
+        self._codes = dict(zip(tokens, codes, strict=True))
         self._complete = True
 
     def _f(self, sc: int, hc: int) -> float:

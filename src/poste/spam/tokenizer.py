@@ -16,8 +16,9 @@ from __future__ import annotations
 import functools
 import html
 import re
+from itertools import compress
 
-from poste.spam.mime import DEFAULT_MAX_BYTES, Part, split_head, walk
+from poste.spam.mime import DEFAULT_MAX_BYTES, Part, walk
 
 MIN_LEN = 3
 MAX_LEN = 24
@@ -35,6 +36,8 @@ _ANYTAG = re.compile(r"<[^>]{0,1000}>")
 _IP = re.compile(r"^\d{1,3}(?:\.\d{1,3}){3}$")
 _FROM_BY = frozenset({"from", "by", "FROM", "BY", "From", "By"})
 _BRACKET_IP = re.compile(r"\[(\d{1,3})\.(\d{1,3})\.(\d{1,3})\.\d{1,3}\]")
+
+_CHARSET = re.compile(r"charset\s*=\s*\"?([\w.:-]{1,30})", re.I)
 
 # header fields whose words are tokens of their own (besides the special ones)
 _WORD_FIELDS = ("subject", "x-mailer", "user-agent", "organization")
@@ -58,6 +61,8 @@ _SEEN_FIELDS = frozenset(
         "precedence",
     }
 )
+
+_SEEN_TOKENS = {name: f"header:{name}" for name in _SEEN_FIELDS}
 
 
 def words(text: str) -> set[str]:
@@ -187,10 +192,12 @@ def _address_tokens(prefix: str, value: str, out: set[str]) -> None:
 
 def _header_tokens(part: Part, out: set[str]) -> None:
     h = part.headers
-    out.update([f"header:{name}" for name in _SEEN_FIELDS.intersection(h.names())])
+    out.update(map(_SEEN_TOKENS.__getitem__, _SEEN_FIELDS.intersection(h.names())))
     for name in _WORD_FIELDS:
-        for value in h.get(name, ()):
-            out.update([f"{name}:{w}" for w in words(value)])
+        if name in h:
+            prefix = name + ":"
+            for value in h[name]:
+                out.update(map(prefix.__add__, words(value)))
     subjects = h.get("subject")
     if subjects:
         s = subjects[0]
@@ -203,17 +210,17 @@ def _header_tokens(part: Part, out: set[str]) -> None:
             out.add("subject:dollar")
     else:
         out.add("subject:none")
-    for value in h.get("from", ())[:1]:
+    for value in h.first("from"):
         _address_tokens("from", value, out)
-    for value in h.get("reply-to", ())[:1]:
+    for value in h.first("reply-to"):
         _address_tokens("reply-to", value, out)
     for field in ("to", "cc"):
-        for value in h.get(field, ())[:1]:
+        for value in h.first(field):
             n = value.count("@")
             out.add(f"{field}:count:{min(n, 5)}")
             for dom in _EMAIL.findall(value)[:5]:
                 _host_tokens(f"{field}:domain", dom, out)
-    for value in h.get("message-id", ())[:1]:
+    for value in h.first("message-id"):
         dom = value.rpartition("@")[2].strip("<> ")
         if dom:
             _host_tokens("message-id", dom, out)
@@ -221,11 +228,12 @@ def _header_tokens(part: Part, out: set[str]) -> None:
             out.add("message-id:no-domain")
     if "message-id" not in h:
         out.add("message-id:none")
-    for value in h.get("received", ())[:4]:
+    for value in h.first("received", 4):
         ws = value.split()
-        for i in range(len(ws) - 1):
-            if ws[i] in _FROM_BY and "." in ws[i + 1]:
-                _host_tokens("received", ws[i + 1].strip("()[];"), out)
+        # the word after each "from" / "by"
+        for host in compress(ws[1:], map(_FROM_BY.__contains__, ws)):
+            if "." in host:
+                _host_tokens("received", host.strip("()[];"), out)
         for a, b, c in _BRACKET_IP.findall(value):
             out.add(f"received:{a}.{b}.{c}")
     if "date" not in h:
@@ -235,18 +243,17 @@ def _header_tokens(part: Part, out: set[str]) -> None:
 def _part_tokens(part: Part, top: bool, out: set[str]) -> None:
     out.add(f"ct:{_clean(part.content_type, 40)}")
     h = part.headers
-    for value in h.get("content-transfer-encoding", ())[:1]:
+    for value in h.first("content-transfer-encoding"):
         out.add(f"cte:{_clean(value)}")
-    ct = h.get("content-type")
-    if ct:
-        m = re.search(r"charset\s*=\s*\"?([\w.:-]{1,30})", ct[0], re.I)
+    for value in h.first("content-type"):
+        m = _CHARSET.search(value)
         if m:
             out.add(f"charset:{_clean(m.group(1), 30)}")
     if part.filename:
         ext = _clean(part.filename.rpartition(".")[2], 8)
         out.add(f"filename:{ext}" if ext else "filename:noext")
     if not top:
-        for value in h.get("content-disposition", ())[:1]:
+        for value in h.first("content-disposition"):
             out.add(f"cd:{_clean(value.split(';', 1)[0])}")
 
 
@@ -267,9 +274,6 @@ def tokenize(raw: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> set[str]:
 def _tokenize(raw: bytes, max_bytes: int, out: set[str]) -> None:
     if raw.startswith(b"From "):  # an mbox From_ line
         raw = raw[raw.find(b"\n") + 1 :]
-    head, _ = split_head(raw)
-    if not head[:4096].isascii():
-        out.add("header:8bit")
     text_seen = False
     first = True
     parts, flags = walk(raw, max_bytes)
