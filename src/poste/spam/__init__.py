@@ -7,7 +7,8 @@ result = clf.classify(raw_bytes)         # .label "yes"|"no"|"unknown", .score
 
 from __future__ import annotations
 
-from pathlib import Path
+import os
+from typing import TYPE_CHECKING
 
 from poste.spam.database import Database, DatabaseError
 from poste.spam.model import HAM, SPAM, UNKNOWN, Classifier, Params, Result
@@ -24,17 +25,33 @@ __all__ = [
     "DatabaseError",
     "Params",
     "Result",
+    "default_db_file",
     "default_db_path",
     "load_db",
     "tokenize",
 ]
 
 
+if TYPE_CHECKING:
+    from pathlib import Path
+
+
+def default_db_file() -> str:
+    """The database shipped inside the package, as a string path.
+
+    (os.path, not pathlib: `poste spam mark` does not import pathlib at all.)
+    """
+    here = os.path.dirname(os.path.realpath(__file__))
+    return os.path.join(os.path.dirname(here), "data", DEFAULT_DB_NAME)
+
+
 def default_db_path() -> Path:
     """The database shipped inside the package (token counts only)."""
-    return Path(__file__).resolve().parent.parent / "data" / DEFAULT_DB_NAME
+    from pathlib import Path
+
+    return Path(default_db_file())
 
 
 def load_db(path: str | None) -> Database:
     """The database at `path`, or the shipped default when path is None."""
-    return Database.load(path if path is not None else default_db_path())
+    return Database.load(path if path is not None else default_db_file())

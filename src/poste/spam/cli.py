@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Iterator
-from pathlib import Path
 
 import click
 
-from poste.spam import default_db_path
+from poste.spam import default_db_file
 from poste.spam.batch import classify_many, default_jobs, tokenize_many
 from poste.spam.corpus import (
     CorpusError,
@@ -69,7 +69,7 @@ def _params(ham_cutoff: float, spam_cutoff: float) -> Params:
 
 def _load(db_path: str | None) -> Database:
     try:
-        return Database.load(db_path if db_path is not None else default_db_path())
+        return Database.load(db_path if db_path is not None else default_db_file())
     except DatabaseError as exc:
         raise click.ClickException(str(exc)) from None
 
@@ -157,7 +157,7 @@ def train(
     if not spam_paths and not ham_paths:
         raise click.UsageError("give at least one --spam or --ham PATH")
     if update or untrain:
-        db = _load(output) if Path(output).exists() or untrain else Database()
+        db = _load(output) if os.path.exists(output) or untrain else Database()
     else:
         db = Database()
     jobs = jobs or default_jobs()
@@ -266,7 +266,8 @@ def mark(
     stored: list[tuple[bytes, bytes]] = []
     for path in mboxes:
         try:
-            data = Path(path).read_bytes()
+            with open(path, "rb") as f:
+                data = f.read()
         except OSError as exc:
             raise click.ClickException(f"cannot read {path}: {exc.strerror}") from None
         if not data.startswith(b"From "):

@@ -18,7 +18,10 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Iterator
-from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pathlib import Path
 
 _QUOTED_FROM = re.compile(rb"^>(>*From )", re.M)
 _TAR_SUFFIXES = (".tar.gz", ".tgz", ".tar")
@@ -45,6 +48,8 @@ def _is_tar_name(name: str) -> bool:
 
 def iter_messages(path: str) -> Iterator[tuple[str, bytes]]:
     """(name, raw bytes) of every mail at PATH; raises CorpusError if PATH is unusable."""
+    from pathlib import Path  # not at module level: `mark` only splits mboxes
+
     p = Path(path)
     if not p.exists():
         for suffix in (".tar.gz:", ".tgz:", ".tar:"):
@@ -76,6 +81,8 @@ def _iter_file(p: Path, top: bool) -> Iterator[tuple[str, bytes]]:
 
 
 def _iter_dir(p: Path) -> Iterator[tuple[str, bytes]]:
+    from pathlib import Path
+
     if (p / "cur").is_dir() and (p / "new").is_dir():
         folders = [p / "cur", p / "new"]
         for folder in folders:
@@ -160,6 +167,7 @@ def unquote_mbox(msg: bytes) -> bytes:
 def count_messages(path: str) -> int:
     """A cheap estimate of how many mails PATH holds (for a progress bar)."""
     import tarfile
+    from pathlib import Path
 
     p = Path(path)
     try:

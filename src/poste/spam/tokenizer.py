@@ -14,7 +14,6 @@ them one per line).
 from __future__ import annotations
 
 import functools
-import html
 import re
 from itertools import compress
 
@@ -124,6 +123,10 @@ def html_to_text(markup: str, out: set[str]) -> str:
     for tag in set(_TAG.findall(markup[:200_000])):
         out.add(f"html:{tag.lower()}")
     text = _ANYTAG.sub(" ", _drop_hidden(markup))
+    if "&" not in text:
+        return text
+    import html  # its entity table costs start-up time; plain-text mail never needs it
+
     return html.unescape(text)
 
 
