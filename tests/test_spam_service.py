@@ -16,9 +16,10 @@ import threading
 from pathlib import Path
 
 import aiosmtplib
+import click
 import pytest
 
-from poste.services.spamfilter import SpamfilterStage
+from poste.services.spamfilter import SpamfilterStage, build_stage
 from poste.spam import Classifier
 from poste.tools.srv import Mailbox, MailboxHop
 from support.dkimkit import service, wait_file
@@ -270,3 +271,33 @@ async def test_reload_swaps_the_database_and_keeps_it_on_a_bad_file(tmp_path: Pa
     path.write_bytes(b"damaged")
     await stage.reload()
     assert stage.judge(raw)[0] == "no"
+
+
+@pytest.mark.parametrize(
+    "kwargs, flag",
+    [
+        ({"db": "/nonexistent.db"}, "--db"),
+        ({"header_name": "a b"}, "--header-name"),
+        ({"ham_cutoff": 0.9, "spam_cutoff": 0.1}, "--ham-cutoff"),
+        ({"ham_cutoff": -0.5}, "--ham-cutoff"),
+        ({"spam_cutoff": 1.5}, "--spam-cutoff"),
+    ],
+)
+def test_build_stage_names_the_bad_flag(kwargs: dict[str, object], flag: str) -> None:
+    args: dict[str, object] = {"db": None, **kwargs}
+    with pytest.raises(click.BadParameter) as info:
+        build_stage(**args)  # type: ignore[arg-type]
+    assert info.value.param_hint == flag
+
+
+def test_build_stage_labels_with_the_given_settings(tmp_path: Path) -> None:
+    path = tmp_path / "spam.db"
+    small_db().save(path)
+    stage = build_stage(str(path), "X-Label", True, 0.1, 0.9)
+    label, _, detail = stage.judge(spammy(random.Random(8)))
+    assert label == "yes"
+    assert detail.startswith("score=")
+    assert stage.fields(label, detail).startswith(b"X-Label: yes\r\nX-Label-Detail: score=")
+    assert stage.db_path == str(path)
+    # None: the database shipped with poste (trained on 500 spam)
+    assert build_stage(None).classifier.db.nspam == 500

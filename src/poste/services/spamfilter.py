@@ -30,7 +30,7 @@ from poste.services.common import (
     verbose_option,
 )
 from poste.smtp.stage import Envelope, Stage, Verdict
-from poste.spam import UNKNOWN, default_db_path
+from poste.spam import UNKNOWN, default_db_file
 from poste.spam.database import Database, DatabaseError
 from poste.spam.model import Classifier, Params
 
@@ -105,12 +105,42 @@ class SpamfilterStage(Stage):
         log.info("reloaded %s: %d spam, %d ham, %d tokens", path, db.nspam, db.nham, len(db))
 
 
+def build_stage(
+    db: str | None,
+    header_name: str = DEFAULT_HEADER,
+    detail: bool = False,
+    ham_cutoff: float = Params.ham_cutoff,
+    spam_cutoff: float = Params.spam_cutoff,
+) -> SpamfilterStage:
+    """Check the settings and build the stage, for `poste spamfilter` and `poste up` alike.
+
+    Bad input raises click.BadParameter naming the flag (`poste up` names the
+    config key instead).  The database is loaded and its table built here, so
+    a damaged file stops the start, not the first mail.
+    """
+    check_field_name(header_name)
+    for value, flag in ((ham_cutoff, "--ham-cutoff"), (spam_cutoff, "--spam-cutoff")):
+        if not 0.0 <= value <= 1.0:
+            raise click.BadParameter(f"{value} is not between 0 and 1", param_hint=flag)
+    if ham_cutoff > spam_cutoff:
+        raise click.BadParameter(
+            f"{ham_cutoff} must not be above the spam cutoff {spam_cutoff}",
+            param_hint="--ham-cutoff",
+        )
+    try:
+        database = Database.load(db if db is not None else default_db_file())
+    except DatabaseError as exc:
+        raise click.BadParameter(str(exc), param_hint="--db") from None
+    classifier = Classifier(database, Params(ham_cutoff=ham_cutoff, spam_cutoff=spam_cutoff))
+    return SpamfilterStage(classifier, header_name, detail, db)
+
+
 def load_classifier(db_path: str | None, ham_cutoff: float, spam_cutoff: float) -> Classifier:
     """The classifier of a --db flag (the shipped database when None); one-line errors."""
     if ham_cutoff > spam_cutoff:
         raise click.UsageError("--ham-cutoff must not be above --spam-cutoff")
     try:
-        db = Database.load(db_path if db_path is not None else default_db_path())
+        db = Database.load(db_path if db_path is not None else default_db_file())
     except DatabaseError as exc:
         raise click.ClickException(str(exc)) from None
     return Classifier(db, Params(ham_cutoff=ham_cutoff, spam_cutoff=spam_cutoff))
@@ -170,12 +200,10 @@ def main(
     from poste.smtp.server import SMTPService
 
     setup_logging(verbose)
-    check_field_name(header_name)
     host, port = parse_hostport(listen, 25)
     dest_host, dest_port = parse_hostport(destination, 25)
     ctx = tls_context_from(tls_cert, tls_key)
-    classifier = load_classifier(db_path, ham_cutoff, spam_cutoff)
-    stage = SpamfilterStage(classifier, header_name, detail, db_path)
+    stage = build_stage(db_path, header_name, detail, ham_cutoff, spam_cutoff)
     service = SMTPService(
         stage,
         SMTPHop(dest_host, dest_port, helo=hostname),

@@ -2,8 +2,8 @@
 
 Each service is made by its own builder, the one its command uses (the
 relay's `build_relay`, the verifier's and submission's `build_stage`, the
-signer's `make_signer` + `SignerStage`, the spamfilter's `load_classifier` +
-`SpamfilterStage`), so a key means what the flag means and the two cannot
+signer's `make_signer` + `SignerStage`, the spamfilter's `build_stage`),
+so a key means what the flag means and the two cannot
 drift.  Only the hops differ from separate processes: verifier -> spamfilter
 -> relay and submission -> signer -> relay are chained with `StageHop`, so
 each in-memory hop still adds its own `Received:` and each RCPT/DATA reply is
@@ -208,21 +208,19 @@ def config_error(section: str, exc: click.ClickException) -> ConfigError:
 
 def _spam_stage(section: Section) -> Stage:
     """The spamfilter service's own stage (it counts its labels itself)."""
-    from poste.services.spamfilter import SpamfilterStage, check_field_name, load_classifier
+    from poste.services.spamfilter import build_stage
     from poste.spam.model import Params
 
-    header = str(section.get("header-name", "X-Spamtacus"))
     try:
-        check_field_name(header)
-        classifier = load_classifier(
+        return build_stage(
             section.get("db"),
+            str(section.get("header-name", "X-Spamtacus")),
+            bool(section.get("detail", False)),
             float(section.get("ham-cutoff", Params.ham_cutoff)),
             float(section.get("spam-cutoff", Params.spam_cutoff)),
         )
     except click.ClickException as exc:
         raise config_error("spamfilter", exc) from None
-    return SpamfilterStage(classifier, header, bool(section.get("detail", False)),
-                           section.get("db"))
 
 
 def _listen_host(section: Section, key: str, default_port: int) -> str | None:
