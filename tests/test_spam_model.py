@@ -269,3 +269,17 @@ def test_scores_do_not_depend_on_the_hash_seed(tmp_path: Path) -> None:
         outs.append(r.stdout)
     assert outs[0] == outs[1]
     assert len(outs[0].splitlines()) == 10
+
+
+def test_a_token_with_zero_counts_in_a_file_counts_for_nothing(tmp_path: Path) -> None:
+    db = small_db()
+    raw = spammy(random.Random(21))
+    token = sorted(tokenize(raw))[0]
+    db.counts = {**db.counts, token: (0, 0)}
+    db.save(tmp_path / "zero.db")
+    clf = Classifier(Database.load(tmp_path / "zero.db"))
+    assert clf.token_prob(token) == 0.5
+    without = Database()
+    without.nspam, without.nham = db.nspam, db.nham
+    without.counts = {t: c for t, c in db.counts.items() if t != token}
+    assert clf.classify(raw).score == Classifier(without).classify(raw).score

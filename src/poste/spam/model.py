@@ -190,6 +190,8 @@ class Classifier:
         s = p.unknown_strength
         sr = sc * nham
         n = sc + hc
+        if n == 0:  # (0, 0): only a hand-made file has it; no evidence either way
+            return p.unknown_prob
         return (s * p.unknown_prob + n * sr / (sr + hc * nspam)) / (s + n)
 
     def _table(self) -> dict[str, int]:
