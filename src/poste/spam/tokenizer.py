@@ -71,6 +71,12 @@ def words(text: str) -> set[str]:
     words is several times faster than a word regex over the whole text.
     """
     out: set[str] = set()
+    add_words(text, out)
+    return out
+
+
+def add_words(text: str, out: set[str]) -> None:
+    """words(text), added to `out` directly (no set of its own to build and merge)."""
     add = out.add
     for w in set(text.lower().split()):
         w = w.strip(_PUNCT)
@@ -82,7 +88,6 @@ def words(text: str) -> set[str]:
                 add(f"skip:{w[0]}:{min(n, 99) // 10 * 10}")
             continue
         add(w)
-    return out
 
 
 def _clean(value: str, size: int = 20) -> str:
@@ -300,6 +305,6 @@ def _tokenize(raw: bytes, max_bytes: int, out: set[str]) -> None:
         if "@" in text:
             for dom in _EMAIL.findall(text)[:20]:
                 _host_tokens("email", dom, out)
-        out.update(words(text))
+        add_words(text, out)
     if not text_seen:
         out.add("body:no-text")
