@@ -25,9 +25,10 @@ poste's `mark` forks one worker per core, the `poste -j1` row is poste on
 one core.
 
 The commands run without PYTHONDONTWRITEBYTECODE (which some shells and
-CI images set): poste then starts from its compiled bytecode, as an
-installed package does, instead of recompiling its modules on every start
-(~40 ms).  The untimed training run writes that bytecode.
+CI images set), so that the untimed training run writes poste's bytecode
+and the timed runs start from it, as an installed package does; an
+editable install that never had its bytecode written recompiles its
+modules on every start (tens of milliseconds).
 """
 
 from __future__ import annotations
