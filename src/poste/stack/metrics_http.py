@@ -27,20 +27,23 @@ _lock = threading.Lock()
 
 
 def parse_addr(spec: str) -> tuple[str, int]:
-    """`PORT`, `:PORT`, `ADDR:PORT`, `[v6]:PORT` -> (addr, port); ValueError when bad."""
+    """`PORT`, `:PORT`, `ADDR:PORT`, `[v6]:PORT` -> (addr, port); ValueError when bad.
+
+    The same address syntax as every other flag (`parse_hostport`), plus a
+    bare port meaning loopback; a port is required.
+    """
+    from poste.services.common import parse_hostport
+
     text = spec.strip()
     if text.isdigit():
-        host, port_text = "127.0.0.1", text
-    elif text.startswith("["):
-        host, _, rest = text[1:].partition("]")
-        port_text = rest.removeprefix(":")
-    else:
-        host, sep, port_text = text.rpartition(":")
-        if not sep:
-            raise ValueError(f"{spec!r}: expected ADDR:PORT")
-    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
-        raise ValueError(f"{spec!r}: bad port")
-    return host or "127.0.0.1", int(port_text)
+        text = f"127.0.0.1:{text}"
+    try:
+        host, port = parse_hostport(text, 0)
+    except click.BadParameter as exc:
+        raise ValueError(f"{spec!r}: {exc.message}") from None
+    if port == 0:
+        raise ValueError(f"{spec!r}: expected ADDR:PORT")
+    return host or "127.0.0.1", port
 
 
 def serve(spec: str) -> tuple[str, int]:
