@@ -12,6 +12,8 @@ import shutil
 import subprocess
 import threading
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -24,21 +26,12 @@ from support.verifierkit import find, header, mail, swaks, swaks_args, verifier_
 pytestmark = pytest.mark.skipif(shutil.which("swaks") is None, reason="swaks missing")
 
 
-def test_slow_dns_for_one_mail_does_not_block_another(tmp_path: Path, poste_bin: str) -> None:
-    gate = threading.Event()
-    asked_slow = threading.Event()
-
-    def lookup(qname: str, qtype: int) -> Answer | None:
-        name = qname.rstrip(".").lower()
-        if name.endswith("slow.test"):
-            asked_slow.set()
-            gate.wait(60)
-        if name in ("slow.test", "fast.test") and qtype == 16:
-            return Answer([rrset(name + ".", "TXT", b"v=spf1 ip4:127.0.0.10 -all")])
-        return Answer(rcode=3)  # NXDOMAIN: no DKIM key, no DMARC record
-
+@contextmanager
+def verifier_behind_fake_dns(
+    lookup: Callable[[str, int], Answer | None], tmp_path: Path, poste_bin: str, box: Path
+) -> Iterator[int]:
+    """A `poste srv` mailbox in `box` behind a verifier whose DNS is `lookup`; yields its port."""
     srv_port, port = free_port(), free_port()
-    box = tmp_path / "box"
     with (
         fake_dns(lookup) as dns,
         service(
@@ -58,6 +51,24 @@ def test_slow_dns_for_one_mail_does_not_block_another(tmp_path: Path, poste_bin:
             tmp_path / "verifier.log",
         ),
     ):
+        yield port
+
+
+def test_slow_dns_for_one_mail_does_not_block_another(tmp_path: Path, poste_bin: str) -> None:
+    gate = threading.Event()
+    asked_slow = threading.Event()
+
+    def lookup(qname: str, qtype: int) -> Answer | None:
+        name = qname.rstrip(".").lower()
+        if name.endswith("slow.test"):
+            asked_slow.set()
+            gate.wait(60)
+        if name in ("slow.test", "fast.test") and qtype == 16:
+            return Answer([rrset(name + ".", "TXT", b"v=spf1 ip4:127.0.0.10 -all")])
+        return Answer(rcode=3)  # NXDOMAIN: no DKIM key, no DMARC record
+
+    box = tmp_path / "box"
+    with verifier_behind_fake_dns(lookup, tmp_path, poste_bin, box) as port:
         slow = subprocess.Popen(
             swaks_args(
                 port, mail("slow one", sender="a@slow.test"), tmp_path, sender="a@slow.test"
@@ -98,27 +109,8 @@ def test_many_slow_sessions_do_not_exhaust_workers(tmp_path: Path, poste_bin: st
             return Answer([rrset(name + ".", "TXT", b"v=spf1 ip4:127.0.0.10 -all")])
         return Answer(rcode=3)
 
-    srv_port, port = free_port(), free_port()
     box = tmp_path / "box"
-    with (
-        fake_dns(lookup) as dns,
-        service(
-            [poste_bin, "srv", f"127.0.0.1:{srv_port}", "-o", f"{box}/", "--count", "0"],
-            "127.0.0.1",
-            srv_port,
-            tmp_path / "srv.log",
-        ),
-        service(
-            [
-                *verifier_args(poste_bin, port, srv_port, tmp_path, dns.nameserver),
-                "--dns-timeout",
-                "60",
-            ],
-            "127.0.0.1",
-            port,
-            tmp_path / "verifier.log",
-        ),
-    ):
+    with verifier_behind_fake_dns(lookup, tmp_path, poste_bin, box) as port:
         procs = []
         try:
             for i in range(8):
