@@ -172,27 +172,23 @@ def test_signed_mail_passes_opendkim_for_each_algorithm(stack, poste_bin: str) -
     assert v.returncode == 1 and v.stdout == f"[ER]: {DOMAIN}\n[ER]: {DOMAIN}\n"
 
 
-def test_unparsable_mail_goes_on_unsigned_and_byte_identical(stack, poste_bin: str) -> None:  # type: ignore[no-untyped-def]
-    tmp: Path = stack["tmp"]
-    broken = mail("broken").replace(b"From: Alice <alice@example.test>", b"From: <")
-    src = tmp / "broken.eml"
-    src.write_bytes(broken)
+def send_to_signer(poste_bin: str, src: Path, port: int) -> None:
     r = subprocess.run(
-        [
-            poste_bin,
-            "send",
-            str(src),
-            f"127.0.0.1:{stack['signer_port']}",
-            "-s",
-            f"alice@{DOMAIN}",
-            "-r",
-            "bob@remote.test",
-        ],
+        [poste_bin, "send", str(src), f"127.0.0.1:{port}", "-s", f"alice@{DOMAIN}",
+         "-r", "bob@remote.test"],
         capture_output=True,
         text=True,
         timeout=60,
     )
     assert r.returncode == 0, r.stderr
+
+
+def test_unparsable_mail_goes_on_unsigned_and_byte_identical(stack, poste_bin: str) -> None:  # type: ignore[no-untyped-def]
+    tmp: Path = stack["tmp"]
+    broken = mail("broken").replace(b"From: Alice <alice@example.test>", b"From: <")
+    src = tmp / "broken.eml"
+    src.write_bytes(broken)
+    send_to_signer(poste_bin, src, stack["signer_port"])
     stored = wait_file(stack["box"] / "1.eml")
     assert b"DKIM-Signature" not in stored
     assert top_fields(stored)[:2] == [b"received", b"received"]
@@ -202,22 +198,7 @@ def test_unparsable_mail_goes_on_unsigned_and_byte_identical(stack, poste_bin: s
 
     # the next, well-formed mail on the same signer is signed again
     src.write_bytes(mail("fine"))
-    r = subprocess.run(
-        [
-            poste_bin,
-            "send",
-            str(src),
-            f"127.0.0.1:{stack['signer_port']}",
-            "-s",
-            f"alice@{DOMAIN}",
-            "-r",
-            "bob@remote.test",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert r.returncode == 0, r.stderr
+    send_to_signer(poste_bin, src, stack["signer_port"])
     second = wait_file(stack["box"] / "2.eml")
     assert second.count(b"DKIM-Signature:") == 2
     assert strip_trace(second) == mail("fine")
