@@ -22,7 +22,7 @@ import pytest
 from poste.services.spamfilter import SpamfilterStage, build_stage
 from poste.spam import Classifier
 from poste.tools.srv import Mailbox, MailboxHop
-from support.dkimkit import service, wait_file
+from support.dkimkit import service, srv_mailbox, wait_file
 from support.net import free_port
 from support.smtp import running
 from support.spamkit import big_attachment, hammy, small_db, spammy
@@ -74,17 +74,12 @@ MALFORMED = (
 def test_spam_ham_and_malformed_mail_are_labelled(tmp_path: Path, poste_bin: str) -> None:
     db = tmp_path / "small.db"
     small_db().save(db)
-    srv_port, port = free_port(), free_port()
+    port = free_port()
     box = tmp_path / "box"
     rng = random.Random(2024)
     spam, ham = spammy(rng), hammy(rng)
     with (
-        service(
-            [poste_bin, "srv", f"127.0.0.1:{srv_port}", "-o", f"{box}/", "--count", "0"],
-            "127.0.0.1",
-            srv_port,
-            tmp_path / "srv.log",
-        ),
+        srv_mailbox(poste_bin, box, tmp_path / "srv.log") as srv_port,
         service(
             [
                 poste_bin,
@@ -127,15 +122,10 @@ def test_spam_ham_and_malformed_mail_are_labelled(tmp_path: Path, poste_bin: str
 
 
 def test_header_name_is_configurable_and_default_db_is_used(tmp_path: Path, poste_bin: str) -> None:
-    srv_port, port = free_port(), free_port()
+    port = free_port()
     box = tmp_path / "box"
     with (
-        service(
-            [poste_bin, "srv", f"127.0.0.1:{srv_port}", "-o", f"{box}/", "--count", "0"],
-            "127.0.0.1",
-            srv_port,
-            tmp_path / "srv.log",
-        ),
+        srv_mailbox(poste_bin, box, tmp_path / "srv.log") as srv_port,
         service(
             [
                 poste_bin,

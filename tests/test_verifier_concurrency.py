@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from support.dkimkit import service
+from support.dkimkit import service, srv_mailbox
 from support.fakedns import Answer, fake_dns, rrset
 from support.net import free_port
 from support.verifierkit import find, header, mail, swaks, swaks_args, verifier_args
@@ -31,15 +31,10 @@ def verifier_behind_fake_dns(
     lookup: Callable[[str, int], Answer | None], tmp_path: Path, poste_bin: str, box: Path
 ) -> Iterator[int]:
     """A `poste srv` mailbox in `box` behind a verifier whose DNS is `lookup`; yields its port."""
-    srv_port, port = free_port(), free_port()
+    port = free_port()
     with (
         fake_dns(lookup) as dns,
-        service(
-            [poste_bin, "srv", f"127.0.0.1:{srv_port}", "-o", f"{box}/", "--count", "0"],
-            "127.0.0.1",
-            srv_port,
-            tmp_path / "srv.log",
-        ),
+        srv_mailbox(poste_bin, box, tmp_path / "srv.log") as srv_port,
         service(
             [
                 *verifier_args(poste_bin, port, srv_port, tmp_path, dns.nameserver),

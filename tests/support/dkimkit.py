@@ -91,6 +91,21 @@ def service(
                 proc.wait()
 
 
+@contextlib.contextmanager
+def srv_mailbox(poste_bin: str, box: Path, log: Path) -> Iterator[int]:
+    """A `poste srv` on loopback writing every mail into `box/N.eml`; yields its port."""
+    from support.net import free_port
+
+    port = free_port()
+    with service(
+        [poste_bin, "srv", f"127.0.0.1:{port}", "-o", f"{box}/", "--count", "0"],
+        "127.0.0.1",
+        port,
+        log,
+    ):
+        yield port
+
+
 def wait_file(path: Path, timeout: float = 20.0) -> bytes:
     deadline = time.monotonic() + timeout
     while not path.exists():
