@@ -70,6 +70,11 @@ class LineClient:
         await self.send(line.encode() + b"\r\n")
         return await self.reply()
 
+    async def cmd_bytes(self, line: bytes) -> str:
+        """One command line of exact bytes (raw CR, NUL, 8-bit...), then its reply."""
+        await self.send(line + b"\r\n")
+        return await self.reply()
+
     async def starttls(self, ctx: ssl.SSLContext | None = None) -> None:
         if ctx is None:
             ctx = ssl.create_default_context()

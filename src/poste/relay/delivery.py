@@ -26,6 +26,9 @@ import dns.exception
 import dns.rdatatype
 import dns.resolver
 
+from poste.smtp.address import AddressError
+from poste.smtp.client import mail_from, rcpt_to
+
 log = logging.getLogger("poste.relay.delivery")
 
 
@@ -342,9 +345,10 @@ class Deliverer:
                     553, "5.6.7 Destination does not support SMTPUTF8 addresses", mta
                 )
             options.append("SMTPUTF8")
-        enc = "utf-8" if needs_utf8 else "ascii"
         try:
-            await client.mail(sender, options=options, encoding=enc)
+            await mail_from(client, sender, options)
+        except AddressError as exc:  # never rewritten into another address: bounced instead
+            raise DomainFailure(exc.code, f"{exc.code} {exc.text}: <{sender}>", mta) from None
         except aiosmtplib.SMTPResponseException as exc:
             if isinstance(exc, aiosmtplib.SMTPServerDisconnected):
                 raise
@@ -353,7 +357,10 @@ class Deliverer:
         accepted: list[str] = []
         for rcpt in recipients:
             try:
-                resp = await client.rcpt(rcpt, encoding=enc)
+                resp = await rcpt_to(client, rcpt)
+            except AddressError as exc:
+                results[rcpt] = Result(exc.code, f"{exc.code} {exc.text}: <{rcpt}>", mta)
+                continue
             except aiosmtplib.SMTPResponseException as exc:
                 if isinstance(exc, aiosmtplib.SMTPServerDisconnected):
                     raise

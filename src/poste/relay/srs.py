@@ -40,6 +40,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from poste.smtp.address import AddressError, parse_mailbox, quote_local, unquote_local
+
 B32 = "ABCDEFGHIJKLMNOPQRSTUVWXYZ234567"
 DAY = 86400
 TS_MOD = 1024  # two base32 characters
@@ -64,7 +66,7 @@ def _ts_decode(text: str) -> int:
 
 
 def is_srs(address: str) -> bool:
-    local = address.rpartition("@")[0] if "@" in address else address
+    local = unquote_local(address.rpartition("@")[0] if "@" in address else address)
     head = local[:5].upper()
     return head in ("SRS0=", "SRS0-", "SRS0+", "SRS1=", "SRS1-", "SRS1+")
 
@@ -189,14 +191,27 @@ class SRS:
         return out
 
     def _forward(self, sender: str, now: float | None) -> str:
-        local, _, dom = sender.rpartition("@")
+        """The SRS form of `sender`, its local part quoted when it must be (RFC 5321).
+
+        The hash and the encoding work on the local part's content, so
+        `"john doe"@x` becomes `"SRS0=HHH=TT=x=john doe"@our.test`, a mailbox
+        every SMTP server can carry, and reverses to the same original.
+        """
+        try:
+            parsed = parse_mailbox(sender)
+        except AddressError as exc:
+            raise SRSError(f"cannot rewrite <{sender}>: {exc}") from None
+        return f"{quote_local(self._forward_local(parsed.local_content, parsed.domain, now))}" \
+            f"@{self.domain}"
+
+    def _forward_local(self, local: str, dom: str, now: float | None) -> str:
         secret = self.secrets[0]
         upper = local[:5].upper()
         if upper[:4] == "SRS0" and len(local) > 5 and upper[4] in "=-+":
             # Already SRS0 of forwarder `dom`: SRS1 keeps its opaque part.
             opaque = local[4:]  # "=HHH=TT=d=l"
             hh = self._hash(secret, dom, opaque)
-            return f"SRS1={hh}={dom}={opaque}@{self.domain}"
+            return f"SRS1={hh}={dom}={opaque}"
         if upper[:4] == "SRS1" and len(local) > 5 and upper[4] in "=-+":
             # SRS1 of another forwarder: re-sign the same first hop.
             try:
@@ -205,19 +220,20 @@ class SRS:
                 pass
             else:
                 hh = self._hash(secret, first, opaque)
-                return f"SRS1={hh}={first}={opaque}@{self.domain}"
+                return f"SRS1={hh}={first}={opaque}"
         day = int((time.time() if now is None else now) // DAY)
         ts = _ts_encode(day)
         hh = self._hash(secret, ts, dom, local)
-        return f"SRS0={hh}={ts}={dom}={local}@{self.domain}"
+        return f"SRS0={hh}={ts}={dom}={local}"
 
     # -- reverse ---------------------------------------------------------
 
     def reverse(self, address: str, now: float | None = None) -> str:
         """The original address behind an SRS address of ours; SRSError if forged/expired."""
-        local, _, dom = address.rpartition("@")
+        quoted, _, dom = address.rpartition("@")
         if dom and dom.lower() != self.domain:
             raise SRSError("SRS address is not of our domain")
+        local = unquote_local(quoted)
         upper = local[:4].upper()
         if upper == "SRS0" and len(local) > 5 and local[4] in "=-+":
             fields = local[5:].split("=", 3)
@@ -234,11 +250,11 @@ class SRS:
             hh, ts, odom, olocal = fields
             self._check_hash(hh, ts, odom, olocal)
             self._check_age(ts, now)
-            return f"{olocal}@{odom}"
+            return f"{_local(olocal)}@{odom}"
         if upper == "SRS1" and len(local) > 5 and local[4] in "=-+":
             _, hh, first, opaque = _split_srs1(local)
             self._check_hash(hh, first, opaque)
-            return f"SRS0{opaque}@{first}"
+            return f"{_local('SRS0' + opaque)}@{first}"
         raise SRSError("not an SRS address")
 
     def _check_age(self, ts: str, now: float | None) -> None:
@@ -246,6 +262,13 @@ class SRS:
         today = int((time.time() if now is None else now) // DAY) % TS_MOD
         if (today - signed) % TS_MOD > self.max_age_days:
             raise SRSError("SRS address has expired")
+
+
+def _local(content: str) -> str:
+    try:
+        return quote_local(content)
+    except AddressError as exc:
+        raise SRSError(f"bad local part in SRS address: {exc}") from None
 
 
 def _split_srs1(local: str) -> tuple[str, str, str, str]:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import aiosmtplib
 
+from poste.smtp.address import AddressError, smtp_path
 from poste.smtp.hop import TEMPFAIL, HopError
 from poste.smtp.stage import Envelope, Reply
 from poste.smtp.tls import client_context
@@ -28,6 +29,34 @@ _PASSABLE = ("BODY=", "SMTPUTF8", "SIZE=")
 
 def _reply(code: int, message: str) -> Reply:
     return Reply(code, " ".join(message.split("\n")) if message else "")
+
+
+async def mail_from(
+    client: aiosmtplib.SMTP, sender: str, options: Sequence[str] = ()
+) -> aiosmtplib.SMTPResponse:
+    """MAIL FROM with the address byte for byte (aiosmtplib's own `mail` re-parses it).
+
+    Raises aiosmtplib.SMTPSenderRefused on a refusal, as aiosmtplib does, and
+    AddressError for an address no SMTP server may be sent.
+    """
+    response = await client.execute_command(
+        b"MAIL", b"FROM:" + smtp_path(sender), *(o.encode("ascii") for o in options)
+    )
+    if response.code != 250:
+        raise aiosmtplib.SMTPSenderRefused(response.code, response.message, sender)
+    return response
+
+
+async def rcpt_to(
+    client: aiosmtplib.SMTP, recipient: str, options: Sequence[str] = ()
+) -> aiosmtplib.SMTPResponse:
+    """RCPT TO with the address byte for byte; SMTPRecipientRefused unless 250/251."""
+    response = await client.execute_command(
+        b"RCPT", b"TO:" + smtp_path(recipient), *(o.encode("ascii") for o in options)
+    )
+    if response.code not in (250, 251):
+        raise aiosmtplib.SMTPRecipientRefused(response.code, response.message, recipient)
+    return response
 
 
 @functools.cache
@@ -91,6 +120,8 @@ class _SMTPTransaction:
             if exc.code < 400:  # garbage from the hop: do not claim success
                 raise HopError(TEMPFAIL) from exc
             return _reply(exc.code, exc.message)
+        except AddressError as exc:
+            return Reply(exc.code, exc.text)
         except (aiosmtplib.SMTPException, OSError) as exc:
             log.warning("%s next hop failed at %s: %s", self.queue_id, what, exc)
             self.client.close()
@@ -103,10 +134,10 @@ class _SMTPTransaction:
             for o in options
             if o.upper().startswith(_PASSABLE) and self.client.supports_extension(o.split("=")[0])
         ]
-        return await self._call("MAIL", self.client.mail(sender, options=opts))
+        return await self._call("MAIL", mail_from(self.client, sender, opts))
 
     async def rcpt(self, rcpt: str, options: list[str]) -> Reply:
-        return await self._call("RCPT", self.client.rcpt(rcpt))
+        return await self._call("RCPT", rcpt_to(self.client, rcpt))
 
     async def data(self, message: bytes) -> Reply:
         try:
@@ -212,10 +243,14 @@ async def send_message(
             options.append("BODY=8BITMIME")
         if client.supports_extension("size"):
             options.append(f"SIZE={len(message)}")
-        await client.mail(sender, options=options)
+        if not (sender + "".join(recipients)).isascii() and client.supports_extension(
+            "smtputf8"
+        ):
+            options.append("SMTPUTF8")
+        await mail_from(client, sender, options)
         for rcpt in recipients:
             try:
-                r = await client.rcpt(rcpt)
+                r = await rcpt_to(client, rcpt)
                 result.rcpt_replies[rcpt] = _reply(r.code, r.message)
             except aiosmtplib.SMTPRecipientRefused as exc:
                 result.rcpt_replies[rcpt] = _reply(exc.code, exc.message)

@@ -25,6 +25,7 @@ from typing import Any
 
 from aiosmtpd.smtp import SMTP, AuthResult, TLSSetupException, syntax
 
+from poste.smtp.address import AddressError, parse_path
 from poste.smtp.chain import StageTransaction
 from poste.smtp.hop import Hop
 from poste.smtp.stage import Envelope, Reply, Stage
@@ -101,6 +102,7 @@ class _Connection(SMTP):
         self._rejected = False
         self._in_ehlo = False
         self._bad_commands = 0
+        self._reading_rcpt = False
         self.poste_env = Envelope()  # session facts; each transaction copies it
         self.txn: StageTransaction | None = None
         super().__init__(
@@ -255,6 +257,33 @@ class _Connection(SMTP):
 
     async def smtp_EXPN(self, arg: str) -> None:
         await self.push("502 5.5.1 EXPN not available")
+
+    # -- paths: poste's strict parser instead of aiosmtpd's (poste.smtp.address) --
+
+    @syntax("MAIL FROM: <address>", extended=" [SP <mail-parameters>]")
+    async def smtp_MAIL(self, arg: str | None) -> None:
+        self._reading_rcpt = False
+        await super().smtp_MAIL(arg)
+
+    @syntax("RCPT TO: <address>", extended=" [SP <mail-parameters>]")
+    async def smtp_RCPT(self, arg: str | None) -> None:
+        self._reading_rcpt = True
+        await super().smtp_RCPT(arg)
+
+    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+        """The path as the canonical address text ("<>" for the null path) and the rest.
+
+        None makes aiosmtpd answer 553 5.1.3: every control character, every
+        form outside RFC 5321 4.1.2, so no later hop can read it differently.
+        """
+        if not arg:
+            return "", ""
+        try:
+            address, rest = parse_path(arg, recipient=self._reading_rcpt)
+        except AddressError as exc:
+            log.info("%s bad path %s: %s", self.poste_env.peer_ip, ascii(arg), exc)
+            return None, None
+        return ("<>" if address is None else address.text), rest
 
     @syntax("DATA")
     async def smtp_DATA(self, arg: str) -> None:
@@ -425,6 +454,8 @@ class _Handler:
         conn._abort_txn()
         env = conn.poste_env.copy_for_transaction()
         sender = "" if address == "<>" else address
+        if not sender.isascii() and "SMTPUTF8" not in options:
+            return "553 5.6.7 Non-ASCII address needs SMTPUTF8 (RFC 6531)"
         txn = StageTransaction(self.stage, conn.service.hop, env, conn.service.hostname)
         reply = await txn.mail(sender, [o for o in options if not o.startswith("AUTH=")])
         if reply.ok:
@@ -441,6 +472,8 @@ class _Handler:
             return "503 5.5.1 Error: need MAIL command"
         if len(envelope.rcpt_tos) >= conn.limits.max_recipients:
             return "452 4.5.3 Too many recipients"
+        if not address.isascii() and "SMTPUTF8" not in conn.txn.env.mail_options:
+            return "553 5.6.7 Non-ASCII address needs SMTPUTF8 (RFC 6531)"
         reply = await conn.txn.rcpt(address, options)
         if reply.ok:
             envelope.rcpt_tos.append(address)
