@@ -13,6 +13,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
 from poste.dkim import keys
+from poste.dns.records import split_txt
 
 
 def keygen(poste_bin: str, *args: str) -> subprocess.CompletedProcess[str]:
@@ -117,6 +118,6 @@ def test_refuses_short_rsa_and_garbage(tmp_path: Path) -> None:
 
 def test_split_txt_is_byte_exact() -> None:
     value = "x" * 600
-    parts = keys.split_txt(value)
+    parts = split_txt(value)
     assert [len(p) for p in parts] == [255, 255, 90]
     assert "".join(parts) == value

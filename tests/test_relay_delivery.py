@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from poste.dns.resolver import make_resolver
-from poste.relay.delivery import Deliverer
+from poste.services.relay.delivery import Deliverer
 from poste.smtp.server import Limits, SMTPService
 from poste.smtp.stage import Envelope, Reply, Stage
 from poste.smtp.tls import self_signed, server_context
@@ -251,8 +251,8 @@ async def test_kept_session_closed_by_the_server_falls_back(world: World) -> Non
 async def test_scheduler_drains_a_queue_over_few_sessions(world: World) -> None:
     import asyncio
 
-    from poste.relay.scheduler import Policy, Scheduler
-    from poste.relay.spool import Entry, Recipient, Spool
+    from poste.services.relay.scheduler import Policy, Scheduler
+    from poste.services.relay.spool import Entry, Recipient, Spool
 
     stage, box = await counting_mx(world, "127.0.0.21")
     spool = Spool(world.tmp / "spool")

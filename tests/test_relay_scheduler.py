@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from poste.relay.delivery import Result
-from poste.relay.scheduler import Policy, Scheduler
-from poste.relay.spool import Entry, Recipient, Spool
+from poste.services.relay.delivery import Result
+from poste.services.relay.scheduler import Policy, Scheduler
+from poste.services.relay.spool import Entry, Recipient, Spool
 
 MSG = b"Subject: x\r\n\r\nx\r\n"
 
@@ -62,7 +62,7 @@ def test_one_owner_per_spool(tmp_path: Path) -> None:
 
     import pytest
 
-    from poste.relay.spool import SpoolLocked
+    from poste.services.relay.spool import SpoolLocked
 
     first = Spool(tmp_path)
     first.lock()

@@ -9,8 +9,8 @@ import subprocess
 import time
 from pathlib import Path
 
-from poste.relay.dsn import DELAYED, FAILED, make_dsn
-from poste.relay.spool import DELIVERED, Entry, Recipient, Spool
+from poste.services.relay.dsn import DELAYED, FAILED, make_dsn
+from poste.services.relay.spool import DELIVERED, Entry, Recipient, Spool
 
 MSG = b"From: bob@example.org\r\nTo: alice@our.test\r\nSubject: hi\r\n\r\nhello\r\n"
 
@@ -124,7 +124,7 @@ def test_dsn_is_a_multipart_report() -> None:
 
 
 def test_dsn_status_of_local_failures() -> None:
-    from poste.relay.dsn import status_of
+    from poste.services.relay.dsn import status_of
 
     assert status_of("550 5.1.1 No such user", "5.0.0") == "5.1.1"
     assert status_of("5.1.2 Domain nosuch.test does not exist", "5.0.0") == "5.1.2"

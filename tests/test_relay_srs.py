@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from poste.relay.srs import SRS, SRSDatabase, SRSError, is_srs
+from poste.services.relay.srs import SRS, SRSDatabase, SRSError, is_srs
 
 NOW = time.time()
 

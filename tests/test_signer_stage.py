@@ -9,7 +9,7 @@ import dkim
 
 from poste.dkim import keys
 from poste.dkim.sign import Signer, SigningKey
-from poste.services.signer import SignerStage
+from poste.services.signer.service import SignerStage
 from poste.smtp.chain import StageHop
 from poste.smtp.client import send_message
 from poste.smtp.stage import Stage

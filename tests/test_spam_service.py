@@ -19,7 +19,7 @@ import aiosmtplib
 import click
 import pytest
 
-from poste.services.spamfilter import SpamfilterStage, build_stage
+from poste.services.spamfilter.service import SpamfilterStage, build_stage
 from poste.spam import Classifier
 from poste.tools.srv import Mailbox, MailboxHop
 from support.dkimkit import service, srv_mailbox, wait_file

@@ -18,7 +18,7 @@ import dns.rdatatype
 import pytest
 import yaml
 
-from poste.auth import spf
+from poste.services.verifier import spf
 from support.fakedns import DROP, Answer, FakeDNS, rrset
 
 SUITE = "conformance/spf/rfc7208-tests.yml"

@@ -26,7 +26,7 @@ def _zone(spf: str | None, dmarc: bool, dkim_value: str | None) -> str:
         lines.append(f'@ TXT "{spf}"')
     lines.append('@ TXT "google-site-verification=abc"')
     if dkim_value:
-        from poste.dkim.keys import split_txt, zone_txt
+        from poste.dns.records import split_txt, zone_txt
 
         lines.append(f"poste._domainkey TXT {zone_txt(split_txt(dkim_value))}")
     if dmarc:
@@ -115,8 +115,7 @@ def test_doctor_wrong_spf_missing_dmarc(tmp_path: Path, poste_bin: str, keys, mx
     # the fix keeps what the record allowed and adds our address before -all
     assert f'x25519.test. 3600 IN TXT "v=spf1 ip4:192.0.2.1 ip4:{IP} -all"' in r.stdout
     assert '_dmarc.x25519.test. 3600 IN TXT "v=DMARC1; p=quarantine;' in r.stdout
-    from poste.dkim.keys import load_key
-    from poste.dns.records import dkim_record
+    from poste.dkim.keys import dkim_record, load_key
 
     ours = zone_text([dkim_record(DOMAIN, "poste", load_key(key_path))]).strip()
     assert ours in r.stdout  # the record to publish is our key's, split as in `poste init`

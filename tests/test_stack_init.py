@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from poste.runtime.logs import JSONFormatter
 from poste.stack.config import ConfigError, parse
-from poste.stack.logs import JSONFormatter
 from support.net import free_port, wait_port
 
 

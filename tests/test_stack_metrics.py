@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from prometheus_client import REGISTRY
 
-from poste.services.submission import SubmissionStage
+from poste.services.submission.service import SubmissionStage
 from poste.smtp.client import send_message
 from poste.stack.build import Stack, build
 from poste.stack.config import ConfigError, load
@@ -199,8 +199,8 @@ def test_verifier_psl_key_is_used(tmp_path: Path, nameserver: str) -> None:
                                "// ===END ICANN DOMAINS===\n")
     text = (d / "poste.toml").read_text()
     (d / "poste.toml").write_text(text.replace("[verifier]", '[verifier]\npsl = "psl.dat"'))
-    from poste.auth.dmarc import org_domain
-    from poste.services.verifier import VerifierStage
+    from poste.services.verifier.dmarc import org_domain
+    from poste.services.verifier.service import VerifierStage
 
     stack = build(load(d / "poste.toml"))
     try:

@@ -10,10 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from poste.services.submission import AUTH_INVALID, AUTH_LOCKED, NOT_YOURS, SubmissionStage
+from poste.services.submission import logins
+from poste.services.submission.logins import Authenticator, LoginThrottle, may_send_as, network_key
+from poste.services.submission.service import AUTH_INVALID, AUTH_LOCKED, NOT_YOURS, SubmissionStage
 from poste.smtp.stage import Envelope
-from poste.users import logins, passwords, store
-from poste.users.logins import Authenticator, LoginThrottle, may_send_as, network_key
+from poste.users import passwords, store
 from poste.users.repo import UsersWatcher, load_snapshot
 
 

@@ -11,9 +11,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from poste.auth import spf
-from poste.auth.authenticate import Authenticator, Report
-from poste.services.verifier import VerifierStage
+from poste.services.verifier import spf
+from poste.services.verifier.authenticate import Authenticator, Report
+from poste.services.verifier.service import VerifierStage
 from poste.smtp.stage import Envelope
 from support.fakedns import FakeDNS, fake_dns, records_lookup
 

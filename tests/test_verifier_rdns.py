@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from poste.auth import rdns, spf
-from poste.auth.authenticate import Authenticator
-from poste.services.verifier import VerifierStage
+from poste.services.verifier import rdns, spf
+from poste.services.verifier.authenticate import Authenticator
+from poste.services.verifier.service import VerifierStage
 from poste.smtp.server import SMTPService
 from poste.smtp.stage import Envelope
 from poste.tools.srv import Mailbox, MailboxHop

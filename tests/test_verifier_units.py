@@ -6,12 +6,12 @@ from pathlib import Path
 
 import pytest
 
-from poste.auth import dmarc
-from poste.auth.authenticate import Authenticator
-from poste.auth.dkim_verify import DKIMResult
-from poste.auth.results import authentication_results
-from poste.auth.spf import SPFResult, resolver_for
-from poste.services.verifier import VerifierStage
+from poste.services.verifier import dmarc
+from poste.services.verifier.authenticate import Authenticator
+from poste.services.verifier.dkim_verify import DKIMResult
+from poste.services.verifier.results import authentication_results
+from poste.services.verifier.service import VerifierStage
+from poste.services.verifier.spf import SPFResult, resolver_for
 from poste.smtp.stage import Envelope
 
 
@@ -163,7 +163,7 @@ async def test_concurrent_spf_checks_use_their_own_nameservers() -> None:
     """pyspf's DNS hook is global; each evaluation must still ask its own servers."""
     import asyncio
 
-    from poste.auth import spf
+    from poste.services.verifier import spf
     from support.fakedns import fake_dns, records_lookup
 
     allow = records_lookup({"x.test": [("TXT", "v=spf1 ip4:192.0.2.1 -all")]})
@@ -186,7 +186,7 @@ async def test_ed25519_and_rsa_signatures_and_missing_key() -> None:
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ed25519
 
-    from poste.auth import dkim_verify, spf
+    from poste.services.verifier import dkim_verify, spf
     from support.fakedns import fake_dns, records_lookup
 
     priv = ed25519.Ed25519PrivateKey.generate()
@@ -247,7 +247,7 @@ async def test_dkim_key_record_problems_are_permerror_not_fail() -> None:
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import rsa
 
-    from poste.auth import dkim_verify, spf
+    from poste.services.verifier import dkim_verify, spf
     from support.fakedns import fake_dns, records_lookup
 
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
@@ -313,7 +313,7 @@ async def test_results_counted_once_standalone_and_under_poste_up() -> None:
     """
     from prometheus_client import REGISTRY
 
-    from poste.services.verifier import build_stage
+    from poste.services.verifier.service import build_stage
     from support.fakedns import fake_dns, records_lookup
 
     def count() -> float:

@@ -11,6 +11,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from poste.dkim import keys as dkim_keys
+from poste.dns.records import zone_txt
 from support.net import wait_port
 
 DOMAIN = "example.test"
@@ -40,7 +41,7 @@ def make_key(tmp: Path, algorithm: str, selector: str) -> tuple[Path, dkim_keys.
 def dkim_zone_records(keys: Sequence[tuple[str, dkim_keys.DKIMKey]]) -> str:
     """Zone-file lines publishing `(selector, key)` pairs under DOMAIN."""
     return "".join(
-        f"{sel}._domainkey TXT {dkim_keys.zone_txt(key.txt_strings())}\n" for sel, key in keys
+        f"{sel}._domainkey TXT {zone_txt(key.txt_strings())}\n" for sel, key in keys
     )
 
 

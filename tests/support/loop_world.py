@@ -19,7 +19,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from poste.dkim.keys import generate, split_txt, write_key, zone_txt
+from poste.dkim.keys import generate, write_key
+from poste.dns.records import split_txt, zone_txt
 from support import opendkim
 from support.knot import KnotServer, simple_zone
 from support.net import free_port, wait_port
@@ -294,9 +295,9 @@ def check_confirmation(mail: bytes) -> None:
 
 def check_sent(world: World, mail: bytes) -> None:
     """The mail sent as login@x25519.test: DKIM verifies, SPF passes for its envelope sender."""
-    from poste.auth.spf import check_sync, resolver_for
     from poste.dkim.verify import txt_lookup, verify_message
     from poste.dns.resolver import make_sync_resolver
+    from poste.services.verifier.spf import check_sync, resolver_for
 
     by = received_by(mail)
     assert by[:4] == [f"mx-{OUTLOOK_IP}", NAMES["relay"], NAMES["signer"], NAMES["submission"]], by

@@ -21,10 +21,11 @@ from typing import Literal
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
+from poste.dns.records import DEFAULT_TTL, Record, split_txt
+
 Algorithm = Literal["rsa", "ed25519"]
 ALGORITHMS: tuple[Algorithm, ...] = ("rsa", "ed25519")
 MIN_RSA_BITS = 2048
-TXT_CHUNK = 255
 
 
 class DKIMKeyError(ValueError):
@@ -83,17 +84,6 @@ class DKIMKey:
             serialization.NoEncryption(),
         )
         return base64.b64encode(raw)
-
-
-def split_txt(value: str, size: int = TXT_CHUNK) -> list[str]:
-    """Cut an ASCII value into TXT strings of at most `size` bytes."""
-    data = value.encode("ascii")
-    return [data[i : i + size].decode("ascii") for i in range(0, len(data), size)] or [""]
-
-
-def zone_txt(strings: list[str]) -> str:
-    """TXT strings as zone-file text: `"..." "..."` (the values hold no quotes)."""
-    return " ".join(f'"{s}"' for s in strings)
 
 
 def record_name(selector: str, domain: str) -> str:
@@ -156,3 +146,8 @@ def write_key(key: DKIMKey, path: str | os.PathLike[str]) -> None:
     finally:
         os.close(fd)
     os.replace(tmp, target)
+
+
+def dkim_record(domain: str, selector: str, key: DKIMKey, ttl: int = DEFAULT_TTL) -> Record:
+    """The TXT record that publishes `key` under `selector` (RFC 6376 3.6.2)."""
+    return Record(record_name(selector, domain), "TXT", (key.txt_value(),), ttl, "v=DKIM1")

@@ -10,23 +10,7 @@ import click
 
 from poste.dkim import keys as dkim_keys
 from poste.dns import records as rec
-from poste.dns.resolver import Nameserver, NameserverError, parse_nameserver
-
-
-def dns_server_option(text: str) -> Nameserver:
-    try:
-        return parse_nameserver(text)
-    except NameserverError as exc:
-        raise click.BadParameter(str(exc), param_hint="--dns-server") from None
-
-
-def dns_key_option(text: str) -> Any:
-    from poste.dns.update import parse_tsig
-
-    try:
-        return parse_tsig(text)
-    except ValueError as exc:
-        raise click.BadParameter(str(exc), param_hint="--dns-key") from None
+from poste.runtime.service import dns_key_option, dns_server_option
 
 
 def _record_options(f: Callable[..., Any]) -> Callable[..., Any]:
@@ -76,7 +60,7 @@ def build_records(
     dkim = []
     for selector, path in zip(selectors, paths, strict=True):
         try:
-            dkim.append((selector, dkim_keys.load_key(path)))
+            dkim.append(dkim_keys.dkim_record(domain, selector, dkim_keys.load_key(path), ttl))
         except dkim_keys.DKIMKeyError as exc:
             raise click.ClickException(str(exc)) from None
     try:

@@ -20,10 +20,20 @@ from dataclasses import dataclass, field
 
 import dns.reversename
 
-from poste.dkim.keys import DKIMKey, record_name, split_txt, zone_txt
-
 DEFAULT_TTL = 3600
+TXT_CHUNK = 255  # the most one TXT string holds (RFC 1035 3.3.14)
 DMARC_POLICIES = ("none", "quarantine", "reject")
+
+
+def split_txt(value: str, size: int = TXT_CHUNK) -> list[str]:
+    """Cut an ASCII value into TXT strings of at most `size` bytes."""
+    data = value.encode("ascii")
+    return [data[i : i + size].decode("ascii") for i in range(0, len(data), size)] or [""]
+
+
+def zone_txt(strings: list[str]) -> str:
+    """TXT strings as zone-file text: `"..." "..."` (the values hold no quotes)."""
+    return " ".join(f'"{s}"' for s in strings)
 
 
 @dataclass(frozen=True)
@@ -56,16 +66,12 @@ def _abs(name: str) -> str:
     return name.rstrip(".").lower() + "."
 
 
-def dkim_record(domain: str, selector: str, key: DKIMKey, ttl: int = DEFAULT_TTL) -> Record:
-    return Record(record_name(selector, domain), "TXT", (key.txt_value(),), ttl, "v=DKIM1")
-
-
 def domain_records(
     domain: str,
     *,
     mx_host: str | None = None,
     ips: Sequence[str] = (),
-    dkim: Sequence[tuple[str, DKIMKey]] = (),
+    dkim: Sequence[Record] = (),
     dmarc_policy: str = "quarantine",
     dmarc_rua: str | None = None,
     ttl: int = DEFAULT_TTL,
@@ -85,8 +91,7 @@ def domain_records(
     if in_zone and v6:
         out.append(Record(mx, "AAAA", v6, ttl))
     out.append(Record(apex, "TXT", ("v=spf1 mx -all",), ttl, "v=spf1"))
-    for selector, key in dkim:
-        out.append(dkim_record(domain, selector, key, ttl))
+    out.extend(dkim)  # DKIM's own records (poste.dkim.keys.dkim_record)
     rua = dmarc_rua or f"mailto:postmaster@{apex.rstrip('.')}"
     dmarc = f"v=DMARC1; p={dmarc_policy}; rua={rua}"
     out.append(Record("_dmarc." + apex, "TXT", (dmarc,), ttl, "v=DMARC1"))

@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import click
 
-from poste.services.common import (
+from poste.runtime.hostport import parse_hostport
+from poste.runtime.service import (
     destination_option,
     hostname_option,
     listen_option,
-    parse_hostport,
     run_services,
     setup_logging,
     tls_cert_option,

@@ -25,10 +25,10 @@ from typing import Any
 
 import click
 
-from poste.relay.delivery import Result
-from poste.relay.scheduler import Policy
-from poste.relay.stage import MAX_RECEIVED
-from poste.services.relay import RelayParts
+from poste.services.relay.delivery import Result
+from poste.services.relay.scheduler import Policy
+from poste.services.relay.service import RelayParts
+from poste.services.relay.stage import MAX_RECEIVED
 from poste.smtp.chain import StageHop
 from poste.smtp.hop import Hop
 from poste.smtp.server import SMTPService
@@ -40,7 +40,7 @@ log = logging.getLogger("poste.up")
 
 
 def split_hostport(text: str, default_port: int, where: str) -> tuple[str, int]:
-    from poste.services.common import parse_hostport
+    from poste.runtime.hostport import parse_hostport
 
     try:
         return parse_hostport(text, default_port)
@@ -208,7 +208,7 @@ def config_error(section: str, exc: click.ClickException) -> ConfigError:
 
 def _spam_stage(section: Section) -> Stage:
     """The spamfilter service's own stage (it counts its labels itself)."""
-    from poste.services.spamfilter import build_stage
+    from poste.services.spamfilter.service import build_stage
     from poste.spam.model import Params
 
     try:
@@ -232,7 +232,7 @@ def _listen_host(section: Section, key: str, default_port: int) -> str | None:
 
 def _relay(cfg: StackConfig, check: bool) -> tuple[RelayParts, Path | None]:
     """The relay from `build_relay`, as `poste relay` has it."""
-    from poste.services.relay import build_relay
+    from poste.services.relay.service import build_relay
 
     relay, sub, verifier = cfg["relay"], cfg["submission"], cfg["verifier"]
     if not relay.enabled:
@@ -307,7 +307,7 @@ def _assemble(cfg: StackConfig, parts: RelayParts, mailbox: Path | None) -> Stac
     # -- receiving: verifier -> spamfilter -> relay
     verifier, spam = cfg["verifier"], cfg["spamfilter"]
     if verifier.enabled:
-        from poste.services.verifier import build_stage as verifier_stage
+        from poste.services.verifier.service import build_stage as verifier_stage
 
         try:
             v_stage = verifier_stage(
@@ -348,13 +348,13 @@ def _assemble(cfg: StackConfig, parts: RelayParts, mailbox: Path | None) -> Stac
     # -- sending: submission -> signer -> relay
     sub, signer = cfg["submission"], cfg["signer"]
     if sub.enabled:
-        from poste.services.submission import build_stage as submission_stage
-        from poste.services.submission import make_throttle
+        from poste.services.submission.service import build_stage as submission_stage
+        from poste.services.submission.service import make_throttle
 
         s_name = _hostname(sub)
         out_hop: Hop = StageHop(relay_stage, queue_hop, relay_name, s_name)
         if signer.enabled:
-            from poste.services.signer import SignerStage
+            from poste.services.signer.service import SignerStage
 
             g_name = _hostname(signer)
             signer_obj = _signer(signer, domains[0])
@@ -413,7 +413,7 @@ def _assemble(cfg: StackConfig, parts: RelayParts, mailbox: Path | None) -> Stac
 
 
 def _signer(section: Section, default_domain: str) -> Any:
-    from poste.dkim.cli import make_signer
+    from poste.services.signer.options import make_signer
 
     domain = str(section.get("domain") or default_domain)
     try:
@@ -434,7 +434,7 @@ def _publisher(section: Section, signer: Any, domain: str) -> Callable[[], Await
         raise ConfigError("[signer] dns-server and dns-key go together")
 
     async def publish() -> None:
-        from poste.services.signer import publish_keys
+        from poste.services.signer.service import publish_keys
 
         await publish_keys(signer, server, key, section.get("zone") or domain)
 

@@ -140,7 +140,7 @@ class Doctor:
         return [Check(OK, "MX", f"{self.domain} -> {shown} [{', '.join(self.addresses)}]")]
 
     def spf(self) -> list[Check]:
-        from poste.auth.spf import check_sync
+        from poste.services.verifier.spf import check_sync
 
         records = [t for t in _txt(self.resolver, self.domain) or []
                    if t.lower().startswith("v=spf1")]
@@ -178,8 +178,7 @@ class Doctor:
         return _record_lines(Record(name.rstrip(".") + ".", "TXT", (value,), DEFAULT_TTL))
 
     def dkim_checks(self) -> list[Check]:
-        from poste.dkim.keys import DKIMKey
-        from poste.dns.records import dkim_record
+        from poste.dkim.keys import DKIMKey, dkim_record
 
         if not self.dkim:
             return [Check(SKIP, "DKIM", "give --selector (and --dkim-key) to check the key record")]
@@ -364,9 +363,9 @@ def main(
     timeout: float,
 ) -> None:
     """Check MX, SPF, DKIM, DMARC, reverse DNS and the port-25 certificate of DOMAIN."""
-    from poste.auth.spf import resolver_for
     from poste.dkim.keys import DKIMKeyError, load_key
     from poste.dns.resolver import NameserverError
+    from poste.services.verifier.spf import resolver_for
     from poste.users.repo import is_domain
 
     dom = domain.strip().rstrip(".").lower()

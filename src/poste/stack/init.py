@@ -152,12 +152,12 @@ def write_stack(folder: Path, lay: Layout) -> Path:
 
 
 def dns_records_text(folder: Path, lay: Layout, addresses: list[str]) -> str:
-    from poste.dkim.keys import load_key
+    from poste.dkim.keys import dkim_record, load_key
     from poste.dns.records import domain_records, zone_text
 
     key = load_key(folder / "dkim" / f"{lay.selector}.pem")
     records = domain_records(
-        lay.domain, mx_host=lay.hostname, ips=addresses, dkim=[(lay.selector, key)],
+        lay.domain, mx_host=lay.hostname, ips=addresses, dkim=[dkim_record(lay.domain, lay.selector, key)],
         dmarc_rua=f"mailto:{lay.postmaster}",
     )
     return zone_text(records)

@@ -156,8 +156,8 @@ def main(
     SIGHUP reloads the users repository, the certificates and the spam
     database, and reports config changes that need a restart.
     """
-    from poste.stack import logs
-    from poste.stack.metrics_http import serve_or_fail
+    from poste.runtime import logs
+    from poste.runtime.metrics_http import serve_or_fail
 
     banner = ""
     if config_path is None:

@@ -10,7 +10,7 @@ from collections.abc import Callable
 import aiosmtplib
 import click
 
-from poste.services.common import parse_hostport
+from poste.runtime.hostport import parse_hostport
 from poste.smtp.client import SendResult, send_message
 from poste.smtp.tls import client_context
 

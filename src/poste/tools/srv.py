@@ -14,7 +14,8 @@ from pathlib import Path
 
 import click
 
-from poste.services.common import parse_hostport, setup_logging, tls_context_from
+from poste.runtime.hostport import parse_hostport
+from poste.runtime.service import setup_logging, tls_context_from
 from poste.smtp.server import Limits, SMTPService
 from poste.smtp.stage import OK, Envelope, Reply, Stage
 

@@ -13,7 +13,7 @@ import secrets
 import time
 from collections.abc import Sequence
 
-from poste.relay.spool import Recipient
+from poste.services.relay.spool import Recipient
 
 FAILED = "failed"
 DELAYED = "delayed"

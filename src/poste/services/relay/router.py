@@ -15,7 +15,7 @@ import ipaddress
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from poste.relay.srs import SRS, SRSError, is_srs
+from poste.services.relay.srs import SRS, SRSError, is_srs
 from poste.smtp.stage import Reply
 from poste.users.repo import UsersDB
 

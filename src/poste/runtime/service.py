@@ -12,31 +12,11 @@ from typing import Any
 
 import click
 
+from poste.dns.resolver import Nameserver, NameserverError, parse_nameserver
 from poste.smtp.server import SMTPService
 from poste.smtp.tls import TLSConfigError, server_context
 
 log = logging.getLogger("poste")
-
-
-def parse_hostport(text: str, default_port: int) -> tuple[str, int]:
-    """`HOST[:PORT]`, `[v6]:PORT`; raises click.BadParameter with a one-line reason."""
-    value = text.strip()
-    if not value:
-        raise click.BadParameter("empty address")
-    if value.startswith("["):
-        host, sep, rest = value[1:].partition("]")
-        if not sep or (rest and not rest.startswith(":")):
-            raise click.BadParameter(f"bad address {text!r}")
-        port_text = rest[1:] if rest else ""
-    elif value.count(":") == 1:
-        host, _, port_text = value.partition(":")
-    else:
-        host, port_text = value, ""
-    if not port_text:
-        return host, default_port
-    if not port_text.isdigit() or not 0 <= int(port_text) < 65536:
-        raise click.BadParameter(f"bad port in {text!r}")
-    return host, int(port_text)
 
 
 def tls_context_from(cert: str | None, key: str | None):  # type: ignore[no-untyped-def]
@@ -56,7 +36,7 @@ _observability: dict[str, Any] = {"log_format": "plain", "metrics": None}
 
 
 def setup_logging(verbose: int = 0, json_logs: bool = False) -> None:
-    from poste.stack.logs import setup
+    from poste.runtime.logs import setup
 
     log_format = "json" if json_logs else _observability["log_format"]
     setup(log_format, verbose)
@@ -82,7 +62,7 @@ def run_services(
     """
 
     if _observability["metrics"]:
-        from poste.stack.metrics_http import serve_or_fail
+        from poste.runtime.metrics_http import serve_or_fail
 
         serve_or_fail(_observability["metrics"])
 
@@ -185,3 +165,19 @@ def verbose_option(func: Callable[..., Any]) -> Callable[..., Any]:
         help="Log lines as plain text or one JSON object each.",
     )(wrapper)
     return click.option("-v", "--verbose", count=True, help="More logging (-vv: debug).")(wrapper)
+
+
+def dns_server_option(text: str) -> Nameserver:
+    try:
+        return parse_nameserver(text)
+    except NameserverError as exc:
+        raise click.BadParameter(str(exc), param_hint="--dns-server") from None
+
+
+def dns_key_option(text: str) -> Any:
+    from poste.dns.update import parse_tsig  # dnspython.tsig is slow to import
+
+    try:
+        return parse_tsig(text)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--dns-key") from None

@@ -21,8 +21,8 @@ import dns.rdatatype
 import dns.resolver
 from dkim.util import InvalidTagValueList, parse_tag_value
 
-from poste.auth import workers
 from poste.dns.resolver import SyncResolver
+from poste.services.verifier import workers
 
 MAX_SIGNATURES = 8  # more is an attack on our CPU, not a sender's need
 

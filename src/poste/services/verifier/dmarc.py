@@ -23,9 +23,9 @@ import dns.rdatatype
 import dns.resolver
 from publicsuffixlist import PublicSuffixList
 
-from poste.auth.dkim_verify import DKIMResult
-from poste.auth.spf import SPFResult
 from poste.dns.resolver import SyncResolver
+from poste.services.verifier.dkim_verify import DKIMResult
+from poste.services.verifier.spf import SPFResult
 
 
 @functools.cache

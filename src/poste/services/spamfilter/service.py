@@ -17,11 +17,11 @@ import logging
 import click
 from prometheus_client import Counter
 
-from poste.services.common import (
+from poste.runtime.hostport import parse_hostport
+from poste.runtime.service import (
     destination_option,
     hostname_option,
     listen_option,
-    parse_hostport,
     run_services,
     setup_logging,
     tls_cert_option,

@@ -20,15 +20,12 @@ from collections.abc import Sequence
 import click
 
 from poste import metrics
-from poste.auth.authenticate import Authenticator, Report
-from poste.auth.dmarc import PSLError, load_psl
-from poste.auth.spf import resolver_for
 from poste.dns.resolver import NameserverError
-from poste.services.common import (
+from poste.runtime.hostport import parse_hostport
+from poste.runtime.service import (
     destination_option,
     hostname_option,
     listen_option,
-    parse_hostport,
     run_services,
     setup_logging,
     tls_cert_option,
@@ -36,6 +33,9 @@ from poste.services.common import (
     tls_key_option,
     verbose_option,
 )
+from poste.services.verifier.authenticate import Authenticator, Report
+from poste.services.verifier.dmarc import PSLError, load_psl
+from poste.services.verifier.spf import resolver_for
 from poste.smtp.client import SMTPHop
 from poste.smtp.server import SMTPService
 from poste.smtp.stage import Envelope, Reply, Stage, Verdict

@@ -17,20 +17,20 @@ from typing import Any
 import click
 
 from poste.dns.resolver import NameserverError, make_resolver
-from poste.relay.delivery import Deliverer
-from poste.relay.router import Router, parse_networks
-from poste.relay.scheduler import DeliverFn, Policy, Scheduler
-from poste.relay.spool import Spool, SpoolError, SpoolLocked
-from poste.relay.srs import DAY, SRS, SRSDatabase, load_secrets
-from poste.relay.stage import MAX_RECEIVED, QueueHop, RelayStage
-from poste.services.common import (
+from poste.runtime.hostport import parse_hostport
+from poste.runtime.service import (
     hostname_option,
     listen_option,
-    parse_hostport,
     run_services,
     setup_logging,
     verbose_option,
 )
+from poste.services.relay.delivery import Deliverer
+from poste.services.relay.router import Router, parse_networks
+from poste.services.relay.scheduler import DeliverFn, Policy, Scheduler
+from poste.services.relay.spool import Spool, SpoolError, SpoolLocked
+from poste.services.relay.srs import DAY, SRS, SRSDatabase, load_secrets
+from poste.services.relay.stage import MAX_RECEIVED, QueueHop, RelayStage
 from poste.smtp.server import SMTPService
 from poste.users.repo import UsersRepoError, UsersWatcher
 
@@ -292,7 +292,7 @@ def build_relay(
     `preflight` runs once the flags are checked, before any file is touched
     (`poste relay`: can --listen be bound?).
     """
-    from poste.stack.metrics_http import watch_spool
+    from poste.services.relay.metrics import watch_spool
 
     if not domains:
         raise click.UsageError("the relay needs at least one --domain")

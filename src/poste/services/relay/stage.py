@@ -14,9 +14,9 @@ import logging
 import re
 import time
 
-from poste.relay.router import Delivery, Router
-from poste.relay.scheduler import Scheduler
-from poste.relay.spool import Entry, Recipient, SpoolError
+from poste.services.relay.router import Delivery, Router
+from poste.services.relay.scheduler import Scheduler
+from poste.services.relay.spool import Entry, Recipient, SpoolError
 from poste.smtp.hop import Transaction
 from poste.smtp.stage import Envelope, Reply, Stage, Verdict, new_queue_id
 

@@ -16,7 +16,7 @@ import time
 
 import click
 
-from poste.relay.spool import PENDING, Entry, Spool, SpoolError
+from poste.services.relay.spool import PENDING, Entry, Spool, SpoolError
 
 spool_option = click.option(
     "--spool",

@@ -28,8 +28,8 @@ import dns.query
 import dns.resolver
 import spf as pyspf
 
-from poste.auth import workers
 from poste.dns.resolver import SyncResolver, make_sync_resolver
+from poste.services.verifier import workers
 
 RESULTS = ("pass", "fail", "softfail", "neutral", "none", "permerror", "temperror")
 

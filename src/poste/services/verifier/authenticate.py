@@ -14,10 +14,10 @@ from dataclasses import dataclass, field
 
 from publicsuffixlist import PublicSuffixList
 
-from poste.auth import dkim_verify, dmarc, rdns, spf, workers
-from poste.auth.results import authentication_results
-from poste.auth.spf import SPFResult
 from poste.dns.resolver import SyncResolver
+from poste.services.verifier import dkim_verify, dmarc, rdns, spf, workers
+from poste.services.verifier.results import authentication_results
+from poste.services.verifier.spf import SPFResult
 
 log = logging.getLogger("poste.verifier")
 

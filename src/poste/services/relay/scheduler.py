@@ -40,9 +40,9 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from poste.metrics import DELIVERIES, QUEUED
-from poste.relay.delivery import Result
-from poste.relay.dsn import DELAYED, FAILED, make_dsn
-from poste.relay.spool import DELIVERED, PENDING, Entry, Recipient, Spool, SpoolError
+from poste.services.relay.delivery import Result
+from poste.services.relay.dsn import DELAYED, FAILED, make_dsn
+from poste.services.relay.spool import DELIVERED, PENDING, Entry, Recipient, Spool, SpoolError
 from poste.smtp.stage import new_queue_id
 
 log = logging.getLogger("poste.relay")

@@ -16,17 +16,17 @@ import logging
 import click
 from prometheus_client import Counter
 
-from poste.dkim.cli import make_signer, sign_header_options
 from poste.dkim.sign import Signer, sign_or_pass
-from poste.services.common import (
+from poste.runtime.hostport import parse_hostport
+from poste.runtime.service import (
     destination_option,
     hostname_option,
     listen_option,
-    parse_hostport,
     run_services,
     setup_logging,
     verbose_option,
 )
+from poste.services.signer.options import make_signer, sign_header_options
 from poste.smtp.client import SMTPHop
 from poste.smtp.server import SMTPService
 from poste.smtp.stage import Envelope, Stage, Verdict
@@ -59,9 +59,9 @@ class SignerStage(Stage):
 
 async def publish_keys(signer: Signer, dns_server: str, dns_key: str, zone: str) -> None:
     """Put the signer's public keys in DNS; raise a one-line click error when we cannot."""
-    from poste.dns.cli import dns_key_option, dns_server_option
-    from poste.dns.records import dkim_record
+    from poste.dkim.keys import dkim_record
     from poste.dns.update import DNSUpdateError, publish
+    from poste.runtime.service import dns_key_option, dns_server_option
 
     server = dns_server_option(dns_server)
     key = dns_key_option(dns_key)
@@ -119,7 +119,7 @@ def main(
     dest_host, dest_port = parse_hostport(destination, 25)
     if dns_server and dns_key:
         # Check the flags now, so a typo is an error before anything starts.
-        from poste.dns.cli import dns_key_option, dns_server_option
+        from poste.runtime.service import dns_key_option, dns_server_option
 
         dns_server_option(dns_server)
         dns_key_option(dns_key)

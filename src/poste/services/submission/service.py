@@ -16,10 +16,10 @@ from pathlib import Path
 
 import click
 
-from poste.services.common import (
+from poste.runtime.hostport import parse_hostport
+from poste.runtime.service import (
     destination_option,
     hostname_option,
-    parse_hostport,
     run_services,
     setup_logging,
     tls_cert_option,
@@ -27,10 +27,10 @@ from poste.services.common import (
     tls_key_option,
     verbose_option,
 )
+from poste.services.submission.logins import Authenticator, LoginThrottle, may_send_as
 from poste.smtp.client import SMTPHop
 from poste.smtp.server import SMTPService
 from poste.smtp.stage import Envelope, Reply, Stage
-from poste.users.logins import Authenticator, LoginThrottle, may_send_as
 from poste.users.repo import UsersRepoError, UsersWatcher
 
 log = logging.getLogger("poste.submission")

@@ -7,8 +7,8 @@ import socket
 
 import click
 
-from poste.auth import spf
 from poste.dns.resolver import NameserverError
+from poste.services.verifier import spf
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import re
 
-from poste.auth.dkim_verify import DKIMResult
-from poste.auth.dmarc import DMARCResult
-from poste.auth.spf import SPFResult
+from poste.services.verifier.dkim_verify import DKIMResult
+from poste.services.verifier.dmarc import DMARCResult
+from poste.services.verifier.spf import SPFResult
 
 _TOKEN = re.compile(r"^[A-Za-z0-9!#$%&'*+\-.^_`{|}~]+$")
 _ADDRESS = re.compile(r"^[A-Za-z0-9!#$%&'*+\-/=?^_`{|}~.]+@[A-Za-z0-9.\-]+$")

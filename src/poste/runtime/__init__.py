@@ -1,0 +1,1 @@
+"""What every service process shares: flags, logging, metrics, the run loop."""

@@ -1,0 +1,1 @@
+"""The relay service: its stage, its command and the modules only it uses."""

@@ -1,0 +1,1 @@
+"""The spamfilter service: its stage, its command and the modules only it uses."""
