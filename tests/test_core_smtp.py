@@ -82,8 +82,8 @@ async def test_several_transactions_and_dot_unstuffing(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     "vector",
-    [b"\n.\n", b"\r.\r", b"\r\n.\n", b"\n.\r\n"],
-    ids=["LF.LF", "CR.CR", "CRLF.LF", "LF.CRLF"],
+    [b"\n.\n", b"\r.\r", b"\r\n.\n", b"\n.\r\n", b"\r\n\x00.\r\n", b"\r\n.\x00\r\n"],
+    ids=["LF.LF", "CR.CR", "CRLF.LF", "LF.CRLF", "CRLF-NUL.CRLF", "CRLF.NUL-CRLF"],
 )
 async def test_smuggling_never_splits_a_message(tmp_path: Path, vector: bytes) -> None:
     smuggled = (
@@ -99,7 +99,7 @@ async def test_smuggling_never_splits_a_message(tmp_path: Path, vector: bytes) -
         assert (await c.cmd("DATA")).startswith("354")
         await c.send(smuggled)
         first = await c.reply()
-        # The message is refused as a whole (bare CR/LF), and nothing follows it.
+        # The message is refused as a whole (bare CR/LF, NUL), and nothing follows it.
         assert first.startswith("550 5.6.0"), first
         # The connection stays sane: a clean mail after it goes through.
         assert (await c.cmd("MAIL FROM:<a@x.test>")).startswith("250")
@@ -381,3 +381,13 @@ async def test_data_timeout(tmp_path: Path) -> None:
         assert (await c.reply(timeout=10)).startswith("421 4.4.2")
         await c.close()
     assert mails(tmp_path) == []
+
+
+async def test_control_characters_in_helo_refused(tmp_path: Path) -> None:
+    async with mailbox_server(tmp_path) as (service, _):
+        c = await LineClient.connect(*service.sockname)
+        assert (await c.reply()).startswith("220")
+        assert (await c.cmd_bytes(b"EHLO evil\x1b[2J.test")).startswith("501 5.5.4")
+        assert (await c.cmd_bytes(b"HELO evil\x07.test")).startswith("501 5.5.4")
+        assert (await c.cmd("EHLO client.test")).startswith("250")
+        await c.close()

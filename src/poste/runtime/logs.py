@@ -22,6 +22,20 @@ _PAIR = re.compile(r"\b(?P<k>[a-z][a-z0-9_-]*)=(?P<v><[^>]*>(?:,<[^>]*>)*|\S+)")
 _REPLY = re.compile(r":\s(?P<code>[245]\d\d)[ -]")
 
 PLAIN_FORMAT = "%(asctime)s %(name)s %(levelname)s %(message)s"
+_CONTROL = re.compile(r"[\x00-\x1f\x7f\x9b]")
+
+
+def escape(text: str) -> str:
+    """Control characters as \\xNN: what a peer sends must not drive an admin's terminal."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+
+
+class PlainFormatter(logging.Formatter):
+    """The plain format, with the message escaped (a traceback keeps its own lines)."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        record.message = escape(record.message)
+        return super().formatMessage(record)
 
 
 def _fields(message: str) -> dict[str, Any]:
@@ -75,7 +89,7 @@ def setup(log_format: str = "plain", verbose: int = 0) -> None:
     if log_format == "json":
         handler.setFormatter(JSONFormatter())
     else:
-        handler.setFormatter(logging.Formatter(PLAIN_FORMAT))
+        handler.setFormatter(PlainFormatter(PLAIN_FORMAT))
     root = logging.getLogger()
     for h in list(root.handlers):
         root.removeHandler(h)

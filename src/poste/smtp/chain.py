@@ -48,20 +48,35 @@ class StageTransaction:
         reply = await self.stage.on_rcpt(self.env, rcpt)
         if reply is not None:
             return reply
-        try:
-            if self._down is None:
+        if self._down is None:
+            # Until it is ours, the onward transaction is closed on every way out of here
+            # (refused sender, HopError, any bug): a leaked one per RCPT would let one
+            # client fill the next hop's connection cap (issue 15).
+            try:
                 down = await self.hop.open(self.env)
+            except HopError as exc:
+                log.warning("%s next hop unavailable at RCPT: %s", self.env.queue_id, exc.reply)
+                return exc.reply
+            try:
                 mail_reply = await down.mail(self.env.mail_from, self.env.mail_options)
-                if not mail_reply.ok:
-                    await down.abort()
-                    log.info("%s next hop refused sender: %s", self.env.queue_id, mail_reply)
-                    return mail_reply
-                self._down = down
+            except BaseException as exc:
+                await _close(down)
+                if isinstance(exc, HopError):
+                    return exc.reply
+                raise
+            if not mail_reply.ok:
+                await _close(down)
+                log.info("%s next hop refused sender: %s", self.env.queue_id, mail_reply)
+                return mail_reply
+            self._down = down
+        try:
             reply = await self._down.rcpt(rcpt, options)
-        except HopError as exc:
-            log.warning("%s next hop failed at RCPT: %s", self.env.queue_id, exc.reply)
+        except BaseException as exc:
             await self.abort()
-            return exc.reply
+            if isinstance(exc, HopError):
+                log.warning("%s next hop failed at RCPT: %s", self.env.queue_id, exc.reply)
+                return exc.reply
+            raise
         if reply.ok:
             self.env.rcpt_tos.append(rcpt)
             self.env.rcpt_options.append(list(options))
@@ -78,9 +93,11 @@ class StageTransaction:
             return NO_RCPT
         try:
             verdict = await self.stage.on_data(self.env, data)
-        except Exception:
-            log.exception("%s stage %s failed", self.env.queue_id, self.stage.name)
+        except BaseException as exc:
             await self.abort()
+            if not isinstance(exc, Exception):  # cancelled: the client went away
+                raise
+            log.exception("%s stage %s failed", self.env.queue_id, self.stage.name)
             return STAGE_FAILED
         if verdict.reply is not None and not verdict.reply.ok:
             log.info("%s refused by %s: %s", self.env.queue_id, self.stage.name, verdict.reply)
@@ -90,9 +107,11 @@ class StageTransaction:
         self._down = None
         try:
             reply = await down.data(message)
-        except HopError as exc:
+        except BaseException as exc:
+            await _close(down)
+            if not isinstance(exc, HopError):
+                raise
             reply = exc.reply
-            await down.abort()
         log.info(
             "%s %s from=<%s> to=%s size=%d: %s",
             self.env.queue_id,
@@ -107,10 +126,14 @@ class StageTransaction:
     async def abort(self) -> None:
         down, self._down = self._down, None
         if down is not None:
-            try:
-                await down.abort()
-            except Exception:  # the transaction is over whatever happens
-                log.debug("abort failed", exc_info=True)
+            await _close(down)
+
+
+async def _close(down: Transaction) -> None:
+    try:
+        await down.abort()
+    except Exception:  # the transaction is over whatever happens
+        log.debug("abort failed", exc_info=True)
 
 
 class StageHop:

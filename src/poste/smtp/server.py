@@ -60,6 +60,7 @@ class _DataState(enum.Enum):
     TOO_LONG = "line too long"
     TOO_MUCH = "too big"
     BARE = "bare CR or LF"
+    NUL = "NUL byte"
 
 
 _HAS_ENHANCED = re.compile(r"^\d{3}[ -][245]\.\d{1,3}\.\d{1,3}\b")
@@ -85,6 +86,7 @@ _DEFAULT_ENHANCED = {
     554: "5.0.0",
     555: "5.5.4",
 }
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _BAD_COMMAND_CODES = {500, 501, 502, 503, 504, 555}
 
 
@@ -238,6 +240,9 @@ class _Connection(SMTP):
     # -- commands ----------------------------------------------------------
 
     async def smtp_EHLO(self, hostname: str) -> None:
+        if hostname and _CONTROL.search(hostname):
+            await self.push("501 5.5.4 Control character in EHLO name")
+            return
         self._in_ehlo = True
         try:
             await super().smtp_EHLO(hostname)
@@ -245,6 +250,9 @@ class _Connection(SMTP):
             self._in_ehlo = False
 
     async def smtp_HELO(self, hostname: str) -> None:
+        if hostname and _CONTROL.search(hostname):
+            await self.push("501 5.5.4 Control character in HELO name")
+            return
         self._in_ehlo = True
         try:
             await super().smtp_HELO(hostname)
@@ -334,6 +342,12 @@ class _Connection(SMTP):
                 state = _DataState.BARE
                 lines.clear()
                 continue
+            if b"\x00" in line:
+                # RFC 5321 forbids NUL in text; a downstream MTA that strips it could
+                # see an end of data we never saw (`\r\n\x00.\r\n`): smuggling.
+                state = _DataState.NUL
+                lines.clear()
+                continue
             if size > limit:
                 state = _DataState.TOO_MUCH
                 lines.clear()
@@ -354,6 +368,8 @@ class _Connection(SMTP):
                 await self.push("500 5.5.2 Line too long (RFC 5321 4.5.3.1.6)")
             elif state is _DataState.TOO_MUCH:
                 await self.push("552 5.3.4 Message too big")
+            elif state is _DataState.NUL:
+                await self.push("550 5.6.0 NUL byte in message data refused")
             else:
                 await self.push("550 5.6.0 Bare CR or LF in message data refused (use CRLF)")
             return

@@ -16,6 +16,7 @@ import time
 
 import click
 
+from poste.runtime.logs import escape
 from poste.services.relay.spool import PENDING, Entry, Spool, SpoolError
 
 spool_option = click.option(
@@ -40,6 +41,11 @@ def _when(ts: float | None) -> str:
     return dt.datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S")
 
 
+def _echo(text: str) -> None:
+    """One line for the terminal: peer-chosen text (HELO, replies) cannot drive it."""
+    click.echo(escape(text))
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def main() -> None:
     """Inspect and manage the relay's spool (the queue of mail not yet delivered)."""
@@ -59,13 +65,13 @@ def list_cmd(spool_dir: str, as_json: bool) -> None:
             continue
         pending = entry.pending
         sender = entry.return_path or "<>"
-        click.echo(
+        _echo(
             f"{entry.id}  {_when(entry.created)}  {entry.size:>8}  {sender}"
             f"  next={_when(entry.next_attempt)}  tries={entry.attempts}"
         )
         for r in pending:
             reply = f"  ({r.last_reply})" if r.last_reply else ""
-            click.echo(f"    {r.address}{reply}")
+            _echo(f"    {r.address}{reply}")
     if not as_json:
         click.echo(f"-- {count} message(s) in queue", err=True)
 
@@ -81,18 +87,18 @@ def show(spool_dir: str, queue_id: str, body: bool) -> None:
         entry = spool.load(queue_id)
     except SpoolError as exc:
         raise click.ClickException(str(exc)) from None
-    click.echo(f"id:           {entry.id}")
+    _echo(f"id:           {entry.id}")
     peer = f"{entry.peer or '-'} ({entry.helo or '-'})"
-    click.echo(f"arrived:      {_when(entry.created)} from {peer}")
-    click.echo(f"return-path:  <{entry.return_path}>")
-    click.echo(f"size:         {entry.size}")
-    click.echo(f"attempts:     {entry.attempts}, next {_when(entry.next_attempt)}")
-    click.echo(f"dsn:          {'yes' if entry.is_dsn else 'no'}, warned={entry.warned}")
+    _echo(f"arrived:      {_when(entry.created)} from {peer}")
+    _echo(f"return-path:  <{entry.return_path}>")
+    _echo(f"size:         {entry.size}")
+    _echo(f"attempts:     {entry.attempts}, next {_when(entry.next_attempt)}")
+    _echo(f"dsn:          {'yes' if entry.is_dsn else 'no'}, warned={entry.warned}")
     for r in entry.recipients:
         orig = f" (for {r.original})" if r.original and r.original != r.address else ""
-        click.echo(f"rcpt:         {r.address}{orig} {r.state}, from <{r.sender}>")
+        _echo(f"rcpt:         {r.address}{orig} {r.state}, from <{r.sender}>")
         if r.last_reply:
-            click.echo(f"              {_when(r.last_attempt)} {r.remote_mta}: {r.last_reply}")
+            _echo(f"              {_when(r.last_attempt)} {r.remote_mta}: {r.last_reply}")
     if body:
         click.echo("")
         try:
