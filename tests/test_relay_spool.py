@@ -89,6 +89,40 @@ def test_queue_cli(tmp_path: Path, poste_bin: str) -> None:
     assert nodir.returncode != 0 and "no spool folder" in nodir.stderr
 
 
+def test_queue_check_finds_what_is_not_on_its_way(tmp_path: Path, poste_bin: str) -> None:
+    spool = Spool(tmp_path)
+    fresh = entry("FRESH")
+    fresh.next_attempt = time.time() + 60
+    spool.put(fresh, MSG)
+
+    def check() -> subprocess.CompletedProcess[str]:
+        return subprocess.run([poste_bin, "queue", "check", "--spool", str(tmp_path)],
+                              capture_output=True, text=True, timeout=30)
+
+    ok = check()
+    assert ok.returncode == 0 and ok.stdout == "", ok.stdout + ok.stderr
+    assert "1 message(s) checked, 0 problem(s)" in ok.stderr
+    stalled = entry("STALLED")
+    stalled.next_attempt = time.time() - 3600  # due an hour ago: the scheduler lost it
+    spool.put(stalled, MSG)
+    done = entry("DONE")
+    for r in done.recipients:
+        r.state = DELIVERED
+    spool.put(done, MSG)
+    nofile = entry("NOFILE")
+    nofile.next_attempt = time.time() + 60
+    spool.put(nofile, MSG)
+    (tmp_path / "NOFILE.eml").unlink()
+    (tmp_path / "BROKEN.json").write_text("{")
+    bad = check()
+    assert bad.returncode == 1 and "Traceback" not in bad.stderr
+    lines = sorted(bad.stdout.splitlines())
+    assert [line.split(":")[0:2] for line in lines] == [
+        ["BROKEN", " unreadable"], ["DONE", " nothing pending"], ["NOFILE", " no message file"],
+        ["STALLED", " overdue"]], lines
+    assert "5 message(s) checked, 4 problem(s)" in bad.stderr
+
+
 def test_dsn_is_a_multipart_report() -> None:
     r = Recipient("alice@gmail.test", "SRS0=x@our.test", "alice@our.test")
     r.last_reply = "550 5.1.1 No such user"

@@ -64,7 +64,7 @@ MALFORMED = (
     b"From: <\r\n"
     b'Content-Type: multipart/mixed; boundary="nope\r\n'
     b"Content-Transfer-Encoding: base64\r\n"
-    b"X-\xff\xff: \x00\x01junk\r\n"
+    b"X-\xff\xff: \x01\x02junk\r\n"
     b"\r\n"
     b"--nope\r\nContent-Type: text/html\r\n\r\n<p>unclosed <b>html &bogus;\r\n"
     b"=?utf-8?B?####?= not base64 at all !!!\r\n"

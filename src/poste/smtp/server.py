@@ -20,12 +20,14 @@ import logging
 import re
 import socket
 import ssl
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from typing import Any
 
 from aiosmtpd.smtp import SMTP, AuthResult, TLSSetupException, syntax
 
 from poste.smtp.address import AddressError, parse_path
+from poste.smtp.admission import Admission, Fairness, Ticket
 from poste.smtp.chain import StageTransaction
 from poste.smtp.hop import Hop
 from poste.smtp.stage import Envelope, Reply, Stage
@@ -53,6 +55,8 @@ class Limits:
     idle_timeout: float = 300.0
     data_timeout: float = 600.0
     max_connections: int = 100
+    tls_handshake_timeout: float = 10.0
+    fairness: Fairness = field(default_factory=Fairness)
 
 
 class _DataState(enum.Enum):
@@ -101,7 +105,7 @@ class _Connection(SMTP):
         self.line_length_limit = limits.max_text_line
         self.command_size_limit = limits.max_command_line
         self.command_size_limits = collections.defaultdict(lambda: limits.max_command_line)
-        self._rejected = False
+        self.ticket: Ticket | None = None  # set by _Gate: the slot this connection holds
         self._in_ehlo = False
         self._bad_commands = 0
         self._reading_rcpt = False
@@ -129,20 +133,7 @@ class _Connection(SMTP):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         starttls_done = self._original_transport is not None
         if not starttls_done:
-            if self.service.active >= self.limits.max_connections:
-                self._rejected = True
-                log.warning(
-                    "connection cap reached, refusing %s", transport.get_extra_info("peername")
-                )
-                assert isinstance(transport, asyncio.WriteTransport)
-                transport.write(b"421 4.7.0 Too many connections, try again later\r\n")
-                transport.close()
-                return
-            self.service.active += 1
             self.service.connections.add(self)
-            sock = transport.get_extra_info("socket")
-            if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         super().connection_made(transport)
         assert self.session is not None
         peer = transport.get_extra_info("peername") or ("", 0)
@@ -187,9 +178,8 @@ class _Connection(SMTP):
         env.tls_cipher = cipher[0] if cipher else None
 
     def connection_lost(self, error: Exception | None) -> None:
-        if self._rejected:
-            return
-        self.service.active -= 1
+        if self.ticket is not None:
+            self.ticket.release()
         self.service.connections.discard(self)
         self._abort_txn()
         super().connection_lost(error)
@@ -432,6 +422,91 @@ class _Connection(SMTP):
         return AuthResult(success=False, handled=False, message=str(reply))
 
 
+class _Gate(asyncio.Protocol):
+    """The first protocol of every accepted socket: admission, then TLS, then SMTP.
+
+    It runs before the greeting and, on an implicit-TLS port, before the
+    handshake, so a refused client costs a few bytes, not an SSL object
+    and its buffers; a handshake that does not finish within
+    `Limits.tls_handshake_timeout` is dropped (asyncio's default is 60 s).
+    """
+
+    def __init__(self, service: SMTPService) -> None:
+        self.service = service
+        self.ticket: Ticket | None = None
+        self.transport: asyncio.Transport | None = None
+        self.early: list[bytes] = []
+        self.conn: _Connection | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        peer = transport.get_extra_info("peername") or ("", 0)
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        admitted = self.service.admission.admit(str(peer[0]))
+        if isinstance(admitted, str):
+            self.service.refused += 1
+            if self.service.should_log_refusal(admitted):
+                log.warning("refusing %s: %s", peer[0], admitted)
+            if not self.service.implicit_tls:  # a TLS client could not read it anyway
+                transport.write(b"421 4.7.0 Too many connections, try again later\r\n")
+            transport.close()
+            return
+        self.ticket = admitted
+        if self.service.implicit_tls:
+            task = asyncio.get_running_loop().create_task(self._handshake(transport))
+            self.service.background.add(task)
+            task.add_done_callback(self.service.background.discard)
+        else:
+            self._hand_off(transport)
+
+    async def _handshake(self, raw: asyncio.Transport) -> None:
+        loop = asyncio.get_running_loop()
+        assert self.service.tls_context is not None
+        try:
+            tls = await loop.start_tls(
+                raw, self, self.service.tls_context, server_side=True,
+                ssl_handshake_timeout=self.service.limits.tls_handshake_timeout,
+            )
+        except (OSError, ssl.SSLError, TimeoutError, ConnectionError) as exc:
+            peer = raw.get_extra_info("peername") or ("?",)
+            log.info("TLS handshake with %s failed: %s", peer[0], exc or type(exc).__name__)
+            raw.abort()
+            self._release()
+            return
+        if tls is None or raw.is_closing():
+            self._release()
+            return
+        assert isinstance(tls, asyncio.Transport)
+        self._hand_off(tls)
+
+    def _hand_off(self, transport: asyncio.Transport) -> None:
+        conn = _Connection(self.service)
+        conn.ticket, self.ticket = self.ticket, None
+        self.conn = conn
+        transport.set_protocol(conn)
+        conn.connection_made(transport)
+        for data in self.early:  # sent before our greeting: a bad client, but keep it
+            conn.data_received(data)
+        self.early.clear()
+
+    def data_received(self, data: bytes) -> None:
+        if self.conn is not None:
+            self.conn.data_received(data)
+        else:
+            self.early.append(data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._release()  # after the hand-off, the transport tells the _Connection itself
+
+    def _release(self) -> None:
+        ticket, self.ticket = self.ticket, None
+        if ticket is not None:
+            ticket.release()
+
+
 class _Handler:
     """aiosmtpd hooks, bound to one connection, driving its StageTransaction."""
 
@@ -552,19 +627,34 @@ class SMTPService:
         self.require_tls = require_tls and tls_context is not None
         self.implicit_tls = implicit_tls
         self.limits = limits or Limits()
-        self.active = 0
+        self.admission = Admission(self.limits.max_connections, self.limits.fairness)
+        self.refused = 0  # connections refused at admission
+        self._refusal_logged: dict[str, float] = {}
         self.connections: set[_Connection] = set()
         self.background: set[asyncio.Task[None]] = set()
         self._server: asyncio.Server | None = None
         self.sockname: tuple[str, int] = (host, port)
 
+    def should_log_refusal(self, reason: str) -> bool:
+        """One log line per reason per minute: a flood must not also flood the log."""
+        now = time.monotonic()
+        last = self._refusal_logged.get(reason)
+        if last is not None and now - last < 60:
+            return False
+        if len(self._refusal_logged) > 1000:
+            self._refusal_logged.clear()
+        self._refusal_logged[reason] = now
+        return True
+
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
-            lambda: _Connection(self),
+            lambda: _Gate(self),
             host=self.host,
             port=self.port,
-            ssl=self.tls_context if self.implicit_tls else None,
+            # A flood of refused connections must not fill the accept queue, or a
+            # legitimate SYN is dropped and waits a second for its retransmit.
+            backlog=512,
             reuse_address=True,
         )
         name = self._server.sockets[0].getsockname()

@@ -11,6 +11,9 @@ from pathlib import Path
 from prometheus_client.core import REGISTRY, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from poste.services.relay.audit import OVERDUE_SLACK
+from poste.services.relay.spool import Spool, SpoolError
+
 log = logging.getLogger("poste")
 _lock = threading.Lock()
 
@@ -27,7 +30,6 @@ class SpoolCollector(Collector):
         self.spool_dirs: list[Path] = [Path(d) for d in spool_dirs]
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        from poste.services.relay.spool import Spool, SpoolError
 
         size = GaugeMetricFamily(
             "poste_spool_messages", "Messages in the relay's spool (read at scrape time)."
@@ -36,7 +38,12 @@ class SpoolCollector(Collector):
             "poste_spool_oldest_age_seconds",
             "Age of the oldest message in the relay's spool (0 when empty).",
         )
-        count, oldest = 0, 0.0
+        late = GaugeMetricFamily(
+            "poste_spool_overdue_messages",
+            f"Messages whose next attempt is more than {OVERDUE_SLACK:.0f} s past: "
+            "acknowledged mail the scheduler is not moving ('poste queue check').",
+        )
+        count, oldest, stalled = 0, 0.0, 0
         now = time.time()
         for folder in list(self.spool_dirs):
             try:
@@ -44,12 +51,16 @@ class SpoolCollector(Collector):
                 for entry in spool.entries():
                     count += 1
                     oldest = max(oldest, now - entry.created)
+                    if entry.pending and entry.next_attempt < now - OVERDUE_SLACK:
+                        stalled += 1
             except (OSError, SpoolError, ValueError):
                 log.debug("spool %s unreadable for metrics", folder, exc_info=True)
         size.add_metric([], count)
         age.add_metric([], oldest)
+        late.add_metric([], stalled)
         yield size
         yield age
+        yield late
 
 
 _collector: SpoolCollector | None = None

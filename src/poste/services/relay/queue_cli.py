@@ -17,6 +17,7 @@ import time
 import click
 
 from poste.runtime.logs import escape
+from poste.services.relay.audit import OVERDUE_SLACK, audit
 from poste.services.relay.spool import PENDING, Entry, Spool, SpoolError
 
 spool_option = click.option(
@@ -154,3 +155,22 @@ def delete(spool_dir: str, queue_ids: tuple[str, ...], everything: bool) -> None
         except OSError as exc:
             raise click.ClickException(f"{qid}: {exc}") from None
         click.echo(f"{qid}: deleted")
+
+
+@main.command()
+@spool_option
+@click.option("--slack", type=float, default=OVERDUE_SLACK, show_default=True,
+              help="Seconds past its next attempt before a message counts as stalled.")
+def check(spool_dir: str, slack: float) -> None:
+    """Audit the spool: every acknowledged mail readable, complete and on its way.
+
+    Exits 1 when something is wrong (one line per finding), 0 when all is well.
+    """
+    spool = _open(spool_dir)
+    findings = audit(spool, slack=slack)
+    for f in findings:
+        _echo(f"{f.qid}: {f.problem}: {f.detail}")
+    n = len(spool.ids())
+    click.echo(f"-- {n} message(s) checked, {len(findings)} problem(s)", err=True)
+    if findings:
+        sys.exit(1)
