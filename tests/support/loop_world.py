@@ -10,7 +10,6 @@ relay's address in SPF; "Gmail" sends from its own 127.0.0.21.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import subprocess
@@ -329,10 +328,6 @@ def wait_for(fn, timeout: float = 10.0):  # type: ignore[no-untyped-def]
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.1)
-
-
-def dump(obj: object) -> str:
-    return json.dumps(obj, default=str, indent=1)
 
 
 __all__ = [

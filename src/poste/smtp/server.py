@@ -127,7 +127,7 @@ class _Connection(SMTP):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         starttls_done = self._original_transport is not None
         if not starttls_done:
-            if self.service.active >= self.limits.max_connections:
+            if len(self.service.connections) >= self.limits.max_connections:
                 self._rejected = True
                 log.warning(
                     "connection cap reached, refusing %s", transport.get_extra_info("peername")
@@ -136,7 +136,6 @@ class _Connection(SMTP):
                 transport.write(b"421 4.7.0 Too many connections, try again later\r\n")
                 transport.close()
                 return
-            self.service.active += 1
             self.service.connections.add(self)
             sock = transport.get_extra_info("socket")
             if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
@@ -187,7 +186,6 @@ class _Connection(SMTP):
     def connection_lost(self, error: Exception | None) -> None:
         if self._rejected:
             return
-        self.service.active -= 1
         self.service.connections.discard(self)
         self._abort_txn()
         super().connection_lost(error)
@@ -536,7 +534,6 @@ class SMTPService:
         self.require_tls = require_tls and tls_context is not None
         self.implicit_tls = implicit_tls
         self.limits = limits or Limits()
-        self.active = 0
         self.connections: set[_Connection] = set()
         self.background: set[asyncio.Task[None]] = set()
         self._server: asyncio.Server | None = None

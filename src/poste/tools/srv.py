@@ -205,7 +205,7 @@ def main(
         await box.done.wait()
         # Let the client read our 250 and say QUIT before we go.
         for _ in range(100):
-            if not service.active:
+            if not service.connections:
                 break
             await asyncio.sleep(0.02)
         await service.stop()
