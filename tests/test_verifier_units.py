@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
+from poste.dkim.verify import DKIMResult
 from poste.services.verifier import dmarc
 from poste.services.verifier.authenticate import Authenticator
-from poste.services.verifier.dkim_verify import DKIMResult
 from poste.services.verifier.results import authentication_results
 from poste.services.verifier.service import VerifierStage
 from poste.services.verifier.spf import SPFResult, resolver_for
@@ -178,7 +178,7 @@ async def test_concurrent_spf_checks_use_their_own_nameservers() -> None:
     assert [r.result for r in results] == ["fail", "pass"] * 20
 
 
-async def test_ed25519_and_rsa_signatures_and_missing_key() -> None:
+def test_ed25519_and_rsa_signatures_and_missing_key() -> None:
     """dkim=pass for ed25519-sha256 too; a signature whose key is absent is permerror."""
     import base64
 
@@ -186,7 +186,8 @@ async def test_ed25519_and_rsa_signatures_and_missing_key() -> None:
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ed25519
 
-    from poste.services.verifier import dkim_verify, spf
+    from poste.dkim import verify as dkim_verify
+    from poste.services.verifier import spf
     from support.fakedns import fake_dns, records_lookup
 
     priv = ed25519.Ed25519PrivateKey.generate()
@@ -211,7 +212,7 @@ async def test_ed25519_and_rsa_signatures_and_missing_key() -> None:
 
     both = signed(b"gone") + signed(b"ed") + msg
     with fake_dns(records_lookup({"ed._domainkey.x.test": [("TXT", record)]})) as ns:
-        results = await dkim_verify.verify(both, spf.resolver_for([ns.nameserver], 2))
+        results = dkim_verify.verify(both, spf.resolver_for([ns.nameserver], 2))
     assert [(r.result, r.selector) for r in results] == [("permerror", "gone"), ("pass", "ed")]
     assert results[0].reason == "no key for signature"
 
@@ -236,7 +237,7 @@ def test_bad_flags_are_one_line(poste_bin: str, extra: list[str], needle: str) -
     assert "Traceback" not in r.stderr and needle in r.stderr
 
 
-async def test_dkim_key_record_problems_are_permerror_not_fail() -> None:
+def test_dkim_key_record_problems_are_permerror_not_fail() -> None:
     """A broken key record is the signer's DNS mistake (permerror), not a forged mail (fail).
 
     And a selector with a stray TXT beside the key still verifies.
@@ -247,7 +248,8 @@ async def test_dkim_key_record_problems_are_permerror_not_fail() -> None:
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import rsa
 
-    from poste.services.verifier import dkim_verify, spf
+    from poste.dkim import verify as dkim_verify
+    from poste.services.verifier import spf
     from support.fakedns import fake_dns, records_lookup
 
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
@@ -288,11 +290,11 @@ async def test_dkim_key_record_problems_are_permerror_not_fail() -> None:
     with fake_dns(records_lookup(records)) as ns:  # type: ignore[arg-type]
         resolver = spf.resolver_for([ns.nameserver], 2)
         got = {
-            sel: (await dkim_verify.verify(signed(sel), resolver))[0]
+            sel: dkim_verify.verify(signed(sel), resolver)[0]
             for sel in ("good", "badv", "badk", "revoked", "junk", "two")
         }
         forged = signed("good").replace(b"Subject: s", b"Subject: t")
-        tampered = (await dkim_verify.verify(forged, resolver))[0]
+        tampered = dkim_verify.verify(forged, resolver)[0]
     assert {sel: r.result for sel, r in got.items()} == {
         "good": "pass",
         "badv": "permerror",

@@ -45,11 +45,3 @@ QUEUED = Counter(
     "poste_queued",
     "Messages written to the relay's spool.",
 )
-
-
-def delivery_outcome(code: int) -> str:
-    if 200 <= code < 300:
-        return "delivered"
-    if 400 <= code < 500:
-        return "deferred"
-    return "bounced"

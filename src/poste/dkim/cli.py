@@ -8,9 +8,12 @@ from typing import BinaryIO
 import click
 
 from poste.dkim import keys as dkim_keys
+from poste.dkim import verify as dkim_verify
 from poste.dkim.sign import Unsignable
 from poste.dns.records import zone_txt
+from poste.dns.resolver import NameserverError
 from poste.services.signer.options import make_signer, sign_header_options
+from poste.services.verifier.spf import resolver_for
 
 
 @click.group(name="dkim", context_settings={"help_option_names": ["-h", "--help"]})
@@ -95,23 +98,37 @@ def sign(
 )
 @click.option("--verbose", "-v", is_flag=True, help="Say why a signature failed (on stderr).")
 def verify(mail: BinaryIO, nameservers: tuple[str, ...], verbose: bool) -> None:
-    """Check every DKIM signature of MAIL: `[OK]: domain` or `[ER]: domain` each.
+    """Check every DKIM signature of MAIL: `[OK]`, `[ER]` or `[TE]`, then `: domain`, each.
 
-    Exits 0 only when there is at least one signature and all of them verify.
+    The verdicts are the verifier service's (`dkim=` of its
+    Authentication-Results): OK is pass, TE is temperror (the key could not
+    be fetched: DNS trouble, try again later), ER is anything else.  Exits 0
+    when there is at least one signature and all of them verify, 1 when one
+    is ER, else 75 (EX_TEMPFAIL) when one is TE.
     """
-    from poste.dkim.verify import txt_lookup, verify_message
-    from poste.dns.resolver import NameserverError, make_sync_resolver
-
     try:
-        resolver = make_sync_resolver(list(nameservers))
+        resolver = resolver_for(nameservers)
     except NameserverError as exc:
         raise click.BadParameter(str(exc), param_hint="--nameserver") from None
-    results = verify_message(mail.read(), txt_lookup(resolver))
+    data = mail.read()
+    results = dkim_verify.verify(data, resolver)
     if not results:
         raise click.ClickException("no DKIM-Signature in the mail")
     for r in results:
-        click.echo(r.line())
-        if verbose and not r.ok:
-            click.echo(f"  {r.domain} s={r.selector} a={r.algorithm}: {r.reason}", err=True)
-    if not all(r.ok for r in results):
+        tag = {"pass": "OK", "temperror": "TE"}.get(r.result, "ER")
+        click.echo(f"[{tag}]: {r.domain or '?'}")
+        if verbose and r.result != "pass":
+            key = f"{r.selector or '?'}._domainkey.{r.domain or '?'}"
+            click.echo(f"  {key} a={r.algorithm or '?'}: {r.result}, {r.reason}", err=True)
+    unchecked = dkim_verify.signature_count(data) - len(results)
+    if unchecked > 0:
+        click.echo(
+            f"{unchecked} more DKIM-Signature fields not checked "
+            f"(only the first {dkim_verify.MAX_SIGNATURES} are, as in the verifier)",
+            err=True,
+        )
+    words = {r.result for r in results}
+    if words - {"pass", "temperror"}:
         sys.exit(1)
+    if "temperror" in words:
+        sys.exit(75)

@@ -61,12 +61,3 @@ def serve_or_fail(spec: str | None) -> None:
         raise click.BadParameter(str(exc), param_hint="--metrics") from None
     except OSError as exc:
         raise click.ClickException(f"--metrics {spec}: {exc.strerror or exc}") from None
-
-
-metrics_option = click.option(
-    "--metrics",
-    default=None,
-    metavar="ADDR:PORT",
-    envvar="POSTE_METRICS",
-    help="Serve Prometheus metrics at http://ADDR:PORT/metrics.",
-)

@@ -182,11 +182,6 @@ class Deliverer:
             ordered.extend((pref, name) for name in group)
         return ordered, False
 
-    async def mx_hosts(self, domain: str) -> list[str]:
-        """MX host names in the order to try them (implicit MX when there is none)."""
-        records, _implicit = await self.mx_records(domain)
-        return [name for _, name in records]
-
     def is_self(self, address: str) -> bool:
         """True if `address` is one where we listen (so delivering there loops back)."""
         addr = _ip(address)

@@ -135,17 +135,6 @@ def build_stage(
     return SpamfilterStage(classifier, header_name, detail, db)
 
 
-def load_classifier(db_path: str | None, ham_cutoff: float, spam_cutoff: float) -> Classifier:
-    """The classifier of a --db flag (the shipped database when None); one-line errors."""
-    if ham_cutoff > spam_cutoff:
-        raise click.UsageError("--ham-cutoff must not be above --spam-cutoff")
-    try:
-        db = Database.load(db_path if db_path is not None else default_db_file())
-    except DatabaseError as exc:
-        raise click.ClickException(str(exc)) from None
-    return Classifier(db, Params(ham_cutoff=ham_cutoff, spam_cutoff=spam_cutoff))
-
-
 @click.command()
 @listen_option
 @destination_option

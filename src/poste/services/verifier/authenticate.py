@@ -14,8 +14,9 @@ from dataclasses import dataclass, field
 
 from publicsuffixlist import PublicSuffixList
 
+from poste.dkim import verify as dkim_verify
 from poste.dns.resolver import SyncResolver
-from poste.services.verifier import dkim_verify, dmarc, rdns, spf, workers
+from poste.services.verifier import dmarc, rdns, spf, workers
 from poste.services.verifier.results import authentication_results
 from poste.services.verifier.spf import SPFResult
 
@@ -122,7 +123,7 @@ class Authenticator:
 
     async def _dkim(self, message: bytes) -> list[dkim_verify.DKIMResult]:
         try:
-            return await dkim_verify.verify(message, self.resolver)
+            return await workers.run(lambda: dkim_verify.verify(message, self.resolver))
         except Exception as exc:
             log.exception("dkim verification failed")
             return [dkim_verify.DKIMResult("permerror", reason=exc.__class__.__name__)]

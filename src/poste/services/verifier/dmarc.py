@@ -23,8 +23,8 @@ import dns.rdatatype
 import dns.resolver
 from publicsuffixlist import PublicSuffixList
 
+from poste.dkim.verify import DKIMResult
 from poste.dns.resolver import SyncResolver
-from poste.services.verifier.dkim_verify import DKIMResult
 from poste.services.verifier.spf import SPFResult
 
 

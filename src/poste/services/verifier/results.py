@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 
-from poste.services.verifier.dkim_verify import DKIMResult
+from poste.dkim.verify import DKIMResult
 from poste.services.verifier.dmarc import DMARCResult
 from poste.services.verifier.spf import SPFResult
 
