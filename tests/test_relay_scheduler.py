@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from poste.services.relay.delivery import Result
 from poste.services.relay.scheduler import Policy, Scheduler
 from poste.services.relay.spool import Entry, Recipient, Spool
+from poste.smtp.stage import Reply
 
 MSG = b"Subject: x\r\n\r\nx\r\n"
 
@@ -31,13 +31,13 @@ async def test_per_domain_cap_and_resume(tmp_path: Path) -> None:
     peak: dict[str, int] = {}
     done: list[str] = []
 
-    async def deliver(domain: str, sender: str, rcpts: list[str], msg: bytes) -> dict[str, Result]:
+    async def deliver(domain: str, sender: str, rcpts: list[str], msg: bytes) -> dict[str, Reply]:
         active[domain] = active.get(domain, 0) + 1
         peak[domain] = max(peak.get(domain, 0), active[domain])
         await asyncio.sleep(0.05)
         active[domain] -= 1
         done.extend(rcpts)
-        return {r: Result(250, "250 2.0.0 Ok", "mx") for r in rcpts}
+        return {r: Reply(250, "2.0.0 Ok", "mx", remote=True) for r in rcpts}
 
     sched = Scheduler(spool, deliver, hostname="relay.our.test", domain="our.test",
                       policy=Policy(max_per_domain=2, rescan=3600))
@@ -73,13 +73,13 @@ def test_one_owner_per_spool(tmp_path: Path) -> None:
 
 
 async def _running(
-    tmp_path: Path, release: asyncio.Event, started: asyncio.Event, reply: Result
+    tmp_path: Path, release: asyncio.Event, started: asyncio.Event, reply: Reply
 ) -> tuple[Spool, Scheduler]:
     spool = Spool(tmp_path)
     spool.put(Entry(id="Q1", return_path="", recipients=[
         Recipient("u@a.test", "s@our.test")]), MSG)
 
-    async def deliver(domain: str, sender: str, rcpts: list[str], msg: bytes) -> dict[str, Result]:
+    async def deliver(domain: str, sender: str, rcpts: list[str], msg: bytes) -> dict[str, Reply]:
         started.set()
         await release.wait()
         return {r: reply for r in rcpts}
@@ -102,7 +102,7 @@ def _queue(poste_bin: str, tmp_path: Path, *args: str) -> str:
 async def test_retry_during_an_attempt_is_not_undone(tmp_path: Path, poste_bin: str) -> None:
     release, started = asyncio.Event(), asyncio.Event()
     spool, sched = await _running(tmp_path, release, started,
-                                  Result(451, "451 4.2.0 try later", "mx.a.test"))
+                                  Reply(451, "4.2.0 try later", "mx.a.test", remote=True))
     try:
         await asyncio.wait_for(started.wait(), 10)  # the relay is delivering Q1 now
         out = await asyncio.to_thread(_queue, poste_bin, tmp_path, "retry", "Q1")
@@ -124,7 +124,7 @@ async def test_retry_during_an_attempt_is_not_undone(tmp_path: Path, poste_bin: 
 async def test_delete_during_an_attempt_stays_deleted(tmp_path: Path, poste_bin: str) -> None:
     release, started = asyncio.Event(), asyncio.Event()
     spool, sched = await _running(tmp_path, release, started,
-                                  Result(451, "451 4.2.0 try later", "mx.a.test"))
+                                  Reply(451, "4.2.0 try later", "mx.a.test", remote=True))
     try:
         await asyncio.wait_for(started.wait(), 10)
         assert "Q1: deleted" in await asyncio.to_thread(_queue, poste_bin, tmp_path, "delete", "Q1")
@@ -172,12 +172,12 @@ async def test_each_recipient_outcome_is_counted_once(tmp_path: Path) -> None:
     spool = Spool(tmp_path)
     calls: dict[str, int] = {}
 
-    async def deliver(domain: str, sender: str, rcpts: list[str], msg: bytes) -> dict[str, Result]:
+    async def deliver(domain: str, sender: str, rcpts: list[str], msg: bytes) -> dict[str, Reply]:
         calls[domain] = calls.get(domain, 0) + 1
         reply = {
-            "a.test": Result(250, "250 2.0.0 Ok", "mx.a.test"),
-            "b.test": Result(451, "451 4.2.0 try later", "mx.b.test"),
-            "c.test": Result(550, "550 5.1.1 no such user", "mx.c.test"),
+            "a.test": Reply(250, "2.0.0 Ok", "mx.a.test", remote=True),
+            "b.test": Reply(451, "4.2.0 try later", "mx.b.test", remote=True),
+            "c.test": Reply(550, "5.1.1 no such user", "mx.c.test", remote=True),
         }[domain]
         return {r: reply for r in rcpts}
 

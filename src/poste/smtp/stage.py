@@ -21,10 +21,17 @@ def new_queue_id() -> str:
 
 @dataclass(frozen=True)
 class Reply:
-    """One SMTP reply: a code and its text (with the enhanced status code in front)."""
+    """One SMTP reply: a code and its text (with the enhanced status code in front).
+
+    The same type says what a next hop, a remote MX or poste itself answered:
+    `remote_mta` names the host it is about (for DSNs and logs), and `remote`
+    is true when the text is that host's own words rather than ours.
+    """
 
     code: int
     text: str
+    remote_mta: str = ""
+    remote: bool = False
 
     @property
     def ok(self) -> bool:
@@ -33,6 +40,15 @@ class Reply:
     @property
     def transient(self) -> bool:
         return 400 <= self.code < 500
+
+    @property
+    def permanent(self) -> bool:
+        return 500 <= self.code < 600
+
+    @property
+    def record(self) -> str:
+        """As the spool and the logs keep it: the remote's line with its code, or our words."""
+        return f"{self.code} {self.text}" if self.remote else self.text
 
     def __str__(self) -> str:
         lines = self.text.splitlines() or [""]

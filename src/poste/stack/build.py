@@ -25,14 +25,13 @@ from typing import Any
 
 import click
 
-from poste.services.relay.delivery import Result
 from poste.services.relay.scheduler import Policy
 from poste.services.relay.service import RelayParts
 from poste.services.relay.stage import MAX_RECEIVED
 from poste.smtp.chain import StageHop
 from poste.smtp.hop import Hop
 from poste.smtp.server import SMTPService
-from poste.smtp.stage import Envelope, Stage
+from poste.smtp.stage import Envelope, Reply, Stage
 from poste.smtp.tls import TLSConfigError, server_context
 from poste.stack.config import ConfigError, Section, StackConfig
 
@@ -170,10 +169,11 @@ class MailboxDeliverer:
 
     async def deliver(
         self, domain: str, sender: str, recipients: Sequence[str], message: bytes
-    ) -> dict[str, Result]:
+    ) -> dict[str, Reply]:
         env = Envelope(mail_from=sender, rcpt_tos=list(recipients))
         path = await asyncio.to_thread(self.box.store, env, message)
-        return {r: Result(250, f"250 2.0.0 Ok: stored as {path}", "mailbox") for r in recipients}
+        return {r: Reply(250, f"2.0.0 Ok: stored as {path}", "mailbox", remote=True)
+                for r in recipients}
 
 
 # -- the builders ------------------------------------------------------------

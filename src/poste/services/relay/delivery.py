@@ -28,33 +28,17 @@ import dns.resolver
 
 from poste.smtp.address import AddressError
 from poste.smtp.client import mail_from, rcpt_to
+from poste.smtp.stage import Reply
 
 log = logging.getLogger("poste.relay.delivery")
-
-
-@dataclass
-class Result:
-    """What happened to one recipient in one attempt."""
-
-    code: int
-    text: str  # "250 2.0.0 Ok" style, or a description of a local failure
-    remote_mta: str = ""
-
-    @property
-    def ok(self) -> bool:
-        return 200 <= self.code < 300
-
-    @property
-    def permanent(self) -> bool:
-        return 500 <= self.code < 600
 
 
 class DomainFailure(Exception):
     """Every recipient of the domain gets the same result (no MX host could be used)."""
 
-    def __init__(self, code: int, text: str, remote_mta: str = "") -> None:
+    def __init__(self, code: int, text: str, remote_mta: str = "", remote: bool = False) -> None:
         super().__init__(text)
-        self.result = Result(code, text, remote_mta)
+        self.result = Reply(code, text, remote_mta, remote)
 
 
 @dataclass
@@ -197,7 +181,7 @@ class Deliverer:
 
     async def deliver(
         self, domain: str, sender: str, recipients: Sequence[str], message: bytes
-    ) -> dict[str, Result]:
+    ) -> dict[str, Reply]:
         """Try the MX hosts of `domain` until one gives a final answer for the recipients."""
         reused = await self._deliver_reused(domain, sender, recipients, message)
         if reused is not None:
@@ -206,7 +190,7 @@ class Deliverer:
             records, implicit = await self.mx_records(domain)
         except DomainFailure as exc:
             return dict.fromkeys(recipients, exc.result)
-        last = Result(451, f"4.4.1 No MX host of {domain} could be reached")
+        last = Reply(451, f"4.4.1 No MX host of {domain} could be reached")
         tried = 0
         best = records[0][0] if records else 0
         # Resolve each preference level before trying it, so that a level holding one
@@ -225,15 +209,15 @@ class Deliverer:
                 if not addrs:
                     if implicit:  # no MX, no A/AAAA: the domain takes no mail (Postfix bounces)
                         kinds = "address record" if self.ipv6 else "IPv4 address (IPv6 is off)"
-                        return dict.fromkeys(recipients, Result(
+                        return dict.fromkeys(recipients, Reply(
                             550, f"5.4.4 Domain {domain} has no MX and no {kinds}"))
-                    last = Result(451, f"4.4.4 MX host {host} has no address")
+                    last = Reply(451, f"4.4.4 MX host {host} has no address")
                     continue
                 resolved.append((host, addrs))
             if any(self.is_self(a) for _, addrs in resolved for a in addrs):
                 if pref == best:
-                    loop = Result(554, f"5.4.6 mail for {domain} loops back to myself")
-                    log.warning("delivery to %s: %s", domain, loop.text)
+                    loop = Reply(554, f"5.4.6 mail for {domain} loops back to myself")
+                    log.warning("delivery to %s: %s", domain, loop.record)
                     return dict.fromkeys(recipients, loop)
                 log.info("delivery to %s: MX preference %d is ourselves; not trying it or "
                          "worse ones", domain, pref)
@@ -248,11 +232,11 @@ class Deliverer:
                         )
                     except DomainFailure as exc:
                         last = exc.result
-                        log.info("delivery to %s [%s] for %s: %s", host, addr, domain, last.text)
+                        log.info("delivery to %s [%s] for %s: %s", host, addr, domain, last.record)
                         if last.permanent:
                             return dict.fromkeys(recipients, last)
         if not tried and not records:
-            last = Result(451, f"4.4.4 No MX host for {domain}")
+            last = Reply(451, f"4.4.4 No MX host for {domain}")
         return dict.fromkeys(recipients, last)
 
     async def _session(
@@ -263,7 +247,7 @@ class Deliverer:
         message: bytes,
         *,
         cache_as: str | None = None,
-    ) -> dict[str, Result]:
+    ) -> dict[str, Reply]:
         try:
             return await self._try(target, sender, recipients, message, tls=self.tls,
                                    cache_as=cache_as)
@@ -280,7 +264,7 @@ class Deliverer:
         *,
         tls: bool,
         cache_as: str | None = None,
-    ) -> dict[str, Result]:
+    ) -> dict[str, Reply]:
         mta = target.host
         client = aiosmtplib.SMTP(
             hostname=target.address,
@@ -328,7 +312,7 @@ class Deliverer:
         sender: str,
         recipients: Sequence[str],
         message: bytes,
-    ) -> dict[str, Result]:
+    ) -> dict[str, Reply]:
         """MAIL, RCPT..., DATA on an open session; DomainFailure before DATA only."""
         options: list[str] = []
         if any(b > 127 for b in message) and client.supports_extension("8bitmime"):
@@ -343,37 +327,37 @@ class Deliverer:
         try:
             await mail_from(client, sender, options)
         except AddressError as exc:  # never rewritten into another address: bounced instead
-            raise DomainFailure(exc.code, f"{exc.code} {exc.text}: <{sender}>", mta) from None
+            raise DomainFailure(exc.code, f"{exc.text}: <{sender}>", mta) from None
         except aiosmtplib.SMTPResponseException as exc:
             if isinstance(exc, aiosmtplib.SMTPServerDisconnected):
                 raise
             raise _failure(exc, mta, "MAIL FROM") from None
-        results: dict[str, Result] = {}
+        results: dict[str, Reply] = {}
         accepted: list[str] = []
         for rcpt in recipients:
             try:
                 resp = await rcpt_to(client, rcpt)
             except AddressError as exc:
-                results[rcpt] = Result(exc.code, f"{exc.code} {exc.text}: <{rcpt}>", mta)
+                results[rcpt] = Reply(exc.code, f"{exc.text}: <{rcpt}>", mta)
                 continue
             except aiosmtplib.SMTPResponseException as exc:
                 if isinstance(exc, aiosmtplib.SMTPServerDisconnected):
                     raise
-                results[rcpt] = Result(exc.code, f"{exc.code} {_flat(exc.message)}", mta)
+                results[rcpt] = Reply(exc.code, _flat(exc.message), mta, remote=True)
                 continue
             accepted.append(rcpt)
-            results[rcpt] = Result(resp.code, f"{resp.code} {_flat(resp.message)}", mta)
+            results[rcpt] = Reply(resp.code, _flat(resp.message), mta, remote=True)
         if not accepted:
             return results
         try:
             resp = await client.data(message)
-            final = Result(resp.code, f"{resp.code} {_flat(resp.message)}", mta)
+            final = Reply(resp.code, _flat(resp.message), mta, remote=True)
         except aiosmtplib.SMTPServerDisconnected as exc:
-            final = Result(451, f"4.4.2 {mta} dropped the connection after DATA: {exc}", mta)
+            final = Reply(451, f"4.4.2 {mta} dropped the connection after DATA: {exc}", mta)
         except aiosmtplib.SMTPResponseException as exc:
-            final = Result(exc.code, f"{exc.code} {_flat(exc.message)}", mta)
+            final = Reply(exc.code, _flat(exc.message), mta, remote=True)
         except (aiosmtplib.SMTPException, OSError) as exc:
-            final = Result(451, f"4.4.2 Lost connection with {mta} in DATA: {exc}", mta)
+            final = Reply(451, f"4.4.2 Lost connection with {mta} in DATA: {exc}", mta)
         for rcpt in accepted:
             results[rcpt] = final
         return results
@@ -438,7 +422,7 @@ class Deliverer:
 
     async def _deliver_reused(
         self, domain: str, sender: str, recipients: Sequence[str], message: bytes
-    ) -> dict[str, Result] | None:
+    ) -> dict[str, Reply] | None:
         """Deliver over a kept session of `domain`, or None to open a new one.
 
         A kept session that fails before DATA (the server timed it out,
@@ -479,6 +463,8 @@ def _failure(exc: aiosmtplib.SMTPResponseException, mta: str, stage: str) -> Dom
     # A 5xx at greeting or HELO is about this host, not the mail: try the next one.
     if stage in ("greeting", "HELO") and code >= 500:
         code = 451
+    if code == exc.code:
+        return DomainFailure(code, _flat(exc.message), mta, remote=True)
     return DomainFailure(code, f"{exc.code} {_flat(exc.message)}", mta)
 
 
@@ -499,10 +485,10 @@ async def _quit_and_close(client: aiosmtplib.SMTP) -> None:
     client.close()
 
 
-def _reusable(client: aiosmtplib.SMTP, results: dict[str, Result]) -> bool:
+def _reusable(client: aiosmtplib.SMTP, results: dict[str, Reply]) -> bool:
     """A session is kept only after a clean transaction (no 421, no local failure)."""
     return client.is_connected and all(
-        r.code != 421 and r.text[:3].isdigit() for r in results.values()
+        r.code != 421 and r.remote for r in results.values()
     )
 
 

@@ -40,14 +40,13 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from poste.metrics import DELIVERIES, QUEUED
-from poste.services.relay.delivery import Result
 from poste.services.relay.dsn import DELAYED, FAILED, make_dsn
 from poste.services.relay.spool import DELIVERED, PENDING, Entry, Recipient, Spool, SpoolError
-from poste.smtp.stage import new_queue_id
+from poste.smtp.stage import Reply, new_queue_id
 
 log = logging.getLogger("poste.relay")
 
-DeliverFn = Callable[[str, str, list[str], bytes], Awaitable[dict[str, Result]]]
+DeliverFn = Callable[[str, str, list[str], bytes], Awaitable[dict[str, Reply]]]
 # address -> [(target address, sender to use)]; lets a DSN to a local user reach its targets
 ExpandFn = Callable[[str], list[tuple[str, str]]]
 
@@ -284,13 +283,13 @@ class Scheduler:
                 results = await self.deliver(domain, sender, [r.address for r in rcpts], message)
             except Exception as exc:  # a bug must not lose the mail: defer it
                 log.exception("%s: delivery to %s crashed", entry.id, domain)
-                results = {r.address: Result(451, f"4.3.0 Local error: {exc}") for r in rcpts}
+                results = {r.address: Reply(451, f"4.3.0 Local error: {exc}") for r in rcpts}
         now = time.time()
         for r in rcpts:
-            res = results.get(r.address) or Result(451, "4.3.0 No result for this recipient")
+            res = results.get(r.address) or Reply(451, "4.3.0 No result for this recipient")
             r.attempts += 1
             r.last_attempt = now
-            r.last_reply = res.text
+            r.last_reply = res.record
             r.remote_mta = res.remote_mta
             if res.ok:
                 r.state = DELIVERED
@@ -302,7 +301,7 @@ class Scheduler:
             if word != "bounced":
                 log.info(
                     "%s: to=<%s> from=<%s> relay=%s status=%s (%s)",
-                    entry.id, r.address, sender, res.remote_mta or "none", word, res.text,
+                    entry.id, r.address, sender, res.remote_mta or "none", word, res.record,
                 )
 
     async def _notify(
