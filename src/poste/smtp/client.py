@@ -7,6 +7,7 @@ Built on aiosmtplib.  Replies of the next hop are passed back as they are
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import socket
@@ -192,6 +193,53 @@ class SMTPHop:
             )
             raise HopError(TEMPFAIL) from exc
         return _SMTPTransaction(client, env.queue_id)
+
+
+class ProbeError(Exception):
+    """What stopped a STARTTLS probe, in one line for an admin."""
+
+
+async def probe_starttls(
+    ip: str, port: int, name: str, ctx: ssl.SSLContext, timeout: float = 10.0
+) -> tuple[str, dict[str, object]]:
+    """Greet `ip`, STARTTLS with `ctx` verifying the certificate for `name`.
+
+    Returns the TLS version and the peer certificate (as `getpeercert()`
+    gives it): what `poste doctor` shows about our MX from outside.
+    """
+    client = aiosmtplib.SMTP(hostname=ip, port=port, local_hostname="doctor.poste.invalid",
+                             timeout=timeout, start_tls=False, tls_context=ctx)
+    try:
+        try:
+            await client.connect()
+        except aiosmtplib.SMTPConnectResponseError as exc:
+            raise ProbeError(f"greeting {exc.code}") from None
+        except (aiosmtplib.SMTPException, OSError) as exc:
+            raise ProbeError(f"cannot connect: {getattr(exc, 'strerror', None) or exc}") from None
+        try:
+            await client.ehlo()
+        except aiosmtplib.SMTPResponseException as exc:
+            raise ProbeError(f"EHLO refused ({exc.code})") from None
+        if not client.supports_extension("starttls"):
+            raise ProbeError("STARTTLS not offered: mail to us travels in clear text")
+        try:
+            await client.starttls(server_hostname=name, tls_context=ctx)
+        except aiosmtplib.SMTPResponseException as exc:
+            raise ProbeError(f"STARTTLS refused: {exc.code} {exc.message}") from None
+        except (aiosmtplib.SMTPException, ssl.SSLError, OSError) as exc:
+            cause = exc.__cause__ or exc.__context__ or exc
+            if isinstance(cause, ssl.SSLCertVerificationError):
+                raise ProbeError(
+                    f"certificate not valid for {name}: {cause.verify_message}") from None
+            raise ProbeError(f"TLS handshake failed: {cause}") from None
+        ssl_object = client.get_transport_info("ssl_object")
+        version = ssl_object.version() if ssl_object is not None else "?"
+        cert = ssl_object.getpeercert() if ssl_object is not None else {}
+        with contextlib.suppress(aiosmtplib.SMTPException, OSError):
+            await client.quit()
+        return str(version), dict(cert or {})
+    finally:
+        client.close()
 
 
 @dataclass

@@ -12,12 +12,11 @@ receiver would for mail from postmaster@D.
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
-import socket
 import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import BinaryIO
 
 import click
 import dns.exception
@@ -26,6 +25,7 @@ import dns.reversename
 
 from poste.dns.records import DEFAULT_TTL, Record
 from poste.dns.resolver import SyncResolver
+from poste.smtp.client import ProbeError, probe_starttls
 
 OK, MISSING, WRONG, SKIP = "ok", "missing", "wrong", "skip"
 
@@ -257,7 +257,7 @@ class Doctor:
         ip = self.addresses[0]
         try:
             text = starttls_certificate(ip, self.smtp_port, host, self.cafile, self.timeout)
-        except TLSProblem as exc:
+        except ProbeError as exc:
             return [Check(WRONG, "TLS", f"{host} [{ip}]:{self.smtp_port}: {exc}")]
         return [Check(OK, "TLS", f"{host} [{ip}]:{self.smtp_port}: {text}")]
 
@@ -271,67 +271,13 @@ def _tags(value: str) -> dict[str, str]:
     return out
 
 
-class TLSProblem(Exception):
-    pass
-
-
-def _read_reply(f: BinaryIO) -> tuple[int, str]:
-    lines: list[str] = []
-    while True:
-        line = f.readline()
-        if not line:
-            raise TLSProblem("connection closed by the server")
-        text = line.decode("utf-8", "replace").rstrip("\r\n")
-        lines.append(text)
-        if len(text) < 4 or text[3] != "-":
-            break
-    code = int(lines[-1][:3]) if lines[-1][:3].isdigit() else 0
-    return code, "\n".join(lines)
-
-
 def starttls_certificate(
     ip: str, port: int, name: str, cafile: str | None, timeout: float = 10.0
 ) -> str:
-    """EHLO, STARTTLS, verify the certificate for `name`; a one-line summary or TLSProblem."""
-    try:
-        sock = socket.create_connection((ip, port), timeout=timeout)
-    except OSError as exc:
-        raise TLSProblem(f"cannot connect: {exc.strerror or exc}") from None
-    try:
-        f = sock.makefile("rb")
-        code, _ = _read_reply(f)
-        if code != 220:
-            raise TLSProblem(f"greeting {code}")
-        sock.sendall(b"EHLO doctor.poste.invalid\r\n")
-        code, text = _read_reply(f)
-        if code != 250:
-            raise TLSProblem(f"EHLO refused ({code})")
-        if "STARTTLS" not in text.upper():
-            raise TLSProblem("STARTTLS not offered: mail to us travels in clear text")
-        sock.sendall(b"STARTTLS\r\n")
-        code, text = _read_reply(f)
-        if code != 220:
-            raise TLSProblem(f"STARTTLS refused: {text}")
-        ctx = ssl.create_default_context(cafile=cafile)
-        try:
-            tls = ctx.wrap_socket(sock, server_hostname=name)
-        except ssl.SSLCertVerificationError as exc:
-            raise TLSProblem(f"certificate not valid for {name}: {exc.verify_message}") from None
-        except (ssl.SSLError, OSError) as exc:
-            raise TLSProblem(f"TLS handshake failed: {exc}") from None
-        cert = tls.getpeercert() or {}
-        version = tls.version()
-        try:
-            tls.sendall(b"QUIT\r\n")
-        except OSError:
-            pass
-        tls.close()
-        expires = cert.get("notAfter", "?")
-        return f"{version}, certificate valid for {name} until {expires}"
-    except OSError as exc:
-        raise TLSProblem(f"SMTP session failed: {exc}") from None
-    finally:
-        sock.close()
+    """EHLO, STARTTLS, verify the certificate for `name`; a one-line summary or ProbeError."""
+    ctx = ssl.create_default_context(cafile=cafile)
+    version, cert = asyncio.run(probe_starttls(ip, port, name, ctx, timeout))
+    return f"{version}, certificate valid for {name} until {cert.get('notAfter', '?')}"
 
 
 @click.command()
