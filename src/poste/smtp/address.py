@@ -82,6 +82,20 @@ class Address:
         return self.text
 
 
+def domain_key(name: str) -> str:
+    """A domain as poste compares it: no surrounding space, no root dot, lower case."""
+    return name.strip().rstrip(".").lower()
+
+
+def domain_of(address: str) -> str:
+    """The domain_key of a mailbox's domain ("" for `<Postmaster>` and the null sender).
+
+    Splitting at the last '@' is right only for an address that passed
+    `parse_path`/`parse_mailbox`: a domain holds no '@', a quoted local part may.
+    """
+    return domain_key(address.rpartition("@")[2]) if "@" in address else ""
+
+
 def unquote_local(local: str) -> str:
     if len(local) >= 2 and local[0] == '"' and local[-1] == '"':
         return re.sub(r"\\(.)", r"\1", local[1:-1])

@@ -25,6 +25,7 @@ import dns.reversename
 
 from poste.dns.records import DEFAULT_TTL, Record
 from poste.dns.resolver import SyncResolver
+from poste.smtp.address import domain_key
 from poste.smtp.client import ProbeError, probe_starttls
 
 OK, MISSING, WRONG, SKIP = "ok", "missing", "wrong", "skip"
@@ -80,10 +81,10 @@ class Doctor:
         cafile: str | None = None,
         timeout: float = 10.0,
     ) -> None:
-        self.domain = domain.rstrip(".").lower()
+        self.domain = domain_key(domain)
         self.resolver = resolver
         self.addresses = list(addresses)
-        self.hostname = hostname.rstrip(".").lower() if hostname else None
+        self.hostname = domain_key(hostname) if hostname else None
         self.dkim = list(dkim)
         self.smtp_port = smtp_port
         self.cafile = cafile
@@ -314,7 +315,7 @@ def main(
     from poste.services.verifier.spf import resolver_for
     from poste.users.repo import is_domain
 
-    dom = domain.strip().rstrip(".").lower()
+    dom = domain_key(domain)
     if not is_domain(dom):
         raise click.BadParameter(f"{domain!r} is not a domain name", param_hint="--domain")
     for a in addresses:

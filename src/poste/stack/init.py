@@ -18,6 +18,7 @@ from pathlib import Path
 
 import click
 
+from poste.smtp.address import domain_key
 from poste.stack.config import toml_value
 
 CONFIG_NAME = "poste.toml"
@@ -195,10 +196,10 @@ def main(
     """Write a working configuration for DOMAIN into DIRECTORY, then say what to do next."""
     from poste.users.repo import is_domain
 
-    dom = (domain or _default_domain()).strip().rstrip(".").lower()
+    dom = domain_key(domain or _default_domain())
     if not is_domain(dom):
         raise click.BadParameter(f"{dom!r} is not a domain name", param_hint="--domain")
-    host = (hostname or f"mail.{dom}").strip().rstrip(".").lower()
+    host = domain_key(hostname or f"mail.{dom}")
     if not is_domain(host):
         raise click.BadParameter(f"{host!r} is not a host name", param_hint="--hostname")
     pm = postmaster or f"hostmaster@{dom}"

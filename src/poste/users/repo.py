@@ -29,6 +29,7 @@ from typing import Any
 
 import pygit2
 
+from poste.smtp.address import domain_key
 from poste.users import passwords
 
 log = logging.getLogger("poste.users")
@@ -54,7 +55,7 @@ def is_domain(text: str) -> bool:
 
 
 def normalize_domain(domain: str) -> str:
-    return domain.strip().rstrip(".").lower()
+    return domain_key(domain)
 
 
 def split_address(address: str) -> tuple[str, str]:

@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from poste.services.relay.srs import SRS, SRSError, is_srs
+from poste.smtp.address import domain_key, domain_of
 from poste.smtp.stage import Reply
 from poste.users.repo import UsersDB
 
@@ -45,10 +46,6 @@ def parse_networks(specs: Iterable[str]) -> list[Network]:
     return nets
 
 
-def _domain(address: str) -> str:
-    return address.rpartition("@")[2].lower().rstrip(".")
-
-
 class Router:
     def __init__(
         self,
@@ -58,7 +55,7 @@ class Router:
         users: Callable[[], UsersDB | None],
         granted: list[Network],
     ) -> None:
-        self.domains = [d.lower().rstrip(".") for d in domains]
+        self.domains = [domain_key(d) for d in domains]
         self.postmaster = postmaster
         self.srs = srs
         self.users = users
@@ -74,7 +71,7 @@ class Router:
         return any(addr in net for net in self.granted)
 
     def is_local_domain(self, domain: str) -> bool:
-        domain = domain.lower().rstrip(".")
+        domain = domain_key(domain)
         if domain in self.domains:
             return True
         db = self.users()
@@ -82,7 +79,7 @@ class Router:
 
     def sender_for_forward(self, sender: str) -> str:
         """The envelope sender for mail we forward: SRS unless null or ours."""
-        if not sender or "@" not in sender or self.is_local_domain(_domain(sender)):
+        if not sender or "@" not in sender or self.is_local_domain(domain_of(sender)):
             return sender
         return self.srs.forward(sender)
 
@@ -93,7 +90,7 @@ class Router:
             if address.lower() == "postmaster":  # RFC 5321 4.5.1: <Postmaster> with no domain
                 return self._expand(sender, self.postmaster, rcpt, 0, set())
             return Reply(550, "5.1.3 Recipient address needs a domain")
-        if not self.is_local_domain(_domain(address)):
+        if not self.is_local_domain(domain_of(address)):
             if not granted:
                 return RELAY_DENIED
             return [Delivery(address, sender, rcpt)]
@@ -140,7 +137,7 @@ class Router:
         *,
         forward: bool = True,
     ) -> list[Delivery] | Reply:
-        if "@" in address and self.is_local_domain(_domain(address)):
+        if "@" in address and self.is_local_domain(domain_of(address)):
             return self._local(sender, address, original, depth + 1, seen)
         mail_from = self.sender_for_forward(sender) if forward else sender
         return [Delivery(address, mail_from, original)]

@@ -41,6 +41,7 @@ from typing import Any
 
 import click
 
+from poste.smtp.address import domain_of
 from poste.smtp.stage import new_queue_id
 
 VERSION = "poste-spool 1"
@@ -73,7 +74,7 @@ class Recipient:
 
     @property
     def domain(self) -> str:
-        return self.address.rpartition("@")[2].lower()
+        return domain_of(self.address)
 
 
 @dataclass

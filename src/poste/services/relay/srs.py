@@ -40,7 +40,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from poste.smtp.address import AddressError, parse_mailbox, quote_local, unquote_local
+from poste.smtp.address import (
+    AddressError,
+    domain_of,
+    parse_mailbox,
+    quote_local,
+    unquote_local,
+)
 
 B32 = "ABCDEFGHIJKLMNOPQRSTUVWXYZ234567"
 DAY = 86400
@@ -176,7 +182,7 @@ class SRS:
         """
         if not sender or "@" not in sender:
             return sender
-        if sender.rpartition("@")[2].lower() == self.domain:
+        if domain_of(sender) == self.domain:
             return sender
         out = self._forward(sender, now)
         if self.db is not None and len(out.rpartition("@")[0].encode("utf-8")) > MAX_LOCAL:

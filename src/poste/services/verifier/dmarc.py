@@ -26,6 +26,7 @@ from publicsuffixlist import PublicSuffixList
 from poste.dkim.verify import DKIMResult
 from poste.dns.resolver import SyncResolver
 from poste.services.verifier.spf import SPFResult
+from poste.smtp.address import domain_key
 
 
 @functools.cache
@@ -61,12 +62,12 @@ def load_psl(path: str | os.PathLike[str]) -> PublicSuffixList:
 
 def org_domain(domain: str, psl: PublicSuffixList | None = None) -> str:
     """The organisational domain: the public suffix plus one label (RFC 7489 3.2)."""
-    domain = domain.rstrip(".").lower()
+    domain = domain_key(domain)
     return (psl or _psl()).privatesuffix(domain) or domain
 
 
 def aligned(a: str, b: str, mode: str, psl: PublicSuffixList | None = None) -> bool:
-    a, b = a.rstrip(".").lower(), b.rstrip(".").lower()
+    a, b = domain_key(a), domain_key(b)
     if not a or not b:
         return False
     return a == b if mode == "s" else org_domain(a, psl) == org_domain(b, psl)
@@ -129,7 +130,7 @@ def from_domain(message: bytes) -> tuple[str | None, str]:
     _, at, domain = addresses[0][1].rpartition("@")
     if not at:
         return None, "From has no domain"
-    domain = domain.strip().rstrip(".").lower()
+    domain = domain_key(domain)
     if not domain or not _is_domain(domain):
         return None, "From has no domain"
     return domain, ""
