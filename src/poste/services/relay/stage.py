@@ -16,13 +16,14 @@ import time
 
 from poste.services.relay.router import Delivery, Router
 from poste.services.relay.scheduler import Scheduler
+from poste.services.relay.settings import default
 from poste.services.relay.spool import Entry, Recipient, SpoolError
 from poste.smtp.hop import Transaction
 from poste.smtp.stage import Envelope, Reply, Stage, Verdict, new_queue_id
 
 log = logging.getLogger("poste.relay")
 
-MAX_RECEIVED = 30
+MAX_RECEIVED = int(default("max-received"))
 _RECEIVED = re.compile(rb"^received[ \t]*:", re.IGNORECASE | re.MULTILINE)
 
 
