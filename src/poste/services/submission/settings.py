@@ -31,7 +31,7 @@ SETTINGS = (
             help="Seconds between checks of the users repository's HEAD"
                  " (SIGHUP reloads at once).",
             stack=False,
-            stack_note="poste up has one users watcher for relay and submission:"
+            stack_note="one users watcher there, for relay and submission:"
                        " set [relay] users-poll"),
     Setting("auth-delay", FLOAT, default=0.5, min=0, show_default=True,
             help="Delay before answering the first failed login of a client;"
