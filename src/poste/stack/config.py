@@ -1,6 +1,8 @@
-"""The `poste up` configuration: TOML, one section per service, keys named as the flags.
+"""The `poste up` configuration: TOML, one section per service, its keys the service's settings.
 
-A key written `tls-cert` or `tls_cert` is the service's `--tls-cert` flag.
+A section's keys are the `Setting`s its service's command makes its flags of
+(services/<name>/settings.py), with the same kinds, bounds and defaults: a
+key written `tls-cert` or `tls_cert` is the service's `--tls-cert` flag.
 Keys at the top of the file (before any section) are defaults for every
 section that has a flag of that name, so `domain`, `hostname`,
 `nameserver`, `tls-cert`... are written once.  Relative paths are relative to
