@@ -174,8 +174,8 @@ def build(cfg: StackConfig, *, check: bool = False) -> Stack:
 
 def _assemble(cfg: StackConfig, relay: RelayParts, mailbox: Path | None) -> Stack:
     stack = Stack(cfg, relay, mailbox=mailbox)
-    domains = list(cfg["relay"].need("domain"))
-    postmaster = cfg["relay"].get("postmaster") or f"postmaster@{domains[0].lower().rstrip('.')}"
+    domains = [d.lower().rstrip(".") for d in cfg["relay"].need("domain")]
+    postmaster = cfg["relay"].get("postmaster") or f"postmaster@{domains[0]}"
     entries = [_receiving(stack, domains, postmaster), _sending(stack, domains),
                _relay_listener(stack)]
     # As `poste relay`, and the signer's keys published first; on SIGHUP the users,
