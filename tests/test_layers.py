@@ -11,8 +11,6 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-import pytest
-
 SRC = Path(__file__).resolve().parent.parent / "src"
 
 # Lower number = lower layer.  Prefix match, longest first.
@@ -129,7 +127,6 @@ def test_no_import_circles() -> None:
         assert cycles == [], "\n".join(cycles)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 10 step 1: builders still raise click errors")
 def test_click_only_on_the_command_line_layer() -> None:
     """Builders and libraries raise their own errors; only commands speak click."""
     wrong = []

@@ -171,9 +171,15 @@ def test_sighup_reloads(repo: Path) -> None:
     import os
     import signal
 
+    from poste.runtime import reloads
+    from poste.runtime.run import Parts, Runtime
+
     async def scenario() -> None:
         watcher = UsersWatcher(repo, DOMAIN, poll_interval=3600)
-        watcher.install_sighup()
+        ready = asyncio.Event()
+        running = asyncio.create_task(
+            Runtime(Parts(reloads=[("users", reloads.users(watcher))])).serve(ready.set))
+        await ready.wait()
         store.commit_file(repo, "frank", entry([]), "frank")
         os.kill(os.getpid(), signal.SIGHUP)
         for _ in range(400):
@@ -181,6 +187,7 @@ def test_sighup_reloads(repo: Path) -> None:
                 break
             await asyncio.sleep(0.02)
         assert watcher.db.lookup("frank") is not None
-        asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
+        os.kill(os.getpid(), signal.SIGTERM)
+        await asyncio.wait_for(running, 10)
 
     asyncio.run(scenario())

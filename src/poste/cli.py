@@ -15,10 +15,10 @@ from click.exceptions import NoArgsIsHelpError
 # name -> "module:attribute" of a click command or group
 COMMANDS: dict[str, tuple[str, str]] = {
     # the blaze-style tools
-    "make": ("poste.tools.make:main", "Build a mail from a body on stdin."),
-    "send": ("poste.tools.send:main", "Send a mail to an SMTP server (STARTTLS when offered)."),
-    "submit": ("poste.tools.submit:main", "Submit a mail with AUTH (465 TLS or 587 STARTTLS)."),
-    "srv": ("poste.tools.srv:main", "Receive N mails and write them as received."),
+    "make": ("poste.tools.make_cli:main", "Build a mail from a body on stdin."),
+    "send": ("poste.tools.send_cli:main", "Send a mail to an SMTP server (STARTTLS when offered)."),
+    "submit": ("poste.tools.send_cli:submit", "Submit a mail with AUTH (465 TLS or 587 STARTTLS)."),
+    "srv": ("poste.tools.srv_cli:main", "Receive N mails and write them as received."),
     "spf": ("poste.services.verifier.spf_cli:main", "SPF tools: check."),
     "dkim": ("poste.dkim.cli:main", "DKIM tools: keygen, sign, verify."),
     "dns": ("poste.dns.cli:main", "DNS records a domain needs; publish them (RFC 2136)."),
@@ -26,16 +26,16 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "users": ("poste.users.cli:main", "Manage the Git users repository."),
     "queue": ("poste.services.relay.queue_cli:main", "Inspect and manage the relay's spool."),
     # the services
-    "forward": ("poste.services.forward:main", "Pass mail on to the next hop (adds Received:)."),
-    "verifier": ("poste.services.verifier.service:main", "The public MX: SPF, DKIM, DMARC labels."),
-    "spamfilter": ("poste.services.spamfilter.service:main", "Label mail with X-Spamtacus."),
-    "relay": ("poste.services.relay.service:main", "Deliver to targets and MX, with a durable queue."),
-    "submission": ("poste.services.submission.service:main", "Authenticated submission, 465 and 587."),
-    "signer": ("poste.services.signer.service:main", "DKIM-sign outgoing mail."),
+    "forward": ("poste.services.forward.command:main", "Pass mail on to the next hop (adds Received:)."),
+    "verifier": ("poste.services.verifier.command:main", "The public MX: SPF, DKIM, DMARC labels."),
+    "spamfilter": ("poste.services.spamfilter.command:main", "Label mail with X-Spamtacus."),
+    "relay": ("poste.services.relay.command:main", "Deliver to targets and MX, with a durable queue."),
+    "submission": ("poste.services.submission.command:main", "Authenticated submission, 465 and 587."),
+    "signer": ("poste.services.signer.command:main", "DKIM-sign outgoing mail."),
     # the whole stack
-    "init": ("poste.stack.init:main", "Write a working configuration for a domain."),
-    "up": ("poste.stack.up:main", "Run all services in one process (a demo with no config)."),
-    "doctor": ("poste.stack.doctor:main", "Check a domain's DNS and TLS from the outside."),
+    "init": ("poste.stack.init_cli:main", "Write a working configuration for a domain."),
+    "up": ("poste.stack.up_cli:main", "Run all services in one process (a demo with no config)."),
+    "doctor": ("poste.stack.doctor_cli:main", "Check a domain's DNS and TLS from the outside."),
 }
 
 

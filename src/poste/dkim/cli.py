@@ -12,7 +12,9 @@ from poste.dkim import verify as dkim_verify
 from poste.dkim.sign import Unsignable
 from poste.dns.records import zone_txt
 from poste.dns.resolver import NameserverError
-from poste.services.signer.options import make_signer, sign_header_options
+from poste.runtime.command import flag_errors, option
+from poste.services.signer.options import make_signer
+from poste.services.signer.settings import OVERSIGN, SIGN_HEADERS
 from poste.services.verifier.spf import resolver_for
 
 
@@ -60,8 +62,8 @@ def keygen(algorithm: str, bits: int, selector: str, domain: str, output: str) -
     type=click.Path(dir_okay=False),
     help="Key file (PEM); repeat with --selector for dual signing.",
 )
-@sign_header_options[0]
-@sign_header_options[1]
+@option(SIGN_HEADERS)
+@option(OVERSIGN)
 def sign(
     mail: BinaryIO,
     domain: str,
@@ -71,7 +73,8 @@ def sign(
     oversign: str | None,
 ) -> None:
     """Print MAIL (or stdin) with its DKIM-Signature fields on top."""
-    signer = make_signer(domain, selectors, paths, sign_headers, oversign)
+    with flag_errors():
+        signer = make_signer(domain, selectors, paths, sign_headers, oversign)
     data = mail.read()
     # A file with bare LF line ends gets signature fields with LF too (SMTP uses CRLF).
     head = data.split(b"\n\n", 1)[0]

@@ -10,7 +10,23 @@ import click
 
 from poste.dkim import keys as dkim_keys
 from poste.dns import records as rec
-from poste.runtime.service import dns_key_option, dns_server_option
+from poste.dns.resolver import Nameserver, NameserverError, parse_nameserver
+
+
+def dns_server_option(text: str) -> Nameserver:
+    try:
+        return parse_nameserver(text)
+    except NameserverError as exc:
+        raise click.BadParameter(str(exc), param_hint="--dns-server") from None
+
+
+def dns_key_option(text: str) -> Any:
+    from poste.dns.update import parse_tsig  # dnspython.tsig is slow to import
+
+    try:
+        return parse_tsig(text)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--dns-key") from None
 
 
 def _record_options(f: Callable[..., Any]) -> Callable[..., Any]:

@@ -96,4 +96,5 @@ def setup(log_format: str = "plain", verbose: int = 0) -> None:
     root.addHandler(handler)
     root.setLevel(level)
     if verbose < 2:
-        logging.getLogger("mail.log").setLevel(logging.WARNING)  # aiosmtpd's chatter
+        # aiosmtpd's chatter, including a deprecation warning on every successful AUTH.
+        logging.getLogger("mail.log").setLevel(logging.ERROR)

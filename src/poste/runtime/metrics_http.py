@@ -12,8 +12,11 @@ from __future__ import annotations
 import logging
 import threading
 
-import click
 from prometheus_client import start_http_server
+
+from poste.runtime.hostport import parse_hostport
+from poste.runtime.run import StartError
+from poste.runtime.settings import ConfigError
 
 log = logging.getLogger("poste")
 
@@ -27,14 +30,12 @@ def parse_addr(spec: str) -> tuple[str, int]:
     The same address syntax as every other flag (`parse_hostport`), plus a
     bare port meaning loopback; a port is required.
     """
-    from poste.runtime.hostport import parse_hostport
-
     text = spec.strip()
     if text.isdigit():
         text = f"127.0.0.1:{text}"
     try:
         host, port = parse_hostport(text, 0)
-    except click.BadParameter as exc:
+    except ConfigError as exc:
         raise ValueError(f"{spec!r}: {exc.message}") from None
     if port == 0:
         raise ValueError(f"{spec!r}: expected ADDR:PORT")
@@ -52,12 +53,12 @@ def serve(spec: str) -> tuple[str, int]:
 
 
 def serve_or_fail(spec: str | None) -> None:
-    """For `--metrics`: a bad address or a taken port is a one-line error."""
+    """For `--metrics`: a bad address is a ConfigError, a taken port a StartError."""
     if not spec:
         return
     try:
         serve(spec)
     except ValueError as exc:
-        raise click.BadParameter(str(exc), param_hint="--metrics") from None
+        raise ConfigError("metrics", str(exc)) from None
     except OSError as exc:
-        raise click.ClickException(f"--metrics {spec}: {exc.strerror or exc}") from None
+        raise StartError(f"--metrics {spec}: {exc.strerror or exc}") from None

@@ -11,14 +11,13 @@ from __future__ import annotations
 import logging
 
 from poste.metrics import MAILS, RECIPIENTS, outcome
+from poste.smtp import replies as R
 from poste.smtp.hop import Hop, HopError, Transaction
 from poste.smtp.received import received_field
 from poste.smtp.stage import Envelope, Reply, Stage
 
 log = logging.getLogger("poste.smtp")
 
-STAGE_FAILED = Reply(451, "4.3.0 Local error in processing, try again later")
-NO_RCPT = Reply(503, "5.5.1 Error: need RCPT command")
 
 
 class StageTransaction:
@@ -37,7 +36,7 @@ class StageTransaction:
             return reply
         self.env.mail_from = sender
         self.env.mail_options = list(options)
-        return Reply(250, "2.1.0 Ok")
+        return R.SENDER_OK
 
     async def rcpt(self, rcpt: str, options: list[str]) -> Reply:
         reply = await self._rcpt(rcpt, options)
@@ -90,7 +89,7 @@ class StageTransaction:
     async def _data(self, data: bytes) -> Reply:
         down = self._down
         if down is None:
-            return NO_RCPT
+            return R.NEED_RCPT
         try:
             verdict = await self.stage.on_data(self.env, data)
         except BaseException as exc:
@@ -98,7 +97,7 @@ class StageTransaction:
             if not isinstance(exc, Exception):  # cancelled: the client went away
                 raise
             log.exception("%s stage %s failed", self.env.queue_id, self.stage.name)
-            return STAGE_FAILED
+            return R.LOCAL_ERROR
         if verdict.reply is not None and not verdict.reply.ok:
             log.info("%s refused by %s: %s", self.env.queue_id, self.stage.name, verdict.reply)
             await self.abort()

@@ -17,8 +17,9 @@ from dataclasses import dataclass, field
 
 import aiosmtplib
 
+from poste.smtp import replies as R
 from poste.smtp.address import AddressError, smtp_path
-from poste.smtp.hop import TEMPFAIL, HopError
+from poste.smtp.hop import HopError
 from poste.smtp.stage import Envelope, Reply
 from poste.smtp.tls import client_context
 
@@ -119,14 +120,14 @@ class _SMTPTransaction:
             response = await coro
         except aiosmtplib.SMTPResponseException as exc:
             if exc.code < 400:  # garbage from the hop: do not claim success
-                raise HopError(TEMPFAIL) from exc
+                raise HopError(R.HOP_UNAVAILABLE) from exc
             return _reply(exc.code, exc.message)
         except AddressError as exc:
             return Reply(exc.code, exc.text)
         except (aiosmtplib.SMTPException, OSError) as exc:
             log.warning("%s next hop failed at %s: %s", self.queue_id, what, exc)
             self.client.close()
-            raise HopError(TEMPFAIL) from exc
+            raise HopError(R.HOP_UNAVAILABLE) from exc
         return _reply(response.code, response.message)
 
     async def mail(self, sender: str, options: list[str]) -> Reply:
@@ -191,7 +192,7 @@ class SMTPHop:
             log.warning(
                 "%s next hop %s:%d unreachable: %s", env.queue_id, self.host, self.port, exc
             )
-            raise HopError(TEMPFAIL) from exc
+            raise HopError(R.HOP_UNAVAILABLE) from exc
         return _SMTPTransaction(client, env.queue_id)
 
 

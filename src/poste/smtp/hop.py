@@ -24,7 +24,6 @@ class HopError(Exception):
         self.reply = reply
 
 
-TEMPFAIL = Reply(451, "4.4.1 Next hop unavailable, try again later")
 
 
 class Transaction(Protocol):

@@ -26,6 +26,7 @@ from typing import Any
 
 from aiosmtpd.smtp import SMTP, AuthResult, TLSSetupException, syntax
 
+from poste.smtp import replies as R
 from poste.smtp.address import AddressError, parse_path
 from poste.smtp.admission import Admission, Fairness, Ticket
 from poste.smtp.chain import StageTransaction
@@ -160,7 +161,7 @@ class _Connection(SMTP):
             reply = await self.service.stage.on_connect(self.poste_env)
         except Exception:
             log.exception("on_connect failed for %s", self.poste_env.peer_ip)
-            reply = Reply(421, "4.3.0 Local error, try again later")
+            reply = R.CONNECT_FAILED
         if reply is not None:
             await self.push(str(reply))
             if self.transport is not None:
@@ -194,7 +195,7 @@ class _Connection(SMTP):
     def _timeout_cb(self) -> None:
         if self.transport is not None and isinstance(self.transport, asyncio.WriteTransport):
             try:
-                self.transport.write(b"421 4.4.2 Timeout, closing connection\r\n")
+                self.transport.write(R.TIMEOUT.wire())
             except Exception:
                 pass
         super()._timeout_cb()  # type: ignore[no-untyped-call]
@@ -209,7 +210,7 @@ class _Connection(SMTP):
                 self._bad_commands += 1
                 if self._bad_commands > self.limits.max_bad_commands:
                     await super().push(status)  # type: ignore[type-var]
-                    await super().push("421 4.7.0 Too many errors, closing connection")
+                    await super().push(str(R.TOO_MANY_ERRORS))
                     if self.transport is not None:
                         self.transport.close()
                     return
@@ -231,7 +232,7 @@ class _Connection(SMTP):
 
     async def smtp_EHLO(self, hostname: str) -> None:
         if hostname and _CONTROL.search(hostname):
-            await self.push("501 5.5.4 Control character in EHLO name")
+            await self.push(str(R.CONTROL_IN_EHLO))
             return
         self._in_ehlo = True
         try:
@@ -241,7 +242,7 @@ class _Connection(SMTP):
 
     async def smtp_HELO(self, hostname: str) -> None:
         if hostname and _CONTROL.search(hostname):
-            await self.push("501 5.5.4 Control character in HELO name")
+            await self.push(str(R.CONTROL_IN_HELO))
             return
         self._in_ehlo = True
         try:
@@ -251,10 +252,10 @@ class _Connection(SMTP):
 
     async def smtp_VRFY(self, arg: str) -> None:
         # Answering would let anyone enumerate our users (RFC 5321 3.5.3).
-        await self.push("252 2.5.0 Cannot VRFY user, but will accept message and attempt delivery")
+        await self.push(str(R.VRFY))
 
     async def smtp_EXPN(self, arg: str) -> None:
-        await self.push("502 5.5.1 EXPN not available")
+        await self.push(str(R.NO_EXPN))
 
     # -- paths: poste's strict parser instead of aiosmtpd's (poste.smtp.address) --
 
@@ -297,12 +298,12 @@ class _Connection(SMTP):
             return
         assert self.envelope is not None
         if not self.envelope.rcpt_tos:
-            await self.push("503 5.5.1 Error: need RCPT command")
+            await self.push(str(R.NEED_RCPT))
             return
         if arg:
-            await self.push("501 5.5.4 Syntax: DATA")
+            await self.push(str(R.DATA_SYNTAX))
             return
-        await self.push("354 End data with <CR><LF>.<CR><LF>")
+        await self.push(str(R.START_DATA))
         lines: list[bytes] = []
         size = 0
         limit = self.limits.max_message_size
@@ -355,21 +356,24 @@ class _Connection(SMTP):
             self._set_post_data_state()  # type: ignore[no-untyped-call]
             self._abort_txn()
             if state is _DataState.TOO_LONG:
-                await self.push("500 5.5.2 Line too long (RFC 5321 4.5.3.1.6)")
+                await self.push(str(R.LINE_TOO_LONG))
             elif state is _DataState.TOO_MUCH:
-                await self.push("552 5.3.4 Message too big")
+                await self.push(str(R.TOO_BIG))
             elif state is _DataState.NUL:
-                await self.push("550 5.6.0 NUL byte in message data refused")
+                await self.push(str(R.NUL_IN_DATA))
             else:
-                await self.push("550 5.6.0 Bare CR or LF in message data refused (use CRLF)")
+                await self.push(str(R.BARE_CR_LF))
             return
         content = b"".join(lines)
         lines.clear()
-        self.envelope.content = content
-        self.envelope.original_content = content
-        status = await self._call_handler_hook("DATA")
+        # Straight to the transaction: no copy into aiosmtpd's envelope and back out.
+        txn, self.txn = self.txn, None
+        if txn is None:
+            reply = str(R.NEED_RCPT)
+        else:
+            reply = str(await txn.data(content))
         self._set_post_data_state()  # type: ignore[no-untyped-call]
-        await self.push(status)
+        await self.push(reply)
 
     # -- AUTH: async mechanisms so the password check never stalls the loop --
 
@@ -382,16 +386,16 @@ class _Connection(SMTP):
             try:
                 raw = base64.b64decode(args[1].encode(), validate=True)
             except (binascii.Error, ValueError):
-                await self.push("501 5.5.2 Can't decode base64")
+                await self.push(str(R.BAD_BASE64))
                 return AuthResult(success=False, handled=True)
         parts = raw.split(b"\x00")
         if len(parts) != 3:
-            await self.push("501 5.5.2 Can't split auth value")
+            await self.push(str(R.BAD_AUTH_VALUE))
             return AuthResult(success=False, handled=True)
         authzid, login, password = parts
         if authzid and authzid != login:
             # RFC 4616 section 2: acting as someone else is not something we grant.
-            await self.push("535 5.7.8 Authorization identity differs from login")
+            await self.push(str(R.FOREIGN_AUTHZID))
             return AuthResult(success=False, handled=True)
         return await self._check_login(login, password)
 
@@ -404,7 +408,7 @@ class _Connection(SMTP):
             try:
                 login = base64.b64decode(args[1].encode(), validate=True)
             except (binascii.Error, ValueError):
-                await self.push("501 5.5.2 Can't decode base64")
+                await self.push(str(R.BAD_BASE64))
                 return AuthResult(success=False, handled=True)
         password = await self.challenge_auth(self.AuthLoginPasswordChallenge)
         if not isinstance(password, bytes):
@@ -451,7 +455,7 @@ class _Gate(asyncio.Protocol):
             if self.service.should_log_refusal(admitted):
                 log.warning("refusing %s: %s", peer[0], admitted)
             if not self.service.implicit_tls:  # a TLS client could not read it anyway
-                transport.write(b"421 4.7.0 Too many connections, try again later\r\n")
+                transport.write(R.TOO_MANY_CONNECTIONS.wire())
             transport.close()
             return
         self.ticket = admitted
@@ -546,7 +550,7 @@ class _Handler:
         env = conn.poste_env.copy_for_transaction()
         sender = "" if address == "<>" else address
         if not sender.isascii() and "SMTPUTF8" not in options:
-            return "553 5.6.7 Non-ASCII address needs SMTPUTF8 (RFC 6531)"
+            return str(R.NEEDS_SMTPUTF8)
         txn = StageTransaction(self.stage, conn.service.hop, env, conn.service.hostname)
         reply = await txn.mail(sender, [o for o in options if not o.startswith("AUTH=")])
         if reply.ok:
@@ -560,44 +564,36 @@ class _Handler:
     ) -> str:
         conn = self.conn
         if conn.txn is None:
-            return "503 5.5.1 Error: need MAIL command"
+            return str(R.NEED_MAIL)
         if len(envelope.rcpt_tos) >= conn.limits.max_recipients:
-            return "452 4.5.3 Too many recipients"
+            return str(R.TOO_MANY_RECIPIENTS)
         if not address.isascii() and "SMTPUTF8" not in conn.txn.env.mail_options:
-            return "553 5.6.7 Non-ASCII address needs SMTPUTF8 (RFC 6531)"
+            return str(R.NEEDS_SMTPUTF8)
         reply = await conn.txn.rcpt(address, options)
         if reply.ok:
             envelope.rcpt_tos.append(address)
         return str(reply)
 
-    async def handle_DATA(self, server: SMTP, session: Any, envelope: Any) -> str:
-        conn = self.conn
-        txn, conn.txn = conn.txn, None
-        if txn is None:
-            return "503 5.5.1 Error: need RCPT command"
-        reply = await txn.data(envelope.original_content)
-        return str(reply)
-
     async def handle_RSET(self, server: SMTP, session: Any, envelope: Any) -> str:
         self.conn._abort_txn()
-        return "250 2.0.0 Ok"
+        return str(R.OK)
 
     async def handle_NOOP(self, server: SMTP, session: Any, envelope: Any, arg: str) -> str:
-        return "250 2.0.0 Ok"
+        return str(R.OK)
 
     async def handle_QUIT(self, server: SMTP, session: Any, envelope: Any) -> str:
         self.conn._abort_txn()
-        return "221 2.0.0 Bye"
+        return str(R.BYE)
 
     async def handle_exception(self, error: Exception) -> str:
         if isinstance(error, TLSSetupException):
             # A client that gives up the handshake is routine on port 25, not a bug.
             log.warning("TLS handshake with %s failed: %s", self.conn.poste_env.peer_ip,
                         error.__cause__ or error)
-            return "454 4.7.0 TLS handshake failed"
+            return str(R.TLS_FAILED)
         log.error("session error: %r", error, exc_info=error)
         self.conn._abort_txn()
-        return "451 4.3.0 Local error in processing, try again later"
+        return str(R.LOCAL_ERROR)
 
 
 class SMTPService:

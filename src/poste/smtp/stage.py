@@ -50,14 +50,15 @@ class Reply:
         """As the spool and the logs keep it: the remote's line with its code, or our words."""
         return f"{self.code} {self.text}" if self.remote else self.text
 
+    def wire(self) -> bytes:
+        """The reply as bytes on the socket, for the few places that write before aiosmtpd."""
+        return (str(self) + "\r\n").encode("utf-8")
+
     def __str__(self) -> str:
         lines = self.text.splitlines() or [""]
         out = [f"{self.code}-{line}" for line in lines[:-1]]
         out.append(f"{self.code} {lines[-1]}")
         return "\r\n".join(out)
-
-
-OK = Reply(250, "2.0.0 Ok")
 
 
 @dataclass

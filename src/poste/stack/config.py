@@ -1,6 +1,8 @@
-"""The `poste up` configuration: TOML, one section per service, keys named as the flags.
+"""The `poste up` configuration: TOML, one section per service, its keys the service's settings.
 
-A key written `tls-cert` or `tls_cert` is the service's `--tls-cert` flag.
+A section's keys are the `Setting`s its service's command makes its flags of
+(services/<name>/settings.py), with the same kinds, bounds and defaults: a
+key written `tls-cert` or `tls_cert` is the service's `--tls-cert` flag.
 Keys at the top of the file (before any section) are defaults for every
 section that has a flag of that name, so `domain`, `hostname`,
 `nameserver`, `tls-cert`... are written once.  Relative paths are relative to
@@ -16,111 +18,47 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-SERVICES = ("verifier", "spamfilter", "relay", "submission", "signer")
+from poste.runtime import settings as st
+from poste.runtime.settings import ConfigError, Setting
+from poste.services.relay.settings import SETTINGS as RELAY
+from poste.services.signer.settings import SETTINGS as SIGNER
+from poste.services.spamfilter.settings import SETTINGS as SPAMFILTER
+from poste.services.submission.settings import SETTINGS as SUBMISSION
+from poste.services.verifier.settings import SETTINGS as VERIFIER
 
+__all__ = ["SECTIONS", "SERVICES", "TOP", "ConfigError", "Section", "StackConfig", "load", "parse"]
 
-class ConfigError(ValueError):
-    """A config file that cannot be used (one-line reason)."""
-
-
-# value kinds
-STR, STRS, PATH, PATHS, INT, FLOAT, BOOL, DURATION = (
-    "str", "strs", "path", "paths", "int", "float", "bool", "duration",
+# Keys before any section: `poste up`'s own, and defaults for the sections below.
+TOP: tuple[Setting, ...] = (
+    Setting("domain", st.STRS, help="Our mail domains (the first is the users' default)."),
+    st.HOSTNAME,
+    Setting("postmaster", help="Where mail to postmaster@ goes."),
+    st.NAMESERVER.but(help="DNS servers of every section that looks things up."),
+    st.TLS_CERT,
+    st.TLS_KEY,
+    Setting("users", st.PATH, help="The Git users repository."),
+    st.METRICS,
+    st.LOG_FORMAT,
+    Setting("verbose", st.INT, default=0, help="More logging (2: debug)."),
 )
-
-_COMMON: dict[str, str] = {"enabled": BOOL, "destination": STR, "verbose": INT}
-
-SCHEMA: dict[str, dict[str, str]] = {
-    # keys valid before any section; also shared defaults for the sections below
-    "": {
-        "domain": STRS,
-        "hostname": STR,
-        "postmaster": STR,
-        "nameserver": STRS,
-        "tls-cert": PATH,
-        "tls-key": PATH,
-        "users": PATH,
-        "metrics": STR,
-        "log-format": STR,
-        "verbose": INT,
-    },
-    "verifier": {
-        "domain": STRS,
-        "postmaster": STR,
-        "listen": STR,
-        "tls-cert": PATH,
-        "tls-key": PATH,
-        "nameserver": STRS,
-        "dns-timeout": FLOAT,
-        "psl": PATH,
-        "hostname": STR,
-        "require-tls": BOOL,
-        "reject-failures": BOOL,
-    },
-    "spamfilter": {
-        "listen": STR,
-        "db": PATH,
-        "hostname": STR,
-        "header-name": STR,
-        "detail": BOOL,
-        "ham-cutoff": FLOAT,
-        "spam-cutoff": FLOAT,
-    },
-    "relay": {
-        "domain": STRS,
-        "postmaster": STR,
-        "users": PATH,
-        "spool": PATH,
-        "listen": STR,
-        "nameserver": STRS,
-        "smtp-port": INT,
-        "granted": STRS,
-        "srs-secret": STR,
-        "srs-secret-file": PATH,
-        "hostname": STR,
-        "retry-min": DURATION,
-        "retry-max": DURATION,
-        "lifetime": DURATION,
-        "warn-after": DURATION,
-        "domain-concurrency": INT,
-        "queue-rescan": DURATION,
-        "users-poll": DURATION,
-        "max-received": INT,
-        "no-ipv6": BOOL,
-        "self-address": STRS,
-        # not a flag of `poste relay`: deliver everything into this folder (demo, tests)
-        "mailbox": PATH,
-    },
-    "submission": {
-        "domain": STRS,
-        "users": PATH,
-        "tls-cert": PATH,
-        "tls-key": PATH,
-        "listen-tls": STR,
-        "listen": STR,
-        "hostname": STR,
-        "poll-interval": FLOAT,
-        "auth-delay": FLOAT,
-        "auth-max-delay": FLOAT,
-        "auth-max-failures": INT,
-        "auth-lockout": FLOAT,
-        "auth-concurrency": INT,
-    },
-    "signer": {
-        "domain": STR,
-        "selector": STRS,
-        "private-key": PATHS,
-        "listen": STR,
-        "hostname": STR,
-        "dns-server": STR,
-        "dns-key": STR,
-        "zone": STR,
-        "sign-headers": STR,
-        "oversign": STR,
-    },
+# Keys every section takes besides its service's settings.
+COMMON: tuple[Setting, ...] = (
+    Setting("enabled", st.FLAG, default=True,
+            help="false: this service does not run (not the relay: mail rests there)."),
+    Setting("verbose", st.INT, default=0, help="Accepted; the top-level `verbose` counts."),
+    Setting("destination", help="Ignored: in `poste up` the hops are in memory."),
+)
+SECTIONS: dict[str, tuple[Setting, ...]] = {
+    "verifier": VERIFIER, "spamfilter": SPAMFILTER, "relay": RELAY,
+    "submission": SUBMISSION, "signer": SIGNER,
 }
+SERVICES = tuple(SECTIONS)
 
-LOG_FORMATS = ("plain", "json")
+
+def keys_of(service: str) -> dict[str, Setting]:
+    """The keys of a section: its service's settings `poste up` reads, and the common ones."""
+    own = {s.key: s for s in SECTIONS[service] if s.stack}
+    return {**{s.key: s for s in COMMON}, **own}
 
 
 @dataclass
@@ -137,12 +75,20 @@ class Section:
     def need(self, key: str) -> Any:
         value = self.values.get(key)
         if value is None or value == [] or value == "":
-            raise ConfigError(f"[{self.name}] needs `{key}`")
+            raise ConfigError(None, f"[{self.name}] needs `{key}`")
         return value
 
     @property
     def enabled(self) -> bool:
         return bool(self.values.get("enabled", True))
+
+    def settings(self) -> dict[str, Any]:
+        """Every setting of the service, given or default, as its builder takes them."""
+        return {**st.defaults(SECTIONS[self.name], stack=True), **self.values}
+
+    def error(self, exc: ConfigError) -> ConfigError:
+        """A builder's complaint, told as the key of this section: `[relay] listen: ...`."""
+        return ConfigError(None, f"[{self.name}] {exc.render(lambda name: name)}")
 
 
 @dataclass
@@ -164,55 +110,52 @@ class StackConfig:
         return str(self.top.get("log-format") or "plain")
 
 
-def _convert(kind: str, value: Any, where: str, base: Path) -> Any:
-    def bad(expected: str) -> ConfigError:
-        return ConfigError(f"{where}: expected {expected}, got {value!r}")
+def _convert(setting: Setting, value: Any, where: str, base: Path) -> Any:
+    """A TOML value as the builder wants it, checked as the flag is (kind and range)."""
+    kind = setting.kind
 
-    if kind == STR:
+    def bad(expected: str) -> ConfigError:
+        return ConfigError(None, f"{where}: expected {expected}, got {value!r}")
+
+    if kind in (st.STR, st.CHOICE):
         if not isinstance(value, str):
             raise bad("a string (in quotes)")
+        if kind == st.CHOICE and value not in setting.choices:
+            raise ConfigError(None, f"{where} must be {' or '.join(setting.choices)}, got {value!r}")
         return str(value)
-    if kind in (STRS, PATHS):
+    if kind in (st.STRS, st.FILES):
         items = [value] if isinstance(value, str) else value
         if not isinstance(items, list) or not all(isinstance(v, str) for v in items):
             raise bad("a string or a list of strings")
-        if kind == PATHS:
+        if kind == st.FILES:
             return [str((base / v).expanduser()) if v else v for v in items]
         return list(items)
-    if kind == PATH:
+    if kind in st.PATHS:
         if not isinstance(value, str) or not value:
             raise bad("a path")
         return str(base / Path(value).expanduser())
-    if kind == INT:
+    if kind in (st.INT, st.COUNT):
         if isinstance(value, bool) or not isinstance(value, int):
             raise bad("an integer")
-        return value
-    if kind == FLOAT:
+    elif kind == st.FLOAT:
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise bad("a number")
-        return float(value)
-    if kind == BOOL:
+        value = float(value)
+    elif kind == st.FLAG:
         if not isinstance(value, bool):
             raise bad("true or false")
         return value
-    if kind == DURATION:
-        return _duration(value, where)
-    raise AssertionError(kind)
-
-
-def _duration(value: Any, where: str) -> float:
-    """Seconds from 300, "300s", "5m", "4h", "5d", "200ms" (the relay's flag syntax)."""
-    import re
-
-    if isinstance(value, bool):
-        raise ConfigError(f"{where}: expected a duration, got {value!r}")
-    if isinstance(value, int | float):
-        return float(value)
-    m = re.match(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$", str(value))
-    if not m:
-        raise ConfigError(f"{where}: {value!r} is not a duration (e.g. 30s, 5m, 4h, 5d)")
-    units = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
-    return float(m.group(1)) * units[m.group(2) or "s"]
+    elif kind == st.DURATION:
+        try:
+            return st.parse_duration(value)
+        except ValueError as exc:
+            raise ConfigError(None, f"{where}: {exc}") from None
+    else:
+        raise AssertionError(kind)
+    out_of_range = setting.check_range(value)
+    if out_of_range:
+        raise ConfigError(None, f"{where}: {out_of_range.rstrip('.')}")
+    return value
 
 
 def _normal(key: str) -> str:
@@ -226,47 +169,53 @@ def _close(word: str, choices: list[str]) -> str:
     return f" (did you mean `{near[0]}`?)" if near else ""
 
 
+def _unknown(name: str, where: str, key: str, service: str | None) -> ConfigError:
+    k = _normal(key)
+    note = next((s.stack_note for s in SECTIONS.get(service or "", ()) if s.key == k and
+                 s.stack_note), None)
+    if note:
+        return ConfigError(None, f"{name}: {where}`{key}` is not read by `poste up`: {note}")
+    known = list(keys_of(service) if service else {s.key for s in TOP})
+    what = "unknown key" if service else "unknown top-level key"
+    return ConfigError(None, f"{name}: {where}{what} `{key}`{_close(k, known)}")
+
+
 def parse(data: Mapping[str, Any], path: Path | None = None) -> StackConfig:
     """Validate a parsed TOML document; raises ConfigError."""
     name = str(path) if path else "config"
     base = path.resolve().parent if path else Path.cwd()
     top: dict[str, Any] = {}
+    top_keys = {s.key: s for s in TOP}
     raw_sections: dict[str, Mapping[str, Any]] = {}
     for key, value in data.items():
         k = _normal(key)
         if isinstance(value, Mapping):
             if k not in SERVICES:
                 raise ConfigError(
+                    None,
                     f"{name}: unknown section [{key}]{_close(k, list(SERVICES))}"
-                    f" (sections: {', '.join(SERVICES)})"
+                    f" (sections: {', '.join(SERVICES)})",
                 )
             raw_sections[k] = value
             continue
-        kinds = SCHEMA[""]
-        if k not in kinds:
-            raise ConfigError(f"{name}: unknown top-level key `{key}`{_close(k, list(kinds))}")
-        top[k] = _convert(kinds[k], value, f"{name}: `{key}`", base)
-    fmt = top.get("log-format")
-    if fmt is not None and fmt not in LOG_FORMATS:
-        raise ConfigError(f"{name}: `log-format` must be plain or json, got {fmt!r}")
+        if k not in top_keys:
+            raise _unknown(name, "", key, None)
+        top[k] = _convert(top_keys[k], value, f"{name}: `{key}`", base)
     sections: dict[str, Section] = {}
     for service in SERVICES:
-        kinds = {**_COMMON, **SCHEMA[service]}
+        kinds = keys_of(service)
         values: dict[str, Any] = {}
         for key, value in raw_sections.get(service, {}).items():
             k = _normal(key)
             if isinstance(value, Mapping):
-                raise ConfigError(f"{name}: [{service}] `{key}` must not be a table")
+                raise ConfigError(None, f"{name}: [{service}] `{key}` must not be a table")
             if k not in kinds:
-                raise ConfigError(
-                    f"{name}: [{service}] unknown key `{key}`{_close(k, list(kinds))}"
-                )
+                raise _unknown(name, f"[{service}] ", key, service)
             values[k] = _convert(kinds[k], value, f"{name}: [{service}] `{key}`", base)
         for k, v in top.items():
             if k in kinds and k not in values:
-                kind = kinds[k]
-                if kind == STR and isinstance(v, list):  # domain = [...] at the top, one wanted
-                    v = v[0] if v else None
+                if kinds[k].kind == st.STR and isinstance(v, list):
+                    v = v[0] if v else None  # domain = [...] at the top, one wanted
                 values[k] = v
         sections[service] = Section(service, values)
     _check_pairs(name, sections)
@@ -278,6 +227,7 @@ def _check_pairs(name: str, sections: dict[str, Section]) -> None:
     sel, keys = signer.get("selector", []), signer.get("private-key", [])
     if signer.enabled and len(sel) != len(keys):
         raise ConfigError(
+            None,
             f"{name}: [signer] {len(sel)} selector(s) for {len(keys)} private-key(s):"
             " give one selector per key"
         )
@@ -289,15 +239,15 @@ def load(path: str | Path) -> StackConfig:
     try:
         text = p.read_bytes()
     except FileNotFoundError:
-        raise ConfigError(f"{p}: no such file (make one with `poste init DIR`)") from None
+        raise ConfigError(None, f"{p}: no such file (make one with `poste init DIR`)") from None
     except OSError as exc:
-        raise ConfigError(f"{p}: cannot read: {exc.strerror}") from None
+        raise ConfigError(None, f"{p}: cannot read: {exc.strerror}") from None
     try:
         data = tomllib.loads(text.decode("utf-8"))
     except UnicodeDecodeError:
-        raise ConfigError(f"{p}: not UTF-8 text") from None
+        raise ConfigError(None, f"{p}: not UTF-8 text") from None
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{p}: TOML error: {exc}") from None
+        raise ConfigError(None, f"{p}: TOML error: {exc}") from None
     return parse(data, p)
 
 

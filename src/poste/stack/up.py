@@ -1,7 +1,7 @@
-"""`poste up [--config FILE]`: the five services in one process.
+"""The demo of `poste up` (up_cli.py): what it writes, and the banner it prints.
 
-With a config (from `poste init`), every service of it runs here, chained
-in memory (see build.py).  With none at all, a self-contained demo starts on
+With a config (from `poste init`), every service of it runs in one process,
+chained in memory (see build.py).  With none at all, a self-contained demo starts on
 unprivileged loopback ports: a demo domain and user, a self-signed
 certificate, a DKIM key, and a local folder that stands in for the Internet
 (every mail the relay sends lands there), so a newcomer can send a mail
@@ -10,19 +10,11 @@ through the whole stack and read what each service added.
 
 from __future__ import annotations
 
-import asyncio
-import logging
 import os
 import secrets
-import signal
 from pathlib import Path
 
-import click
-
-from poste.stack.config import ConfigError, StackConfig, load
 from poste.stack.init import CONFIG_NAME, Layout, write_stack
-
-log = logging.getLogger("poste.up")
 
 DEMO_DOMAIN = "demo.test"
 DEMO_USER = "demo"
@@ -113,105 +105,3 @@ def demo_banner(folder: Path, host: str, ports: tuple[int, int, int], password: 
         f" | {poste} send - {host}:{verifier} -s friend@example.org -r {user}\n"
         "\nStop with Ctrl-C.  For your own domain: poste init DIR --domain YOUR.DOMAIN\n"
     )
-
-
-def _parse_ports(text: str) -> tuple[int, int, int]:
-    parts = text.split(",")
-    if len(parts) != 3 or not all(p.strip().isdigit() for p in parts):
-        raise click.BadParameter("expected three ports: VERIFIER,SUBMISSION_TLS,SUBMISSION")
-    a, b, c = (int(p) for p in parts)
-    if not all(0 < p < 65536 for p in (a, b, c)):
-        raise click.BadParameter("ports must be 1-65535")
-    return a, b, c
-
-
-@click.command()
-@click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
-              envvar="POSTE_CONFIG",
-              help="The config file (from `poste init`).  Without one: the demo.")
-@click.option("--metrics", default=None, metavar="ADDR:PORT",
-              help="Serve Prometheus metrics at http://ADDR:PORT/metrics (overrides the config).")
-@click.option("--log-format", type=click.Choice(["plain", "json"]), default=None,
-              help="Log lines as text or one JSON object each (overrides the config).")
-@click.option("--demo-dir", "demo_folder", type=click.Path(file_okay=False), default=None,
-              help="Demo only: where its files go [default: ~/.local/state/poste-demo].")
-@click.option("--demo-host", default="127.0.0.1", show_default=True,
-              help="Demo only: the loopback address to listen on.")
-@click.option("--demo-ports", default=",".join(map(str, DEMO_PORTS)), show_default=True,
-              metavar="V,TLS,STARTTLS", help="Demo only: verifier and submission ports.")
-@click.option("--check", is_flag=True, help="Check the config and exit.")
-@click.option("-v", "--verbose", count=True, help="More logging (-vv: debug).")
-def main(
-    config_path: str | None,
-    metrics: str | None,
-    log_format: str | None,
-    demo_folder: str | None,
-    demo_host: str,
-    demo_ports: str,
-    check: bool,
-    verbose: int,
-) -> None:
-    """Run verifier, spamfilter, relay, submission and signer in one process.
-
-    SIGHUP reloads the users repository, the certificates and the spam
-    database, and reports config changes that need a restart.
-    """
-    from poste.runtime import logs
-    from poste.runtime.metrics_http import serve_or_fail
-
-    banner = ""
-    if config_path is None:
-        ports = _parse_ports(demo_ports)
-        folder = Path(demo_folder) if demo_folder else demo_dir()
-        try:
-            path, password = prepare_demo(folder, demo_host, ports)
-        except OSError as exc:
-            raise click.ClickException(f"cannot prepare the demo in {folder}: {exc}") from None
-        banner = demo_banner(folder.resolve(), demo_host, ports, password)
-        config_path = str(path)
-    try:
-        cfg = load(config_path)
-    except ConfigError as exc:
-        raise click.ClickException(str(exc)) from None
-    logs.setup(log_format or cfg.log_format, verbose or int(cfg.top.get("verbose", 0)))
-    from poste.stack.build import build
-
-    try:
-        stack = build(cfg, check=check)
-    except ConfigError as exc:
-        raise click.ClickException(str(exc)) from None
-    if check:
-        click.echo(f"{config_path}: ok")
-        return
-    serve_or_fail(metrics or cfg.metrics)  # the relay registered its spool gauges
-    _run(stack, cfg, banner)
-
-
-def _run(stack: object, cfg: StackConfig, banner: str) -> None:
-    from poste.stack.build import Stack
-
-    assert isinstance(stack, Stack)
-
-    async def run() -> None:
-        loop = asyncio.get_running_loop()
-        stop = asyncio.Event()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        tasks: set[asyncio.Task[None]] = set()
-
-        def on_hup() -> None:
-            log.info("SIGHUP: reloading")
-            task = loop.create_task(stack.reload())
-            tasks.add(task)
-            task.add_done_callback(tasks.discard)
-
-        loop.add_signal_handler(signal.SIGHUP, on_hup)
-        await stack.start()
-        if banner:
-            click.echo(banner, err=True)
-        log.info("poste up: ready (config %s)", cfg.path)
-        await stop.wait()
-        log.info("stopping")
-        await stack.stop()
-
-    asyncio.run(run())

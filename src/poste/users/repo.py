@@ -19,7 +19,6 @@ import asyncio
 import json
 import logging
 import re
-import signal
 import threading
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -403,15 +402,3 @@ class UsersWatcher:
                 await self.areload()
             except Exception:  # a watcher that dies silently would freeze the users
                 log.exception("users repo: reload failed")
-
-    def install_sighup(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
-        """Reload on SIGHUP (off the event loop)."""
-        loop = loop or asyncio.get_running_loop()
-        tasks: set[asyncio.Task[bool]] = set()
-
-        def on_hup() -> None:
-            task = loop.create_task(self.areload())
-            tasks.add(task)
-            task.add_done_callback(tasks.discard)
-
-        loop.add_signal_handler(signal.SIGHUP, on_hup)

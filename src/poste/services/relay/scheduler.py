@@ -41,6 +41,7 @@ from dataclasses import dataclass
 
 from poste.metrics import DELIVERIES, QUEUED
 from poste.services.relay.dsn import DELAYED, FAILED, make_dsn
+from poste.services.relay.settings import default
 from poste.services.relay.spool import DELIVERED, PENDING, Entry, Recipient, Spool, SpoolError
 from poste.smtp.stage import Reply, new_queue_id
 
@@ -53,14 +54,14 @@ ExpandFn = Callable[[str], list[tuple[str, str]]]
 
 @dataclass
 class Policy:
-    retry_min: float = 300.0
-    retry_max: float = 4 * 3600.0
+    retry_min: float = default("retry-min")
+    retry_max: float = default("retry-max")
     jitter: float = 0.25
-    lifetime: float = 5 * 86400.0
-    warn_after: float = 4 * 3600.0  # 0 disables the delay warning
-    max_per_domain: int = 10
+    lifetime: float = default("lifetime")
+    warn_after: float = default("warn-after")  # 0 disables the delay warning
+    max_per_domain: int = int(default("domain-concurrency"))
     max_active: int = 50
-    rescan: float = 30.0
+    rescan: float = default("queue-rescan")
 
     def backoff(self, attempts: int) -> float:
         base = min(self.retry_min * (2 ** max(attempts - 1, 0)), self.retry_max)

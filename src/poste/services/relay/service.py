@@ -6,7 +6,6 @@ import asyncio
 import ipaddress
 import logging
 import os
-import re
 import secrets
 import socket
 from collections.abc import Callable, Coroutine, Sequence
@@ -14,17 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import click
-
 from poste.dns.resolver import NameserverError, make_resolver
+from poste.runtime import reloads
 from poste.runtime.hostport import parse_hostport
-from poste.runtime.service import (
-    hostname_option,
-    listen_option,
-    run_services,
-    setup_logging,
-    verbose_option,
-)
+from poste.runtime.run import Parts, StartError
+from poste.runtime.settings import ConfigError, Values
 from poste.services.relay.delivery import Deliverer
 from poste.services.relay.router import Router, parse_networks
 from poste.services.relay.scheduler import DeliverFn, Policy, Scheduler
@@ -36,40 +29,21 @@ from poste.users.repo import UsersRepoError, UsersWatcher
 
 log = logging.getLogger("poste.relay")
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
-_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
-
-
-class Duration(click.ParamType):  # type: ignore[type-arg]
-    """`300`, `300s`, `5m`, `4h`, `5d`, `200ms` -> seconds."""
-
-    name = "duration"
-
-    def convert(self, value: object, param: click.Parameter | None, ctx: click.Context | None) -> float:
-        if isinstance(value, int | float):
-            return float(value)
-        m = _DURATION.match(str(value))
-        if not m:
-            self.fail(f"{value!r} is not a duration (e.g. 30s, 5m, 4h, 5d)", param, ctx)
-        return float(m.group(1)) * _UNITS[m.group(2) or "s"]
-
-
-DURATION = Duration()
-
-
 def _given_secrets(secret: str | None, secret_file: str | None) -> list[bytes]:
     """The SRS secrets of the flags ([] when neither is given); a bad file is one line."""
     try:
         from_file = load_secrets(None, secret_file)
     except OSError as exc:
-        raise click.ClickException(f"cannot read --srs-secret-file: {exc.strerror}") from None
+        raise ConfigError(None, f"cannot read {{0}}: {exc.strerror}",
+                          names=["srs-secret-file"], usage=False) from None
     except ValueError:  # not UTF-8 text
-        raise click.ClickException(
-            f"--srs-secret-file {secret_file}: not a text file of secrets") from None
+        raise ConfigError(None, f"{{0}} {secret_file}: not a text file of secrets",
+                          names=["srs-secret-file"], usage=False) from None
     if secret_file and not from_file:
         # Going on without the file's secrets would silently break a secret
         # shared by several relays.
-        raise click.ClickException(f"--srs-secret-file {secret_file}: no secret in it")
+        raise ConfigError(None, f"{{0}} {secret_file}: no secret in it",
+                          names=["srs-secret-file"], usage=False)
     return load_secrets(secret, None) + from_file
 
 
@@ -87,132 +61,10 @@ def _own_secret(spool: Path) -> list[bytes]:
             log.info("no --srs-secret given: generated %s", path)
         found = load_secrets(None, str(path))
     except (OSError, ValueError) as exc:
-        raise click.ClickException(f"SRS secret {path}: {exc}") from None
+        raise ConfigError(None, f"SRS secret {path}: {exc}") from None
     if not found:
-        raise click.ClickException(f"SRS secret {path}: no secret in it")
+        raise ConfigError(None, f"SRS secret {path}: no secret in it")
     return found
-
-
-@click.command()
-@click.option("--domain", "domains", multiple=True, required=True, metavar="D",
-              help="Our mail domain (repeat for more; the first is the users' default).")
-@click.option("--postmaster", required=True, metavar="ADDR",
-              help="Where mail to postmaster@ goes.")
-@click.option("--users", "users_repo", required=True, type=click.Path(),
-              help="The Git users repository.")
-@click.option("--spool", "spool_dir", required=True, type=click.Path(file_okay=False),
-              help="Queue folder (created if missing).")
-@listen_option
-@click.option("--nameserver", "nameservers", multiple=True, metavar="[tcp:|udp:]IP[:PORT]",
-              help="DNS resolver for MX lookups (default: resolv.conf).")
-@click.option("--smtp-port", default=25, show_default=True, type=click.IntRange(1, 65535),
-              help="Port of remote MX hosts (change only for tests).")
-@click.option("--granted", multiple=True, metavar="CIDR",
-              help="Networks allowed to relay to non-local recipients "
-                   "[default: 127.0.0.0/8, ::1/128].")
-@click.option("--srs-secret", default=None, metavar="TEXT",
-              help="SRS secret (prefer --srs-secret-file).")
-@click.option("--srs-secret-file", default=None, type=click.Path(dir_okay=False),
-              help="SRS secrets, one a line: the first signs, all verify. "
-                   "Default: SPOOL/srs-secret, generated once.")
-@hostname_option
-@click.option("--retry-min", default="5m", show_default=True, type=DURATION,
-              help="First retry delay; doubles each attempt.")
-@click.option("--retry-max", default="4h", show_default=True, type=DURATION,
-              help="Longest retry delay.")
-@click.option("--lifetime", default="5d", show_default=True, type=DURATION,
-              help="Give up (failure DSN) after this long in the queue.")
-@click.option("--warn-after", default="4h", show_default=True, type=DURATION,
-              help="Send a delay DSN after this long (0: never).")
-@click.option("--domain-concurrency", default=10, show_default=True,
-              type=click.IntRange(1, 1000), help="SMTP sessions at once per destination domain.")
-@click.option("--queue-rescan", default="30s", show_default=True, type=DURATION,
-              help="How often to re-read the spool (for `poste queue retry|delete`).")
-@click.option("--users-poll", default="2s", show_default=True, type=DURATION,
-              help="How often to check the users repository for a new commit.")
-@click.option("--max-received", default=MAX_RECEIVED, show_default=True,
-              type=click.IntRange(1, 1000), help="More Received: fields than this is a loop (554).")
-@click.option("--no-ipv6", is_flag=True, help="Deliver over IPv4 only.")
-@click.option("--self-address", "self_addresses", multiple=True, metavar="IP",
-              help="Another address of ours (e.g. the public IP of our MX): mail whose MX "
-                   "resolves to it, or to --listen, loops back and is bounced (5.4.6).")
-@verbose_option
-def main(
-    domains: tuple[str, ...],
-    postmaster: str,
-    users_repo: str,
-    spool_dir: str,
-    listen: str,
-    nameservers: tuple[str, ...],
-    smtp_port: int,
-    granted: tuple[str, ...],
-    srs_secret: str | None,
-    srs_secret_file: str | None,
-    hostname: str | None,
-    retry_min: float,
-    retry_max: float,
-    lifetime: float,
-    warn_after: float,
-    domain_concurrency: int,
-    queue_rescan: float,
-    users_poll: float,
-    max_received: int,
-    no_ipv6: bool,
-    self_addresses: tuple[str, ...],
-    verbose: int,
-) -> None:
-    """Deliver mail: local addresses to their targets (SRS), others to their MX (--granted only).
-
-    Every accepted mail is on disk (fsync) before the 250; undeliverable mail
-    is retried with backoff and bounced (RFC 3464 DSN) after --lifetime.
-    """
-    setup_logging(verbose)
-    try:
-        host, port = parse_hostport(listen, 25)
-    except click.BadParameter as exc:
-        raise click.BadParameter(exc.message, param_hint="--listen") from None
-    policy = Policy(
-        retry_min=retry_min,
-        retry_max=max(retry_max, retry_min),
-        lifetime=lifetime,
-        warn_after=warn_after,
-        max_per_domain=domain_concurrency,
-        rescan=queue_rescan,
-    )
-    parts = build_relay(
-        domains=list(domains),
-        postmaster=postmaster,
-        users_repo=users_repo,
-        spool_dir=spool_dir,
-        nameservers=list(nameservers),
-        smtp_port=smtp_port,
-        granted=list(granted),
-        srs_secret=srs_secret,
-        srs_secret_file=srs_secret_file,
-        hostname=hostname,
-        policy=policy,
-        users_poll=users_poll,
-        max_received=max_received,
-        ipv6=not no_ipv6,
-        listen_hosts=[host],
-        self_addresses=list(self_addresses),
-        preflight=lambda: _check_bindable(host, port),
-    )
-    service = SMTPService(parts.stage, parts.hop, host=host, port=port, hostname=parts.hostname)
-
-    def on_hup() -> None:
-        asyncio.get_running_loop().create_task(parts.watcher.areload())
-
-    # The spool is resumed (and cleaned of half-written files) before we listen;
-    # delivery stops after the listener closed, so no mail is accepted once the
-    # spool lock is gone.
-    run_services(
-        service,
-        on_start=parts.start,
-        background=parts.background(),
-        on_hup=on_hup,
-        on_stop=parts.stop,
-    )
 
 
 @dataclass
@@ -237,11 +89,21 @@ class RelayParts:
     srs_max_age: int
 
     async def start(self) -> None:
-        await self.scheduler.start()
+        try:
+            await self.scheduler.start()
+        except SpoolLocked as exc:
+            raise StartError(str(exc)) from None
 
     async def stop(self) -> None:
         await self.scheduler.stop()  # also releases the spool lock
         await self.deliverer.aclose()
+
+    def runtime(self, listeners: list[SMTPService]) -> Parts:
+        """The relay's jobs around `listeners`: spool resumed before them, stopped after."""
+        return Parts(
+            listeners, before=[self.start], background=list(self.background()),
+            after=[self.stop], reloads=[("users", reloads.users(self.watcher))],
+        )
 
     def background(self) -> list[Callable[[], Coroutine[Any, Any, None]]]:
         return [self.watcher.run, self.prune_srs_db]
@@ -282,7 +144,7 @@ def build_relay(
     lock: bool = True,
     preflight: Callable[[], None] | None = None,
 ) -> RelayParts:
-    """Check the settings and build the relay; bad input is a one-line ClickException.
+    """Check the settings and build the relay; bad input is a ConfigError.
 
     `listen_hosts`: where we (or, in `poste up`, our MX) listen; mail whose MX
     resolves there loops.  `extra_domains`: more domains of the users
@@ -295,17 +157,17 @@ def build_relay(
     from poste.services.relay.metrics import watch_spool
 
     if not domains:
-        raise click.UsageError("the relay needs at least one --domain")
+        raise ConfigError(None, "the relay needs at least one {0}", names=["domain"])
     if "@" not in postmaster:
-        raise click.BadParameter(f"{postmaster!r} is not an address", param_hint="--postmaster")
+        raise ConfigError("postmaster", f"{postmaster!r} is not an address")
     try:
         resolver = make_resolver(nameservers or [])
     except NameserverError as exc:
-        raise click.BadParameter(str(exc), param_hint="--nameserver") from None
+        raise ConfigError("nameserver", str(exc)) from None
     try:
         nets = parse_networks(granted or ["127.0.0.0/8", "::1/128"])
     except ValueError as exc:
-        raise click.BadParameter(str(exc), param_hint="--granted") from None
+        raise ConfigError("granted", str(exc)) from None
     domain = domains[0].lower().rstrip(".")
     ours = _self_addresses(listen_hosts, self_addresses or [])
     if preflight is not None:
@@ -315,10 +177,10 @@ def build_relay(
         # One relay per spool: refuse now, before anything else is read or written.
         if lock:
             spool.lock()
-    except SpoolLocked:
-        raise
+    except SpoolLocked as exc:
+        raise ConfigError(None, str(exc)) from None
     except (OSError, SpoolError) as exc:
-        raise click.ClickException(f"spool {spool_dir}: {exc}") from None
+        raise ConfigError(None, f"spool {spool_dir}: {exc}") from None
     try:
         # Every check that can fail comes before the users watcher, whose
         # loading logs a line: a refused start prints its one error line alone.
@@ -326,7 +188,7 @@ def build_relay(
         try:
             srs_db = SRSDatabase(spool.path / "srs-db")
         except OSError as exc:
-            raise click.ClickException(f"SRS database in {spool.path}: {exc}") from None
+            raise ConfigError(None, f"SRS database in {spool.path}: {exc}") from None
         more = tuple(
             d for d in dict.fromkeys(x.lower().rstrip(".") for x in [*domains[1:], *extra_domains])
             if d != domain
@@ -334,7 +196,7 @@ def build_relay(
         try:
             watcher = UsersWatcher(users_repo, domain, poll_interval=users_poll, extra_domains=more)
         except UsersRepoError as exc:
-            raise click.ClickException(f"users repository: {exc}") from None
+            raise ConfigError(None, f"users repository: {exc}") from None
         secrets_ = secrets_ or _own_secret(spool.path)
     except BaseException:
         spool.unlock()  # a relay that does not run must not keep the spool
@@ -374,7 +236,7 @@ def _check_bindable(host: str, port: int) -> None:
         infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
                                    flags=socket.AI_PASSIVE)
     except OSError as exc:
-        raise click.BadParameter(f"cannot resolve {host!r}: {exc}", param_hint="--listen") from None
+        raise ConfigError("listen", f"cannot resolve {host!r}: {exc}") from None
     for family, kind, proto, _, addr in infos:
         with socket.socket(family, kind, proto) as sock:
             # As asyncio's create_server binds: reuse, and v6 sockets v6-only.
@@ -384,8 +246,7 @@ def _check_bindable(host: str, port: int) -> None:
             try:
                 sock.bind(addr)
             except OSError as exc:
-                raise click.ClickException(
-                    f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+                raise StartError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
 
 
 def _self_addresses(listen_hosts: Sequence[str], extra: list[str]) -> list[str]:
@@ -395,8 +256,7 @@ def _self_addresses(listen_hosts: Sequence[str], extra: list[str]) -> list[str]:
         try:
             found.append(str(ipaddress.ip_address(text.strip())))
         except ValueError:
-            raise click.BadParameter(f"{text!r} is not an IP address",
-                                     param_hint="--self-address") from None
+            raise ConfigError("self-address", f"{text!r} is not an IP address") from None
     for listen in listen_hosts:
         host = listen.strip("[]")
         if not host:
@@ -407,7 +267,49 @@ def _self_addresses(listen_hosts: Sequence[str], extra: list[str]) -> list[str]:
             try:
                 infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
             except OSError as exc:
-                raise click.BadParameter(f"cannot resolve {host!r}: {exc}",
-                                         param_hint="--listen") from None
+                raise ConfigError("listen", f"cannot resolve {host!r}: {exc}") from None
             found.extend(str(info[4][0]) for info in infos)
     return found
+
+
+def policy_of(values: Values) -> Policy:
+    retry_min = float(values["retry-min"])
+    return Policy(
+        retry_min=retry_min,
+        retry_max=max(float(values["retry-max"]), retry_min),
+        lifetime=float(values["lifetime"]),
+        warn_after=float(values["warn-after"]),
+        max_per_domain=int(values["domain-concurrency"]),
+        rescan=float(values["queue-rescan"]),
+    )
+
+
+def relay_of(values: Values, **more: Any) -> RelayParts:
+    """`build_relay` from the settings; `more`: what only the process around it knows
+    (listen_hosts, preflight; in `poste up` extra_domains, deliver, lock)."""
+    return build_relay(
+        domains=[d.lower().rstrip(".") for d in values["domain"]],
+        postmaster=str(values["postmaster"]),
+        users_repo=values["users"],
+        spool_dir=values["spool"],
+        nameservers=values["nameserver"],
+        smtp_port=int(values["smtp-port"]),
+        granted=values["granted"],
+        srs_secret=values["srs-secret"],
+        srs_secret_file=values["srs-secret-file"],
+        hostname=values["hostname"],
+        policy=policy_of(values),
+        users_poll=float(values["users-poll"]),
+        max_received=int(values["max-received"]),
+        ipv6=not values["no-ipv6"],
+        self_addresses=values["self-address"],
+        **more,
+    )
+
+
+def build(values: Values) -> Parts:
+    """`poste relay`: one listener in front of the queue."""
+    host, port = parse_hostport(values["listen"], 25, "listen")
+    parts = relay_of(values, listen_hosts=[host], preflight=lambda: _check_bindable(host, port))
+    service = SMTPService(parts.stage, parts.hop, host=host, port=port, hostname=parts.hostname)
+    return parts.runtime([service])

@@ -39,8 +39,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import click
-
 from poste.smtp.address import domain_of
 from poste.smtp.stage import new_queue_id
 
@@ -55,8 +53,8 @@ class SpoolError(Exception):
     pass
 
 
-class SpoolLocked(SpoolError, click.ClickException):
-    """Another process owns the spool (a ClickException: one line, exit 1, whoever runs it)."""
+class SpoolLocked(SpoolError):
+    """Another process owns the spool (one line: the relay's builder says it as is)."""
 
 
 @dataclass

@@ -16,13 +16,14 @@ import time
 
 from poste.services.relay.router import Delivery, Router
 from poste.services.relay.scheduler import Scheduler
+from poste.services.relay.settings import default
 from poste.services.relay.spool import Entry, Recipient, SpoolError
 from poste.smtp.hop import Transaction
 from poste.smtp.stage import Envelope, Reply, Stage, Verdict, new_queue_id
 
 log = logging.getLogger("poste.relay")
 
-MAX_RECEIVED = 30
+MAX_RECEIVED = int(default("max-received"))
 _RECEIVED = re.compile(rb"^received[ \t]*:", re.IGNORECASE | re.MULTILINE)
 
 
@@ -33,21 +34,18 @@ def count_received(data: bytes) -> int:
 
 
 class RelayStage(Stage):
+    """Judges DATA (mail loops); recipients are routed once, by the queue's transaction.
+
+    Routing a recipient can write the SRS database, so doing it here and again
+    in `QueueTransaction.rcpt` cost a second write and a second answer that
+    could in principle differ from the first.
+    """
+
     name = "relay"
 
     def __init__(self, router: Router, max_received: int = MAX_RECEIVED) -> None:
         self.router = router
         self.max_received = max_received
-
-    async def on_rcpt(self, env: Envelope, rcpt: str) -> Reply | None:
-        got = self.router.route(env.mail_from, rcpt, self.router.is_granted(env.peer_ip))
-        if isinstance(got, Reply):
-            log.info(
-                "%s refused rcpt=<%s> from=<%s> peer=%s: %s",
-                env.queue_id, rcpt, env.mail_from, env.peer_ip, got,
-            )
-            return got
-        return None
 
     async def on_data(self, env: Envelope, data: bytes) -> Verdict:
         hops = count_received(data)
@@ -79,9 +77,19 @@ class QueueTransaction:
         return Reply(250, "2.1.0 Ok")
 
     async def rcpt(self, rcpt: str, options: list[str]) -> Reply:
+        """Route the recipient (the only place it is routed) off the event loop.
+
+        The router may write the SRS database with fsync: a thread, not the loop.
+        """
         router = self.hop.router
-        got = router.route(self.sender, rcpt, router.is_granted(self.env.peer_ip))
+        env = self.env
+        granted = router.is_granted(env.peer_ip)
+        got = await asyncio.to_thread(router.route, self.sender, rcpt, granted)
         if isinstance(got, Reply):
+            log.info(
+                "%s refused rcpt=<%s> from=<%s> peer=%s: %s",
+                env.queue_id, rcpt, self.sender, env.peer_ip, got,
+            )
             return got
         self.deliveries.extend(got)
         return Reply(250, "2.1.5 Ok")

@@ -1,13 +1,12 @@
-"""The signer's key and field flags, shared by `poste signer`, `poste dkim sign` and `poste up`."""
+"""The signer's keys and fields, shared by `poste signer`, `poste dkim sign` and `poste up`."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-import click
-
 from poste.dkim import keys as dkim_keys
 from poste.dkim.sign import DEFAULT_HEADERS, DEFAULT_OVERSIGN, Signer, SigningKey
+from poste.runtime.settings import ConfigError
 
 
 def parse_field_list(text: str | None, default: Sequence[str]) -> tuple[str, ...]:
@@ -20,17 +19,16 @@ def parse_field_list(text: str | None, default: Sequence[str]) -> tuple[str, ...
 def signing_keys(domain: str, selectors: Sequence[str], paths: Sequence[str]) -> list[SigningKey]:
     """Pair `--selector`/`--private-key` flags in order: one signature per key."""
     if not paths:
-        raise click.UsageError("give at least one --private-key")
+        raise ConfigError(None, "give at least one {0}", names=["private-key"])
     if len(selectors) != len(paths):
-        raise click.UsageError(
-            f"{len(selectors)} --selector for {len(paths)} --private-key: give one selector per key"
-        )
+        raise ConfigError(None, f"{len(selectors)} {{0}} for {len(paths)} {{1}}:"
+                          " give one selector per key", names=["selector", "private-key"])
     out = []
     for selector, path in zip(selectors, paths, strict=True):
         try:
             key = dkim_keys.load_key(path)
         except dkim_keys.DKIMKeyError as exc:
-            raise click.ClickException(str(exc)) from None
+            raise ConfigError(None, str(exc)) from None
         out.append(SigningKey(domain.rstrip("."), selector, key))
     return out
 
@@ -49,18 +47,4 @@ def make_signer(
             parse_field_list(oversign, DEFAULT_OVERSIGN),
         )
     except ValueError as exc:
-        raise click.UsageError(str(exc)) from None
-
-
-sign_header_options = [
-    click.option(
-        "--sign-headers",
-        metavar="F1,F2,...",
-        help="Header fields to sign (default: " + ",".join(DEFAULT_HEADERS) + ").",
-    ),
-    click.option(
-        "--oversign",
-        metavar="F1,...",
-        help="Fields signed once more than present, so none can be added (default: From).",
-    ),
-]
+        raise ConfigError(None, str(exc), usage=True) from None

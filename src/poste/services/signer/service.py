@@ -12,21 +12,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import Any
 
-import click
 from prometheus_client import Counter
 
 from poste.dkim.sign import Signer, sign_or_pass
+from poste.dns.resolver import Nameserver, NameserverError, parse_nameserver
 from poste.runtime.hostport import parse_hostport
-from poste.runtime.service import (
-    destination_option,
-    hostname_option,
-    listen_option,
-    run_services,
-    setup_logging,
-    verbose_option,
-)
-from poste.services.signer.options import make_signer, sign_header_options
+from poste.runtime.run import Job, Parts, StartError
+from poste.runtime.settings import ConfigError, Values
+from poste.services.signer.options import make_signer
 from poste.smtp.client import SMTPHop
 from poste.smtp.server import SMTPService
 from poste.smtp.stage import Envelope, Stage, Verdict
@@ -57,83 +52,68 @@ class SignerStage(Stage):
         return Verdict(prepend=fields)
 
 
-async def publish_keys(signer: Signer, dns_server: str, dns_key: str, zone: str) -> None:
-    """Put the signer's public keys in DNS; raise a one-line click error when we cannot."""
+def dns_target(server: str, key: str) -> tuple[Nameserver, Any]:
+    """The primary and the TSIG key to publish with, checked before anything starts."""
+    from poste.dns.update import parse_tsig  # dnspython.tsig is slow to import
+
+    try:
+        primary = parse_nameserver(server)
+    except NameserverError as exc:
+        raise ConfigError("dns-server", str(exc)) from None
+    try:
+        return primary, parse_tsig(key)
+    except ValueError as exc:
+        raise ConfigError("dns-key", str(exc)) from None
+
+
+async def publish_keys(signer: Signer, server: Nameserver, key: Any, zone: str) -> None:
+    """Put the signer's public keys in DNS; a StartError when we cannot."""
     from poste.dkim.keys import dkim_record
     from poste.dns.update import DNSUpdateError, publish
-    from poste.runtime.service import dns_key_option, dns_server_option
 
-    server = dns_server_option(dns_server)
-    key = dns_key_option(dns_key)
     records = [dkim_record(k.domain, k.selector, k.key) for k in signer.keys]
     try:
         outcomes = await publish(records, zone, server, key)
     except DNSUpdateError as exc:
-        raise click.ClickException(f"cannot publish the DKIM keys: {exc}") from None
+        raise StartError(f"cannot publish the DKIM keys: {exc}") from None
     for o in outcomes:
         log.info("dns %s", o.line())
 
 
-@click.command()
-@click.option("--domain", "-d", required=True, help="The signing domain (d= tag).")
-@click.option(
-    "--selector", "-s", "selectors", multiple=True, required=True, help="Selector, one per key."
-)
-@click.option(
-    "--private-key",
-    "-k",
-    "paths",
-    multiple=True,
-    required=True,
-    type=click.Path(dir_okay=False),
-    help="DKIM key (PEM, rsa or ed25519); repeat with --selector for dual signing.",
-)
-@destination_option
-@listen_option
-@hostname_option
-@click.option("--dns-server", metavar="IP[:PORT]", help="Primary DNS server to publish keys to.")
-@click.option("--dns-key", metavar="NAME:ALG:SECRET", help="TSIG key allowed to update the zone.")
-@click.option("--zone", help="Zone to update (default: --domain).")
-@sign_header_options[0]
-@sign_header_options[1]
-@verbose_option
-def main(
-    domain: str,
-    selectors: tuple[str, ...],
-    paths: tuple[str, ...],
-    destination: str,
-    listen: str,
-    hostname: str | None,
-    dns_server: str | None,
-    dns_key: str | None,
-    zone: str | None,
-    sign_headers: str | None,
-    oversign: str | None,
-    verbose: int,
-) -> None:
-    """DKIM-sign every mail and pass it on to --destination."""
-    if bool(dns_server) != bool(dns_key):
-        raise click.UsageError("--dns-server and --dns-key go together")
-    signer = make_signer(domain, selectors, paths, sign_headers, oversign)
-    host, port = parse_hostport(listen, 25)
-    dest_host, dest_port = parse_hostport(destination, 25)
-    if dns_server and dns_key:
-        # Check the flags now, so a typo is an error before anything starts.
-        from poste.runtime.service import dns_key_option, dns_server_option
+def signer_of(values: Values) -> Signer:
+    return make_signer(str(values["domain"]), values["selector"], values["private-key"],
+                       values["sign-headers"], values["oversign"])
 
-        dns_server_option(dns_server)
-        dns_key_option(dns_key)
-    setup_logging(verbose)
+
+def _dns_pair(values: Values) -> tuple[str | None, str | None]:
+    server, key = values["dns-server"], values["dns-key"]
+    if bool(server) != bool(key):
+        raise ConfigError(None, "{0} and {1} go together", names=("dns-server", "dns-key"))
+    return server, key
+
+
+def publisher(values: Values, signer: Signer) -> list[Job]:
+    """With dns-server and dns-key: publish the keys before the listener opens."""
+    server, key = _dns_pair(values)
+    if not server or not key:
+        return []
+    primary, tsig = dns_target(server, key)  # a typo is an error before anything starts
+    zone = values["zone"] or values["domain"]
+
+    async def publish() -> None:
+        await publish_keys(signer, primary, tsig, zone)
+
+    return [publish]
+
+
+def build(values: Values) -> Parts:
+    """`poste signer`: sign, then the next hop over SMTP."""
+    _dns_pair(values)  # a usage error before the keys are read
+    signer = signer_of(values)
+    host, port = parse_hostport(values["listen"], 25, "listen")
+    dest_host, dest_port = parse_hostport(values["destination"], 25, "destination")
     service = SMTPService(
-        SignerStage(signer),
-        SMTPHop(dest_host, dest_port, helo=hostname),
-        host=host,
-        port=port,
-        hostname=hostname,
+        SignerStage(signer), SMTPHop(dest_host, dest_port, helo=values["hostname"]),
+        host=host, port=port, hostname=values["hostname"],
     )
-
-    async def on_start() -> None:
-        if dns_server and dns_key:
-            await publish_keys(signer, dns_server, dns_key, zone or domain)
-
-    run_services(service, on_start=on_start)
+    return Parts([service], before=publisher(values, signer))

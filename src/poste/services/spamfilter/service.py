@@ -14,21 +14,14 @@ from __future__ import annotations
 import asyncio
 import logging
 
-import click
 from prometheus_client import Counter
 
 from poste.runtime.hostport import parse_hostport
-from poste.runtime.service import (
-    destination_option,
-    hostname_option,
-    listen_option,
-    run_services,
-    setup_logging,
-    tls_cert_option,
-    tls_context_from,
-    tls_key_option,
-    verbose_option,
-)
+from poste.runtime.run import Job, Parts
+from poste.runtime.settings import ConfigError, Values
+from poste.runtime.tls import tls_files
+from poste.smtp.client import SMTPHop
+from poste.smtp.server import SMTPService
 from poste.smtp.stage import Envelope, Stage, Verdict
 from poste.spam import UNKNOWN, default_db_file
 from poste.spam.database import Database, DatabaseError
@@ -43,7 +36,7 @@ DEFAULT_HEADER = "X-Spamtacus"
 
 def check_field_name(name: str) -> str:
     if not name or not all(33 <= ord(c) <= 126 and c != ":" for c in name):
-        raise click.BadParameter(f"not a header field name: {name!r}", param_hint="--header-name")
+        raise ConfigError("header-name", f"not a header field name: {name!r}")
     return name
 
 
@@ -114,95 +107,41 @@ def build_stage(
 ) -> SpamfilterStage:
     """Check the settings and build the stage, for `poste spamfilter` and `poste up` alike.
 
-    Bad input raises click.BadParameter naming the flag (`poste up` names the
-    config key instead).  The database is loaded and its table built here, so
+    Bad input raises a ConfigError naming the setting.  The database is loaded and its table built here, so
     a damaged file stops the start, not the first mail.
     """
     check_field_name(header_name)
-    for value, flag in ((ham_cutoff, "--ham-cutoff"), (spam_cutoff, "--spam-cutoff")):
+    for value, key in ((ham_cutoff, "ham-cutoff"), (spam_cutoff, "spam-cutoff")):
         if not 0.0 <= value <= 1.0:
-            raise click.BadParameter(f"{value} is not between 0 and 1", param_hint=flag)
+            raise ConfigError(key, f"{value} is not between 0 and 1")
     if ham_cutoff > spam_cutoff:
-        raise click.BadParameter(
-            f"{ham_cutoff} must not be above the spam cutoff {spam_cutoff}",
-            param_hint="--ham-cutoff",
-        )
+        raise ConfigError("ham-cutoff", f"{ham_cutoff} must not be above the spam cutoff {spam_cutoff}")
     try:
         database = Database.load(db if db is not None else default_db_file())
     except DatabaseError as exc:
-        raise click.BadParameter(str(exc), param_hint="--db") from None
+        raise ConfigError("db", str(exc)) from None
     classifier = Classifier(database, Params(ham_cutoff=ham_cutoff, spam_cutoff=spam_cutoff))
     return SpamfilterStage(classifier, header_name, detail, db)
 
 
-@click.command()
-@listen_option
-@destination_option
-@click.option(
-    "--db",
-    "db_path",
-    type=click.Path(dir_okay=False),
-    default=None,
-    help="Token database (default: the one shipped with poste). SIGHUP reloads it.",
-)
-@click.option(
-    "--header-name", default=DEFAULT_HEADER, show_default=True, help="Name of the label field."
-)
-@click.option(
-    "--detail",
-    is_flag=True,
-    help="Also add HEADER-NAME-Detail: with the score and the strongest tokens.",
-)
-@click.option(
-    "--ham-cutoff",
-    type=click.FloatRange(0, 1),
-    default=Params.ham_cutoff,
-    show_default=True,
-    help="Scores below this are labelled 'no'.",
-)
-@click.option(
-    "--spam-cutoff",
-    type=click.FloatRange(0, 1),
-    default=Params.spam_cutoff,
-    show_default=True,
-    help="Scores at or above this are labelled 'yes'.",
-)
-@hostname_option
-@tls_cert_option
-@tls_key_option
-@verbose_option
-def main(
-    listen: str,
-    destination: str,
-    db_path: str | None,
-    header_name: str,
-    detail: bool,
-    ham_cutoff: float,
-    spam_cutoff: float,
-    hostname: str | None,
-    tls_cert: str | None,
-    tls_key: str | None,
-    verbose: int,
-) -> None:
-    """Label each mail X-Spamtacus: yes|no|unknown and pass it on to --destination."""
-    from poste.smtp.client import SMTPHop
-    from poste.smtp.server import SMTPService
-
-    setup_logging(verbose)
-    host, port = parse_hostport(listen, 25)
-    dest_host, dest_port = parse_hostport(destination, 25)
-    ctx = tls_context_from(tls_cert, tls_key)
-    stage = build_stage(db_path, header_name, detail, ham_cutoff, spam_cutoff)
-    service = SMTPService(
-        stage,
-        SMTPHop(dest_host, dest_port, helo=hostname),
-        host=host,
-        port=port,
-        hostname=hostname,
-        tls_context=ctx,
+def stage(values: Values) -> SpamfilterStage:
+    return build_stage(
+        values["db"], values["header-name"], bool(values["detail"]),
+        float(values["ham-cutoff"]), float(values["spam-cutoff"]),
     )
 
-    def on_hup() -> None:
-        asyncio.get_running_loop().create_task(stage.reload())
 
-    run_services(service, on_hup=on_hup)
+def build(values: Values) -> Parts:
+    """`poste spamfilter`: the stage before the next hop; SIGHUP reloads --db (and the
+    certificate)."""
+    host, port = parse_hostport(values["listen"], 25, "listen")
+    dest_host, dest_port = parse_hostport(values["destination"], 25, "destination")
+    tls = tls_files(values)
+    st = stage(values)
+    service = SMTPService(
+        st, SMTPHop(dest_host, dest_port, helo=values["hostname"]), host=host, port=port,
+        hostname=values["hostname"], tls_context=tls.ctx if tls else None,
+    )
+    reloads: list[tuple[str, Job]] = [("spam database", st.reload)]
+    reloads += [("certificate", tls.reload)] if tls else []
+    return Parts([service], reloads=reloads)

@@ -10,25 +10,17 @@ shared login cannot send as someone else of the domain.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from pathlib import Path
 
-import click
-
+from poste.runtime import reloads
 from poste.runtime.hostport import parse_hostport
-from poste.runtime.service import (
-    destination_option,
-    hostname_option,
-    run_services,
-    setup_logging,
-    tls_cert_option,
-    tls_context_from,
-    tls_key_option,
-    verbose_option,
-)
+from poste.runtime.run import Parts
+from poste.runtime.settings import ConfigError, Values
+from poste.runtime.tls import TLSFiles, tls_files
 from poste.services.submission.logins import Authenticator, LoginThrottle, may_send_as
 from poste.smtp.client import SMTPHop
+from poste.smtp.hop import Hop
 from poste.smtp.server import SMTPService
 from poste.smtp.stage import Envelope, Reply, Stage
 from poste.users.repo import UsersRepoError, UsersWatcher
@@ -110,149 +102,57 @@ def build_stage(
     return SubmissionStage(watcher, authenticator)
 
 
-@click.command()
-@click.option(
-    "--domain",
-    "domains",
-    multiple=True,
-    required=True,
-    help="Our domain: the users repository's root entries (repeat for more domains).",
-)
-@destination_option
-@click.option(
-    "--users",
-    required=True,
-    type=click.Path(file_okay=False),
-    help="The Git users repository.",
-)
-@tls_cert_option
-@tls_key_option
-@click.option(
-    "--listen-tls",
-    default=None,
-    metavar="ADDR:PORT",
-    help="Implicit TLS listener (port 465 style; default 0.0.0.0:465).",
-)
-@click.option(
-    "--listen",
-    default=None,
-    metavar="ADDR:PORT",
-    help="STARTTLS listener, TLS mandatory (port 587 style; default 0.0.0.0:587).",
-)
-@hostname_option
-@click.option(
-    "--poll-interval",
-    default=2.0,
-    show_default=True,
-    type=click.FloatRange(min=0.05),
-    help="Seconds between checks of the users repository's HEAD (SIGHUP reloads at once).",
-)
-@click.option(
-    "--auth-delay",
-    default=0.5,
-    show_default=True,
-    type=click.FloatRange(min=0),
-    help="Delay before answering the first failed login of a client; doubles per failure.",
-)
-@click.option("--auth-max-delay", default=8.0, show_default=True, type=click.FloatRange(min=0))
-@click.option(
-    "--auth-max-failures",
-    default=10,
-    show_default=True,
-    type=click.IntRange(min=1),
-    help="Failed logins (within --auth-lockout seconds) before a client network is locked out.",
-)
-@click.option(
-    "--auth-lockout",
-    default=900.0,
-    show_default=True,
-    type=click.FloatRange(min=0),
-    help="Seconds a locked-out client network gets 454 to AUTH.",
-)
-@click.option(
-    "--auth-concurrency",
-    default=4,
-    show_default=True,
-    type=click.IntRange(min=1),
-    help="Password checks running at once (argon2id takes 64 MiB each).",
-)
-@verbose_option
-def main(
-    domains: tuple[str, ...],
-    destination: str,
-    users: str,
-    tls_cert: str | None,
-    tls_key: str | None,
-    listen_tls: str | None,
-    listen: str | None,
-    hostname: str | None,
-    poll_interval: float,
-    auth_delay: float,
-    auth_max_delay: float,
-    auth_max_failures: int,
-    auth_lockout: float,
-    auth_concurrency: int,
-    verbose: int,
-) -> None:
-    """Authenticated submission: 465 (implicit TLS) and 587 (STARTTLS), AUTH PLAIN/LOGIN.
-
-    With neither --listen-tls nor --listen, both listen on their standard
-    ports; with one of them, only that one.
-    """
-    setup_logging(verbose)
-    if not tls_cert or not tls_key:
-        raise click.UsageError("submission needs --tls-cert and --tls-key (AUTH only under TLS)")
-    ctx = tls_context_from(tls_cert, tls_key)
-    if listen_tls is None and listen is None:
-        listen_tls, listen = "0.0.0.0:465", "0.0.0.0:587"
-    dest_host, dest_port = parse_hostport(destination, 25)
-    tls_addr = parse_hostport(listen_tls, 465) if listen_tls is not None else None
-    starttls_addr = parse_hostport(listen, 587) if listen is not None else None
-    throttle = make_throttle(auth_delay, auth_max_delay, auth_max_failures, auth_lockout)
+def stage(values: Values, watcher: UsersWatcher | None = None) -> SubmissionStage:
+    """The stage of the settings; `watcher` as for `build_stage`."""
+    throttle = make_throttle(
+        float(values["auth-delay"]), float(values["auth-max-delay"]),
+        int(values["auth-max-failures"]), float(values["auth-lockout"]),
+    )
     try:
-        stage = build_stage(
-            users,
-            domains,
-            poll_interval=poll_interval,
-            throttle=throttle,
-            concurrency=auth_concurrency,
+        return build_stage(
+            values["users"], tuple(values["domain"]), poll_interval=float(values["poll-interval"]),
+            throttle=throttle, concurrency=int(values["auth-concurrency"]), watcher=watcher,
         )
     except (UsersRepoError, ValueError) as exc:
-        raise click.ClickException(str(exc)) from None
-    hop = SMTPHop(dest_host, dest_port, helo=hostname)
+        raise ConfigError(None, str(exc)) from None
+
+
+def listeners(values: Values, stage: SubmissionStage, hop: Hop, tls: TLSFiles) -> Parts:
+    """The two listeners (or the one asked for), TLS on both; SIGHUP reloads the certificate."""
+    listen_tls, listen = values["listen-tls"], values["listen"]
+    if listen_tls is None and listen is None:
+        listen_tls, listen = "0.0.0.0:465", "0.0.0.0:587"
     services: list[SMTPService] = []
-    if tls_addr is not None:
-        host, port = tls_addr
-        services.append(
-            SMTPService(
-                stage,
-                hop,
-                host=host,
-                port=port,
-                hostname=hostname,
-                tls_context=ctx,
-                implicit_tls=True,
-            )
-        )
-    if starttls_addr is not None:
-        host, port = starttls_addr
-        services.append(
-            SMTPService(
-                stage,
-                hop,
-                host=host,
-                port=port,
-                hostname=hostname,
-                tls_context=ctx,
-                require_tls=True,
-            )
-        )
+    name = values["hostname"]
+    if listen_tls:
+        host, port = parse_hostport(listen_tls, 465, "listen-tls")
+        services.append(SMTPService(stage, hop, host=host, port=port, hostname=name,
+                                    tls_context=tls.ctx, implicit_tls=True))
+    if listen:
+        host, port = parse_hostport(listen, 587, "listen")
+        services.append(SMTPService(stage, hop, host=host, port=port, hostname=name,
+                                    tls_context=tls.ctx, require_tls=True))
+    return Parts(services, reloads=[("certificate", tls.reload)])
 
-    hup_tasks: set[asyncio.Task[bool]] = set()
 
-    def on_hup() -> None:
-        task = asyncio.get_running_loop().create_task(stage.watcher.areload())
-        hup_tasks.add(task)
-        task.add_done_callback(hup_tasks.discard)
+def tls_of(values: Values) -> TLSFiles:
+    """AUTH is offered only under TLS: no certificate, no submission."""
+    tls = tls_files(values) if values["tls-cert"] and values["tls-key"] else None
+    if tls is None:
+        raise ConfigError(None, "submission needs {0} and {1} (AUTH only under TLS)",
+                          names=("tls-cert", "tls-key"))
+    return tls
 
-    run_services(*services, background=[stage.watcher.run], on_hup=on_hup)
+
+def build(values: Values) -> Parts:
+    """`poste submission`: its own users watcher, and the next hop over SMTP."""
+    tls = tls_of(values)
+    dest_host, dest_port = parse_hostport(values["destination"], 25, "destination")
+    for key, port in (("listen-tls", 465), ("listen", 587)):  # every flag checked before
+        if values[key] is not None:                            # the users are read
+            parse_hostport(values[key], port, key)
+    st = stage(values)
+    parts = listeners(values, st, SMTPHop(dest_host, dest_port, helo=values["hostname"]), tls)
+    parts.background.append(st.watcher.run)
+    parts.reloads.insert(0, ("users", reloads.users(st.watcher)))
+    return parts

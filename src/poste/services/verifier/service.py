@@ -17,26 +17,17 @@ import logging
 import socket
 from collections.abc import Sequence
 
-import click
-
 from poste import metrics
 from poste.dns.resolver import NameserverError
 from poste.runtime.hostport import parse_hostport
-from poste.runtime.service import (
-    destination_option,
-    hostname_option,
-    listen_option,
-    run_services,
-    setup_logging,
-    tls_cert_option,
-    tls_context_from,
-    tls_key_option,
-    verbose_option,
-)
+from poste.runtime.run import Parts
+from poste.runtime.settings import ConfigError, Values
+from poste.runtime.tls import TLSFiles, tls_files
 from poste.services.verifier.authenticate import Authenticator, Report
 from poste.services.verifier.dmarc import PSLError, load_psl
 from poste.services.verifier.spf import resolver_for
 from poste.smtp.client import SMTPHop
+from poste.smtp.hop import Hop
 from poste.smtp.server import SMTPService
 from poste.smtp.stage import Envelope, Reply, Stage, Verdict
 
@@ -123,24 +114,23 @@ def build_stage(
 ) -> VerifierStage:
     """Check the settings and build the stage, for `poste verifier` and `poste up` alike.
 
-    Bad input raises click.BadParameter naming the flag (`poste up` names the
-    config key instead).
+    Bad input raises a ConfigError naming the setting.
     """
     for d in domains:
         if not d.strip() or "@" in d or " " in d:
-            raise click.BadParameter(f"{d!r} is not a domain name", param_hint="--domain")
+            raise ConfigError("domain", f"{d!r} is not a domain name")
     if postmaster and "@" not in postmaster:
-        raise click.BadParameter(f"{postmaster!r} is not an address", param_hint="--postmaster")
+        raise ConfigError("postmaster", f"{postmaster!r} is not an address")
     if dns_timeout <= 0:
-        raise click.BadParameter("must be positive", param_hint="--dns-timeout")
+        raise ConfigError("dns-timeout", "must be positive")
     try:
         resolver = resolver_for(nameservers, dns_timeout)
     except NameserverError as exc:
-        raise click.BadParameter(str(exc), param_hint="--nameserver") from None
+        raise ConfigError("nameserver", str(exc)) from None
     try:
         psl = load_psl(psl_file) if psl_file else None
     except PSLError as exc:
-        raise click.BadParameter(str(exc), param_hint="--psl") from None
+        raise ConfigError("psl", str(exc)) from None
     name = hostname or socket.getfqdn()
     return VerifierStage(
         list(domains),
@@ -154,84 +144,41 @@ def _oneline(text: str) -> str:
     return "".join(c if 32 <= ord(c) < 127 else " " for c in text)[:400]
 
 
-@click.command()
-@click.option(
-    "--domain",
-    "domains",
-    multiple=True,
-    required=True,
-    metavar="DOMAIN",
-    help="A domain we receive mail for (repeatable).",
-)
-@destination_option
-@click.option("--postmaster", metavar="ADDR", help="Our postmaster's address (always accepted).")
-@listen_option
-@tls_cert_option
-@tls_key_option
-@click.option(
-    "--nameserver",
-    "nameservers",
-    multiple=True,
-    metavar="[tcp:|udp:]IP[:PORT]",
-    help="DNS server for SPF/DKIM/DMARC lookups (repeatable; default: the system's).",
-)
-@click.option("--dns-timeout", default=5.0, show_default=True, help="Seconds per DNS query.")
-@click.option(
-    "--psl",
-    "psl_file",
-    metavar="FILE",
-    help="A public_suffix_list.dat fresher than the packaged one (DMARC organisational domains).",
-)
-@hostname_option
-@click.option("--require-tls", is_flag=True, help="Refuse mail before STARTTLS (530).")
-@click.option(
-    "--reject-failures",
-    is_flag=True,
-    help="Refuse SPF fail and DMARC p=reject failures with 550 (default: label only).",
-)
-@verbose_option
-def main(
-    domains: tuple[str, ...],
-    destination: str,
-    postmaster: str | None,
-    listen: str,
-    tls_cert: str | None,
-    tls_key: str | None,
-    nameservers: tuple[str, ...],
-    dns_timeout: float,
-    psl_file: str | None,
-    hostname: str | None,
-    require_tls: bool,
-    reject_failures: bool,
-    verbose: int,
-) -> None:
-    """The public MX: label mail with SPF, DKIM and DMARC, pass it to --destination."""
-    host, port = parse_hostport(listen, 25)
-    dest_host, dest_port = parse_hostport(destination, 25)
-    try:
-        stage = build_stage(
-            domains,
-            postmaster=postmaster,
-            nameservers=nameservers,
-            dns_timeout=dns_timeout,
-            psl_file=psl_file,
-            hostname=hostname,
-            reject_failures=reject_failures,
-        )
-    except click.BadParameter as exc:  # one line, as every poste command
-        raise click.ClickException(f"{exc.param_hint}: {exc.message}") from None
-    ctx = tls_context_from(tls_cert, tls_key)
-    if require_tls and ctx is None:
-        raise click.ClickException("--require-tls needs --tls-cert and --tls-key")
-    setup_logging(verbose)
-    name = stage.auth.hostname
-    service = SMTPService(
-        stage,
-        SMTPHop(dest_host, dest_port, helo=name),
-        host=host,
-        port=port,
-        hostname=name,
-        tls_context=ctx,
-        require_tls=require_tls,
+def stage(values: Values) -> VerifierStage:
+    """The stage of the settings (`poste up` chains it to the spamfilter in memory)."""
+    return build_stage(
+        values["domain"],
+        postmaster=values["postmaster"],
+        nameservers=values["nameserver"],
+        dns_timeout=float(values["dns-timeout"]),
+        psl_file=values["psl"],
+        hostname=values["hostname"],
+        reject_failures=bool(values["reject-failures"]),
     )
-    run_services(service)
+
+
+def tls_of(values: Values) -> TLSFiles | None:
+    tls = tls_files(values)
+    if values["require-tls"] and tls is None:
+        raise ConfigError(None, "{0} needs {1} and {2}",
+                          names=("require-tls", "tls-cert", "tls-key"))
+    return tls
+
+
+def listener(values: Values, stage: VerifierStage, hop: Hop, tls: TLSFiles | None) -> Parts:
+    """The MX's listener in front of `hop`; SIGHUP loads its certificate again."""
+    host, port = parse_hostport(values["listen"], 25, "listen")
+    service = SMTPService(
+        stage, hop, host=host, port=port, hostname=stage.auth.hostname,
+        tls_context=tls.ctx if tls else None, require_tls=bool(values["require-tls"]),
+    )
+    return Parts([service], reloads=[("certificate", tls.reload)] if tls else [])
+
+
+def build(values: Values) -> Parts:
+    """`poste verifier`: the stage, and the next hop over SMTP."""
+    dest_host, dest_port = parse_hostport(values["destination"], 25, "destination")
+    parse_hostport(values["listen"], 25, "listen")
+    st = stage(values)
+    tls = tls_of(values)
+    return listener(values, st, SMTPHop(dest_host, dest_port, helo=st.auth.hostname), tls)

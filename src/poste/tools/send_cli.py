@@ -10,7 +10,7 @@ from collections.abc import Callable
 import aiosmtplib
 import click
 
-from poste.runtime.hostport import parse_hostport
+from poste.runtime.command import hostport_arg
 from poste.smtp.client import SendResult, send_message
 from poste.smtp.tls import client_context
 
@@ -58,7 +58,7 @@ def deliver(
     password: str | None = None,
     implicit_tls: bool = False,
 ) -> None:
-    host, port = parse_hostport(server, default_port)
+    host, port = hostport_arg(server, default_port)
     implicit = implicit_tls or (username is not None and port == 465)
     ctx = client_context(cafile)
     try:

@@ -1,0 +1,65 @@
+"""The relay's settings: `poste relay` flags and `[relay]` keys (and the scheduler's defaults)."""
+
+from poste.runtime.settings import (
+    DIR,
+    DURATION,
+    FILE,
+    FLAG,
+    HOSTNAME,
+    INT,
+    LISTEN,
+    NAMESERVER,
+    OPERATIONS,
+    PATH,
+    STR,
+    STRS,
+    Setting,
+    find,
+)
+
+SETTINGS = (
+    Setting("domain", STRS, required=True, metavar="D",
+            help="Our mail domain (repeat for more; the first is the users' default)."),
+    Setting("postmaster", required=True, metavar="ADDR", help="Where mail to postmaster@ goes."),
+    Setting("users", PATH, required=True, help="The Git users repository."),
+    Setting("spool", DIR, required=True, help="Queue folder (created if missing)."),
+    LISTEN.but(stack_default=None),  # in `poste up`, the relay's own listener is optional
+    NAMESERVER.but(help="DNS resolver for MX lookups (default: resolv.conf)."),
+    Setting("smtp-port", INT, default=25, min=1, max=65535, show_default=True,
+            help="Port of remote MX hosts (change only for tests)."),
+    Setting("granted", STRS, metavar="CIDR",
+            help="Networks allowed to relay to non-local recipients "
+                 "[default: 127.0.0.0/8, ::1/128]."),
+    Setting("srs-secret", STR, metavar="TEXT", help="SRS secret (prefer --srs-secret-file)."),
+    Setting("srs-secret-file", FILE,
+            help="SRS secrets, one a line: the first signs, all verify. "
+                 "Default: SPOOL/srs-secret, generated once."),
+    HOSTNAME,
+    Setting("retry-min", DURATION, default="5m", show_default=True,
+            help="First retry delay; doubles each attempt."),
+    Setting("retry-max", DURATION, default="4h", show_default=True, help="Longest retry delay."),
+    Setting("lifetime", DURATION, default="5d", show_default=True,
+            help="Give up (failure DSN) after this long in the queue."),
+    Setting("warn-after", DURATION, default="4h", show_default=True,
+            help="Send a delay DSN after this long (0: never)."),
+    Setting("domain-concurrency", INT, default=10, min=1, max=1000, show_default=True,
+            help="SMTP sessions at once per destination domain."),
+    Setting("queue-rescan", DURATION, default="30s", show_default=True,
+            help="How often to re-read the spool (for `poste queue retry|delete`)."),
+    Setting("users-poll", DURATION, default="2s", show_default=True,
+            help="How often to check the users repository for a new commit."),
+    Setting("max-received", INT, default=30, min=1, max=1000, show_default=True,
+            help="More Received: fields than this is a loop (554)."),
+    Setting("no-ipv6", FLAG, default=False, help="Deliver over IPv4 only."),
+    Setting("self-address", STRS, metavar="IP",
+            help="Another address of ours (e.g. the public IP of our MX): mail whose MX "
+                 "resolves to it, or to --listen, loops back and is bounced (5.4.6)."),
+    Setting("mailbox", PATH, cli=False,
+            help="Deliver everything into this folder instead of MX hosts (the demo)."),
+    *OPERATIONS,
+)
+
+
+def default(key: str) -> float:
+    """A default as the scheduler's `Policy` takes it (seconds, counts)."""
+    return float(find(SETTINGS, key).initial())

@@ -1,0 +1,36 @@
+"""The verifier's settings: `poste verifier` flags and `[verifier]` keys."""
+
+from poste.runtime.settings import (
+    DESTINATION,
+    FLAG,
+    FLOAT,
+    HOSTNAME,
+    LISTEN,
+    NAMESERVER,
+    OPERATIONS,
+    PATH,
+    STRS,
+    TLS_CERT,
+    TLS_KEY,
+    Setting,
+)
+
+SETTINGS = (
+    Setting("domain", STRS, required=True, metavar="DOMAIN",
+            help="A domain we receive mail for (repeatable)."),
+    DESTINATION,
+    Setting("postmaster", metavar="ADDR", help="Our postmaster's address (always accepted)."),
+    LISTEN.but(stack_default="0.0.0.0:25"),
+    TLS_CERT,
+    TLS_KEY,
+    NAMESERVER.but(help="DNS server for SPF/DKIM/DMARC lookups (repeatable; default: the system's)."),
+    Setting("dns-timeout", FLOAT, default=5.0, show_default=True, help="Seconds per DNS query."),
+    Setting("psl", PATH, metavar="FILE",
+            help="A public_suffix_list.dat fresher than the packaged one"
+                 " (DMARC organisational domains)."),
+    HOSTNAME,
+    Setting("require-tls", FLAG, default=False, help="Refuse mail before STARTTLS (530)."),
+    Setting("reject-failures", FLAG, default=False,
+            help="Refuse SPF fail and DMARC p=reject failures with 550 (default: label only)."),
+    *OPERATIONS,
+)
