@@ -69,6 +69,7 @@ class Stack:
     tls: list[TLSFiles] = field(default_factory=list)
     mailbox: Path | None = None
     on_start: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    on_stop: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
     spam_stage: Stage | None = None
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
@@ -114,6 +115,8 @@ class Stack:
         self._tasks = []
         for service in self.services:
             await service.stop()
+        for job in self.on_stop:
+            await job()
         await self.relay.stop()
 
     async def reload(self) -> None:
@@ -374,10 +377,16 @@ def _assemble(cfg: StackConfig, parts: RelayParts, mailbox: Path | None) -> Stac
                 float(sub.get("auth-max-delay", 8.0)),
                 int(sub.get("auth-max-failures", 10)),
                 float(sub.get("auth-lockout", 900.0)),
+                net_failures=int(sub.get("auth-net-failures", 30)),
+                account_failures=int(sub.get("auth-account-failures", 10)),
+                # the failed-login counters live beside the spool unless told otherwise
+                state=sub.get("auth-state")
+                or Path(relay.need("spool")).parent / "submission-auth.json",
             ),
             concurrency=int(sub.get("auth-concurrency", 4)),
             watcher=parts.watcher,  # one watcher: relay and submission see a commit together
         )
+        stack.on_stop.append(s_stage.authenticator.brake.flush)  # the AUTH counters on disk
         s_tls = _tls(sub, required=True)
         assert s_tls is not None
         stack.tls.append(s_tls)

@@ -27,7 +27,8 @@ from poste.runtime.service import (
     tls_key_option,
     verbose_option,
 )
-from poste.services.submission.logins import Authenticator, LoginThrottle, may_send_as
+from poste.services.submission.brake import AuthBrake
+from poste.services.submission.logins import Authenticator, may_send_as
 from poste.smtp.client import SMTPHop
 from poste.smtp.server import SMTPService
 from poste.smtp.stage import Envelope, Reply, Stage
@@ -37,6 +38,7 @@ log = logging.getLogger("poste.submission")
 
 AUTH_INVALID = Reply(535, "5.7.8 Authentication credentials invalid")
 AUTH_LOCKED = Reply(454, "4.7.0 Too many failed logins, try again later")
+AUTH_BUSY = Reply(454, "4.7.0 Another login from your address is being checked, try again later")
 NOT_YOURS = Reply(553, "5.7.1 Sender address not owned by the authenticated user")
 NULL_SENDER = Reply(553, "5.7.1 The null sender is not allowed in submission")
 
@@ -55,7 +57,7 @@ class SubmissionStage(Stage):
         user, reason = await self.authenticator.check(env.peer_ip, username, password)
         if user is not None:
             return None
-        return AUTH_LOCKED if reason == "locked" else AUTH_INVALID
+        return {"locked": AUTH_LOCKED, "busy": AUTH_BUSY}.get(reason or "", AUTH_INVALID)
 
     async def on_mail(self, env: Envelope, sender: str) -> Reply | None:
         if not env.auth_user:  # the core refuses this first; a chained use must not skip it
@@ -75,15 +77,25 @@ class SubmissionStage(Stage):
 
 
 def make_throttle(
-    delay: float = 0.5, max_delay: float = 8.0, max_failures: int = 10, lockout: float = 900.0
-) -> LoginThrottle:
-    """The password-guessing brake of the --auth-* flags (failures count within the lockout)."""
-    return LoginThrottle(
+    delay: float = 0.5,
+    max_delay: float = 8.0,
+    max_failures: int = 10,
+    lockout: float = 900.0,
+    *,
+    net_failures: int = 30,
+    account_failures: int = 10,
+    state: str | Path | None = None,
+) -> AuthBrake:
+    """The AUTH brake of the --auth-* flags (failures count within the lockout, >= 60 s)."""
+    return AuthBrake(
         base_delay=delay,
         max_delay=max_delay,
-        max_failures=max_failures,
+        addr_budget=max_failures,
+        net_budget=net_failures,
+        account_budget=account_failures,
         window=max(lockout, 60.0),
         lockout=lockout,
+        state_file=state,
     )
 
 
@@ -92,7 +104,7 @@ def build_stage(
     domains: tuple[str, ...],
     *,
     poll_interval: float = 2.0,
-    throttle: LoginThrottle | None = None,
+    throttle: AuthBrake | None = None,
     concurrency: int = 4,
     watcher: UsersWatcher | None = None,
 ) -> SubmissionStage:
@@ -160,14 +172,35 @@ def build_stage(
     default=10,
     show_default=True,
     type=click.IntRange(min=1),
-    help="Failed logins (within --auth-lockout seconds) before a client network is locked out.",
+    help="Failed logins (within --auth-lockout seconds) before a client address is locked out.",
+)
+@click.option(
+    "--auth-net-failures",
+    default=30,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Failed logins before a client network (IPv4 /24, IPv6 /48) is locked out.",
+)
+@click.option(
+    "--auth-account-failures",
+    default=10,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Failed logins against one account after which only clients that have not "
+    "failed against it may try it.",
+)
+@click.option(
+    "--auth-state",
+    default=None,
+    type=click.Path(dir_okay=False),
+    help="File keeping the failed-login counters across restarts (JSON; default: memory only).",
 )
 @click.option(
     "--auth-lockout",
     default=900.0,
     show_default=True,
     type=click.FloatRange(min=0),
-    help="Seconds a locked-out client network gets 454 to AUTH.",
+    help="Seconds a locked-out client or network gets 454 to AUTH.",
 )
 @click.option(
     "--auth-concurrency",
@@ -190,6 +223,9 @@ def main(
     auth_delay: float,
     auth_max_delay: float,
     auth_max_failures: int,
+    auth_net_failures: int,
+    auth_account_failures: int,
+    auth_state: str | None,
     auth_lockout: float,
     auth_concurrency: int,
     verbose: int,
@@ -208,7 +244,15 @@ def main(
     dest_host, dest_port = parse_hostport(destination, 25)
     tls_addr = parse_hostport(listen_tls, 465) if listen_tls is not None else None
     starttls_addr = parse_hostport(listen, 587) if listen is not None else None
-    throttle = make_throttle(auth_delay, auth_max_delay, auth_max_failures, auth_lockout)
+    throttle = make_throttle(
+        auth_delay,
+        auth_max_delay,
+        auth_max_failures,
+        auth_lockout,
+        net_failures=auth_net_failures,
+        account_failures=auth_account_failures,
+        state=auth_state,
+    )
     try:
         stage = build_stage(
             users,
@@ -255,4 +299,9 @@ def main(
         hup_tasks.add(task)
         task.add_done_callback(hup_tasks.discard)
 
-    run_services(*services, background=[stage.watcher.run], on_hup=on_hup)
+    run_services(
+        *services,
+        background=[stage.watcher.run],
+        on_hup=on_hup,
+        on_stop=stage.authenticator.brake.flush,
+    )
