@@ -5,7 +5,9 @@ STARTTLS.  The core offers AUTH PLAIN/LOGIN only under TLS and only because
 the stage has `authenticate`; MAIL before AUTH gets 530.  What ptt did not
 check, poste does: the envelope sender must be the logged-in user's own
 address (or an alias, or a +tag of it), else 553 5.7.1, so a stolen or
-shared login cannot send as someone else of the domain.
+shared login cannot send as someone else of the domain; and so must the
+header From:/Sender: (sender_policy.py), so nothing is signed in another's
+name.  The AUTH brake (brake.py) keeps password guessing slow.
 """
 
 from __future__ import annotations
@@ -28,10 +30,11 @@ from poste.runtime.service import (
     verbose_option,
 )
 from poste.services.submission.brake import AuthBrake
-from poste.services.submission.logins import Authenticator, may_send_as
+from poste.services.submission.logins import Authenticator, may_send_as, resolve_login
+from poste.services.submission.sender_policy import check_header
 from poste.smtp.client import SMTPHop
 from poste.smtp.server import SMTPService
-from poste.smtp.stage import Envelope, Reply, Stage
+from poste.smtp.stage import Envelope, Reply, Stage, Verdict
 from poste.users.repo import UsersRepoError, UsersWatcher
 
 log = logging.getLogger("poste.submission")
@@ -74,6 +77,26 @@ class SubmissionStage(Stage):
             )
             return NOT_YOURS
         return None
+
+    async def on_data(self, env: Envelope, data: bytes) -> Verdict:
+        db = self.watcher.db
+        user = resolve_login(db, env.auth_user or "")
+        if user is None:
+            reply: Reply | None = NOT_YOURS
+        elif len(data) > 65536:  # a long header section is read off the event loop
+            reply = await asyncio.to_thread(check_header, db, user, data)
+        else:
+            reply = check_header(db, user, data)
+        if reply is not None:
+            log.warning(
+                "%s user %r: header refused: %s (ip=%s)",
+                env.queue_id,
+                env.auth_user,
+                reply,
+                env.peer_ip,
+            )
+            return Verdict(reply=reply)
+        return Verdict()
 
 
 def make_throttle(
