@@ -56,6 +56,18 @@ def test_delay_grows_then_locks_out_then_expires() -> None:
     assert b.lockouts_total == 1 and b.failures_total == 7
 
 
+def test_failures_are_padded_above_what_checks_take_now() -> None:
+    clock = Clock()
+    b = AuthBrake(base_delay=0.5, max_delay=0.5, clock=clock)
+    ticket = b.admit("192.0.2.1", "bob")
+    assert b.failure(ticket)[1] == 0.5  # no history yet: the configured delay
+    for took in (0.2, 2.0, 2.0, 2.0):  # the machine got slow
+        b.observe(took)
+    ticket = b.admit("192.0.2.2", "bob")
+    clock.now += 2.0  # this check took 2 s
+    assert b.failure(ticket, began=ticket.started)[1] == pytest.approx(0.5)  # 1.25 * 2 s - 2 s
+
+
 def test_a_success_refunds_its_own_charge_only() -> None:
     clock = Clock()
     b = AuthBrake(base_delay=1, max_delay=60, addr_budget=3, window=60, clock=clock)

@@ -27,9 +27,11 @@ Every AUTH goes through four gates before its password is checked:
 
 Every failed answer is held until `delay(n)` after its check began (n: the
 client's failures in the window, so it depends on neither the account nor
-the hash), and the caller always runs exactly one argon2id check (see
-logins.Authenticator), so a failure costs the same time whatever the
-account.
+the hash), and never sooner than 1.25 x the 90th percentile of the recent
+checks' durations, so the padding still binds when the machine is loaded and
+a check takes longer than `delay(n)`.  The caller always runs exactly one
+argon2id check (see logins.Authenticator), so a failure costs the same time
+whatever the account.
 
 The counters are persisted in `state_file` (JSON, written to a temporary
 file, fsynced, renamed), by one writer task off the event loop, after every
@@ -44,6 +46,7 @@ import json
 import logging
 import os
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -231,6 +234,7 @@ class AuthBrake:
         self.refusals_total = 0
         self.lockouts_total = 0
         self.delays: list[float] = []  # the last delays handed out (operators, tests)
+        self._durations: deque[float] = deque(maxlen=16)  # the last checks' own durations
         if self.state_file is not None:
             self._load()
 
@@ -301,8 +305,23 @@ class AuthBrake:
         self.known[ticket.pair] = self.clock()
         self._changed()
 
-    def failure(self, ticket: Ticket) -> tuple[int, float, list[str]]:
-        """The password was wrong: (client failures, seconds until the answer, what locked)."""
+    def observe(self, seconds: float) -> None:
+        """How long one password check took (every check, whatever its outcome)."""
+        self._durations.append(seconds)
+
+    def floor(self) -> float:
+        """No failure is answered sooner after its check began: above what checks take now."""
+        if len(self._durations) < 4:
+            return 0.0
+        ordered = sorted(self._durations)
+        return 1.25 * ordered[int(0.9 * (len(ordered) - 1))]
+
+    def failure(self, ticket: Ticket, began: float | None = None) -> tuple[int, float, list[str]]:
+        """The password was wrong: (client failures, seconds until the answer, what locked).
+
+        `began`: when the check itself started (after waiting for a thread), on the
+        brake's clock; default when the ticket was issued.
+        """
         now = self.clock()
         self.failures_total += 1
         locked = [
@@ -321,7 +340,8 @@ class AuthBrake:
         delay = min(self.max_delay, self.base_delay * 2 ** max(0, n - 1))
         self.delays = [*self.delays[-999:], delay]
         self._changed()
-        return n, max(0.0, ticket.started + delay - now), locked
+        start = ticket.started if began is None else began
+        return n, max(0.0, start + max(delay, self.floor()) - now), locked
 
     def failures(self, ip: str) -> int:
         return self.addr.count(network_key(ip), self.clock())

@@ -91,10 +91,14 @@ class Authenticator:
         passwords.verify(self._dummy, password)  # the argon2id cost every check pays
         return ok
 
-    async def _verify(self, stored: str | None, password: str) -> bool:
+    async def _verify(self, stored: str | None, password: str) -> tuple[bool, float]:
+        """(whether it matched, when the check began on the brake's clock)."""
         async with self._sem:
             self.checks += 1
-            return await asyncio.to_thread(self._check_sync, stored, password)
+            began = self.brake.clock()
+            ok = await asyncio.to_thread(self._check_sync, stored, password)
+            self.brake.observe(self.brake.clock() - began)
+            return ok, began
 
     async def check(self, ip: str, login: str, password: str) -> tuple[User | None, str | None]:
         """(user, None) on success, or (None, reason): "locked", "busy" or "invalid".
@@ -108,14 +112,14 @@ class Authenticator:
             async with self.brake.gate(ip):
                 ticket = self.brake.admit(ip, account)
                 stored = user.password if user is not None else None
-                ok = await self._verify(stored, password)
+                ok, began = await self._verify(stored, password)
                 if ok and user is not None and stored:
                     self.brake.success(ticket)
                     log.info("auth ok ip=%s user=%s", ip, user.address)
                     if self.upgrade and passwords.needs_upgrade(stored):
                         self._start_upgrade(user, stored, password)
                     return user, None
-                failures, wait, locked = self.brake.failure(ticket)
+                failures, wait, locked = self.brake.failure(ticket, began)
                 log.warning(
                     "auth failed ip=%s login=%r failures=%d delay=%.2fs%s",
                     ip,
