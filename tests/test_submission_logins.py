@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from poste.services.submission import logins
-from poste.services.submission.logins import Authenticator, LoginThrottle, may_send_as, network_key
+from poste.services.submission.brake import AuthBrake, Refused, network_key, wide_network_key
+from poste.services.submission.logins import Authenticator, may_send_as
 from poste.services.submission.service import AUTH_INVALID, AUTH_LOCKED, NOT_YOURS, SubmissionStage
 from poste.smtp.stage import Envelope
 from poste.users import passwords, store
@@ -20,53 +21,161 @@ from poste.users.repo import UsersWatcher, load_snapshot
 
 class Clock:
     def __init__(self) -> None:
-        self.now = 1000.0
+        self.now = 1_700_000_000.0
 
     def __call__(self) -> float:
         return self.now
 
 
+def fail(brake: AuthBrake, ip: str, account: str = "bob") -> float:
+    """One wrong password: admitted, charged, confirmed; returns the answer delay."""
+    ticket = brake.admit(ip, account)
+    return brake.failure(ticket)[1]
+
+
 def test_delay_grows_then_locks_out_then_expires() -> None:
     clock = Clock()
-    t = LoginThrottle(
-        base_delay=0.5, max_delay=4.0, max_failures=6, window=600, lockout=900, clock=clock
+    b = AuthBrake(
+        base_delay=0.5, max_delay=4.0, addr_budget=6, window=600, lockout=900, clock=clock
     )
-    delays = [t.failure("192.0.2.1") for _ in range(5)]
+    delays = [fail(b, "192.0.2.1", f"user{i}") for i in range(5)]
     assert delays == [0.5, 1.0, 2.0, 4.0, 4.0]
-    assert t.locked_for("192.0.2.1") == 0
-    assert t.failures("192.0.2.1") == 5
-    t.failure("192.0.2.1")
-    assert t.locked_for("192.0.2.1") == 900
-    assert t.locked_for("192.0.2.2") == 0  # per client
-    t.success("192.0.2.1")  # a success does not lift a lockout
+    assert b.locked_for("192.0.2.1") == 0
+    assert b.failures("192.0.2.1") == 5
+    fail(b, "192.0.2.1", "user5")
+    assert b.locked_for("192.0.2.1") == 900
+    assert b.locked_for("192.0.2.2") == 0  # per client
+    with pytest.raises(Refused) as refused:
+        b.admit("192.0.2.1", "anyone")
+    assert refused.value.reason == "address"
     clock.now += 899
-    assert t.locked_for("192.0.2.1") > 0
+    assert b.locked_for("192.0.2.1") > 0
     clock.now += 2
-    assert t.locked_for("192.0.2.1") == 0
-    assert t.failure("192.0.2.1") == 0.5  # counting starts afresh
-    assert list(t.delays)[-1] == 0.5 and t.lockouts_total == 1 and t.failures_total == 7
+    assert b.locked_for("192.0.2.1") == 0
+    assert fail(b, "192.0.2.1") == 0.5  # counting starts afresh
+    assert b.lockouts_total == 1 and b.failures_total == 7
 
 
-def test_failures_expire_and_success_resets() -> None:
+def test_failures_are_padded_above_what_checks_take_now() -> None:
     clock = Clock()
-    t = LoginThrottle(base_delay=1, max_delay=60, max_failures=10, window=60, clock=clock)
-    t.failure("198.51.100.7")
-    t.failure("198.51.100.7")
+    b = AuthBrake(base_delay=0.5, max_delay=0.5, clock=clock)
+    ticket = b.admit("192.0.2.1", "bob")
+    assert b.failure(ticket)[1] == 0.5  # no history yet: the configured delay
+    for took in (0.2, 2.0, 2.0, 2.0):  # the machine got slow
+        b.observe(took)
+    ticket = b.admit("192.0.2.2", "bob")
+    clock.now += 2.0  # this check took 2 s
+    assert b.failure(ticket, began=ticket.started)[1] == pytest.approx(0.5)  # 1.25 * 2 s - 2 s
+
+
+def test_a_success_refunds_its_own_charge_only() -> None:
+    clock = Clock()
+    b = AuthBrake(base_delay=1, max_delay=60, addr_budget=3, window=60, clock=clock)
+    fail(b, "198.51.100.7")
+    fail(b, "198.51.100.7")
+    b.success(b.admit("198.51.100.7", "mallory"))  # the attacker's own account
+    assert b.failures("198.51.100.7") == 2  # not washed clean
     clock.now += 61
-    assert t.failures("198.51.100.7") == 0
-    assert t.failure("198.51.100.7") == 1
-    t.success("198.51.100.7")
-    assert t.failures("198.51.100.7") == 0
+    assert b.failures("198.51.100.7") == 0
 
 
-def test_ipv6_counts_per_64_and_memory_is_bounded() -> None:
+def test_checks_in_flight_count_against_the_budgets() -> None:
+    b = AuthBrake(addr_budget=100, net_budget=3, clock=Clock())
+    tickets = [b.admit(f"203.0.113.{i}", "bob") for i in range(3)]  # none answered yet
+    with pytest.raises(Refused) as refused:
+        b.admit("203.0.113.99", "bob")
+    assert refused.value.reason == "network"
+    b.success(tickets[0])
+    b.admit("203.0.113.99", "bob")  # the refund made room
+
+
+def test_an_account_under_attack_refuses_its_attackers_not_its_user() -> None:
+    clock = Clock()
+    b = AuthBrake(addr_budget=10, net_budget=1000, account_budget=5, clock=clock)
+    b.success(b.admit("192.0.2.50", "alice"))  # alice's usual address: a known pair
+    for i in range(5):
+        fail(b, f"10.{i}.0.1", "alice")
+    for i in range(5):  # each attacker address has failed once against alice: refused
+        with pytest.raises(Refused) as refused:
+            b.admit(f"10.{i}.0.1", "alice")
+        assert refused.value.reason == "account"
+        fail(b, f"10.{i}.0.1", "carol")  # other accounts are still theirs to try
+    b.success(b.admit("192.0.2.99", "alice"))  # a clean address: checked
+    fail(b, "10.9.0.1", "alice")  # a new attacker gets one guess
+    with pytest.raises(Refused):
+        b.admit("10.9.0.1", "alice")
+    # alice's known address keeps a budget of its own, even once its address is locked out
+    for j in range(10):
+        fail(b, "192.0.2.50", f"x{j}")
+    with pytest.raises(Refused):
+        b.admit("192.0.2.50", "y")
+    b.success(b.admit("192.0.2.50", "alice"))
+    for _ in range(b.pair.budget):
+        fail(b, "192.0.2.50", "alice")
+    with pytest.raises(Refused):
+        b.admit("192.0.2.50", "alice")
+
+
+def test_ipv6_counts_per_64_and_48_and_memory_is_bounded() -> None:
     assert network_key("2001:db8:1:2::5") == network_key("2001:db8:1:2:ffff::1")
     assert network_key("2001:db8:1:3::5") != network_key("2001:db8:1:2::5")
     assert network_key("::ffff:192.0.2.1") == "192.0.2.1"
-    t = LoginThrottle(max_tracked=100)
+    assert wide_network_key("192.0.2.77") == "192.0.2.0/24"
+    assert wide_network_key("2001:db8:1:2::5") == wide_network_key("2001:db8:1:ff::1")
+    b = AuthBrake(max_tracked=100, net_budget=10**6, clock=Clock())
     for i in range(1000):
-        t.failure(f"10.0.{i // 256}.{i % 256}")
-    assert len(t._records) <= 100
+        fail(b, f"10.0.{i // 256}.{i % 256}", f"u{i}")
+    assert len(b.addr.entries) <= 100 and len(b.account.entries) <= 100
+
+
+async def test_counters_survive_a_restart(tmp_path: Path) -> None:
+    state = tmp_path / "state" / "auth.json"
+    clock = Clock()
+    b = AuthBrake(addr_budget=2, account_budget=2, state_file=state, clock=clock)
+    b.success(b.admit("192.0.2.50", "alice"))
+    fail(b, "192.0.2.1", "alice")
+    fail(b, "192.0.2.1", "alice")
+    await b.flush()
+    data = json.loads(state.read_text())
+    assert data["version"] == 1 and "192.0.2.1" in data["address"]
+    again = AuthBrake(addr_budget=2, account_budget=2, state_file=state, clock=clock)
+    with pytest.raises(Refused):
+        again.admit("192.0.2.1", "bob")
+    assert again.locked_for("192.0.2.1") == 900
+    again.success(again.admit("192.0.2.50", "alice"))  # the known pair is remembered too
+    state.write_text("{not json")
+    assert AuthBrake(state_file=state, clock=clock).locked_for("192.0.2.1") == 0
+
+
+async def test_one_check_at_a_time_per_client() -> None:
+    b = AuthBrake(max_waiting=2)
+    inside: list[int] = []
+    release = asyncio.Event()
+
+    async def attempt(i: int) -> str:
+        try:
+            async with b.gate("192.0.2.1"):
+                inside.append(i)
+                assert len(inside) - len(done) == 1
+                await release.wait()
+                done.append(i)
+                return "checked"
+        except Refused as refused:
+            return refused.reason
+
+    done: list[int] = []
+    tasks = [asyncio.create_task(attempt(i)) for i in range(10)]
+    await asyncio.sleep(0.01)
+    other = await asyncio.wait_for(_enter_once(b, "192.0.2.2"), 1)  # other clients: no wait
+    release.set()
+    results = await asyncio.gather(*tasks)
+    assert results.count("checked") == 3 and results.count("busy") == 7
+    assert other == "checked" and b._gates == {}
+
+
+async def _enter_once(b: AuthBrake, ip: str) -> str:
+    async with b.gate(ip):
+        return "checked"
 
 
 def make_repo(tmp_path: Path) -> Path:
@@ -99,7 +208,7 @@ def test_senders_a_user_may_use(tmp_path: Path) -> None:
 async def test_stage_authenticates_upgrades_and_checks_sender(tmp_path: Path) -> None:
     repo = make_repo(tmp_path)
     watcher = UsersWatcher(repo, "our.test")
-    auth = Authenticator(watcher, throttle=LoginThrottle(base_delay=0.001))
+    auth = Authenticator(watcher, throttle=AuthBrake(base_delay=0.001))
     stage = SubmissionStage(watcher, auth)
     env = Envelope(peer_ip="192.0.2.9")
     assert await stage.authenticate(env, "alice", "nope") == AUTH_INVALID
@@ -127,7 +236,7 @@ async def test_lockout_skips_the_password_check(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     watcher = UsersWatcher(make_repo(tmp_path), "our.test")
-    auth = Authenticator(watcher, throttle=LoginThrottle(base_delay=0, max_failures=2))
+    auth = Authenticator(watcher, throttle=AuthBrake(base_delay=0, addr_budget=2))
     stage = SubmissionStage(watcher, auth)
     env = Envelope(peer_ip="203.0.113.5")
     assert await stage.authenticate(env, "bob", "x") == AUTH_INVALID
@@ -142,7 +251,7 @@ async def test_checks_run_off_the_loop_with_bounded_concurrency(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     watcher = UsersWatcher(make_repo(tmp_path), "our.test")
-    auth = Authenticator(watcher, throttle=LoginThrottle(base_delay=0), concurrency=3)
+    auth = Authenticator(watcher, throttle=AuthBrake(base_delay=0), concurrency=3)
     running, peak = 0, 0
     lock = threading.Lock()
     loop_thread = threading.get_ident()

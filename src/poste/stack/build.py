@@ -247,6 +247,9 @@ def _sending(stack: Stack, domains: list[str]) -> Parts:
     values = section.settings()
     values["domain"] = values["domain"] or domains
     values["hostname"] = s_name = values["hostname"] or socket.getfqdn()
+    # the failed-login counters live beside the spool unless told otherwise
+    values["auth-state"] = values["auth-state"] or str(
+        Path(stack.config["relay"].need("spool")).parent / "submission-auth.json")
     out: Hop = _into_relay(stack, s_name)
     before: list[Job] = []
     if sig.enabled:
@@ -269,6 +272,7 @@ def _sending(stack: Stack, domains: list[str]) -> Parts:
         raise section.error(exc) from None
     stack.tls.append(tls)
     parts.before = before
+    parts.after.append(sub_stage.authenticator.brake.flush)  # the AUTH counters on disk
     return parts
 
 

@@ -6,6 +6,7 @@ Passwords never come from argv (they would sit in shell history and in
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -227,9 +228,7 @@ def passwd(name: str, repo: Path, domain: str | None, password_stdin: bool) -> N
         raise click.ClickException(f"no such user: {_display(local, folder)}")
     user = current[0]
     hashed = passwords.hash_password(_read_password(password_stdin))
-    new = User(
-        user.local, user.domain, user.targets, hashed, user.insecure, user.aliases, user.path
-    )
+    new = dataclasses.replace(user, password=hashed)  # every other field kept
     _commit(repo, new, user.path, f"users: passwd {_display(local, folder)}")
 
 
@@ -267,7 +266,5 @@ def targets(
     if missing:
         raise click.ClickException(f"not a target of {_display(local, folder)}: {missing[0]}")
     new_targets = [t for t in new_targets if t not in removing]
-    new = User(
-        user.local, user.domain, new_targets, user.password, user.insecure, user.aliases, user.path
-    )
+    new = dataclasses.replace(user, targets=new_targets)  # every other field kept
     _commit(repo, new, user.path, f"users: targets {_display(local, folder)}")

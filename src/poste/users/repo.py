@@ -5,7 +5,9 @@ named after it, holding JSON
 `{"targets": ["a@b"], "password": "<hash>", "insecure": false}`; further
 domains live in a folder named after the domain, with the same files inside.
 poste adds an optional `"aliases": ["other", "x@another.domain"]` (more local
-addresses that reach, and may be sent from by, the same user).
+addresses that reach, and may be sent from by, the same user) and an optional
+`"send-as": ["*@our.test"]` (header From/Sender addresses the user may also
+use in submission, granted by the operator).
 
 Only the committed tree at HEAD counts, never the working directory: a commit
 is the unit of change, so an admin's half-edited file is never served.  A
@@ -92,6 +94,8 @@ class User:
     insecure: bool = False
     aliases: tuple[str, ...] = ()  # further full addresses of this user
     path: str = ""  # where the entry lives in the repository tree
+    # header From/Sender this user may also use in submission: `*@domain` or `local@domain`
+    send_as: tuple[str, ...] = ()
 
     def __hash__(self) -> int:  # targets is a list: hash by identity in the repository
         return hash((self.path, self.local, self.domain))
@@ -161,7 +165,33 @@ def user_from_json(local: str, domain: str, obj: Mapping[str, Any], path: str = 
         insecure=insecure,
         aliases=tuple(aliases),
         path=path,
+        send_as=parse_send_as(obj.get("send-as", [])),
     )
+
+
+def parse_send_as(value: object) -> tuple[str, ...]:
+    """`send-as`: a list of `*@domain` (any address there) or `local@domain` (one address).
+
+    Returned lower-cased in the domain, `*` kept; raises ValueError for anything else.
+    """
+    if not isinstance(value, list):
+        raise ValueError("send-as is not a list")
+    out: list[str] = []
+    for item in value:
+        if not isinstance(item, str):
+            raise ValueError(f"send-as entry is not a string: {item!r}")
+        local, at, domain = item.strip().rpartition("@")
+        if local == "*" and at and is_domain(normalize_domain(domain)):
+            out.append(f"*@{normalize_domain(domain)}")
+            continue
+        try:
+            a_local, a_domain = split_address(item)
+        except ValueError:
+            raise ValueError(
+                f"send-as entry is neither *@domain nor an address: {item!r}"
+            ) from None
+        out.append(f"{a_local}@{a_domain}")
+    return tuple(out)
 
 
 def user_to_json(user: User) -> bytes:
@@ -175,6 +205,8 @@ def user_to_json(user: User) -> bytes:
         obj["aliases"] = [
             a.partition("@")[0] if a.endswith("@" + user.domain) else a for a in user.aliases
         ]
+    if user.send_as:
+        obj["send-as"] = list(user.send_as)
     return (json.dumps(obj, indent=2) + "\n").encode("utf-8")
 
 

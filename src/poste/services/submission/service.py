@@ -5,11 +5,14 @@ STARTTLS.  The core offers AUTH PLAIN/LOGIN only under TLS and only because
 the stage has `authenticate`; MAIL before AUTH gets 530.  What ptt did not
 check, poste does: the envelope sender must be the logged-in user's own
 address (or an alias, or a +tag of it), else 553 5.7.1, so a stolen or
-shared login cannot send as someone else of the domain.
+shared login cannot send as someone else of the domain; and so must the
+header From:/Sender: (sender_policy.py), so nothing is signed in another's
+name.  The AUTH brake (brake.py) keeps password guessing slow.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from pathlib import Path
 
@@ -18,17 +21,20 @@ from poste.runtime.hostport import parse_hostport
 from poste.runtime.run import Parts
 from poste.runtime.settings import ConfigError, Values
 from poste.runtime.tls import TLSFiles, tls_files
-from poste.services.submission.logins import Authenticator, LoginThrottle, may_send_as
+from poste.services.submission.brake import AuthBrake
+from poste.services.submission.logins import Authenticator, may_send_as, resolve_login
+from poste.services.submission.sender_policy import check_header
 from poste.smtp.client import SMTPHop
 from poste.smtp.hop import Hop
 from poste.smtp.server import SMTPService
-from poste.smtp.stage import Envelope, Reply, Stage
+from poste.smtp.stage import Envelope, Reply, Stage, Verdict
 from poste.users.repo import UsersRepoError, UsersWatcher
 
 log = logging.getLogger("poste.submission")
 
 AUTH_INVALID = Reply(535, "5.7.8 Authentication credentials invalid")
 AUTH_LOCKED = Reply(454, "4.7.0 Too many failed logins, try again later")
+AUTH_BUSY = Reply(454, "4.7.0 Another login from your address is being checked, try again later")
 NOT_YOURS = Reply(553, "5.7.1 Sender address not owned by the authenticated user")
 NULL_SENDER = Reply(553, "5.7.1 The null sender is not allowed in submission")
 
@@ -47,7 +53,7 @@ class SubmissionStage(Stage):
         user, reason = await self.authenticator.check(env.peer_ip, username, password)
         if user is not None:
             return None
-        return AUTH_LOCKED if reason == "locked" else AUTH_INVALID
+        return {"locked": AUTH_LOCKED, "busy": AUTH_BUSY}.get(reason or "", AUTH_INVALID)
 
     async def on_mail(self, env: Envelope, sender: str) -> Reply | None:
         if not env.auth_user:  # the core refuses this first; a chained use must not skip it
@@ -65,17 +71,47 @@ class SubmissionStage(Stage):
             return NOT_YOURS
         return None
 
+    async def on_data(self, env: Envelope, data: bytes) -> Verdict:
+        db = self.watcher.db
+        user = resolve_login(db, env.auth_user or "")
+        if user is None:
+            reply: Reply | None = NOT_YOURS
+        elif len(data) > 65536:  # a long header section is read off the event loop
+            reply = await asyncio.to_thread(check_header, db, user, data)
+        else:
+            reply = check_header(db, user, data)
+        if reply is not None:
+            log.warning(
+                "%s user %r: header refused: %s (ip=%s)",
+                env.queue_id,
+                env.auth_user,
+                reply,
+                env.peer_ip,
+            )
+            return Verdict(reply=reply)
+        return Verdict()
+
 
 def make_throttle(
-    delay: float = 0.5, max_delay: float = 8.0, max_failures: int = 10, lockout: float = 900.0
-) -> LoginThrottle:
-    """The password-guessing brake of the --auth-* flags (failures count within the lockout)."""
-    return LoginThrottle(
+    delay: float = 0.5,
+    max_delay: float = 8.0,
+    max_failures: int = 10,
+    lockout: float = 900.0,
+    *,
+    net_failures: int = 30,
+    account_failures: int = 10,
+    state: str | Path | None = None,
+) -> AuthBrake:
+    """The AUTH brake of the --auth-* flags (failures count within the lockout, >= 60 s)."""
+    return AuthBrake(
         base_delay=delay,
         max_delay=max_delay,
-        max_failures=max_failures,
+        addr_budget=max_failures,
+        net_budget=net_failures,
+        account_budget=account_failures,
         window=max(lockout, 60.0),
         lockout=lockout,
+        state_file=state,
     )
 
 
@@ -84,7 +120,7 @@ def build_stage(
     domains: tuple[str, ...],
     *,
     poll_interval: float = 2.0,
-    throttle: LoginThrottle | None = None,
+    throttle: AuthBrake | None = None,
     concurrency: int = 4,
     watcher: UsersWatcher | None = None,
 ) -> SubmissionStage:
@@ -107,6 +143,9 @@ def stage(values: Values, watcher: UsersWatcher | None = None) -> SubmissionStag
     throttle = make_throttle(
         float(values["auth-delay"]), float(values["auth-max-delay"]),
         int(values["auth-max-failures"]), float(values["auth-lockout"]),
+        net_failures=int(values["auth-net-failures"]),
+        account_failures=int(values["auth-account-failures"]),
+        state=values["auth-state"],
     )
     try:
         return build_stage(
@@ -155,4 +194,5 @@ def build(values: Values) -> Parts:
     parts = listeners(values, st, SMTPHop(dest_host, dest_port, helo=values["hostname"]), tls)
     parts.background.append(st.watcher.run)
     parts.reloads.insert(0, ("users", reloads.users(st.watcher)))
+    parts.after.append(st.authenticator.brake.flush)  # the AUTH counters on disk
     return parts

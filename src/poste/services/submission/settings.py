@@ -8,6 +8,7 @@ from poste.runtime.settings import (
     INT,
     LISTEN,
     OPERATIONS,
+    PATH,
     STR,
     STRS,
     TLS_CERT,
@@ -38,10 +39,18 @@ SETTINGS = (
                  " doubles per failure."),
     Setting("auth-max-delay", FLOAT, default=8.0, min=0, show_default=True),
     Setting("auth-max-failures", INT, default=10, min=1, show_default=True,
-            help="Failed logins (within --auth-lockout seconds) before a client network"
+            help="Failed logins (within --auth-lockout seconds) before a client address"
                  " is locked out."),
+    Setting("auth-net-failures", INT, default=30, min=1, show_default=True,
+            help="Failed logins before a client network (IPv4 /24, IPv6 /48) is locked out."),
+    Setting("auth-account-failures", INT, default=10, min=1, show_default=True,
+            help="Failed logins against one account after which only clients that have not"
+                 " failed against it may try it."),
+    Setting("auth-state", PATH, metavar="FILE",
+            help="File keeping the failed-login counters across restarts (JSON; default:"
+                 " memory only; in poste up: submission-auth.json beside the relay spool)."),
     Setting("auth-lockout", FLOAT, default=900.0, min=0, show_default=True,
-            help="Seconds a locked-out client network gets 454 to AUTH."),
+            help="Seconds a locked-out client or network gets 454 to AUTH."),
     Setting("auth-concurrency", INT, default=4, min=1, show_default=True,
             help="Password checks running at once (argon2id takes 64 MiB each)."),
     *OPERATIONS,
