@@ -82,6 +82,21 @@ class Address:
         return self.text
 
 
+def ip_of(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """A peer's IP as poste compares it: no %zone, an IPv4-mapped IPv6 address as IPv4.
+
+    A listener on `::` sees IPv4 clients as ::ffff:a.b.c.d; SPF, caps, budgets
+    and granted networks must all see the same a.b.c.d.
+    """
+    try:
+        addr = ipaddress.ip_address(text.split("%")[0])
+    except ValueError:
+        return None
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
+        return addr.ipv4_mapped
+    return addr
+
+
 def domain_key(name: str) -> str:
     """A domain as poste compares it: no surrounding space, no root dot, lower case."""
     return name.strip().rstrip(".").lower()

@@ -18,6 +18,8 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from poste.smtp.address import ip_of
+
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 DEFAULT_EXEMPT = ("127.0.0.1/32", "::1/128")  # the address our own hops connect from
 
@@ -28,16 +30,6 @@ class Fairness:
     max_per_network: int = 20  # concurrent connections from one /24 or /64 (0: no cap)
     max_rate_per_client: int = 120  # new connections per address per minute (0: no cap)
     exempt: tuple[str, ...] = DEFAULT_EXEMPT
-
-
-def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
-    try:
-        addr = ipaddress.ip_address(text.split("%")[0])
-    except ValueError:
-        return None
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
-        return addr.ipv4_mapped
-    return addr
 
 
 def _network(addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> Network:
@@ -83,7 +75,7 @@ class Admission:
         return addr is not None and any(addr in net for net in self.exempt)
 
     def admit(self, peer_ip: str, now: float | None = None) -> Ticket | str:
-        addr = _ip(peer_ip)
+        addr = ip_of(peer_ip)
         if self.is_exempt(addr):
             if self.own >= self.max_connections:
                 return "too many connections"

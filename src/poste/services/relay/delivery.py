@@ -26,7 +26,7 @@ import dns.exception
 import dns.rdatatype
 import dns.resolver
 
-from poste.smtp.address import AddressError
+from poste.smtp.address import AddressError, ip_of
 from poste.smtp.client import mail_from, rcpt_to
 from poste.smtp.stage import Reply
 
@@ -104,7 +104,7 @@ class Deliverer:
         self._self: set[ipaddress.IPv4Address | ipaddress.IPv6Address] = set()
         self._self_any4 = self._self_any6 = False
         for text in self_addresses:
-            addr = _ip(text)
+            addr = ip_of(text)
             if addr is None:
                 raise ValueError(f"{text!r} is not an IP address")
             if addr.is_unspecified:
@@ -168,7 +168,7 @@ class Deliverer:
 
     def is_self(self, address: str) -> bool:
         """True if `address` is one where we listen (so delivering there loops back)."""
-        addr = _ip(address)
+        addr = ip_of(address)
         if addr is None:
             return False
         if addr in self._self:
@@ -490,16 +490,6 @@ def _reusable(client: aiosmtplib.SMTP, results: dict[str, Reply]) -> bool:
     return client.is_connected and all(
         r.code != 421 and r.remote for r in results.values()
     )
-
-
-def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
-    try:
-        addr = ipaddress.ip_address(text.split("%")[0])
-    except ValueError:
-        return None
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
-        return addr.ipv4_mapped
-    return addr
 
 
 def _is_local_address(addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from poste.services.relay.srs import SRS, SRSError, is_srs
-from poste.smtp.address import domain_key, domain_of
+from poste.smtp.address import domain_key, domain_of, ip_of
 from poste.smtp.stage import Reply
 from poste.users.repo import UsersDB
 
@@ -62,13 +62,8 @@ class Router:
         self.granted = granted
 
     def is_granted(self, ip: str) -> bool:
-        try:
-            addr = ipaddress.ip_address(ip.split("%")[0])
-        except ValueError:
-            return False
-        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
-            addr = addr.ipv4_mapped
-        return any(addr in net for net in self.granted)
+        addr = ip_of(ip)
+        return addr is not None and any(addr in net for net in self.granted)
 
     def is_local_domain(self, domain: str) -> bool:
         domain = domain_key(domain)

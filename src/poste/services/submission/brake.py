@@ -52,6 +52,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from poste.smtp.address import ip_of
+
 log = logging.getLogger("poste.submission")
 
 STATE_VERSION = 1
@@ -59,27 +61,21 @@ STATE_VERSION = 1
 
 def network_key(ip: str) -> str:
     """The client: an IPv4 address, or the /64 of an IPv6 address (one host owns a /64)."""
-    try:
-        addr = ipaddress.ip_address(ip)
-    except ValueError:
+    addr = ip_of(ip)
+    if addr is None:
         return ip
     if isinstance(addr, ipaddress.IPv6Address):
-        if addr.ipv4_mapped is not None:
-            return str(addr.ipv4_mapped)
         return str(ipaddress.IPv6Network((addr, 64), strict=False))
     return str(addr)
 
 
 def wide_network_key(ip: str) -> str:
     """The client's network: the IPv4 /24, or the IPv6 /48."""
-    try:
-        addr = ipaddress.ip_address(ip)
-    except ValueError:
+    addr = ip_of(ip)
+    if addr is None:
         return ip
     if isinstance(addr, ipaddress.IPv6Address):
-        if addr.ipv4_mapped is None:
-            return str(ipaddress.IPv6Network((addr, 48), strict=False))
-        addr = addr.ipv4_mapped
+        return str(ipaddress.IPv6Network((addr, 48), strict=False))
     return str(ipaddress.IPv4Network((addr, 24), strict=False))
 
 

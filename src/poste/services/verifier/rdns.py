@@ -21,6 +21,7 @@ import dns.resolver
 import dns.reversename
 
 from poste.dns.resolver import SyncResolver
+from poste.smtp.address import ip_of
 
 log = logging.getLogger("poste.verifier")
 
@@ -59,12 +60,9 @@ async def confirmed_name(
 
     None also for every DNS failure and after `timeout` seconds in all.
     """
-    try:
-        addr = ipaddress.ip_address(ip)
-    except ValueError:
+    addr = ip_of(ip)
+    if addr is None:
         return None
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
-        addr = addr.ipv4_mapped
     try:
         async with asyncio.timeout(timeout):
             return await _confirmed(resolver, addr, tcp, timeout)

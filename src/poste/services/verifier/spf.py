@@ -9,7 +9,6 @@ and the event loop never waits on pyspf.
 
 from __future__ import annotations
 
-import ipaddress
 import re
 import socket
 import struct
@@ -30,6 +29,7 @@ import spf as pyspf
 
 from poste.dns.resolver import SyncResolver, make_sync_resolver
 from poste.services.verifier import workers
+from poste.smtp.address import ip_of
 
 RESULTS = ("pass", "fail", "softfail", "neutral", "none", "permerror", "temperror")
 
@@ -285,13 +285,8 @@ def check_sync(
 
 def normal_ip(ip: str) -> str:
     """The address as SPF sees it: an IPv4-mapped IPv6 address is the IPv4 one."""
-    try:
-        addr = ipaddress.ip_address(ip)
-    except ValueError:
-        return ip
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
-        return str(addr.ipv4_mapped)
-    return str(addr)
+    addr = ip_of(ip)
+    return ip if addr is None else str(addr)
 
 
 async def check(
