@@ -8,8 +8,11 @@ as_root() {
 # The systemd enablement state that package installs touch: symlinks under /etc/systemd/system
 # and deb-systemd-helper's records. Listed before and after an install to undo what it added.
 _enablement_paths() {
-  as_root find /etc/systemd/system /var/lib/systemd/deb-systemd-helper-enabled \
-    /var/lib/systemd/deb-systemd-helper-masked -mindepth 1 2>/dev/null | LC_ALL=C sort
+  local d
+  for d in /etc/systemd/system /var/lib/systemd/deb-systemd-helper-enabled \
+           /var/lib/systemd/deb-systemd-helper-masked; do
+    if [ -d "$d" ]; then as_root find "$d" -mindepth 1; fi
+  done | LC_ALL=C sort
 }
 
 _POSTE_POLICY_CREATED=0
@@ -57,7 +60,7 @@ apt_install() {
   fi
   local rc=0 log
   log=$(mktemp)
-  as_root env DEBIAN_FRONTEND=noninteractive apt-get update -q >/dev/null || rc=$?
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get update -q >"$log" 2>&1 || { rc=$?; cat "$log" >&2; }
   if [ "$rc" = 0 ]; then
     # shellcheck disable=SC2086
     as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $missing \
