@@ -90,8 +90,16 @@ make_venv() {
   fi
   [ -d .venv ] || python3 -m venv .venv
   rm -f .venv/.poste-complete
-  # --require-hashes: every package, build tools included, is the one the lock file names.
-  .venv/bin/pip install -q --disable-pip-version-check --require-hashes --no-deps -r "$lock"
+  # --require-hashes: every package, build tools included, is the one the lock file names. The
+  # build tools (setuptools, wheel, packaging) go first, so the packages that come as sources (and poste)
+  # build with them (--no-build-isolation) instead of with whatever a build environment fetches.
+  local tools
+  tools=$(mktemp)
+  awk '/^[^ #]/ {keep = ($0 ~ /^(setuptools|wheel|packaging)==/)} keep' "$lock" >"$tools"
+  .venv/bin/pip install -q --disable-pip-version-check --require-hashes --no-deps -r "$tools"
+  rm -f "$tools"
+  .venv/bin/pip install -q --disable-pip-version-check --require-hashes --no-deps \
+    --no-build-isolation -r "$lock"
   # shellcheck disable=SC2086
   .venv/bin/pip install -q --disable-pip-version-check --no-deps --no-build-isolation $target
   echo "$stamp" >.venv/.poste-complete
