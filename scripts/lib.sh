@@ -72,35 +72,40 @@ apt_install() {
   return "$rc"
 }
 
-# make_venv LOCKFILE [PIP-INSTALL-TARGET]: .venv with exactly the locked dependencies, then poste
-# from this clone (editable, no dependency resolution). .venv/.poste-complete marks a venv whose
-# install finished: one without it (an interrupted or failed attempt) is removed and built again,
-# so a half-made .venv never breaks the next attempt.
+# make_venv DIR LOCKFILE [PIP-INSTALL-TARGET]: a venv in DIR with exactly the locked dependencies,
+# then poste from this clone without dependency resolution (default target: editable, `-e .`).
+# DIR/.poste-complete marks a venv whose install finished: one without it (an interrupted or failed
+# attempt) is removed and built again, so a half-made venv never breaks the next attempt.
 make_venv() {
-  local lock=$1 target=${2:--e .}
+  local venv=$1 lock=$2 target=${3:--e .}
   local stamp
-  stamp="$(python3 -c 'import sys; print(sys.version)' | head -n 1) $(sha256sum "$lock" pyproject.toml | cut -c1-16 | tr '\n' ' ')"
-  if [ -e .venv/.poste-complete ] && [ "$(cat .venv/.poste-complete)" = "$stamp" ] \
-     && .venv/bin/python -c 'import poste' >/dev/null 2>&1; then
+  stamp="$(python3 -c 'import sys; print(sys.version)' | head -n 1) $target $(sha256sum "$lock" pyproject.toml | cut -c1-16 | tr '\n' ' ')"
+  if [ -e "$venv/.poste-complete" ] && [ "$(cat "$venv/.poste-complete")" = "$stamp" ] \
+     && "$venv/bin/python" -c 'import poste' >/dev/null 2>&1; then
+    if [ "$target" != "-e ." ]; then  # a copy of the clone: take its current state
+      # shellcheck disable=SC2086
+      "$venv/bin/pip" install -q --disable-pip-version-check --no-deps --no-build-isolation \
+        --force-reinstall $target
+    fi
     return 0
   fi
-  if [ -e .venv ] && ! { [ -e .venv/.poste-complete ] && .venv/bin/python -c '' >/dev/null 2>&1; }; then
-    echo "== .venv is incomplete (an earlier attempt stopped): building it again" >&2
-    rm -rf .venv
+  if [ -e "$venv" ] && ! { [ -e "$venv/.poste-complete" ] && "$venv/bin/python" -c '' >/dev/null 2>&1; }; then
+    echo "== $venv is incomplete (an earlier attempt stopped): building it again" >&2
+    rm -rf "$venv"
   fi
-  [ -d .venv ] || python3 -m venv .venv
-  rm -f .venv/.poste-complete
+  [ -d "$venv" ] || python3 -m venv "$venv"
+  rm -f "$venv/.poste-complete"
   # --require-hashes: every package, build tools included, is the one the lock file names. The
-  # build tools (setuptools, wheel, packaging) go first, so the packages that come as sources (and poste)
-  # build with them (--no-build-isolation) instead of with whatever a build environment fetches.
+  # build tools (setuptools, wheel, packaging) go first, so the packages that come as sources
+  # (and poste) build with them (--no-build-isolation), not with whatever a build env fetches.
   local tools
   tools=$(mktemp)
   awk '/^[^ #]/ {keep = ($0 ~ /^(setuptools|wheel|packaging)==/)} keep' "$lock" >"$tools"
-  .venv/bin/pip install -q --disable-pip-version-check --require-hashes --no-deps -r "$tools"
+  "$venv/bin/pip" install -q --disable-pip-version-check --require-hashes --no-deps -r "$tools"
   rm -f "$tools"
-  .venv/bin/pip install -q --disable-pip-version-check --require-hashes --no-deps \
+  "$venv/bin/pip" install -q --disable-pip-version-check --require-hashes --no-deps \
     --no-build-isolation -r "$lock"
   # shellcheck disable=SC2086
-  .venv/bin/pip install -q --disable-pip-version-check --no-deps --no-build-isolation $target
-  echo "$stamp" >.venv/.poste-complete
+  "$venv/bin/pip" install -q --disable-pip-version-check --no-deps --no-build-isolation $target
+  echo "$stamp" >"$venv/.poste-complete"
 }
