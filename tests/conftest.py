@@ -4,9 +4,12 @@ import ctypes
 import os
 import shutil
 import signal
+import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -27,6 +30,64 @@ def pytest_configure(config: pytest.Config) -> None:
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
     except (OSError, AttributeError):  # not Linux: the check sees direct descendants only
         pass
+
+
+# Every subprocess.Popen (asyncio's subprocesses included) made while a test body runs.
+_body_processes: list[subprocess.Popen[Any]] | None = None
+_popen_init = subprocess.Popen.__init__
+
+
+def _tracking_init(self: subprocess.Popen[Any], *args: Any, **kwargs: Any) -> None:
+    _popen_init(self, *args, **kwargs)
+    if _body_processes is not None:
+        _body_processes.append(self)
+
+
+subprocess.Popen.__init__ = _tracking_init  # type: ignore[method-assign]
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
+    global _body_processes
+    _body_processes = []
+    try:
+        return (yield)
+    finally:
+        item.stash[_STARTED] = _body_processes
+        _body_processes = None
+
+
+_STARTED = pytest.StashKey[list[subprocess.Popen[Any]]]()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_teardown(item: pytest.Item) -> Iterator[None]:
+    """A process the test body started and nothing stopped is killed now, and is an error.
+
+    Processes belong to fixtures, whose teardown stops them whether the test
+    passed, failed or timed out; one started in the test body and still
+    running after the teardown would outlive the suite (the issue saw a
+    `poste srv` from a failed test still running ten minutes later).
+    """
+    result = yield
+    left = []
+    for proc in item.stash.get(_STARTED, []):
+        try:
+            proc.wait(timeout=2)  # one that is about to end by itself is fine
+            continue
+        except subprocess.TimeoutExpired:
+            pass
+        cmd = proc.args
+        args = " ".join(map(str, cmd)) if isinstance(cmd, list | tuple) else str(cmd)
+        left.append(f"pid {proc.pid}: {args[:200]}")
+        proc.kill()
+        proc.wait()
+    if left:
+        raise AssertionError(
+            "the test left processes running (killed now; start them in a fixture that "
+            "stops them): " + "; ".join(left)
+        )
+    return result
 
 
 def _descendants(root: int) -> dict[int, str]:
