@@ -60,6 +60,9 @@ apt_install() {
   fi
   local rc=0 log
   log=$(mktemp)
+  if [ -n "$(dpkg --audit 2>/dev/null)" ]; then  # an install interrupted earlier: finish it first
+    as_root env DEBIAN_FRONTEND=noninteractive dpkg --configure -a >"$log" 2>&1 || true
+  fi
   as_root env DEBIAN_FRONTEND=noninteractive apt-get update -q >"$log" 2>&1 || { rc=$?; cat "$log" >&2; }
   if [ "$rc" = 0 ]; then
     # shellcheck disable=SC2086
