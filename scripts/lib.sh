@@ -106,7 +106,7 @@ make_venv() {
   awk '/^[^ #]/ {keep = ($0 ~ /^(setuptools|wheel|packaging)==/)} keep' "$lock" >"$tools"
   "$venv/bin/pip" install -q --disable-pip-version-check --require-hashes --no-deps -r "$tools"
   rm -f "$tools"
-  "$venv/bin/pip" install -q --disable-pip-version-check --require-hashes --no-deps \
+  "$venv/bin/pip" install -q --disable-pip-version-check --require-hashes --no-deps --use-pep517 \
     --no-build-isolation -r "$lock"
   # shellcheck disable=SC2086
   "$venv/bin/pip" install -q --disable-pip-version-check --no-deps --no-build-isolation $target
