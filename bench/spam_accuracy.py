@@ -135,6 +135,12 @@ def main() -> int:
         help="copies of the test mbox in the big mbox timed for speed",
     )
     ap.add_argument("--keep", help="keep the work folder here")
+    ap.add_argument(
+        "--accuracy-only",
+        action="store_true",
+        help="exit status from the accuracy conditions alone (CI's corpus check: the speed "
+        "ones depend on how busy the machine is)",
+    )
     args = ap.parse_args()
     for tool in ("spamoracle", "bogofilter"):
         if shutil.which(tool) is None:
@@ -146,13 +152,22 @@ def main() -> int:
     work = Path(args.keep or tempfile.mkdtemp(prefix="spambench."))
     work.mkdir(parents=True, exist_ok=True)
     try:
-        return bench(Path(args.corpus), work, args.test_every, args.runs, args.speed_copies)
+        return bench(
+            Path(args.corpus),
+            work,
+            args.test_every,
+            args.runs,
+            args.speed_copies,
+            args.accuracy_only,
+        )
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
 
 
-def bench(corpus: Path, work: Path, every: int, runs: int, copies: int) -> int:
+def bench(
+    corpus: Path, work: Path, every: int, runs: int, copies: int, accuracy_only: bool = False
+) -> int:
     train, test = load_split(corpus, every)
     tr_spam, tr_ham, te = work / "train-spam.mbox", work / "train-ham.mbox", work / "test.mbox"
     tr_spam.write_bytes(b"".join(map(mbox_bytes, train["spam"])))
@@ -268,6 +283,8 @@ def bench(corpus: Path, work: Path, every: int, runs: int, copies: int) -> int:
         f"at least as fast as spamoracle mark: on the test mbox "
         f"{'yes' if ok_speed else 'NO'}, on the x{copies} mbox {'yes' if ok_speed_big else 'NO'}"
     )
+    if accuracy_only:
+        return 0 if ok_catch and ok_fp else 1
     return 0 if ok_catch and ok_fp and (ok_speed or ok_speed_big) else 1
 
 

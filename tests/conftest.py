@@ -1,15 +1,165 @@
 from __future__ import annotations
 
+import ctypes
 import os
 import shutil
+import signal
+import subprocess
 import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-SHARED = ROOT.parent / "shared"
 sys.path.insert(0, str(ROOT / "tests"))
+
+_PR_SET_CHILD_SUBREAPER = 36
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Make this pytest process the reaper of everything its tests start.
+
+    A process a test forgot (or a daemon that forked away from its parent)
+    is then re-parented to pytest instead of init, so the check at the end
+    of the session still finds it among pytest's descendants.
+    """
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    except (OSError, AttributeError):  # not Linux: the check sees direct descendants only
+        pass
+
+
+# Every subprocess.Popen (asyncio's subprocesses included) made while a test body runs.
+_body_processes: list[subprocess.Popen[Any]] | None = None
+_popen_init = subprocess.Popen.__init__
+
+
+def _tracking_init(self: subprocess.Popen[Any], *args: Any, **kwargs: Any) -> None:
+    _popen_init(self, *args, **kwargs)
+    if _body_processes is not None:
+        _body_processes.append(self)
+
+
+subprocess.Popen.__init__ = _tracking_init  # type: ignore[method-assign]
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
+    global _body_processes
+    _body_processes = []
+    try:
+        return (yield)
+    finally:
+        item.stash[_STARTED] = _body_processes
+        _body_processes = None
+
+
+_STARTED = pytest.StashKey[list[subprocess.Popen[Any]]]()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_teardown(item: pytest.Item) -> Iterator[None]:
+    """A process the test body started and nothing stopped is killed now, and is an error.
+
+    Processes belong to fixtures, whose teardown stops them whether the test
+    passed, failed or timed out; one started in the test body and still
+    running after the teardown would outlive the suite (the issue saw a
+    `poste srv` from a failed test still running ten minutes later).
+    """
+    result = yield
+    left = []
+    for proc in item.stash.get(_STARTED, []):
+        try:
+            proc.wait(timeout=2)  # one that is about to end by itself is fine
+            continue
+        except subprocess.TimeoutExpired:
+            pass
+        cmd = proc.args
+        args = " ".join(map(str, cmd)) if isinstance(cmd, list | tuple) else str(cmd)
+        left.append(f"pid {proc.pid}: {args[:200]}")
+        proc.kill()
+        proc.wait()
+    if left:
+        raise AssertionError(
+            "the test left processes running (killed now; start them in a fixture that "
+            "stops them): " + "; ".join(left)
+        )
+    return result
+
+
+def _descendants(root: int) -> dict[int, str]:
+    """Live descendants of `root` (pid -> command line), read from /proc."""
+    parent: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rfind(")") + 2 :].split()
+        if fields and fields[0] != "Z":  # zombies are already dead
+            parent[int(entry)] = int(fields[1])
+    found: dict[int, str] = {}
+    frontier = [root]
+    while frontier:
+        pid = frontier.pop()
+        for child, ppid in parent.items():
+            if ppid == pid and child not in found:
+                try:
+                    cmd = Path(f"/proc/{child}/cmdline").read_bytes().replace(b"\0", b" ")
+                except OSError:
+                    continue
+                found[child] = cmd.decode(errors="replace").strip()
+                frontier.append(child)
+    return found
+
+
+def _python_helpers(cmd: str) -> bool:
+    """multiprocessing's own helpers (resource tracker, forkserver) end with the interpreter."""
+    return "from multiprocessing" in cmd
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """The suite leaves no process behind: kill and report what the tests left running.
+
+    Every process a test starts belongs to a fixture that stops it; this is
+    the safety net for a test that fails or times out half-way.  Leftovers
+    fail the run, so a leak is seen and fixed instead of piling up.
+    """
+    left = {p: c for p, c in _descendants(os.getpid()).items() if not _python_helpers(c)}
+    if not left:
+        return
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in left:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline and any(
+            p in _descendants(os.getpid()) for p in left
+        ):
+            time.sleep(0.05)
+        try:
+            while os.waitpid(-1, os.WNOHANG)[0] > 0:  # reap what we were handed as subreaper
+                pass
+        except ChildProcessError:
+            pass
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    lines = [f"tests left {len(left)} process(es) running; killed them:"]
+    lines += [f"  pid {pid}: {cmd[:200]}" for pid, cmd in sorted(left.items())]
+    if reporter is not None:
+        reporter.write_line("")
+        for line in lines:
+            reporter.write_line(line, red=True, bold=True)
+    else:
+        print("\n".join(lines), file=sys.stderr)
+    session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 @pytest.fixture(scope="session")
@@ -21,11 +171,6 @@ def poste_bin() -> str:
     found = shutil.which("poste")
     assert found, "poste is not installed (pip install -e .)"
     return found
-
-
-@pytest.fixture(scope="session")
-def shared_dir() -> Path:
-    return Path(os.environ.get("POSTE_SHARED", SHARED))
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -146,10 +146,16 @@ def check_parsable(headers: Sequence[tuple[bytes, bytes]], fields: Sequence[str]
         value = raw_value.decode("ascii", "surrogateescape")
         value = "".join(value.splitlines()).strip()
         try:
-            str(cls(name, value))
+            parsed = cls(name, value)
+            str(parsed)
         except Exception as exc:  # the parser's errors are IndexError, HeaderParseError...
             reason = f"rejected by the mail parser ({type(exc).__name__})"
             raise Unsignable(f"{name}: {reason}") from None
+        # Python 3.13 no longer raises on an unparsable address (`From: <`): it records this
+        # defect and reads it as `<>`, where 3.11 raised IndexError.
+        for defect in getattr(parsed, "defects", ()):
+            if "invalid address in address-list" in str(defect):
+                raise Unsignable(f"{name}: rejected by the mail parser ({defect})")
 
 
 class Signer:

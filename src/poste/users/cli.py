@@ -18,10 +18,11 @@ from poste.users import passwords, store
 from poste.users.repo import (
     User,
     UsersRepoError,
+    entry_name_problem,
     is_domain,
-    is_local_part,
     load_snapshot,
     normalize_domain,
+    not_owned_problem,
     parse_target,
     user_from_json,
     user_to_json,
@@ -67,8 +68,9 @@ def _locate(name: str, domain: str | None) -> tuple[str, str | None]:
     folder = normalize_domain(domain or from_arg) or None
     if from_arg and domain and normalize_domain(from_arg) != normalize_domain(domain):
         raise click.UsageError(f"{name} is not in --domain {domain}")
-    if not is_local_part(local):
-        raise click.UsageError(f"not a valid local part: {local!r}")
+    problem = entry_name_problem(local)
+    if problem:
+        raise click.UsageError(problem)
     if folder is not None and not is_domain(folder):
         raise click.UsageError(f"not a valid domain: {folder!r}")
     return local, folder
@@ -93,6 +95,9 @@ def _read_password(from_stdin: bool) -> str:
 
 def _current(repo: Path, local: str, folder: str | None) -> tuple[User, bytes] | None:
     path = store.entry_path(local, folder)
+    problem = not_owned_problem(repo)
+    if problem:
+        raise click.ClickException(problem)
     try:
         git = store.open_repo(repo)
     except UsersRepoError:
@@ -118,7 +123,7 @@ def _commit(repo: Path, user: User | None, path: str, message: str, create: bool
         except UsersRepoError as exc:
             raise click.ClickException(str(exc)) from None
     try:
-        commit = store.commit_file(repo, path, content, message, create=create)
+        commit = store.commit_file(repo, path, content, message, create=create, check=True)
     except UsersRepoError as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(f"{message} ({(commit or '')[:12]})", err=True)

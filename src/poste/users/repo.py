@@ -20,8 +20,11 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
+import pwd
 import re
 import threading
+import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from email.utils import parseaddr
@@ -29,11 +32,30 @@ from pathlib import Path
 from typing import Any
 
 import pygit2
+from prometheus_client import Gauge
 
 from poste.smtp.address import domain_key
 from poste.users import passwords
 
 log = logging.getLogger("poste.users")
+
+REFUSED = Gauge(
+    "poste_users_refused_commit_since_timestamp_seconds",
+    "Set while a users repository's HEAD is a commit the services refuse: since when "
+    "(Unix time), labelled by repository and commit; the last good commit stays in service.",
+    ["repo", "commit"],
+)
+
+
+def _unset_refused(repo: str, commit: str) -> None:
+    try:
+        REFUSED.remove(repo, commit)
+    except KeyError:  # another watcher of the same repository removed it already
+        pass
+
+
+# How often a watcher stuck on a refused commit says so again in the log.
+STUCK_REPORT_INTERVAL = 60.0
 
 _ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
 _LOCAL = re.compile(rf"{_ATOM}(?:\.{_ATOM})*")
@@ -41,6 +63,8 @@ _LABEL = r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)"
 _DOMAIN = re.compile(rf"{_LABEL}(?:\.{_LABEL})+")
 # Repository files that are not users (dotfiles are skipped too).
 _IGNORED = {"README", "README.md", "README.txt", "LICENSE"}
+# The root's domain when a writer does not know it (check_tree): not a valid domain name.
+_UNKNOWN_ROOT = "root.invalid"
 
 
 class UsersRepoError(Exception):
@@ -254,10 +278,40 @@ class UsersDB:
         return len({u.path for u in self.users.values()})
 
 
+def not_owned_problem(path: str | Path) -> str | None:
+    """What to do when `path` is a repository that Git refuses because someone else owns it.
+
+    libgit2, like git, will not open a repository owned by another user
+    (after deploy.md's `chown -R poste: /etc/poste`, root's `poste users`
+    meets exactly that); say whose it is and how to run the command instead.
+    """
+    folder = Path(path)
+    git_dir = folder / ".git" if (folder / ".git").exists() else folder
+    try:
+        if not (git_dir / "HEAD").is_file():
+            return None
+        owner = git_dir.stat().st_uid
+    except OSError:
+        return None
+    if owner == os.geteuid():
+        return None
+    try:
+        name = pwd.getpwuid(owner).pw_name
+    except KeyError:
+        name = str(owner)
+    return (
+        f"{path} belongs to user {name}: run poste users as that user "
+        f"(sudo -u {name} poste users ...), so the repository stays writable by the services"
+    )
+
+
 def _open(path: str | Path) -> pygit2.Repository:
     try:
         return pygit2.Repository(str(path))
     except (pygit2.GitError, KeyError) as exc:
+        problem = not_owned_problem(path)
+        if problem:
+            raise UsersRepoError(problem) from None
         raise UsersRepoError(f"{path}: not a Git repository ({exc})") from None
 
 
@@ -267,6 +321,22 @@ def head_commit(path: str | Path) -> str | None:
     if repo.head_is_unborn:
         return None
     return str(repo.head.target)
+
+
+def entry_name_problem(name: str) -> str | None:
+    """Why `name` cannot name a user's file in the repository (None: it can).
+
+    The reader's own rules, shared with `poste users` so that the two never
+    disagree: a file is a user only if its name is a local part, and dotfiles
+    and README/LICENSE files are not users at all.  A '/' would make a folder.
+    """
+    if "/" in name:
+        return f"{name!r}: a '/' cannot be in a user name (it would be a folder in the repository)"
+    if name.startswith(".") or name in _IGNORED:
+        return f"{name!r}: the repository's readers skip files of that name"
+    if not is_local_part(name):
+        return f"{name!r}: not a valid local part"
+    return None
 
 
 def load_snapshot(
@@ -287,7 +357,33 @@ def load_snapshot(
         tree = repo.get(commit).peel(pygit2.Tree)  # type: ignore[union-attr]
     except (AttributeError, ValueError, pygit2.GitError, KeyError) as exc:
         raise UsersRepoError(f"{path}: cannot read commit {commit}: {exc}") from None
+    users = read_tree(repo, tree, default_domain, domains)
+    return UsersDB(default_domain, users, frozenset(domains), commit)
 
+
+def check_tree(repo: pygit2.Repository, tree: pygit2.Tree) -> None:
+    """Raise UsersRepoError if the services would refuse a commit of `tree`.
+
+    The same reader as the services', for a writer (`poste users`) that does
+    not know the services' --domain: the root's entries are read under a
+    placeholder domain, and an alias in a domain that is no folder is taken
+    as the root domain, of which there is only one.
+    """
+    read_tree(repo, tree, None, set())
+
+
+def read_tree(
+    repo: pygit2.Repository,
+    tree: pygit2.Tree,
+    default_domain: str | None,
+    domains: set[str],
+) -> dict[tuple[str, str], User]:
+    """Every user of `tree` by (local.lower(), domain); adds the folders' domains to `domains`.
+
+    `default_domain` None: the root's domain is unknown (see check_tree).
+    """
+    root = default_domain or _UNKNOWN_ROOT
+    domains.add(root)
     entries: list[User] = []
     for item in tree:
         name = item.name or ""
@@ -308,7 +404,7 @@ def load_snapshot(
                 entries.append(parse_entry(sub_name, domain, blob.data, f"{name}/{sub_name}"))
         elif item.type_str == "blob":
             blob = repo[item.id].peel(pygit2.Blob)
-            entries.append(parse_entry(name, default_domain, blob.data, name))
+            entries.append(parse_entry(name, root, blob.data, name))
         else:
             raise UsersRepoError(f"{name}: submodules are not allowed")
 
@@ -318,10 +414,14 @@ def load_snapshot(
         if key in users:
             raise UsersRepoError(f"{user.path}: {user.address} is defined twice")
         users[key] = user
+    root_guess: str | None = None
     for user in entries:
         for alias in user.aliases:
             a_local, _, a_domain = alias.rpartition("@")
             if a_domain not in domains:
+                if default_domain is None and root_guess in (None, a_domain):
+                    root_guess = a_domain  # may be the services' --domain
+                    continue
                 raise UsersRepoError(f"{user.path}: alias {alias} is not in a local domain")
             key = (a_local.lower(), a_domain)
             if key in users:
@@ -329,7 +429,7 @@ def load_snapshot(
                     f"{user.path}: alias {alias} is already {users[key].path}'s address"
                 )
             users[key] = user
-    return UsersDB(default_domain, users, frozenset(domains), commit)
+    return users
 
 
 class UsersWatcher:
@@ -354,9 +454,49 @@ class UsersWatcher:
         self.extra_domains = extra_domains
         self.last_error: str | None = None
         self.reloads = 0  # successful swaps after the first load
+        self.report_interval = STUCK_REPORT_INTERVAL
         self._lock = threading.Lock()
         self._refused: str | None = None
+        self._refused_since = 0.0  # wall clock, for the log and /metrics
+        self._reported = 0.0  # monotonic time of the last log line about it
         self._db = self._initial()
+
+    @property
+    def refused(self) -> tuple[str, float] | None:
+        """(commit, since: Unix time) while HEAD is a refused commit, else None."""
+        return (self._refused, self._refused_since) if self._refused else None
+
+    def _refuse(self, commit: str, error: str) -> None:
+        if self._refused and self._refused != commit:
+            _unset_refused(str(self.repo_path), self._refused)
+        self._refused = commit
+        self._refused_since = time.time()
+        self._reported = time.monotonic()
+        self.last_error = error
+        REFUSED.labels(str(self.repo_path), commit).set(self._refused_since)
+
+    def _clear_refused(self) -> None:
+        if self._refused:
+            _unset_refused(str(self.repo_path), self._refused)
+        self._refused = None
+        self.last_error = None
+
+    def _still_refused(self) -> None:
+        """Say again, once a minute, that HEAD is stuck on a refused commit."""
+        now = time.monotonic()
+        if not self._refused or now - self._reported < self.report_interval:
+            return
+        self._reported = now
+        since = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(self._refused_since))
+        log.error(
+            "users repo: still refusing commit %s (HEAD) since %s (%d min): %s; "
+            "serving %s; commit a fix to the repository",
+            self._refused[:12],
+            since,
+            (time.time() - self._refused_since) // 60,
+            self.last_error,
+            (self._db.commit or "empty")[:12],
+        )
 
     @property
     def db(self) -> UsersDB:
@@ -386,8 +526,7 @@ class UsersWatcher:
                 oid = str(parents[0]) if parents else None
                 continue
             if oid != head:
-                self._refused = head
-                self.last_error = str(first_error)
+                self._refuse(head, str(first_error))
                 log.warning("users repo: serving older commit %s (HEAD is invalid)", oid[:12])
             log.info("users repo: loaded %d users at %s", len(db), oid[:12])
             return db
@@ -402,13 +541,16 @@ class UsersWatcher:
                 self.last_error = str(exc)
                 log.error("users repo: %s", exc)
                 return False
-            if head == self._db.commit or head == self._refused:
+            if head == self._refused:
+                self._still_refused()
+                return False
+            if head == self._db.commit:
+                self._clear_refused()  # HEAD moved back to the commit in service
                 return False
             try:
                 db = self._load(head)
             except UsersRepoError as exc:
-                self._refused = head
-                self.last_error = str(exc)
+                self._refuse(head or "", str(exc))
                 log.error(
                     "users repo: refusing commit %s: %s; keeping %s",
                     (head or "")[:12],
@@ -417,8 +559,7 @@ class UsersWatcher:
                 )
                 return False
             self._db = db
-            self._refused = None
-            self.last_error = None
+            self._clear_refused()
             self.reloads += 1
             log.info("users repo: loaded %d users at %s", len(db), (head or "")[:12])
             return True

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pygit2
 
-from poste.users.repo import UsersRepoError, parse_entry
+from poste.users.repo import UsersRepoError, check_tree, not_owned_problem, parse_entry
 
 log = logging.getLogger("poste.users")
 
@@ -40,6 +40,9 @@ def open_repo(path: str | Path, create: bool = False) -> pygit2.Repository:
     try:
         return pygit2.Repository(str(path))
     except (pygit2.GitError, KeyError):
+        problem = not_owned_problem(path)
+        if problem:
+            raise UsersRepoError(problem) from None
         if not create:
             raise UsersRepoError(f"{path}: not a Git repository") from None
     if Path(path).exists() and any(Path(path).iterdir()):
@@ -118,11 +121,13 @@ def commit_file(
     *,
     create: bool = False,
     expect: Callable[[bytes | None], bool] | None = None,
+    check: bool = False,
 ) -> str | None:
     """Commit `content` at `path` (None deletes it); returns the new commit id.
 
     `expect` is checked against the current content under the lock; when it
     says no, nothing is written and None is returned (compare-and-swap).
+    `check`: refuse (UsersRepoError) a commit the services' reader would refuse.
     """
 
     def transform(current: bytes | None) -> bytes | _Skip | None:
@@ -130,7 +135,7 @@ def commit_file(
             return SKIP
         return content
 
-    return update_file(repo_path, path, transform, message, create=create)
+    return update_file(repo_path, path, transform, message, create=create, check=check)
 
 
 class _Skip:
@@ -147,13 +152,15 @@ def update_file(
     message: str,
     *,
     create: bool = False,
+    check: bool = False,
 ) -> str | None:
     """Commit `transform(current content)` at `path` under the lock.
 
     `transform` returns the new content, None to delete, or SKIP to leave
     the repository alone (then None is returned).  It runs with the lock
     held, on what HEAD holds right now, so a read-modify-write cannot lose a
-    concurrent change.
+    concurrent change.  `check`: refuse (UsersRepoError) to commit a tree the
+    services' reader would refuse, so a writer can never leave them stuck.
     """
     repo = open_repo(repo_path, create=create)
     with _locked(repo):
@@ -171,11 +178,29 @@ def update_file(
         tree_id = _build_tree(repo, base, path.split("/"), blob)
         if tree_id is None:
             tree_id = repo.TreeBuilder().write()
+        if check:
+            _refuse_invalid(repo, repo[tree_id].peel(pygit2.Tree), base)
         sig = _signature(repo)
         oid = repo.create_commit("HEAD", sig, sig, message, tree_id, parents)
         if not repo.is_bare:
             _sync_workdir(repo, path, content)
         return str(oid)
+
+
+def _refuse_invalid(repo: pygit2.Repository, tree: pygit2.Tree, base: pygit2.Tree | None) -> None:
+    """Never commit a tree the services would refuse (they would keep refusing every later one)."""
+    try:
+        check_tree(repo, tree)
+    except UsersRepoError as exc:
+        if base is not None:
+            try:
+                check_tree(repo, base)
+            except UsersRepoError as old:
+                raise UsersRepoError(
+                    f"HEAD is already refused by the services ({old}): fix that first, "
+                    "with git or `poste users del`"
+                ) from None
+        raise UsersRepoError(f"the services would refuse this change: {exc}") from None
 
 
 def _sync_workdir(repo: pygit2.Repository, path: str, content: bytes | None) -> None:
