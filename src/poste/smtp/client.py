@@ -74,6 +74,38 @@ def _nodelay(client: aiosmtplib.SMTP) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
+def new_client(
+    host: str,
+    port: int,
+    *,
+    helo: str | None = None,
+    implicit_tls: bool = False,
+    tls_context: ssl.SSLContext | None = None,
+    timeout: float = 60.0,
+    source_address: str | None = None,
+) -> aiosmtplib.SMTP:
+    """The one way poste makes an SMTP client (hops, the relay's delivery, the tools)."""
+    return aiosmtplib.SMTP(
+        hostname=host,
+        port=port,
+        local_hostname=helo or _fqdn(),
+        use_tls=implicit_tls,
+        start_tls=False,
+        tls_context=tls_context or client_context(),
+        timeout=timeout,
+        source_address=(source_address, 0) if source_address else None,
+    )
+
+
+async def dial(client: aiosmtplib.SMTP, timeout: float | None = None) -> None:
+    """Connect (within `timeout`, else the client's) with TCP_NODELAY: no Nagle stalls."""
+    if timeout is None:
+        await client.connect()
+    else:
+        await client.connect(timeout=timeout)
+    _nodelay(client)
+
+
 async def connect(
     host: str,
     port: int,
@@ -87,18 +119,9 @@ async def connect(
 ) -> aiosmtplib.SMTP:
     """Connect and greet; STARTTLS when `starttls` is True, or when offered if None."""
     ctx = tls_context or client_context()
-    client = aiosmtplib.SMTP(
-        hostname=host,
-        port=port,
-        local_hostname=helo or _fqdn(),
-        use_tls=implicit_tls,
-        start_tls=False,
-        tls_context=ctx,
-        timeout=timeout,
-        source_address=(source_address, 0) if source_address else None,
-    )
-    await client.connect()
-    _nodelay(client)
+    client = new_client(host, port, helo=helo, implicit_tls=implicit_tls, tls_context=ctx,
+                        timeout=timeout, source_address=source_address)
+    await dial(client)
     await client.ehlo()
     if not implicit_tls and starttls is not False:
         if client.supports_extension("starttls"):

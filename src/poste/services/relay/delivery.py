@@ -27,7 +27,7 @@ import dns.rdatatype
 import dns.resolver
 
 from poste.smtp.address import AddressError, ip_of
-from poste.smtp.client import mail_from, rcpt_to
+from poste.smtp.client import dial, mail_from, new_client, rcpt_to
 from poste.smtp.stage import Reply
 
 log = logging.getLogger("poste.relay.delivery")
@@ -266,18 +266,12 @@ class Deliverer:
         cache_as: str | None = None,
     ) -> dict[str, Reply]:
         mta = target.host
-        client = aiosmtplib.SMTP(
-            hostname=target.address,
-            port=self.port,
-            local_hostname=self.helo,
-            timeout=self.timeout,
-            start_tls=False,
-            validate_certs=False,
-        )
+        client = new_client(target.address, self.port, helo=self.helo,
+                            tls_context=self._tls_context, timeout=self.timeout)
         kept = False
         try:
             try:
-                await client.connect(timeout=self.connect_timeout)
+                await dial(client, self.connect_timeout)
             except (aiosmtplib.SMTPConnectError, aiosmtplib.SMTPTimeoutError, OSError) as exc:
                 raise DomainFailure(451, f"4.4.1 Connection to {mta} failed: {exc}", mta) from None
             except aiosmtplib.SMTPResponseException as exc:
