@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -131,15 +132,28 @@ def return_path(mail: bytes) -> str:
 
 
 def make_users(poste_bin: str, repo: Path, users: dict[str, list[str]]) -> None:
+    """`poste users add NAME --no-password --target ...` for each user (in this process).
+
+    `poste_bin` is unused now (the subprocess cases of `poste users` are in
+    test_users_cli); it stays so the callers read as before.
+    """
+    from support.cli import run_poste
+
     for name, targets in users.items():
-        args = [poste_bin, "users", "add", name, "--repo", str(repo), "--no-password"]
+        args = ["users", "add", name, "--repo", str(repo), "--no-password"]
         for t in targets:
             args += ["--target", t]
-        subprocess.run(args, check=True, capture_output=True, timeout=60)
+        ran = run_poste(args)
+        assert ran.returncode == 0, ran.stderr
 
 
 class Relay:
-    """`poste relay` as a subprocess, as an admin runs it."""
+    """`poste relay` as a subprocess, as an admin runs it.
+
+    It listens on port 0 (`--listen 127.0.0.1:0`): the port the kernel gave it
+    is read from its log line `relay listening on 127.0.0.1:PORT`, so no port
+    is picked beforehand and left free for someone else to take.
+    """
 
     def __init__(self, poste_bin: str, workdir: Path, nameserver: str, smtp_port: int,
                  *extra: str, domain: str = "our.test") -> None:
@@ -148,28 +162,33 @@ class Relay:
         self.spool = workdir / "spool"
         self.users = workdir / "users"
         self.host = "127.0.0.1"
-        from support.net import free_port
-
-        self.port = free_port(self.host)
+        self.port = 0  # known once started
         self.args = [
             poste_bin, "relay", "--domain", domain, "--postmaster", "admin@example.org",
             "--users", str(self.users), "--spool", str(self.spool),
-            "--listen", f"{self.host}:{self.port}", "--nameserver", nameserver,
+            "--listen", f"{self.host}:0", "--nameserver", nameserver,
             "--smtp-port", str(smtp_port), "--srs-secret", "test-secret",
             "--hostname", "relay.our.test", "--users-poll", "0.2s", "--no-ipv6", *extra,
         ]
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = workdir / "relay.log"
 
-    def start(self) -> Relay:
+    def start(self, timeout: float = 20.0) -> Relay:
+        offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(self.args, stdout=log, stderr=log, start_new_session=True)
         log.close()
-        try:
-            wait_port(self.host, self.port, timeout=20)
-        except TimeoutError:
-            raise RuntimeError(f"relay did not start:\n{self.log()}") from None
-        return self
+        listening = re.compile(rf"relay listening on {re.escape(self.host)}:(\d+)")
+        deadline = time.monotonic() + timeout
+        while True:
+            found = listening.search(self.log(offset))
+            if found:
+                self.port = int(found.group(1))
+                return self
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.kill()
+                raise RuntimeError(f"relay did not start:\n{self.log(offset)}")
+            time.sleep(0.02)
 
     def kill(self) -> None:
         if self.proc and self.proc.poll() is None:
@@ -186,7 +205,8 @@ class Relay:
                 self.kill()
         self.proc = None
 
-    def log(self) -> str:
+    def log(self, offset: int = 0) -> str:
+        """The relay's log (from byte `offset` on)."""
         with contextlib.suppress(OSError):
-            return self.log_path.read_text(errors="replace")
+            return self.log_path.read_bytes()[offset:].decode(errors="replace")
         return ""

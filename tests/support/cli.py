@@ -1,0 +1,152 @@
+"""Run `poste ARGS...` inside the test process, as the entry point would, and capture it.
+
+Spawning `poste` costs a Python start and the imports of the command (0.3-0.6 s,
+seconds under load) for what is often one line of stderr.  `run_poste` calls
+`poste.cli.main(argv)` itself, the function the `poste` console script calls,
+with stdin/stdout/stderr swapped for in-memory streams, and returns what
+`subprocess.run(..., capture_output=True, text=True)` would: the exit status
+(SystemExit as the interpreter turns it into one), stdout and stderr.  An
+exception that escapes `main` is printed as the interpreter would print it
+(a `Traceback` on stderr, status 1), so "no traceback" is still checked.
+
+It leaves the process as it found it: the logging configuration a command
+sets up (root handlers and levels), the flags' module-level state, and it
+fails if the command leaves a thread running.  Each module that checks a
+command's errors this way keeps one subprocess case, so the installed entry
+point itself is still proven.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import io
+import logging
+import sys
+import threading
+import traceback
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass
+class Ran:
+    """What `subprocess.run(..., capture_output=True)` gives, for an in-process run."""
+
+    args: list[str]
+    returncode: int
+    stdout_bytes: bytes
+    stderr_bytes: bytes
+
+    @property
+    def stdout(self) -> str:
+        return self.stdout_bytes.decode("utf-8", "replace")
+
+    @property
+    def stderr(self) -> str:
+        return self.stderr_bytes.decode("utf-8", "replace")
+
+
+class _Stream(io.TextIOWrapper):
+    """A text stream over bytes that `main` cannot close for us."""
+
+    def close(self) -> None:
+        self.flush()
+
+
+def _logging_state() -> dict[str, tuple[int, list[logging.Handler], bool, bool]]:
+    loggers: dict[str, logging.Logger] = {"": logging.getLogger()}
+    for name, obj in logging.Logger.manager.loggerDict.items():
+        if isinstance(obj, logging.Logger):
+            loggers[name] = obj
+    return {
+        name: (lg.level, list(lg.handlers), lg.propagate, lg.disabled)
+        for name, lg in loggers.items()
+    }
+
+
+def _restore_logging(saved: dict[str, tuple[int, list[logging.Handler], bool, bool]]) -> None:
+    current: dict[str, logging.Logger] = {"": logging.getLogger()}
+    for name, obj in logging.Logger.manager.loggerDict.items():
+        if isinstance(obj, logging.Logger):
+            current[name] = obj
+    for name, lg in current.items():
+        level, handlers, propagate, disabled = saved.get(name, (logging.NOTSET, [], True, False))
+        for h in list(lg.handlers):
+            if h not in handlers:
+                lg.removeHandler(h)
+                with contextlib.suppress(Exception):
+                    h.close()
+        for h in handlers:
+            if h not in lg.handlers:
+                lg.addHandler(h)
+        lg.setLevel(level)
+        lg.propagate, lg.disabled = propagate, disabled
+    logging.disable(logging.NOTSET)
+
+
+# Module-level state that flags set (module, attribute); restored after each run.
+# A module that is not there (moved, or not built) is skipped.
+_STATE = [("poste.services.common", "_observability")]
+
+
+@contextlib.contextmanager
+def _kept_module_state() -> Iterator[None]:
+    saved: list[tuple[Any, str, Any]] = []
+    for module_name, attr in _STATE:
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:
+            continue
+        value = getattr(module, attr, None)
+        if isinstance(value, dict):
+            saved.append((module, attr, dict(value)))
+    try:
+        yield
+    finally:
+        for module, attr, value in saved:
+            getattr(module, attr).clear()
+            getattr(module, attr).update(value)
+
+
+def run_poste(argv: list[str], input: bytes | str = b"") -> Ran:
+    """`poste *argv` in this process; `input` is its stdin (empty by default)."""
+    from poste.cli import main
+
+    data = input.encode() if isinstance(input, str) else input
+    out, err = io.BytesIO(), io.BytesIO()
+    stdin = _Stream(io.BytesIO(data), encoding="utf-8")
+    stdout = _Stream(out, encoding="utf-8", write_through=True)
+    stderr = _Stream(err, encoding="utf-8", write_through=True)
+    saved_streams = sys.stdin, sys.stdout, sys.stderr
+    saved_logging = _logging_state()
+    threads_before = set(threading.enumerate())
+    code = 0
+    with _kept_module_state():
+        sys.stdin, sys.stdout, sys.stderr = stdin, stdout, stderr
+        try:
+            main(list(argv))
+        except SystemExit as exc:
+            if exc.code is None:
+                code = 0
+            elif isinstance(exc.code, int):
+                code = exc.code
+            else:  # sys.exit("message"): the interpreter prints it, status 1
+                print(exc.code, file=sys.stderr)
+                code = 1
+        except Exception:  # the interpreter would print it and exit 1
+            traceback.print_exc(file=sys.stderr)
+            code = 1
+        finally:
+            with contextlib.suppress(Exception):
+                sys.stdout.flush()
+                sys.stderr.flush()
+            sys.stdin, sys.stdout, sys.stderr = saved_streams
+            _restore_logging(saved_logging)
+    left = [t for t in threading.enumerate() if t not in threads_before and t.is_alive()]
+    assert not left, f"poste {' '.join(argv)} left threads running: {left}"
+    return Ran(list(argv), code, out.getvalue(), err.getvalue())
+
+
+__all__ = ["Ran", "run_poste"]

@@ -1,0 +1,155 @@
+"""Stand-in MX hosts inside the test process: `poste srv`'s own mailbox, no process each.
+
+`poste srv` as a subprocess costs a Python start per stand-in (and a test of
+the relay wants two or three of them).  `StandIns` runs the very code of
+`poste srv --count 0 --with-data` (its Mailbox and MailboxHop on the SMTP
+core) on an event loop in a background thread, one listener per host.
+
+All hosts share one port (the relay's --smtp-port is one for all).  It is
+found by binding port 0 on the first host and the same port on the others,
+and those sockets are kept bound (not listening) for the world's whole life:
+a host whose stand-in is not running refuses connections, as a host with
+nothing on port 25 does, and no other program can take the port meanwhile.
+A stand-in started later (`late.test` coming up) binds beside its reservation
+(SO_REUSEADDR, as asyncio's create_server does).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import threading
+import time
+from collections.abc import Coroutine, Iterable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from poste.smtp.server import Limits, SMTPService
+from poste.smtp.stage import Envelope, Reply, Stage
+from poste.tools.srv import Mailbox, MailboxHop
+
+T = TypeVar("T")
+
+
+def _reply(text: str | None) -> Reply | None:
+    """`"550 5.1.1 No such user"` as `poste srv --rcpt-reply` takes it."""
+    if text is None:
+        return None
+    code, _, rest = text.partition(" ")
+    return Reply(int(code), rest)
+
+
+def reserve_common_port(hosts: Iterable[str]) -> tuple[int, list[socket.socket]]:
+    """A port bound (not listening) on every host: bind port 0 on the first, then the others."""
+    hosts = list(hosts)
+    for _ in range(200):
+        socks: list[socket.socket] = []
+        try:
+            for h in hosts:
+                s = socket.socket(socket.AF_INET6 if ":" in h else socket.AF_INET)
+                socks.append(s)
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                s.bind((h, int(socks[0].getsockname()[1]) if len(socks) > 1 else 0))
+        except OSError:
+            for s in socks:
+                s.close()
+            continue
+        return int(socks[0].getsockname()[1]), socks
+    raise RuntimeError(f"no port free on all of {hosts}")
+
+
+class StandIn:
+    """One stand-in MX: every mail lands in `folder` as N.eml, with Return-Path/Delivered-To."""
+
+    def __init__(self, world: StandIns, host: str, folder: Path, service: SMTPService) -> None:
+        self.world, self.host, self.folder, self.service = world, host, folder, service
+        self.port = world.port
+
+    @property
+    def sessions(self) -> int:
+        """SMTP sessions opened with this stand-in so far."""
+        stage = self.service.stage
+        assert isinstance(stage, _Counting)
+        return stage.sessions
+
+    def stop(self) -> None:
+        if self in self.world.running:
+            self.world.running.remove(self)
+            self.world.call(self.service.stop())
+
+    def mails(self) -> list[bytes]:
+        if not self.folder.exists():
+            return []
+        files = sorted(self.folder.glob("*.eml"), key=lambda p: int(p.stem))
+        return [p.read_bytes() for p in files]
+
+    def wait(self, n: int, timeout: float = 30.0) -> list[bytes]:
+        deadline = time.monotonic() + timeout
+        while True:
+            got = self.mails()
+            if len(got) >= n:
+                return got
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{self.host}: {len(got)} mail(s), expected {n}")
+            time.sleep(0.02)
+
+
+class _Counting(Stage):
+    """`poste srv`'s Stage (accept everything), counting the sessions it sees."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sessions = 0
+
+    async def on_connect(self, env: Envelope) -> Reply | None:
+        self.sessions += 1
+        return await super().on_connect(env)
+
+
+class StandIns:
+    """Stand-in MX hosts on one shared port, served by one background event loop."""
+
+    def __init__(self, hosts: Iterable[str]) -> None:
+        self.hosts = list(hosts)
+        self.port, self._reserved = reserve_common_port(self.hosts)
+        self.running: list[StandIn] = []
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="standins",
+                                        daemon=True)
+        self._thread.start()
+
+    def call(self, coro: Coroutine[Any, Any, T], timeout: float = 30.0) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def start(self, host: str, folder: Path, *, rcpt_reply: str | None = None,
+              data_reply: str | None = None) -> StandIn:
+        """What `poste srv HOST:PORT -o FOLDER/ --count 0 --with-data --hostname mx-HOST` runs."""
+        assert host in self.hosts, host
+        box = Mailbox(f"{folder}/", 0, True)
+        hop = MailboxHop(box, _reply(rcpt_reply), _reply(data_reply))
+        service = SMTPService(_Counting(), hop, host=host, port=self.port, hostname=f"mx-{host}",
+                              limits=Limits(max_connections=200))
+        self.call(service.start())
+        standin = StandIn(self, host, folder, service)
+        self.running.append(standin)
+        return standin
+
+    def close(self) -> None:
+        for standin in list(self.running):
+            with contextlib.suppress(Exception):
+                standin.stop()
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(10)
+        self.loop.close()
+        for s in self._reserved:
+            s.close()
+
+    def __enter__(self) -> StandIns:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+__all__ = ["StandIn", "StandIns", "reserve_common_port"]
