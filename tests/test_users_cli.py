@@ -7,11 +7,18 @@ from pathlib import Path
 
 from poste.users import passwords
 from poste.users.repo import UsersWatcher, load_snapshot
+from support.cli import Ran, run_poste
 
 DOMAIN = "our.test"
 
 
-def run(poste_bin: str, *args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
+def run(poste_bin: str, *args: str, stdin: str = "") -> Ran:
+    """`poste users ARGS` in this process (poste.cli.main); see run_real for the installed one."""
+    return run_poste(["users", *args], input=stdin)
+
+
+def run_real(poste_bin: str, *args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
+    """`poste users ARGS` through the installed entry point, as a user types it."""
     return subprocess.run(
         [poste_bin, "users", *args], input=stdin, capture_output=True, text=True, timeout=60
     )
@@ -93,7 +100,8 @@ def test_round_trip(poste_bin: str, tmp_path: Path) -> None:
 
 def test_prompted_password_is_confirmed(poste_bin: str, tmp_path: Path) -> None:
     repo = tmp_path / "users"
-    proc = run(poste_bin, "add", "carol", "--repo", str(repo), stdin="one\ntwo\none\none\n")
+    # Through the installed `poste` (no terminal: click's hidden prompt reads stdin).
+    proc = run_real(poste_bin, "add", "carol", "--repo", str(repo), stdin="one\ntwo\none\none\n")
     assert proc.returncode == 0, proc.stderr
     assert "do not match" in proc.stderr.lower()
     carol = load_snapshot(repo, DOMAIN).lookup("carol")
