@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
+from support.cli import run_poste
 from support.dkimkit import DOMAIN, dkim_zone_records, mail, make_key
 from support.knot import knot_server, simple_zone
 
@@ -65,6 +66,6 @@ def test_verify_each_signature(tmp_path: Path, poste_bin: str) -> None:
 def test_verify_bad_nameserver_is_one_line(tmp_path: Path, poste_bin: str) -> None:
     path = tmp_path / "m.eml"
     path.write_bytes(mail())
-    r = poste(poste_bin, "dkim", "verify", "--nameserver", "not-an-ip", str(path))
+    r = run_poste(["dkim", "verify", "--nameserver", "not-an-ip", str(path)], text=False)
     assert r.returncode == 2 and b"Traceback" not in r.stderr
     assert b"is not an IP address" in r.stderr.splitlines()[-1]

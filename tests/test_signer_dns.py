@@ -10,6 +10,7 @@ from pathlib import Path
 import dns.message
 import dns.query
 
+from support.cli import run_poste
 from support.dkimkit import DOMAIN, make_key, service
 from support.knot import knot_server, simple_zone
 from support.net import free_port
@@ -126,7 +127,7 @@ def test_signer_refuses_to_start_with_a_wrong_dns_key(tmp_path: Path, poste_bin:
 
 def test_signer_flag_errors_are_one_line(tmp_path: Path, poste_bin: str) -> None:
     key_path, _ = make_key(tmp_path, "rsa", "s1")
-    base = [poste_bin, "signer", "--domain", DOMAIN, "--destination", "127.0.0.1:9"]
+    base = ["signer", "--domain", DOMAIN, "--destination", "127.0.0.1:9"]
     cases = [
         ["--selector", "a", "--selector", "b", "--private-key", str(key_path)],
         ["--selector", "a", "--private-key", str(tmp_path / "missing.pem")],
@@ -144,7 +145,7 @@ def test_signer_flag_errors_are_one_line(tmp_path: Path, poste_bin: str) -> None
         ["--selector", "a", "--private-key", str(key_path), "--sign-headers", "To,Subject"],
     ]
     for extra in cases:
-        r = subprocess.run(base + extra, capture_output=True, text=True, timeout=30)
+        r = run_poste(base + extra)  # poste.cli.main in this process
         assert r.returncode != 0, extra
         assert "Traceback" not in r.stderr
         assert r.stderr.strip().splitlines()[-1].startswith("Error:"), r.stderr

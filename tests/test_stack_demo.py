@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from support.cli import run_poste
 from support.net import free_port, wait_port
 
 
@@ -131,11 +132,10 @@ def test_demo_wrong_password_refused(demo, poste_bin: str) -> None:
 def test_up_bad_config_is_one_line(tmp_path: Path, poste_bin: str) -> None:
     bad = tmp_path / "poste.toml"
     bad.write_text("[relay]\nspool = 'spool'\nlisen = 'x'\n")
-    r = subprocess.run([poste_bin, "up", "--config", str(bad)], capture_output=True, text=True)
+    r = run_poste(["up", "--config", str(bad)])  # poste.cli.main in this process
     assert r.returncode != 0
     assert "unknown key `lisen`" in r.stderr and "did you mean `listen`" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
-    r = subprocess.run([poste_bin, "up", "--config", str(tmp_path / "nope.toml")],
-                       capture_output=True, text=True)
+    r = run_poste(["up", "--config", str(tmp_path / "nope.toml")])
     assert r.returncode != 0 and "poste init" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1

@@ -12,6 +12,7 @@ import pytest
 from poste.dkim.keys import generate, write_key
 from poste.dns.records import zone_text
 from poste.smtp.tls import self_signed
+from support.cli import run_poste
 from support.knot import KnotServer, simple_zone
 from support.net import free_port, wait_port
 
@@ -136,9 +137,7 @@ def test_doctor_missing_everything(tmp_path: Path, poste_bin: str) -> None:
 
 
 def test_doctor_bad_flags(poste_bin: str) -> None:
-    r = subprocess.run([poste_bin, "doctor", "--domain", "not a domain"],
-                       capture_output=True, text=True)
+    r = run_poste(["doctor", "--domain", "not a domain"])  # poste.cli.main in this process
     assert r.returncode != 0 and "Traceback" not in r.stderr
-    r = subprocess.run([poste_bin, "doctor", "--domain", DOMAIN, "--address", "nope"],
-                       capture_output=True, text=True)
+    r = run_poste(["doctor", "--domain", DOMAIN, "--address", "nope"])
     assert r.returncode != 0 and "not an IP address" in r.stderr

@@ -18,6 +18,7 @@ import pytest
 
 from poste.runtime.logs import JSONFormatter
 from poste.stack.config import ConfigError, parse
+from support.cli import run_poste
 from support.net import free_port, wait_port
 
 
@@ -56,8 +57,7 @@ def test_init_bad_input(tmp_path: Path, poste_bin: str) -> None:
     for args, word in ((["--domain", "not a domain"], "--domain"),
                        (["--domain", "ok.test", "--address", "1.2.3"], "--address"),
                        (["--domain", "ok.test", "--postmaster", "nobody"], "--postmaster")):
-        r = subprocess.run([poste_bin, "init", str(tmp_path / "x"), *args],
-                           capture_output=True, text=True, timeout=60)
+        r = run_poste(["init", str(tmp_path / "x"), *args])  # poste.cli.main in this process
         assert r.returncode != 0 and word in r.stderr and "Traceback" not in r.stderr
 
 

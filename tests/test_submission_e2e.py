@@ -23,6 +23,7 @@ import pytest
 from poste.smtp.tls import self_signed
 from poste.users import passwords, store
 from poste.users.repo import load_snapshot
+from support.cli import run_poste
 from support.net import free_port, wait_port
 
 DOMAIN = "our.test"
@@ -423,7 +424,7 @@ def test_command_line_errors_are_one_line(poste_bin: str, tmp_path: Path) -> Non
     self_signed(cert, key, "mail.our.test")
     repo = tmp_path / "users"
     add_user(repo, "alice", None)
-    base = [poste_bin, "submission", "--domain", DOMAIN, "--destination", "127.0.0.1:1"]
+    base = ["submission", "--domain", DOMAIN, "--destination", "127.0.0.1:1"]
     tls = ["--tls-cert", str(cert), "--tls-key", str(key)]
     cases = [
         ([*base, "--users", str(tmp_path / "missing"), *tls], "not a Git repository"),
@@ -431,11 +432,11 @@ def test_command_line_errors_are_one_line(poste_bin: str, tmp_path: Path) -> Non
         ([*base, "--users", str(repo), *tls, "--listen", "127.0.0.1:99999"], "bad port"),
     ]
     for args, message in cases:
-        proc = subprocess.run(args, capture_output=True, text=True, timeout=60)
+        proc = run_poste(args)  # poste.cli.main in this process
         assert proc.returncode != 0
         assert message in proc.stderr, proc.stderr
         assert "Traceback" not in proc.stderr
-    proc = subprocess.run([poste_bin, "submission", "--help"], capture_output=True, text=True)
+    proc = run_poste(["submission", "--help"])
     assert proc.returncode == 0 and "--listen-tls" in proc.stdout
 
 

@@ -32,20 +32,15 @@ from typing import Any
 
 @dataclass
 class Ran:
-    """What `subprocess.run(..., capture_output=True)` gives, for an in-process run."""
+    """What `subprocess.run(..., capture_output=True, text=...)` gives, for an in-process run.
+
+    `stdout` and `stderr` are str (text=True, the default) or bytes (text=False).
+    """
 
     args: list[str]
     returncode: int
-    stdout_bytes: bytes
-    stderr_bytes: bytes
-
-    @property
-    def stdout(self) -> str:
-        return self.stdout_bytes.decode("utf-8", "replace")
-
-    @property
-    def stderr(self) -> str:
-        return self.stderr_bytes.decode("utf-8", "replace")
+    stdout: Any
+    stderr: Any
 
 
 class _Stream(io.TextIOWrapper):
@@ -110,7 +105,7 @@ def _kept_module_state() -> Iterator[None]:
             getattr(module, attr).update(value)
 
 
-def run_poste(argv: list[str], input: bytes | str = b"") -> Ran:
+def run_poste(argv: list[str], input: bytes | str = b"", text: bool = True) -> Ran:
     """`poste *argv` in this process; `input` is its stdin (empty by default)."""
     from poste.cli import main
 
@@ -146,6 +141,9 @@ def run_poste(argv: list[str], input: bytes | str = b"") -> Ran:
             _restore_logging(saved_logging)
     left = [t for t in threading.enumerate() if t not in threads_before and t.is_alive()]
     assert not left, f"poste {' '.join(argv)} left threads running: {left}"
+    if text:
+        return Ran(list(argv), code, out.getvalue().decode("utf-8", "replace"),
+                   err.getvalue().decode("utf-8", "replace"))
     return Ran(list(argv), code, out.getvalue(), err.getvalue())
 
 
