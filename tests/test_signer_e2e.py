@@ -14,17 +14,17 @@ from pathlib import Path
 import pytest
 
 from support import opendkim
+from support.cli import run_poste
 from support.dkimkit import (
     DOMAIN,
     dkim_zone_records,
     mail,
     make_key,
-    service,
     wait_file,
     without_signatures_except,
 )
 from support.knot import knot_server, simple_zone
-from support.net import free_port
+from support.service import started
 
 pytestmark = pytest.mark.skipif(not opendkim.available(), reason="opendkim-testmsg missing")
 
@@ -61,17 +61,14 @@ def stack(tmp_path: Path, poste_bin: str):  # type: ignore[no-untyped-def]
     ed_path, ed_key = make_key(tmp_path, "ed25519", "ed2024")
     zone = simple_zone(DOMAIN, dkim_zone_records([("rsa2024", rsa_key), ("ed2024", ed_key)]))
     ns_host = opendkim.port53_host()
-    srv_port, signer_port = free_port(), free_port()
     box = tmp_path / "box"
     with (
         knot_server(tmp_path / "knot", {DOMAIN: zone}, host=ns_host, port=53) as ns,
-        service(
-            [poste_bin, "srv", f"127.0.0.1:{srv_port}", "-o", f"{box}/", "--count", "10"],
-            "127.0.0.1",
-            srv_port,
+        started(
+            [poste_bin, "srv", "127.0.0.1:0", "-o", f"{box}/", "--count", "10"],
             tmp_path / "srv.log",
-        ),
-        service(
+        ) as (_, [srv_port]),
+        started(
             [
                 poste_bin,
                 "signer",
@@ -88,14 +85,12 @@ def stack(tmp_path: Path, poste_bin: str):  # type: ignore[no-untyped-def]
                 "--destination",
                 f"127.0.0.1:{srv_port}",
                 "--listen",
-                f"127.0.0.1:{signer_port}",
+                "127.0.0.1:0",
                 "--hostname",
                 "signer.example.test",
             ],
-            "127.0.0.1",
-            signer_port,
             tmp_path / "signer.log",
-        ),
+        ) as (_, [signer_port]),
     ):
         yield {"ns": ns, "signer_port": signer_port, "box": box, "tmp": tmp_path}
 
@@ -164,11 +159,7 @@ def test_signed_mail_passes_opendkim_for_each_algorithm(stack, poste_bin: str) -
     )
     assert v.returncode == 0 and v.stdout == f"[OK]: {DOMAIN}\n[OK]: {DOMAIN}\n"
     path.write_bytes(stored.replace(b"Subject: via swaks", b"Subject: via swakz"))
-    v = subprocess.run(
-        [poste_bin, "dkim", "verify", "--nameserver", stack["ns"].nameserver, str(path)],
-        capture_output=True,
-        text=True,
-    )
+    v = run_poste(["dkim", "verify", "--nameserver", stack["ns"].nameserver, str(path)])
     assert v.returncode == 1 and v.stdout == f"[ER]: {DOMAIN}\n[ER]: {DOMAIN}\n"
 
 

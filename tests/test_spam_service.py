@@ -23,8 +23,8 @@ from poste.services.spamfilter.service import SpamfilterStage, build_stage
 from poste.spam import Classifier
 from poste.tools.srv import Mailbox, MailboxHop
 from support.cli import run_poste
-from support.dkimkit import service, srv_mailbox, wait_file
-from support.net import free_port
+from support.dkimkit import srv_mailbox, wait_file
+from support.service import started
 from support.smtp import running
 from support.spamkit import big_attachment, hammy, small_db, spammy
 
@@ -75,18 +75,17 @@ MALFORMED = (
 def test_spam_ham_and_malformed_mail_are_labelled(tmp_path: Path, poste_bin: str) -> None:
     db = tmp_path / "small.db"
     small_db().save(db)
-    port = free_port()
     box = tmp_path / "box"
     rng = random.Random(2024)
     spam, ham = spammy(rng), hammy(rng)
     with (
         srv_mailbox(poste_bin, box, tmp_path / "srv.log") as srv_port,
-        service(
+        started(
             [
                 poste_bin,
                 "spamfilter",
                 "--listen",
-                f"127.0.0.1:{port}",
+                "127.0.0.1:0",
                 "--destination",
                 f"127.0.0.1:{srv_port}",
                 "--db",
@@ -95,10 +94,8 @@ def test_spam_ham_and_malformed_mail_are_labelled(tmp_path: Path, poste_bin: str
                 "--hostname",
                 "spamfilter.test",
             ],
-            "127.0.0.1",
-            port,
             tmp_path / "spamfilter.log",
-        ),
+        ) as (_, [port]),
     ):
         for i, raw in enumerate((spam, ham, MALFORMED), 1):
             send(poste_bin, raw, port)
@@ -123,25 +120,22 @@ def test_spam_ham_and_malformed_mail_are_labelled(tmp_path: Path, poste_bin: str
 
 
 def test_header_name_is_configurable_and_default_db_is_used(tmp_path: Path, poste_bin: str) -> None:
-    port = free_port()
     box = tmp_path / "box"
     with (
         srv_mailbox(poste_bin, box, tmp_path / "srv.log") as srv_port,
-        service(
+        started(
             [
                 poste_bin,
                 "spamfilter",
                 "--listen",
-                f"127.0.0.1:{port}",
+                "127.0.0.1:0",
                 "--destination",
                 f"127.0.0.1:{srv_port}",
                 "--header-name",
                 "X-Spam-Label",
             ],
-            "127.0.0.1",
-            port,
             tmp_path / "spamfilter.log",
-        ),
+        ) as (_, [port]),
     ):
         send(poste_bin, hammy(random.Random(1)), port)
         stored = wait_file(box / "1.eml")

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from support.dkimkit import service, srv_mailbox
+from support.dkimkit import srv_mailbox
 from support.fakedns import Answer, fake_dns, rrset
-from support.net import free_port
+from support.service import started
 from support.verifierkit import find, header, mail, swaks, swaks_args, verifier_args
 
 pytestmark = pytest.mark.skipif(shutil.which("swaks") is None, reason="swaks missing")
@@ -31,20 +31,17 @@ def verifier_behind_fake_dns(
     lookup: Callable[[str, int], Answer | None], tmp_path: Path, poste_bin: str, box: Path
 ) -> Iterator[int]:
     """A `poste srv` mailbox in `box` behind a verifier whose DNS is `lookup`; yields its port."""
-    port = free_port()
     with (
         fake_dns(lookup) as dns,
         srv_mailbox(poste_bin, box, tmp_path / "srv.log") as srv_port,
-        service(
+        started(
             [
-                *verifier_args(poste_bin, port, srv_port, tmp_path, dns.nameserver),
+                *verifier_args(poste_bin, 0, srv_port, tmp_path, dns.nameserver),
                 "--dns-timeout",
                 "60",
             ],
-            "127.0.0.1",
-            port,
             tmp_path / "verifier.log",
-        ),
+        ) as (_, [port]),
     ):
         yield port
 

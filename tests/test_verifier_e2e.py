@@ -24,10 +24,12 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from support.dkimkit import service
+from support.cli import run_poste
+from support.dkimkit import srv_mailbox
 from support.fakedns import DROP, fake_dns
 from support.knot import knot_server, simple_zone
 from support.net import free_port
+from support.service import started
 from support.verifierkit import find, header, mail, swaks, swaks_args, verifier_args
 
 pytestmark = pytest.mark.skipif(shutil.which("swaks") is None, reason="swaks missing")
@@ -90,22 +92,12 @@ def stack(
     tmp_path_factory: pytest.TempPathFactory, poste_bin: str, key: rsa.RSAPrivateKey
 ) -> Iterator[dict[str, Any]]:
     tmp = tmp_path_factory.mktemp("verifier")
-    srv_port, port = free_port(), free_port()
     box = tmp / "box"
     with (
         knot_server(tmp / "knot", zones(key)) as ns,
-        service(
-            [poste_bin, "srv", f"127.0.0.1:{srv_port}", "-o", f"{box}/", "--count", "0"],
-            "127.0.0.1",
-            srv_port,
-            tmp / "srv.log",
-        ),
-        service(
-            verifier_args(poste_bin, port, srv_port, tmp, ns.nameserver),
-            "127.0.0.1",
-            port,
-            tmp / "verifier.log",
-        ),
+        srv_mailbox(poste_bin, box, tmp / "srv.log") as srv_port,
+        started(verifier_args(poste_bin, 0, srv_port, tmp, ns.nameserver),
+                tmp / "verifier.log") as (_, [port]),
     ):
         yield {"port": port, "box": box, "tmp": tmp, "srv_port": srv_port, "ns": ns}
 
@@ -211,9 +203,8 @@ def test_dead_nameserver_gives_temperror_and_mail_passes(
     tmp_path: Path, poste_bin: str, stack: dict[str, Any], key: Any
 ) -> None:
     dead = free_port()  # nothing listens there
-    port = free_port()
-    args = verifier_args(poste_bin, port, stack["srv_port"], tmp_path, f"127.0.0.1:{dead}")
-    with service([*args, "--dns-timeout", "1"], "127.0.0.1", port, tmp_path / "v.log"):
+    args = verifier_args(poste_bin, 0, stack["srv_port"], tmp_path, f"127.0.0.1:{dead}")
+    with started([*args, "--dns-timeout", "1"], tmp_path / "v.log") as (_, [port]):
         r = swaks(port, sign(mail("dead dns"), key), tmp_path)
     assert r.returncode == 0, r.stdout + r.stderr
     stored = find(stack["box"], b"Subject: dead dns")
@@ -225,9 +216,8 @@ def test_dead_nameserver_gives_temperror_and_mail_passes(
 def test_reject_failures_refuses_spf_fail_and_dmarc_reject(
     tmp_path: Path, poste_bin: str, stack: dict[str, Any], key: Any
 ) -> None:
-    port = free_port()
-    args = [*verifier_args(poste_bin, port, stack["srv_port"], tmp_path, stack["ns"].nameserver)]
-    with service([*args, "--reject-failures"], "127.0.0.1", port, tmp_path / "v.log"):
+    args = [*verifier_args(poste_bin, 0, stack["srv_port"], tmp_path, stack["ns"].nameserver)]
+    with started([*args, "--reject-failures"], tmp_path / "v.log") as (_, [port]):
         # SPF fail (from .11) is refused at the end of DATA
         r = swaks(port, sign(mail("refused spf"), key), tmp_path, source="127.0.0.11")
         assert r.returncode != 0
@@ -252,9 +242,8 @@ def test_reject_failures_refuses_spf_fail_and_dmarc_reject(
 
 
 def test_require_tls(tmp_path: Path, poste_bin: str, stack: dict[str, Any]) -> None:
-    port = free_port()
-    args = [*verifier_args(poste_bin, port, stack["srv_port"], tmp_path, stack["ns"].nameserver)]
-    with service([*args, "--require-tls"], "127.0.0.1", port, tmp_path / "v.log"):
+    args = [*verifier_args(poste_bin, 0, stack["srv_port"], tmp_path, stack["ns"].nameserver)]
+    with started([*args, "--require-tls"], tmp_path / "v.log") as (_, [port]):
         r = swaks(port, mail("plain text"), tmp_path, tls=False)
         assert r.returncode != 0 and "530" in r.stdout
         r = swaks(port, mail("over tls"), tmp_path)
@@ -265,10 +254,14 @@ def test_require_tls(tmp_path: Path, poste_bin: str, stack: dict[str, Any]) -> N
 def test_spf_check_tool(stack: dict[str, Any], poste_bin: str) -> None:
     ns = stack["ns"].nameserver
 
-    def spf(*args: str) -> subprocess.CompletedProcess[str]:
-        cmd = [poste_bin, "spf", "check", "--nameserver", ns, *args]
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+    def spf(*args: str) -> Any:
+        """`poste spf check` in this process (poste.cli.main)."""
+        return run_poste(["spf", "check", "--nameserver", ns, *args])
 
+    # Once through the installed entry point, the other cases in this process.
+    real = subprocess.run([poste_bin, "spf", "check", "--nameserver", ns, "--ip", "127.0.0.10",
+                           "--sender", "a@sender.test"], capture_output=True, text=True, timeout=60)
+    assert real.stdout == "pass\n", real.stderr
     assert spf("--ip", "127.0.0.10", "--sender", "a@sender.test").stdout == "pass\n"
     assert spf("--ip", "127.0.0.11", "--sender", "a@sender.test").stdout == "fail\n"
     assert spf("--ip", "127.0.0.11", "--sender", "a@nospf.test").stdout == "none\n"
@@ -341,10 +334,9 @@ def test_nameserver_that_drops_queries_gives_temperror_and_mail_passes(
     tmp_path: Path, poste_bin: str, stack: dict[str, Any], key: Any
 ) -> None:
     """No answer at all (not a refusal): every lookup waits out --dns-timeout, then temperror."""
-    port = free_port()
     with fake_dns(lambda qname, qtype: DROP) as silent:
-        args = verifier_args(poste_bin, port, stack["srv_port"], tmp_path, silent.nameserver)
-        with service([*args, "--dns-timeout", "1"], "127.0.0.1", port, tmp_path / "v.log"):
+        args = verifier_args(poste_bin, 0, stack["srv_port"], tmp_path, silent.nameserver)
+        with started([*args, "--dns-timeout", "1"], tmp_path / "v.log") as (_, [port]):
             r = swaks(port, sign(mail("silent dns"), key), tmp_path)
         asked = {qtype for _, qtype in silent.queries}
     assert r.returncode == 0, r.stdout + r.stderr
@@ -373,9 +365,8 @@ def test_psl_file_changes_organisational_domains(
     ar = header(find(stack["box"], b"Subject: bounce domain aligned"), "Authentication-Results")
     assert "spf=pass smtp.mailfrom=bounce@mail.sender.test" in ar and "dmarc=pass" in ar
 
-    port = free_port()
-    args = verifier_args(poste_bin, port, stack["srv_port"], tmp_path, stack["ns"].nameserver)
-    with service([*args, "--psl", str(psl)], "127.0.0.1", port, tmp_path / "v.log"):
+    args = verifier_args(poste_bin, 0, stack["srv_port"], tmp_path, stack["ns"].nameserver)
+    with started([*args, "--psl", str(psl)], tmp_path / "v.log") as (_, [port]):
         r = swaks(port, mail("bounce domain apart"), tmp_path, sender="bounce@mail.sender.test")
     assert r.returncode == 0, r.stdout + r.stderr
     ar = header(find(stack["box"], b"Subject: bounce domain apart"), "Authentication-Results")

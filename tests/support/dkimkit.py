@@ -94,15 +94,15 @@ def service(
 
 @contextlib.contextmanager
 def srv_mailbox(poste_bin: str, box: Path, log: Path) -> Iterator[int]:
-    """A `poste srv` on loopback writing every mail into `box/N.eml`; yields its port."""
-    from support.net import free_port
+    """A `poste srv` on loopback writing every mail into `box/N.eml`; yields its port.
 
-    port = free_port()
-    with service(
-        [poste_bin, "srv", f"127.0.0.1:{port}", "-o", f"{box}/", "--count", "0"],
-        "127.0.0.1",
-        port,
-        log,
+    It listens on port 0; the port is read from its `listening on` line.
+    """
+    from support.service import started
+
+    with started([poste_bin, "srv", "127.0.0.1:0", "-o", f"{box}/", "--count", "0"], log) as (
+        _,
+        [port],
     ):
         yield port
 
