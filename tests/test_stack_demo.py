@@ -25,8 +25,10 @@ def _free_ports(host: str, n: int) -> list[int]:
     return ports
 
 
-@pytest.fixture
-def demo(tmp_path: Path, poste_bin: str):
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory: pytest.TempPathFactory, poste_bin: str):
+    """One `poste up` demo for the module's tests (the wrong password one sends nothing)."""
+    tmp_path = tmp_path_factory.mktemp("demo")
     home = tmp_path / "home"
     cwd = tmp_path / "cwd"
     home.mkdir()

@@ -43,12 +43,11 @@ def test_init_writes_a_config_up_accepts(tmp_path: Path, poste_bin: str) -> None
 
     assert load_key(d / "dkim/poste.pem").public_b64()[:40] in out
     # `poste up --check` builds every service from it without listening
-    r = subprocess.run([poste_bin, "up", "--config", str(d / "poste.toml"), "--check"],
-                       capture_output=True, text=True, timeout=60)
+    # (in this process, through poste.cli.main; `poste up` itself runs below and in the demo)
+    r = run_poste(["up", "--config", str(d / "poste.toml"), "--check"])
     assert r.returncode == 0 and "ok" in r.stdout, r.stderr
     # nothing is overwritten
-    r = subprocess.run([poste_bin, "init", str(d), "--domain", "example.test"],
-                       capture_output=True, text=True, timeout=60)
+    r = run_poste(["init", str(d), "--domain", "example.test"])
     assert r.returncode != 0 and "exists already" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
 
@@ -121,8 +120,8 @@ def _auth(poste_bin: str, host: str, port: int, user: str, pw: str) -> subproces
 @pytest.mark.slow
 def test_sighup_reloads_users_and_certificate(tmp_path: Path, poste_bin: str) -> None:
     d = tmp_path / "mail"
-    subprocess.run([poste_bin, "init", str(d), "--domain", "example.test"], check=True,
-                   capture_output=True, timeout=60)
+    made = run_poste(["init", str(d), "--domain", "example.test"])  # in this process
+    assert made.returncode == 0, made.stderr
     host = "127.0.0.1"
     pv, ps, pt, pm = (free_port(host) for _ in range(4))
     text = (d / "poste.toml").read_text()
@@ -140,9 +139,10 @@ def test_sighup_reloads_users_and_certificate(tmp_path: Path, poste_bin: str) ->
             wait_port(host, p, timeout=30)
         before = _served_cert(host, pt)
         assert "535" in _auth(poste_bin, host, ps, "alice@example.test", "pw-1").stdout
-        subprocess.run([poste_bin, "users", "add", "alice", "--repo", str(d / "users"),
-                        "--target", "alice@elsewhere.test", "--password-stdin"],
-                       input="pw-1\n", text=True, check=True, capture_output=True, timeout=60)
+        added = run_poste(["users", "add", "alice", "--repo", str(d / "users"),
+                           "--target", "alice@elsewhere.test", "--password-stdin"],
+                          input="pw-1\n")
+        assert added.returncode == 0, added.stderr
         from poste.smtp.tls import self_signed
 
         (d / "tls/cert.pem").unlink()
