@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
@@ -13,8 +13,9 @@ from poste.smtp.server import Limits, SMTPService
 from poste.smtp.stage import Envelope, Reply, Stage
 from poste.smtp.tls import self_signed, server_context
 from poste.tools.srv import Mailbox, MailboxHop
-from support.knot import KnotServer, knot_factory  # noqa: F401
-from support.relay_env import common_port, header, mx_zones, return_path
+from support.knot import KnotServer, knot_server
+from support.relay_env import header, mx_zones, return_path
+from support.standin import reserve_common_port
 
 MSG = b"From: a@example.org\r\nTo: b@gmail.test\r\nSubject: t\r\n\r\nbody \xc3\xa9\r\n"
 HOSTS = [f"127.0.0.{i}" for i in range(21, 31)] + ["::1"]
@@ -57,13 +58,26 @@ class World:
                          connect_timeout=3)
 
 
+@pytest.fixture(scope="module")
+def zones_ns(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KnotServer]:
+    """knotd serving mx_zones() for the whole module (the tests only read it)."""
+    with knot_server(tmp_path_factory.mktemp("knot"), mx_zones()) as ns:
+        yield ns
+
+
 @pytest.fixture
-async def world(knot_factory: Callable[..., KnotServer], tmp_path: Path) -> AsyncIterator[World]:  # noqa: F811
-    ns = knot_factory(mx_zones())
-    w = World(ns, common_port(HOSTS), tmp_path)
-    yield w
-    for svc in w.services:
-        await svc.stop()
+async def world(zones_ns: KnotServer, tmp_path: Path) -> AsyncIterator[World]:
+    # One port on every host, held (bound, not listening) for the test: a host
+    # without a server refuses connections, and nothing else can take the port.
+    port, reserved = reserve_common_port(HOSTS)
+    w = World(zones_ns, port, tmp_path)
+    try:
+        yield w
+    finally:
+        for svc in w.services:
+            await svc.stop()
+        for sock in reserved:
+            sock.close()
 
 
 def mails(folder: Path) -> list[bytes]:
@@ -240,7 +254,14 @@ async def test_kept_session_closed_by_the_server_falls_back(world: World) -> Non
     try:
         assert (await d.deliver("gmail.test", "a@example.org", ["u1@gmail.test"], MSG))[
             "u1@gmail.test"].ok
-        await asyncio.sleep(1.0)  # the server drops our idle session meanwhile
+        # The server drops our idle session meanwhile (idle_timeout=0.3): wait until it did.
+        server = world.services[-1]
+        for _ in range(1000):
+            if server.active == 0:
+                break
+            await asyncio.sleep(0.01)
+        assert server.active == 0, "the server kept the idle session"
+        await asyncio.sleep(0.05)  # and its FIN reaches our side of the kept session
         got = await d.deliver("gmail.test", "a@example.org", ["u2@gmail.test"], MSG)
         assert got["u2@gmail.test"].ok, got
     finally:
