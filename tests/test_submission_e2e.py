@@ -24,7 +24,7 @@ from poste.smtp.tls import self_signed
 from poste.users import passwords, store
 from poste.users.repo import load_snapshot
 from support.cli import run_poste
-from support.net import free_port, wait_port
+from support.service import listening_ports, started, stop
 
 DOMAIN = "our.test"
 HOST = "127.0.0.1"
@@ -67,6 +67,18 @@ def wait_for(predicate, what: str, timeout: float = 20.0) -> None:  # type: igno
         time.sleep(0.05)
 
 
+def wait_loaded(stack: Stack) -> None:
+    """Until the running server has loaded the repository's current commit (its log says so).
+
+    Sending before that would count a failed login against 127.0.0.1 (and slow
+    the next tests' logins down); a loop of swaks runs until one works costs a
+    Perl start each.
+    """
+    head = str(store.open_repo(stack.repo).head.target)[:12]
+    loaded = re.compile(rf"users repo: loaded \d+ users at {head}")
+    wait_for(lambda: loaded.search(stack.log_text()), f"the server to load commit {head}")
+
+
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory, poste_bin: str) -> Iterator[Stack]:
     base = tmp_path_factory.mktemp("submission")
@@ -75,71 +87,55 @@ def stack(tmp_path_factory: pytest.TempPathFactory, poste_bin: str) -> Iterator[
     repo = base / "users"
     add_user(repo, "alice", passwords.hash_password(PASSWORD), aliases=["a.smith"])
     outbox = base / "outbox"
-    dest_port = free_port(HOST)
-    srv = subprocess.Popen(
-        [
-            poste_bin,
-            "srv",
-            f"{HOST}:{dest_port}",
-            "-o",
-            f"{outbox}/",
-            "--count",
-            "0",
-            "--with-data",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    tls_port, starttls_port = free_port(HOST), free_port(HOST)
     log = base / "submission.log"
-    with open(log, "wb") as log_fh:
-        sub = subprocess.Popen(
-            [
-                poste_bin,
-                "submission",
-                "--domain",
-                DOMAIN,
-                "--destination",
-                f"{HOST}:{dest_port}",
-                "--users",
-                str(repo),
-                "--tls-cert",
-                str(cert),
-                "--tls-key",
-                str(key),
-                "--listen-tls",
-                f"{HOST}:{tls_port}",
-                "--listen",
-                f"{HOST}:{starttls_port}",
-                "--hostname",
-                "submission.our.test",
-                "--poll-interval",
-                "0.1",
-                "--auth-delay",
-                "0.05",
-                "--auth-max-delay",
-                "0.4",
-                "--auth-max-failures",
-                "4",
-                "--auth-lockout",
-                "3600",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=log_fh,
-        )
-    try:
-        wait_port(HOST, dest_port)
-        wait_port(HOST, tls_port)
-        wait_port(HOST, starttls_port)
-        yield Stack(repo, outbox, log, tls_port, starttls_port, dest_port, cert, key)
-    finally:
-        for proc in (sub, srv):
-            proc.terminate()
-        for proc in (sub, srv):
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+    with started(
+        [poste_bin, "srv", f"{HOST}:0", "-o", f"{outbox}/", "--count", "0", "--with-data"],
+        base / "srv.log",
+    ) as (_, [dest_port]):
+        with open(log, "wb") as log_fh:
+            sub = subprocess.Popen(
+                [
+                    poste_bin,
+                    "submission",
+                    "--domain",
+                    DOMAIN,
+                    "--destination",
+                    f"{HOST}:{dest_port}",
+                    "--users",
+                    str(repo),
+                    "--tls-cert",
+                    str(cert),
+                    "--tls-key",
+                    str(key),
+                    "--listen-tls",
+                    f"{HOST}:0",
+                    "--listen",
+                    f"{HOST}:0",
+                    "--hostname",
+                    "submission.our.test",
+                    "--poll-interval",
+                    "0.1",
+                    "--auth-delay",
+                    "0.05",
+                    "--auth-max-delay",
+                    "0.4",
+                    "--auth-max-failures",
+                    "4",
+                    "--auth-lockout",
+                    "3600",
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=log_fh,
+            )
+        try:
+            # Both listen on port 0; the log line of the 465 one says "(implicit TLS)".
+            listening_ports(log, HOST, 2, sub)
+            found = re.findall(rf"listening on {HOST}:(\d+)( \(implicit TLS\))?", log.read_text())
+            ports = {bool(tls): int(port) for port, tls in found[:2]}
+            tls_port, starttls_port = ports[True], ports[False]
+            yield Stack(repo, outbox, log, tls_port, starttls_port, dest_port, cert, key)
+        finally:
+            stop(sub)
 
 
 def swaks(port: int, *args: str) -> subprocess.CompletedProcess[str]:
@@ -227,14 +223,10 @@ def test_login_by_local_part_and_sending_from_alias_and_tag(stack: Stack) -> Non
 
 def test_mail_from_someone_else_is_553(stack: Stack) -> None:
     add_user(stack.repo, "mallory", passwords.hash_password("m4llory"))
+    wait_loaded(stack)  # the running server has loaded mallory
     for sender in ("alice@our.test", "ceo@bank.test"):
-        proc = None
-        for _ in range(100):  # until the running server has loaded mallory
-            proc = send(stack, "465", "PLAIN", "mallory", "m4llory", sender)
-            if "235 2.7.0" in proc.stdout:
-                break
-            time.sleep(0.1)
-        assert proc is not None and "235 2.7.0" in proc.stdout, proc.stdout if proc else ""
+        proc = send(stack, "465", "PLAIN", "mallory", "m4llory", sender)
+        assert "235 2.7.0" in proc.stdout, proc.stdout
         assert proc.returncode != 0
         assert "553 5.7.1" in proc.stdout
         assert "354" not in proc.stdout
@@ -308,21 +300,17 @@ def test_blake2b_user_is_upgraded_to_argon2id(stack: Stack) -> None:
         targets=["Ptt User <ptt@gmail.test>"],
         insecure=True,
     )
-    proc = None
-    for _ in range(100):
-        proc = send(
-            stack,
-            "587",
-            "PLAIN",
-            "ptt-user@our.test",
-            "old-ptt-pass",
-            "ptt-user@our.test",
-            header="X-Case: blake2b",
-        )
-        if proc.returncode == 0:
-            break
-        time.sleep(0.1)
-    assert proc is not None and proc.returncode == 0, proc.stdout if proc else ""
+    wait_loaded(stack)
+    proc = send(
+        stack,
+        "587",
+        "PLAIN",
+        "ptt-user@our.test",
+        "old-ptt-pass",
+        "ptt-user@our.test",
+        header="X-Case: blake2b",
+    )
+    assert proc.returncode == 0, proc.stdout
 
     def upgraded() -> bool:
         user = load_snapshot(stack.repo, DOMAIN).lookup("ptt-user")
@@ -349,27 +337,12 @@ def test_blake2b_user_is_upgraded_to_argon2id(stack: Stack) -> None:
 
 def test_commit_takes_effect_and_bad_commit_keeps_last_good(stack: Stack, poste_bin: str) -> None:
     # a new user, added with the CLI while the server runs, can log in without a restart
-    subprocess.run(
-        [
-            poste_bin,
-            "users",
-            "add",
-            "newbie",
-            "--repo",
-            str(stack.repo),
-            "--password-stdin",
-            "--target",
-            "n@gmail.test",
-        ],
-        input="n3wbie\n",
-        text=True,
-        check=True,
-        capture_output=True,
-    )
-    wait_for(
-        lambda: send(stack, "465", "PLAIN", "newbie", "n3wbie", "newbie@our.test").returncode == 0,
-        "newbie can log in and send",
-    )
+    added = run_poste(["users", "add", "newbie", "--repo", str(stack.repo), "--password-stdin",
+                       "--target", "n@gmail.test"], input="n3wbie\n")
+    assert added.returncode == 0, added.stderr
+    wait_loaded(stack)
+    proc = send(stack, "465", "PLAIN", "newbie", "n3wbie", "newbie@our.test")
+    assert proc.returncode == 0, proc.stdout  # newbie can log in and send
     # a broken entry is committed: the server refuses that commit, keeps serving the last good
     store.commit_file(stack.repo, "broken", b'{"targets": ["no at sign"]}', "a broken entry")
     wait_for(lambda: "refusing commit" in stack.log_text(), "the refusal log line")
@@ -377,17 +350,11 @@ def test_commit_takes_effect_and_bad_commit_keeps_last_good(stack: Stack, poste_
     assert proc.returncode == 0, proc.stdout
     # the fix is taken
     store.commit_file(stack.repo, "broken", None, "fix")
-    subprocess.run(
-        [poste_bin, "users", "del", "newbie", "--repo", str(stack.repo)],
-        check=True,
-        capture_output=True,
-    )
-
-    def refused() -> bool:
-        out = send(stack, "465", "PLAIN", "newbie", "n3wbie", "newbie@our.test").stdout
-        return "535 5.7.8" in out or "454 4.7.0" in out
-
-    wait_for(refused, "newbie's deletion to take effect")
+    deleted = run_poste(["users", "del", "newbie", "--repo", str(stack.repo)])
+    assert deleted.returncode == 0, deleted.stderr
+    wait_loaded(stack)  # newbie's deletion took effect
+    out = send(stack, "465", "PLAIN", "newbie", "n3wbie", "newbie@our.test").stdout
+    assert "535 5.7.8" in out or "454 4.7.0" in out, out
 
 
 def test_wrong_password_is_535_then_slowed_then_locked_out(stack: Stack) -> None:
@@ -442,7 +409,6 @@ def test_command_line_errors_are_one_line(poste_bin: str, tmp_path: Path) -> Non
 
 def test_sighup_reloads_the_users_at_once(stack: Stack, poste_bin: str, tmp_path: Path) -> None:
     """With polling practically off, SIGHUP is what makes a new user known."""
-    port = free_port(HOST)
     log = tmp_path / "hup.log"
     with open(log, "wb") as log_fh:
         proc = subprocess.Popen(
@@ -460,7 +426,7 @@ def test_sighup_reloads_the_users_at_once(stack: Stack, poste_bin: str, tmp_path
                 "--tls-key",
                 str(stack.key),
                 "--listen-tls",
-                f"{HOST}:{port}",
+                f"{HOST}:0",
                 "--poll-interval",
                 "3600",
             ],
@@ -468,7 +434,7 @@ def test_sighup_reloads_the_users_at_once(stack: Stack, poste_bin: str, tmp_path
             stderr=log_fh,
         )
     try:
-        wait_port(HOST, port)
+        [port] = listening_ports(log, HOST, 1, proc)
         add_user(stack.repo, "hupper", passwords.hash_password("hup-pw"))
         proc.send_signal(signal.SIGHUP)
         wait_for(lambda: "loaded" in log.read_text().split("listening", 1)[-1], "the reload")
