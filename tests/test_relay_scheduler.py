@@ -142,6 +142,7 @@ async def test_delete_during_an_attempt_stays_deleted(tmp_path: Path, poste_bin:
 
 
 def test_queue_retry_waits_for_the_message_lock(tmp_path: Path, poste_bin: str) -> None:
+    import re
     import subprocess
     import time
 
@@ -151,7 +152,13 @@ def test_queue_retry_waits_for_the_message_lock(tmp_path: Path, poste_bin: str) 
     with spool.message_lock("Q1"):  # the relay is rewriting Q1's envelope
         proc = subprocess.Popen([poste_bin, "queue", "retry", "Q1", "--spool", str(tmp_path)],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        time.sleep(1.0)
+        # Until the kernel lists it waiting for our lock ("->" in /proc/locks), not a sleep.
+        blocked = re.compile(rf"^\d+: -> FLOCK\s+ADVISORY\s+WRITE\s+{proc.pid}\s", re.M)
+        deadline = time.monotonic() + 30
+        while not blocked.search(Path("/proc/locks").read_text()):
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "queue retry never waited for the lock"
+            time.sleep(0.02)
         assert proc.poll() is None  # waiting, not writing over the relay's update
         assert spool.load("Q1").next_attempt == 2e9
     assert proc.wait(30) == 0

@@ -204,7 +204,7 @@ def test_dead_nameserver_gives_temperror_and_mail_passes(
 ) -> None:
     dead = free_port()  # nothing listens there
     args = verifier_args(poste_bin, 0, stack["srv_port"], tmp_path, f"127.0.0.1:{dead}")
-    with started([*args, "--dns-timeout", "1"], tmp_path / "v.log") as (_, [port]):
+    with started([*args, "--dns-timeout", "0.5"], tmp_path / "v.log") as (_, [port]):
         r = swaks(port, sign(mail("dead dns"), key), tmp_path)
     assert r.returncode == 0, r.stdout + r.stderr
     stored = find(stack["box"], b"Subject: dead dns")
@@ -336,7 +336,7 @@ def test_nameserver_that_drops_queries_gives_temperror_and_mail_passes(
     """No answer at all (not a refusal): every lookup waits out --dns-timeout, then temperror."""
     with fake_dns(lambda qname, qtype: DROP) as silent:
         args = verifier_args(poste_bin, 0, stack["srv_port"], tmp_path, silent.nameserver)
-        with started([*args, "--dns-timeout", "1"], tmp_path / "v.log") as (_, [port]):
+        with started([*args, "--dns-timeout", "0.5"], tmp_path / "v.log") as (_, [port]):
             r = swaks(port, sign(mail("silent dns"), key), tmp_path)
         asked = {qtype for _, qtype in silent.queries}
     assert r.returncode == 0, r.stdout + r.stderr
