@@ -21,9 +21,10 @@ from pathlib import Path
 from poste.dkim.keys import generate, write_key
 from poste.dns.records import split_txt, zone_txt
 from support import opendkim
+from support.cli import run_poste
 from support.knot import KnotServer, simple_zone
 from support.net import free_port, wait_port
-from support.relay_env import Srv, common_port
+from support.standin import StandIn, StandIns
 
 DOMAIN = "x25519.test"
 LOGIN = f"login@{DOMAIN}"
@@ -74,14 +75,15 @@ class World:
     poste_bin: str
     knot: KnotServer
     ns_host: str
-    gmail: Srv
-    outlook: Srv
+    gmail: StandIn
+    outlook: StandIn
     smtp_port: int
     users: Path
     dkim_key: Path
     cert: Path
     key: Path
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    mx: StandIns | None = None
 
     @property
     def nameserver(self) -> str:
@@ -112,8 +114,8 @@ class World:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-        self.gmail.stop()
-        self.outlook.stop()
+        if self.mx is not None:
+            self.mx.close()
         self.knot.stop()
 
 
@@ -127,23 +129,25 @@ def make_world(tmp: Path, poste_bin: str) -> World:
     ns_host = opendkim.port53_host()
     knot = KnotServer(tmp / "knot", zones(key.txt_value()), host=ns_host, port=53)
     knot.start()
-    smtp_port = common_port([GMAIL_IP, OUTLOOK_IP])
-    gmail = Srv(poste_bin, GMAIL_IP, smtp_port, tmp / "gmail").start()
-    outlook = Srv(poste_bin, OUTLOOK_IP, smtp_port, tmp / "outlook").start()
+    # Gmail's and Outlook's MX: `poste srv`'s mailbox in this process, on one port
+    # held on both addresses (support/standin.py).
+    mx = StandIns([GMAIL_IP, OUTLOOK_IP])
+    smtp_port = mx.port
+    gmail = mx.start(GMAIL_IP, tmp / "gmail")
+    outlook = mx.start(OUTLOOK_IP, tmp / "outlook")
     users = tmp / "users"
-    # Step 1 of the recap: the admin adds the user, whose mail goes to Gmail.
-    subprocess.run(
-        [poste_bin, "users", "add", "login", "--repo", str(users), "--target",
-         "login@gmail.test", "--password-stdin"],
-        input=PASSWORD + "\n", text=True, check=True, capture_output=True, timeout=60,
-    )
-    subprocess.run(
-        [poste_bin, "users", "add", "hostmaster", "--repo", str(users), "--target",
-         "admin@outlook.test", "--no-password"],
-        check=True, capture_output=True, timeout=60,
-    )
+    # Step 1 of the recap: the admin adds the user, whose mail goes to Gmail
+    # (`poste users add`, run in this process through poste.cli.main).
+    for argv, stdin in (
+        (["users", "add", "login", "--repo", str(users), "--target", "login@gmail.test",
+          "--password-stdin"], PASSWORD + "\n"),
+        (["users", "add", "hostmaster", "--repo", str(users), "--target", "admin@outlook.test",
+          "--no-password"], ""),
+    ):
+        ran = run_poste(argv, input=stdin)
+        assert ran.returncode == 0, ran.stderr
     return World(tmp, poste_bin, knot, ns_host, gmail, outlook, smtp_port, users, dkim_key,
-                 cert, tls_key)
+                 cert, tls_key, mx=mx)
 
 
 def certificate(cert_path: Path, key_path: Path) -> None:
