@@ -12,7 +12,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from support.knot import KnotServer, knot_factory  # noqa: F401
-from support.relay_env import MX, Relay, Srv, common_port, make_users, mx_zones
+from support.relay_env import MX, Relay, make_users, mx_zones
+from support.standin import StandIns
 
 TOTAL = 500
 SENDERS = 4
@@ -27,7 +28,9 @@ def test_sigkill_loses_no_accepted_mail(
     kill_after = rnd.randint(20, TOTAL - 50)  # acknowledged mails before the SIGKILL
 
     ns = knot_factory(mx_zones())
-    port = common_port([MX["late.test"]])
+    # late.test's port is held (bound, not listening: refused) until its stand-in comes up.
+    mx = StandIns([MX["late.test"]])
+    port = mx.port
     make_users(poste_bin, tmp_path / "users", {"carol": ["carol@late.test"]})
     relay_args = ("--retry-min", "0.3s", "--retry-max", "1s")
     relay = Relay(poste_bin, tmp_path, ns.nameserver, port, *relay_args).start()
@@ -81,7 +84,7 @@ def test_sigkill_loses_no_accepted_mail(
     # Restart on the same spool, then bring the destination up.
     relay = Relay(poste_bin, tmp_path, ns.nameserver, port, *relay_args)
     relay.start()
-    dest = Srv(poste_bin, MX["late.test"], port, tmp_path / "late").start()
+    dest = mx.start(MX["late.test"], tmp_path / "late")
     try:
         deadline = time.monotonic() + 120
         delivered: list[int] = []
@@ -109,4 +112,4 @@ def test_sigkill_loses_no_accepted_mail(
         assert len(acked) >= kill_after
     finally:
         relay.stop()
-        dest.stop()
+        mx.close()
