@@ -15,7 +15,7 @@ from poste.smtp.tls import self_signed, server_context
 from poste.tools.srv import Mailbox, MailboxHop
 from support.knot import KnotServer, knot_server
 from support.relay_env import header, mx_zones, return_path
-from support.standin import reserve_common_port
+from support.standin import PortReservation, reserve_common_port
 
 MSG = b"From: a@example.org\r\nTo: b@gmail.test\r\nSubject: t\r\n\r\nbody \xc3\xa9\r\n"
 HOSTS = [f"127.0.0.{i}" for i in range(21, 31)] + ["::1"]
@@ -33,8 +33,8 @@ class Refuse(Stage):
 
 
 class World:
-    def __init__(self, ns: KnotServer, port: int, tmp: Path) -> None:
-        self.ns, self.port, self.tmp = ns, port, tmp
+    def __init__(self, ns: KnotServer, ports: PortReservation, tmp: Path) -> None:
+        self.ns, self.ports, self.port, self.tmp = ns, ports, ports.port, tmp
         self.services: list[SMTPService] = []
         self.boxes: dict[str, Path] = {}
 
@@ -48,6 +48,7 @@ class World:
         box = Mailbox(f"{folder}/", 0, True)
         svc = SMTPService(Refuse(), MailboxHop(box, data_reply=data_reply), host=ip,
                           port=self.port, hostname=f"mx-{ip}", tls_context=ctx)
+        self.ports.release(ip)  # right before the listener binds the port
         await svc.start()
         self.services.append(svc)
         return folder
@@ -69,15 +70,14 @@ def zones_ns(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KnotServer]:
 async def world(zones_ns: KnotServer, tmp_path: Path) -> AsyncIterator[World]:
     # One port on every host, held (bound, not listening) for the test: a host
     # without a server refuses connections, and nothing else can take the port.
-    port, reserved = reserve_common_port(HOSTS)
-    w = World(zones_ns, port, tmp_path)
+    ports = reserve_common_port(HOSTS)
+    w = World(zones_ns, ports, tmp_path)
     try:
         yield w
     finally:
         for svc in w.services:
             await svc.stop()
-        for sock in reserved:
-            sock.close()
+        ports.close()
 
 
 def mails(folder: Path) -> list[bytes]:
@@ -218,6 +218,7 @@ async def counting_mx(world: World, ip: str, **limits: float) -> tuple[Counting,
     svc = SMTPService(stage, MailboxHop(Mailbox(f"{folder}/", 0, True)), host=ip,
                       port=world.port, hostname=f"mx-{ip}",
                       limits=Limits(**limits) if limits else None)  # type: ignore[arg-type]
+    world.ports.release(ip)
     await svc.start()
     world.services.append(svc)
     return stage, folder

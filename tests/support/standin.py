@@ -7,11 +7,10 @@ core) on an event loop in a background thread, one listener per host.
 
 All hosts share one port (the relay's --smtp-port is one for all).  It is
 found by binding port 0 on the first host and the same port on the others,
-and those sockets are kept bound (not listening) for the world's whole life:
-a host whose stand-in is not running refuses connections, as a host with
-nothing on port 25 does, and no other program can take the port meanwhile.
-A stand-in started later (`late.test` coming up) binds beside its reservation
-(SO_REUSEADDR, as asyncio's create_server does).
+and those sockets are kept bound (not listening) until a stand-in takes the
+port on its host: a host whose stand-in is not running yet refuses
+connections, as a host with nothing on port 25 does, and no other program
+can take the port meanwhile (`late.test` coming up late gets its port).
 """
 
 from __future__ import annotations
@@ -40,23 +39,47 @@ def _reply(text: str | None) -> Reply | None:
     return Reply(int(code), rest)
 
 
-def reserve_common_port(hosts: Iterable[str]) -> tuple[int, list[socket.socket]]:
+class PortReservation:
+    """One port bound (not listening) on every host, until a server takes it or close().
+
+    The sockets do not set SO_REUSEADDR, so nothing else can share them (not even
+    another reservation, in a parallel run), and bind(0) gives a port nobody holds.
+    A server that is to listen on a host calls `release(host)` right before it
+    binds (asyncio binds with SO_REUSEADDR, which a non-reuse socket would block).
+    """
+
+    def __init__(self, hosts: Iterable[str]) -> None:
+        hosts = list(hosts)
+        for _ in range(200):
+            socks: dict[str, socket.socket] = {}
+            try:
+                for h in hosts:
+                    s = socket.socket(socket.AF_INET6 if ":" in h else socket.AF_INET)
+                    socks[h] = s
+                    port = int(socks[hosts[0]].getsockname()[1]) if len(socks) > 1 else 0
+                    s.bind((h, port))
+            except OSError:
+                for s in socks.values():
+                    s.close()
+                continue
+            self.port = int(socks[hosts[0]].getsockname()[1])
+            self._socks = socks
+            return
+        raise RuntimeError(f"no port free on all of {hosts}")
+
+    def release(self, host: str) -> None:
+        sock = self._socks.pop(host, None)
+        if sock is not None:
+            sock.close()
+
+    def close(self) -> None:
+        for host in list(self._socks):
+            self.release(host)
+
+
+def reserve_common_port(hosts: Iterable[str]) -> PortReservation:
     """A port bound (not listening) on every host: bind port 0 on the first, then the others."""
-    hosts = list(hosts)
-    for _ in range(200):
-        socks: list[socket.socket] = []
-        try:
-            for h in hosts:
-                s = socket.socket(socket.AF_INET6 if ":" in h else socket.AF_INET)
-                socks.append(s)
-                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                s.bind((h, int(socks[0].getsockname()[1]) if len(socks) > 1 else 0))
-        except OSError:
-            for s in socks:
-                s.close()
-            continue
-        return int(socks[0].getsockname()[1]), socks
-    raise RuntimeError(f"no port free on all of {hosts}")
+    return PortReservation(hosts)
 
 
 class StandIn:
@@ -112,7 +135,8 @@ class StandIns:
 
     def __init__(self, hosts: Iterable[str]) -> None:
         self.hosts = list(hosts)
-        self.port, self._reserved = reserve_common_port(self.hosts)
+        self._reserved = reserve_common_port(self.hosts)
+        self.port = self._reserved.port
         self.running: list[StandIn] = []
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="standins",
@@ -130,6 +154,7 @@ class StandIns:
         hop = MailboxHop(box, _reply(rcpt_reply), _reply(data_reply))
         service = SMTPService(_Counting(), hop, host=host, port=self.port, hostname=f"mx-{host}",
                               limits=Limits(max_connections=200))
+        self._reserved.release(host)  # right before the listener binds the port
         self.call(service.start())
         standin = StandIn(self, host, folder, service)
         self.running.append(standin)
@@ -142,8 +167,7 @@ class StandIns:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(10)
         self.loop.close()
-        for s in self._reserved:
-            s.close()
+        self._reserved.close()
 
     def __enter__(self) -> StandIns:
         return self
@@ -152,4 +176,4 @@ class StandIns:
         self.close()
 
 
-__all__ = ["StandIn", "StandIns", "reserve_common_port"]
+__all__ = ["PortReservation", "StandIn", "StandIns", "reserve_common_port"]
