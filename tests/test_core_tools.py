@@ -11,23 +11,24 @@ import pytest
 from poste.cli import COMMANDS
 from poste.smtp.tls import self_signed
 from support.cli import run_poste
-from support.net import free_port, wait_port
+from support.service import listening_ports
+from support.standin import reserve_common_port
 
 
-def start_srv(poste_bin: str, port: int, out: str, *extra: str) -> subprocess.Popen[bytes]:
-    proc = subprocess.Popen(
-        [poste_bin, "srv", f"127.0.0.1:{port}", "-o", out, *extra],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-    )
-    wait_port("127.0.0.1", port)
-    return proc
+def start_srv(poste_bin: str, out: Path, *extra: str) -> tuple[subprocess.Popen[bytes], int]:
+    """`poste srv 127.0.0.1:0 -o OUT`; the port is read from its `listening on` line."""
+    log = out.with_name(out.name + ".srv.log")
+    with open(log, "wb") as fh:
+        proc = subprocess.Popen([poste_bin, "srv", "127.0.0.1:0", "-o", str(out), *extra],
+                                stdout=subprocess.DEVNULL, stderr=fh)
+    [port] = listening_ports(log, "127.0.0.1", 1, proc)
+    return proc, port
 
 
 def test_seed_session(poste_bin: str, tmp_path: Path) -> None:
     """The session of the seed article, on loopback."""
-    port = free_port()
     out = tmp_path / "new.eml"
-    srv = start_srv(poste_bin, port, str(out))
+    srv, port = start_srv(poste_bin, out)
     made = subprocess.run(
         [poste_bin, "make", "--to", "foo@bar", "--from", "me@example.org", "-f", "Subject: Lorem Ipsum"],
         input=b"Hello World!\n", capture_output=True, check=True,
@@ -54,9 +55,8 @@ def swaks(*args: str) -> subprocess.CompletedProcess[str]:
 @pytest.mark.parametrize("mode", ["plain", "tls", "pipeline"])
 def test_swaks_to_srv(poste_bin: str, tmp_path: Path, mode: str) -> None:
     self_signed(tmp_path / "c.pem", tmp_path / "k.pem", "srv.test")
-    port = free_port()
     out = tmp_path / "got.eml"
-    srv = start_srv(poste_bin, port, str(out), "-k", str(tmp_path / "k.pem"), "-c", str(tmp_path / "c.pem"))
+    srv, port = start_srv(poste_bin, out, "-k", str(tmp_path / "k.pem"), "-c", str(tmp_path / "c.pem"))
     args = ["--server", f"127.0.0.1:{port}", "--from", "a@x.test", "--to", "b@y.test",
             "--header", "Subject: swaks " + mode]
     if mode == "tls":
@@ -75,9 +75,8 @@ def test_swaks_to_srv(poste_bin: str, tmp_path: Path, mode: str) -> None:
 
 def test_send_uses_starttls_when_offered(poste_bin: str, tmp_path: Path) -> None:
     self_signed(tmp_path / "c.pem", tmp_path / "k.pem", "srv.test")
-    port = free_port()
     out = tmp_path / "got.eml"
-    srv = start_srv(poste_bin, port, str(out), "-k", str(tmp_path / "k.pem"), "-c", str(tmp_path / "c.pem"))
+    srv, port = start_srv(poste_bin, out, "-k", str(tmp_path / "k.pem"), "-c", str(tmp_path / "c.pem"))
     sent = subprocess.run(
         [poste_bin, "send", "-", f"127.0.0.1:{port}", "-s", "a@x.test", "-r", "b@y.test"],
         input=b"Subject: hi\n\nbody\n", capture_output=True,
@@ -88,18 +87,18 @@ def test_send_uses_starttls_when_offered(poste_bin: str, tmp_path: Path) -> None
 
 
 def test_forward_passes_bytes_on_with_received(poste_bin: str, tmp_path: Path) -> None:
-    dest_port, fwd_port = free_port("127.0.0.2"), free_port("127.0.0.3")
     out = tmp_path / "got.eml"
-    srv = subprocess.Popen([poste_bin, "srv", f"127.0.0.2:{dest_port}", "-o", str(out)],
-                           stderr=subprocess.PIPE)
-    wait_port("127.0.0.2", dest_port)
-    fwd = subprocess.Popen(
-        [poste_bin, "forward", "--listen", f"127.0.0.3:{fwd_port}", "--destination",
-         f"127.0.0.2:{dest_port}", "--hostname", "fwd.test"],
-        stderr=subprocess.PIPE,
-    )
+    with open(tmp_path / "srv.log", "wb") as fh:
+        srv = subprocess.Popen([poste_bin, "srv", "127.0.0.2:0", "-o", str(out)], stderr=fh)
+    [dest_port] = listening_ports(tmp_path / "srv.log", "127.0.0.2", 1, srv)
+    with open(tmp_path / "fwd.log", "wb") as fh:
+        fwd = subprocess.Popen(
+            [poste_bin, "forward", "--listen", "127.0.0.3:0", "--destination",
+             f"127.0.0.2:{dest_port}", "--hostname", "fwd.test"],
+            stderr=fh,
+        )
     try:
-        wait_port("127.0.0.3", fwd_port)
+        [fwd_port] = listening_ports(tmp_path / "fwd.log", "127.0.0.3", 1, fwd)
         original = (b"From: <\r\nSubject: =?broken\r\nX-8bit: \xff\xfe\r\n\r\n"
                     b".dot first\r\n..two dots\r\n\xc3\xa9t\xc3\xa9\r\n")
         src = tmp_path / "in.eml"
@@ -176,7 +175,8 @@ def test_bad_input_is_one_line_from_the_installed_poste(poste_bin: str) -> None:
 
 
 def test_send_to_nothing_is_one_line(poste_bin: str) -> None:
-    port = free_port()
+    nothing = reserve_common_port(["127.0.0.1"])  # bound, not listening: refused
+    port = nothing.port
     t0 = time.monotonic()
     result = subprocess.run(
         [poste_bin, "send", "-", f"127.0.0.1:{port}", "-s", "a@b", "-r", "c@d"],
@@ -185,6 +185,7 @@ def test_send_to_nothing_is_one_line(poste_bin: str) -> None:
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert result.stderr.count("\n") == 1 and "cannot send" in result.stderr
     assert time.monotonic() - t0 < 60
+    nothing.close()
 
 
 async def test_submit_with_implicit_tls_on_any_port(poste_bin: str, tmp_path: Path) -> None:
