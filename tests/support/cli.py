@@ -81,28 +81,45 @@ def _restore_logging(saved: dict[str, tuple[int, list[logging.Handler], bool, bo
     logging.disable(logging.NOTSET)
 
 
-# Module-level state that flags set (module, attribute); restored after each run.
-# A module that is not there (moved, or not built) is skipped.
-_STATE = [("poste.services.common", "_observability")]
+# Module-level dicts that flags fill in (--log-format/--metrics set `_observability`
+# in poste.services.common); found by name in whichever poste module holds them, so a
+# module moving does not silently stop the restore.
+_STATE_NAMES = ("_observability",)
+
+
+_imported = False
+
+
+def _import_commands() -> None:
+    """Import every command's module once, so the state found below is there before a run."""
+    global _imported
+    if _imported:
+        return
+    from poste.cli import COMMANDS
+
+    for target, _ in COMMANDS.values():
+        with contextlib.suppress(ImportError):
+            importlib.import_module(target.split(":")[0])
+    _imported = True
 
 
 @contextlib.contextmanager
 def _kept_module_state() -> Iterator[None]:
-    saved: list[tuple[Any, str, Any]] = []
-    for module_name, attr in _STATE:
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError:
+    _import_commands()
+    saved: list[tuple[dict[str, Any], dict[str, Any]]] = []
+    for name, module in list(sys.modules.items()):
+        if not (name == "poste" or name.startswith("poste.")) or module is None:
             continue
-        value = getattr(module, attr, None)
-        if isinstance(value, dict):
-            saved.append((module, attr, dict(value)))
+        for attr in _STATE_NAMES:
+            value = getattr(module, attr, None)
+            if isinstance(value, dict) and all(value is not d for d, _ in saved):
+                saved.append((value, dict(value)))
     try:
         yield
     finally:
-        for module, attr, value in saved:
-            getattr(module, attr).clear()
-            getattr(module, attr).update(value)
+        for value, copy in saved:
+            value.clear()
+            value.update(copy)
 
 
 def run_poste(argv: list[str], input: bytes | str = b"", text: bool = True) -> Ran:
