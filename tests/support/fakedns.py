@@ -28,8 +28,6 @@ import dns.rdataclass
 import dns.rdatatype
 import dns.rrset
 
-from support.net import free_port
-
 
 @dataclass
 class Answer:
@@ -104,7 +102,7 @@ class FakeDNS:
     def __init__(self, lookup: Lookup, *, host: str = "127.0.0.1", port: int | None = None) -> None:
         self.lookup = lookup
         self.host = host
-        self.port = port or free_port(host)
+        self.port = port or 0  # 0: the kernel picks one at start() (UDP, then TCP beside it)
         self.queries: list[tuple[str, str]] = []  # (name, type) seen, for assertions
         self.errors: list[str] = []  # exceptions raised while answering
         self._stop = threading.Event()
@@ -117,12 +115,25 @@ class FakeDNS:
         return f"{self.host}:{self.port}"
 
     def start(self) -> None:
-        self._udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self._udp.bind((self.host, self.port))
+        for _ in range(50 if not self.port else 1):
+            udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                udp.bind((self.host, self.port))
+                tcp.bind((self.host, udp.getsockname()[1]))
+            except OSError:
+                udp.close()
+                tcp.close()
+                if self.port:
+                    raise
+                continue
+            break
+        else:
+            raise RuntimeError(f"no port free for both UDP and TCP on {self.host}")
+        self.port = int(udp.getsockname()[1])
+        self._udp, self._tcp = udp, tcp
         self._udp.settimeout(0.2)
-        self._tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self._tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._tcp.bind((self.host, self.port))
         self._tcp.listen(16)
         self._tcp.settimeout(0.2)
         for target in (self._serve_udp, self._serve_tcp):
