@@ -17,7 +17,6 @@ from poste.stack.build import Stack, build
 from poste.stack.config import ConfigError, load
 from poste.stack.init import Layout, write_stack
 from support.fakedns import fake_dns, records_lookup
-from support.net import free_port
 
 SENDER_IP = "127.0.0.1"
 
@@ -29,23 +28,27 @@ def nameserver() -> Iterator[str]:
         yield ns.nameserver
 
 
-def _folder(tmp_path: Path, nameserver: str) -> tuple[Path, int]:
+def _folder(tmp_path: Path, nameserver: str) -> Path:
+    """The config folder; every listener on port 0 (see _port for the verifier's)."""
     from poste.users.repo import User, user_to_json
     from poste.users.store import commit_file
 
     d = tmp_path / "mail"
-    port = free_port("127.0.0.1")
     write_stack(d, Layout(
         domain="our.test", hostname="mail.our.test", postmaster="admin@elsewhere.test",
-        mailbox="box", verifier_listen=f"127.0.0.1:{port}",
-        submission_listen_tls=f"127.0.0.1:{free_port('127.0.0.1')}",
-        submission_listen=f"127.0.0.1:{free_port('127.0.0.1')}",
+        mailbox="box", verifier_listen="127.0.0.1:0",
+        submission_listen_tls="127.0.0.1:0", submission_listen="127.0.0.1:0",
         nameservers=[nameserver], dns_timeout=2.0,
     ))
     alice = User(local="alice", domain="our.test", targets=["alice@far.test"], password=None)
     commit_file(d / "users", "alice", user_to_json(alice), "alice")
     (d / "box").mkdir()
-    return d, port
+    return d
+
+
+def _port(stack: Stack) -> int:
+    """The port the running verifier got (it listens on port 0)."""
+    return next(s.sockname[1] for s in stack.services if s.stage.name == "verifier")
 
 
 def _value(name: str, **labels: str) -> float:
@@ -90,9 +93,10 @@ async def _wait(cond, what: str) -> None:  # type: ignore[no-untyped-def]
 async def test_one_mail_through_poste_up_moves_each_counter_once(
     tmp_path: Path, nameserver: str
 ) -> None:
-    d, port = _folder(tmp_path, nameserver)
+    d = _folder(tmp_path, nameserver)
     stack = build(load(d / "poste.toml"))
     await stack.start()
+    port = _port(stack)
     try:
         before = {k: f() for k, f in SERIES.items()}
         msg = b"From: <someone@sender.test>\r\nTo: alice@our.test\r\nSubject: t\r\n\r\nhi\r\n"
@@ -120,7 +124,7 @@ def _stage_of(stack: Stack, name: str) -> object:
 
 
 def test_up_is_built_by_the_services_builders(tmp_path: Path, nameserver: str) -> None:
-    d, _ = _folder(tmp_path, nameserver)
+    d = _folder(tmp_path, nameserver)
     text = (d / "poste.toml").read_text()
     (d / "poste.toml").write_text(text.replace("[relay]", "[relay]\nself-address = ['x']"))
     with pytest.raises(ConfigError, match=r"^\[relay\] self-address: 'x' is not an IP address"):
@@ -154,9 +158,10 @@ def test_up_is_built_by_the_services_builders(tmp_path: Path, nameserver: str) -
 
 async def test_long_sender_gets_the_srs_database_form(tmp_path: Path, nameserver: str) -> None:
     """The relay's SRS token database is used by `poste up` too (it was not before)."""
-    d, port = _folder(tmp_path, nameserver)
+    d = _folder(tmp_path, nameserver)
     stack = build(load(d / "poste.toml"))
     await stack.start()
+    port = _port(stack)
     try:
         sender = "a.very.long.local.part.of.a.sender.address.that.keeps.going@sender.test"
         msg = b"From: <x@sender.test>\r\nSubject: t\r\n\r\nhi\r\n"
@@ -185,7 +190,7 @@ async def test_long_sender_gets_the_srs_database_form(tmp_path: Path, nameserver
 def test_verifier_keys_are_its_flags(
     tmp_path: Path, nameserver: str, key: str, needle: str
 ) -> None:
-    d, _ = _folder(tmp_path, nameserver)
+    d = _folder(tmp_path, nameserver)
     text = (d / "poste.toml").read_text().replace("dns-timeout = 2.0\n", "")
     (d / "poste.toml").write_text(text.replace("[verifier]", f"[verifier]\n{key}"))
     with pytest.raises(ConfigError, match=needle) as exc:
@@ -194,7 +199,7 @@ def test_verifier_keys_are_its_flags(
 
 
 def test_verifier_psl_key_is_used(tmp_path: Path, nameserver: str) -> None:
-    d, _ = _folder(tmp_path, nameserver)
+    d = _folder(tmp_path, nameserver)
     (d / "psl.dat").write_text("// ===BEGIN ICANN DOMAINS===\ntest\nsender.test\n"
                                "// ===END ICANN DOMAINS===\n")
     text = (d / "poste.toml").read_text()
