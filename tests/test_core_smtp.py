@@ -11,8 +11,8 @@ from poste.smtp.client import SMTPHop
 from poste.smtp.server import Limits
 from poste.smtp.stage import Envelope, Reply, Stage
 from poste.smtp.tls import self_signed, server_context
-from support.net import free_port
 from support.smtp import LineClient, mailbox_server, running
+from support.standin import reserve_common_port
 
 
 @pytest.fixture(scope="module")
@@ -258,7 +258,8 @@ async def test_cut_through_per_recipient_replies(tmp_path: Path) -> None:
 
 
 async def test_next_hop_down_gives_451(tmp_path: Path) -> None:
-    port = free_port()
+    nothing = reserve_common_port(["127.0.0.1"])  # bound, not listening: refused
+    port = nothing.port
     async with running(Stage(), SMTPHop("127.0.0.1", port, timeout=5)) as front:
         c = await LineClient.connect(*front.sockname)
         await hello(c)
@@ -267,6 +268,7 @@ async def test_next_hop_down_gives_451(tmp_path: Path) -> None:
         assert reply.startswith("451 4.4.1"), reply
         assert (await c.cmd("DATA")).startswith("503")
         await c.close()
+    nothing.close()
 
 
 async def test_next_hop_5xx_passed_back(tmp_path: Path) -> None:

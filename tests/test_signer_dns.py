@@ -11,9 +11,9 @@ import dns.message
 import dns.query
 
 from support.cli import run_poste
-from support.dkimkit import DOMAIN, make_key, service
+from support.dkimkit import DOMAIN, make_key
 from support.knot import knot_server, simple_zone
-from support.net import free_port
+from support.service import started
 
 
 def served_txt(host: str, port: int, name: str) -> list[bytes]:
@@ -39,7 +39,6 @@ def test_signer_publishes_its_keys_once(tmp_path: Path, poste_bin: str) -> None:
         serial0 = soa_serial(ns.host, ns.port)
 
         def start(n: int) -> str:
-            port = free_port()
             args = [
                 poste_bin,
                 "signer",
@@ -56,14 +55,14 @@ def test_signer_publishes_its_keys_once(tmp_path: Path, poste_bin: str) -> None:
                 "--destination",
                 "127.0.0.1:9",
                 "--listen",
-                f"127.0.0.1:{port}",
+                "127.0.0.1:0",
                 "--dns-server",
                 ns.nameserver,
                 "--dns-key",
                 f"update.example.test:sha256:{secret}",
             ]
             log = tmp_path / f"signer{n}.log"
-            with service(args, "127.0.0.1", port, log):
+            with started(args, log):
                 pass  # it listens only after publishing
             return log.read_text()
 
@@ -109,7 +108,7 @@ def test_signer_refuses_to_start_with_a_wrong_dns_key(tmp_path: Path, poste_bin:
                 "--destination",
                 "127.0.0.1:9",
                 "--listen",
-                f"127.0.0.1:{free_port()}",
+                "127.0.0.1:0",
                 "--dns-server",
                 ns.nameserver,
                 "--dns-key",

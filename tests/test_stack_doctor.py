@@ -14,7 +14,7 @@ from poste.dns.records import zone_text
 from poste.smtp.tls import self_signed
 from support.cli import run_poste
 from support.knot import KnotServer, simple_zone
-from support.net import free_port, wait_port
+from support.service import started
 
 DOMAIN = "x25519.test"
 MX = "mail.x25519.test"
@@ -54,18 +54,9 @@ def mx_port(tmp_path: Path, keys: tuple[Path, Path, str], poste_bin: str) -> Ite
     """Our MX's port 25 stand-in: `poste srv` with STARTTLS and the self-signed certificate."""
     _, cert, _ = keys
     key = cert.with_name("key.pem")
-    port = free_port(IP)
-    proc = subprocess.Popen(
-        [poste_bin, "srv", f"{IP}:{port}", "-o", f"{tmp_path}/mx/", "--count", "0",
-         "-k", str(key), "-c", str(cert)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    try:
-        wait_port(IP, port)
+    with started([poste_bin, "srv", f"{IP}:0", "-o", f"{tmp_path}/mx/", "--count", "0",
+                  "-k", str(key), "-c", str(cert)], tmp_path / "srv.log", host=IP) as (_, [port]):
         yield port
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
 
 
 def _doctor(poste_bin: str, ns: KnotServer, *extra: str) -> subprocess.CompletedProcess[str]:
