@@ -279,7 +279,10 @@ def test_dsn_to_a_local_sender_reaches_its_targets(world: World) -> None:
 
 
 def test_bad_flags_are_one_line(poste_bin: str, tmp_path: Path) -> None:
-    base = [poste_bin, "relay", "--domain", "our.test", "--spool", str(tmp_path / "sp")]
+    # --listen on port 0: the default 127.0.0.1:2525 may be taken by anything on the machine
+    # (a demo, another run), and the relay checks it before the flags tested here.
+    base = [poste_bin, "relay", "--domain", "our.test", "--spool", str(tmp_path / "sp"),
+            "--listen", "127.0.0.1:0"]
     cases = [
         (["--postmaster", "nobody", "--users", str(tmp_path)], "--postmaster"),
         (["--postmaster", "a@b.test", "--users", str(tmp_path / "none")], "users repository"),
