@@ -17,15 +17,16 @@ import pytest
 from prometheus_client import REGISTRY
 
 from poste.users.repo import UsersWatcher
+from support.cli import Ran, run_poste
 
 DOMAIN = "our.test"
 REFUSED = "poste_users_refused_commit_since_timestamp_seconds"
 
 
-def users(poste_bin: str, *args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [poste_bin, "users", *args], input=stdin, capture_output=True, text=True, timeout=60
-    )
+def users(poste_bin: str, *args: str, stdin: str = "") -> Ran:
+    """`poste users ARGS` in this process, through poste.cli.main (test_users_cli runs the
+    installed `poste users` itself)."""
+    return run_poste(["users", *args], input=stdin)
 
 
 def git(repo: Path, *args: str) -> str:
@@ -50,7 +51,7 @@ def repo(tmp_path: Path, poste_bin: str) -> Path:
     return path
 
 
-def refused(proc: subprocess.CompletedProcess[str]) -> str:
+def refused(proc: Ran) -> str:
     """The one line a refusal prints."""
     assert proc.returncode != 0
     lines = proc.stderr.strip().splitlines()
