@@ -79,7 +79,6 @@ async def deliver_once(port: int, i: int) -> float:
 
 
 async def twenty_mails(port: int) -> list[float]:
-    await asyncio.sleep(3)  # let the flood reach the listener
     times = []
     for i in range(20):
         times.append(await asyncio.wait_for(deliver_once(port, i), 10))
@@ -87,12 +86,18 @@ async def twenty_mails(port: int) -> list[float]:
     return times
 
 
-def under_attack(port: int) -> list[float]:
+def under_attack(port: int, log: Path) -> list[float]:
     """The attackers run in a process of their own, as they would on their own hosts."""
     attackers = subprocess.Popen(
         [sys.executable, str(Path(__file__).parent / "support" / "attackers.py"),
          HOST, str(port), FLOODER, SLOWLORIS], start_new_session=True)
     try:
+        # Let the flood reach the listener: until the listener refuses the flooder (its
+        # log line), not a fixed 3 s.
+        deadline = time.monotonic() + 30
+        while f"too many connections from {FLOODER}" not in log.read_text(errors="replace"):
+            assert time.monotonic() < deadline, "the flood never reached the listener"
+            time.sleep(0.05)
         return asyncio.run(twenty_mails(port))
     finally:
         attackers.terminate()
@@ -106,7 +111,7 @@ def test_flood_and_slowloris_do_not_keep_a_client_out(tmp_path: Path, poste_bin:
     try:
         with process([poste_bin, "forward", "--listen", f"{HOST}:{port}",
                       "--destination", f"{HOST}:{dest}"], tmp_path / "forward.log", port):
-            times = under_attack(port)
+            times = under_attack(port, tmp_path / "forward.log")
         got = sink.wait(20, timeout=30)
     finally:
         sink.stop()
