@@ -14,6 +14,7 @@ client writes `<text>` as it is.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from dataclasses import dataclass
@@ -23,13 +24,37 @@ from dataclasses import dataclass
 _U8 = "\u0080-\ud7ff\ue000-\U0010ffff"
 _ATEXT = r"A-Za-z0-9!#$%&'*+\-/=?^_`{|}~"
 _ATOM = rf"[{_ATEXT}{_U8}]+"
-_DOT_STRING = re.compile(rf"{_ATOM}(?:\.{_ATOM})*")
-# qtextSMTP (%d32-33 / %d35-91 / %d93-126) or quoted-pairSMTP (%d92 %d32-126), plus UTF-8.
-_QUOTED = re.compile(rf'"(?:[ !#-\[\]-~{_U8}]|\\[ -~])*"')
 _LABEL = rf"[A-Za-z0-9{_U8}](?:[A-Za-z0-9\-{_U8}]*[A-Za-z0-9{_U8}])?"
-_DOMAIN = re.compile(rf"{_LABEL}(?:\.{_LABEL})*")
-_GENERAL_LITERAL = re.compile(r"[A-Za-z0-9\-]*[A-Za-z0-9]:[!-Z^-~]+")
-_ADL = re.compile(rf"@{_DOMAIN.pattern}(?:,@{_DOMAIN.pattern})*:")
+_DOMAIN_RX = rf"{_LABEL}(?:\.{_LABEL})*"
+
+
+class _Grammar:
+    """The path grammar, compiled at first use: the Unicode classes cost about 80 ms to
+    compile, which every poste process (a `--help` included) would pay at import."""
+
+    @functools.cached_property
+    def dot_string(self) -> re.Pattern[str]:
+        return re.compile(rf"{_ATOM}(?:\.{_ATOM})*")
+
+    @functools.cached_property
+    def quoted(self) -> re.Pattern[str]:
+        # qtextSMTP (%d32-33 / %d35-91 / %d93-126) or quoted-pairSMTP (%d92 %d32-126), + UTF-8
+        return re.compile(rf'"(?:[ !#-\[\]-~{_U8}]|\\[ -~])*"')
+
+    @functools.cached_property
+    def domain(self) -> re.Pattern[str]:
+        return re.compile(_DOMAIN_RX)
+
+    @functools.cached_property
+    def general_literal(self) -> re.Pattern[str]:
+        return re.compile(r"[A-Za-z0-9\-]*[A-Za-z0-9]:[!-Z^-~]+")
+
+    @functools.cached_property
+    def adl(self) -> re.Pattern[str]:
+        return re.compile(rf"@{_DOMAIN_RX}(?:,@{_DOMAIN_RX})*:")
+
+
+_G = _Grammar()
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 MAX_PATH = 256  # RFC 5321 4.5.3.1.3, counting the angle brackets
@@ -119,7 +144,7 @@ def unquote_local(local: str) -> str:
 
 def quote_local(content: str) -> str:
     """The shortest way to write `content` as a local part: a dot-string, or quoted."""
-    if _DOT_STRING.fullmatch(content):
+    if _G.dot_string.fullmatch(content):
         return content
     if _CONTROL.search(content):
         raise AddressError("Control character in local part")
@@ -137,14 +162,14 @@ def _check_domain(domain: str) -> None:
             if inner[:5].upper() == "IPV6:":
                 ipaddress.IPv6Address(inner[5:])
             elif ":" in inner:
-                if not _GENERAL_LITERAL.fullmatch(inner):
+                if not _G.general_literal.fullmatch(inner):
                     raise ValueError(inner)
             else:
                 ipaddress.IPv4Address(inner)
         except ValueError:
             raise AddressError("Bad address literal") from None
         return
-    if not _DOMAIN.fullmatch(domain):
+    if not _G.domain.fullmatch(domain):
         raise AddressError("Bad domain name")
     if any(len(label.encode("utf-8")) > 63 for label in domain.split(".")):
         raise AddressError("Domain label too long")
@@ -153,7 +178,7 @@ def _check_domain(domain: str) -> None:
 def _split_mailbox(text: str) -> tuple[str, str]:
     """Local-part and domain of a mailbox; the local part may itself hold '@' in quotes."""
     if text.startswith('"'):
-        m = _QUOTED.match(text)
+        m = _G.quoted.match(text)
         if m is None:
             raise AddressError("Bad quoted local part")
         local, rest = m.group(), text[m.end() :]
@@ -163,7 +188,7 @@ def _split_mailbox(text: str) -> tuple[str, str]:
     local, at, domain = text.rpartition("@")
     if not at:
         raise AddressError("Missing domain")
-    if not _DOT_STRING.fullmatch(local):
+    if not _G.dot_string.fullmatch(local):
         raise AddressError("Bad local part")
     return local, domain
 
@@ -203,7 +228,7 @@ def parse_path(arg: str, *, recipient: bool) -> tuple[Address | None, str]:
         if recipient:
             raise AddressError("Null recipient not allowed", 501, "5.1.3")
         return None, rest
-    m = _ADL.match(inner)
+    m = _G.adl.match(inner)
     if m is not None:
         inner = inner[m.end() :]
     if recipient and "@" not in inner and inner.lower() == "postmaster":
