@@ -21,6 +21,7 @@ from support.loop_world import (
     NAMES,
     World,
     make_world,
+    up_config,
 )
 from support.net import wait_port
 from support.relay_env import common_port, return_path
@@ -86,38 +87,6 @@ FORMS = [
 ]
 
 
-def config_up(world: World, port: int) -> Path:
-    config = world.tmp / "poste.toml"
-    config.write_text(f"""
-domain = ["{OURS}"]
-postmaster = "hostmaster@{OURS}"
-tls-cert = "{world.cert}"
-tls-key = "{world.key}"
-users = "{world.users}"
-nameserver = ["{world.nameserver}"]
-
-[verifier]
-listen = "{HOSTS['verifier']}:{port}"
-hostname = "{NAMES['verifier']}"
-
-[relay]
-spool = "spool"
-hostname = "{NAMES['relay']}"
-smtp-port = {world.smtp_port}
-no-ipv6 = true
-
-[submission]
-listen = "{HOSTS['submission']}:{port}"
-hostname = "{NAMES['submission']}"
-
-[signer]
-hostname = "{NAMES['signer']}"
-selector = ["poste"]
-private-key = ["{world.dkim_key}"]
-""")
-    return config
-
-
 @pytest.fixture(params=["separate", "up"])
 def stack(request: pytest.FixtureRequest, tmp_path: Path,
           poste_bin: str) -> Iterator[tuple[World, tuple[str, int]]]:
@@ -126,7 +95,7 @@ def stack(request: pytest.FixtureRequest, tmp_path: Path,
         h = HOSTS
         if request.param == "up":
             port = common_port([h["verifier"], h["submission"]])
-            world.spawn("up", ["up", "--config", str(config_up(world, port))])
+            world.spawn("up", ["up", "--config", str(up_config(world, port))])
         else:
             port = common_port([h["verifier"], h["spamfilter"], h["relay"]])
             world.spawn("relay", [

@@ -10,7 +10,6 @@ import pytest
 
 from support.loop_world import (
     HOSTS,
-    NAMES,
     Entry,
     World,
     check_confirmation,
@@ -20,6 +19,7 @@ from support.loop_world import (
     run_scenario,
     sample,
     total,
+    up_config,
 )
 from support.net import free_port, wait_port
 from support.relay_env import common_port
@@ -40,40 +40,8 @@ def test_loop_through_poste_up(world: World) -> None:
     port = common_port([HOSTS["verifier"], HOSTS["submission"]])
     port_tls = free_port(HOSTS["submission"])
     metrics_addr = f"127.0.0.1:{free_port('127.0.0.1')}"
-    config = world.tmp / "poste.toml"
-    config.write_text(f"""
-domain = ["x25519.test"]
-postmaster = "hostmaster@x25519.test"
-tls-cert = "{world.cert}"
-tls-key = "{world.key}"
-users = "{world.users}"
-nameserver = ["{world.nameserver}"]
-metrics = "{metrics_addr}"
-log-format = "json"
-
-[verifier]
-listen = "{HOSTS['verifier']}:{port}"
-hostname = "{NAMES['verifier']}"
-
-[spamfilter]
-hostname = "{NAMES['spamfilter']}"
-
-[relay]
-spool = "spool"
-hostname = "{NAMES['relay']}"
-smtp-port = {world.smtp_port}
-no-ipv6 = true
-
-[submission]
-listen-tls = "{HOSTS['submission']}:{port_tls}"
-listen = "{HOSTS['submission']}:{port}"
-hostname = "{NAMES['submission']}"
-
-[signer]
-hostname = "{NAMES['signer']}"
-selector = ["poste"]
-private-key = ["{world.dkim_key}"]
-""")
+    config = up_config(world, port, port_tls,
+                       top=f'metrics = "{metrics_addr}"\nlog-format = "json"\n')
     proc = world.spawn("up", ["up", "--config", str(config)])
     for host, p in ((HOSTS["verifier"], port), (HOSTS["submission"], port),
                     (HOSTS["submission"], port_tls)):

@@ -150,6 +150,45 @@ def make_world(tmp: Path, poste_bin: str) -> World:
                  cert, tls_key, mx=mx)
 
 
+def up_config(world: World, port: int, port_tls: int | None = None, top: str = "") -> Path:
+    """The article's stack as one `poste up` config: MX and submission on `port`
+    (implicit TLS on `port_tls` when given), `top` added to the top-level keys."""
+    config = world.tmp / "poste.toml"
+    sub_host = HOSTS["submission"]
+    tls_line = f'listen-tls = "{sub_host}:{port_tls}"\n' if port_tls is not None else ""
+    config.write_text(f"""
+domain = ["{DOMAIN}"]
+postmaster = "hostmaster@{DOMAIN}"
+tls-cert = "{world.cert}"
+tls-key = "{world.key}"
+users = "{world.users}"
+nameserver = ["{world.nameserver}"]
+{top}
+[verifier]
+listen = "{HOSTS['verifier']}:{port}"
+hostname = "{NAMES['verifier']}"
+
+[spamfilter]
+hostname = "{NAMES['spamfilter']}"
+
+[relay]
+spool = "spool"
+hostname = "{NAMES['relay']}"
+smtp-port = {world.smtp_port}
+no-ipv6 = true
+
+[submission]
+{tls_line}listen = "{HOSTS['submission']}:{port}"
+hostname = "{NAMES['submission']}"
+
+[signer]
+hostname = "{NAMES['signer']}"
+selector = ["poste"]
+private-key = ["{world.dkim_key}"]
+""")
+    return config
+
+
 def certificate(cert_path: Path, key_path: Path) -> None:
     """Self-signed, valid for every service's name and loopback address (--tls-verify works)."""
     import datetime
@@ -335,6 +374,18 @@ def wait_for(fn, timeout: float = 10.0):  # type: ignore[no-untyped-def]
 
 
 __all__ = [
-    "HOSTS", "NAMES", "Entry", "World", "check_confirmation", "check_sent", "free_port",
-    "make_world", "metrics", "run_scenario", "sample", "total", "wait_port",
+    "HOSTS",
+    "NAMES",
+    "Entry",
+    "World",
+    "check_confirmation",
+    "check_sent",
+    "free_port",
+    "make_world",
+    "metrics",
+    "run_scenario",
+    "sample",
+    "total",
+    "up_config",
+    "wait_port",
 ]

@@ -101,20 +101,29 @@ class Srv:
         self.proc = None
 
     def mails(self) -> list[bytes]:
-        if not self.folder.exists():
-            return []
-        files = sorted(self.folder.glob("*.eml"), key=lambda p: int(p.stem))
-        return [p.read_bytes() for p in files]
+        return folder_mails(self.folder)
 
     def wait(self, n: int, timeout: float = 30.0) -> list[bytes]:
-        deadline = time.monotonic() + timeout
-        while True:
-            got = self.mails()
-            if len(got) >= n:
-                return got
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{self.host}: {len(got)} mail(s), expected {n}")
-            time.sleep(0.05)
+        return wait_mails(self.folder, n, timeout, self.host)
+
+
+def folder_mails(folder: Path) -> list[bytes]:
+    """The mails a stand-in stored in `folder`, in the order they came (N.eml)."""
+    if not folder.exists():
+        return []
+    return [p.read_bytes() for p in sorted(folder.glob("*.eml"), key=lambda p: int(p.stem))]
+
+
+def wait_mails(folder: Path, n: int, timeout: float, who: str) -> list[bytes]:
+    """At least `n` mails in `folder` (polled: a folder has no event to wait on)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        got = folder_mails(folder)
+        if len(got) >= n:
+            return got
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{who}: {len(got)} mail(s), expected {n}")
+        time.sleep(0.02)
 
 
 def header(mail: bytes, name: str) -> list[str]:

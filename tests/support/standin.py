@@ -19,7 +19,6 @@ import asyncio
 import contextlib
 import socket
 import threading
-import time
 from collections.abc import Coroutine, Iterable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -27,6 +26,7 @@ from typing import Any, TypeVar
 from poste.smtp.server import Limits, SMTPService
 from poste.smtp.stage import Envelope, Reply, Stage
 from poste.tools.srv import Mailbox, MailboxHop
+from support.relay_env import folder_mails, wait_mails
 
 T = TypeVar("T")
 
@@ -102,20 +102,10 @@ class StandIn:
             self.world.call(self.service.stop())
 
     def mails(self) -> list[bytes]:
-        if not self.folder.exists():
-            return []
-        files = sorted(self.folder.glob("*.eml"), key=lambda p: int(p.stem))
-        return [p.read_bytes() for p in files]
+        return folder_mails(self.folder)
 
     def wait(self, n: int, timeout: float = 30.0) -> list[bytes]:
-        deadline = time.monotonic() + timeout
-        while True:
-            got = self.mails()
-            if len(got) >= n:
-                return got
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{self.host}: {len(got)} mail(s), expected {n}")
-            time.sleep(0.02)
+        return wait_mails(self.folder, n, timeout, self.host)
 
 
 class _Counting(Stage):

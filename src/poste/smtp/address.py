@@ -75,7 +75,7 @@ class Address:
     """One mailbox: `local` exactly as written (quoted or not), `domain` as written.
 
     `domain` is empty only for the special recipient `<Postmaster>` (RFC 5321
-    4.5.1).  Compare domains through `domain_key`; send `text`.
+    4.5.1).  Compare domains through `domain_key(address.domain)`; send `text`.
     """
 
     local: str
@@ -86,22 +86,9 @@ class Address:
         return f"{self.local}@{self.domain}" if self.domain else self.local
 
     @property
-    def domain_key(self) -> str:
-        """The domain for lookups and comparisons: case-folded (an address literal as is)."""
-        return self.domain.lower()
-
-    @property
     def local_content(self) -> str:
         """The local part with its quoting undone (`"john doe"` -> `john doe`)."""
         return unquote_local(self.local)
-
-    @property
-    def is_literal(self) -> bool:
-        return self.domain.startswith("[")
-
-    @property
-    def needs_smtputf8(self) -> bool:
-        return not self.text.isascii()
 
     def __str__(self) -> str:
         return self.text

@@ -15,7 +15,6 @@ from __future__ import annotations
 import collections
 import ipaddress
 import time
-from collections.abc import Iterable
 from dataclasses import dataclass
 
 from poste.smtp.address import ip_of
@@ -119,14 +118,3 @@ class Admission:
             counter[key] -= 1
             if counter[key] <= 0:
                 del counter[key]
-
-
-def networks(specs: Iterable[str]) -> tuple[str, ...]:
-    """Check network specs early (one-line errors at start-up, not at the first client)."""
-    out = []
-    for spec in specs:
-        try:
-            out.append(str(ipaddress.ip_network(spec.strip(), strict=False)))
-        except ValueError:
-            raise ValueError(f"bad network {spec!r} (expected CIDR like 10.0.0.0/8)") from None
-    return tuple(out)

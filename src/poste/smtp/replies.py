@@ -49,11 +49,6 @@ LOCAL_ERROR = Reply(451, "4.3.0 Local error in processing, try again later")
 HOP_UNAVAILABLE = Reply(451, "4.4.1 Next hop unavailable, try again later")
 
 
-def line(reply: Reply) -> str:
-    """The reply as aiosmtpd pushes it."""
-    return str(reply)
-
-
 ALL: dict[str, Reply] = {
     name: value for name, value in dict(globals()).items() if isinstance(value, Reply)
 }

@@ -438,20 +438,17 @@ class _Gate(asyncio.Protocol):
     def __init__(self, service: SMTPService) -> None:
         self.service = service
         self.ticket: Ticket | None = None
-        self.transport: asyncio.Transport | None = None
         self.early: list[bytes] = []
         self.conn: _Connection | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
         peer = transport.get_extra_info("peername") or ("", 0)
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         admitted = self.service.admission.admit(str(peer[0]))
         if isinstance(admitted, str):
-            self.service.refused += 1
             if self.service.should_log_refusal(admitted):
                 log.warning("refusing %s: %s", peer[0], admitted)
             if not self.service.implicit_tls:  # a TLS client could not read it anyway
@@ -624,7 +621,6 @@ class SMTPService:
         self.implicit_tls = implicit_tls
         self.limits = limits or Limits()
         self.admission = Admission(self.limits.max_connections, self.limits.fairness)
-        self.refused = 0  # connections refused at admission
         self._refusal_logged: dict[str, float] = {}
         self.connections: set[_Connection] = set()
         self.background: set[asyncio.Task[None]] = set()

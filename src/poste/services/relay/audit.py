@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from poste.services.relay.spool import Spool, SpoolError
+from poste.services.relay.spool import Entry, Spool, SpoolError
 
 OVERDUE_SLACK = 300.0  # the scheduler rescans every 30 s; 5 min late is a stall
 
@@ -25,10 +25,9 @@ class Finding:
     detail: str
 
 
-def overdue(spool: Spool, now: float | None = None, slack: float = OVERDUE_SLACK) -> list[str]:
-    """Ids of messages with pending recipients whose next attempt is more than `slack` past."""
-    now = time.time() if now is None else now
-    return [e.id for e in spool.entries() if e.pending and e.next_attempt < now - slack]
+def is_overdue(entry: Entry, now: float, slack: float = OVERDUE_SLACK) -> bool:
+    """Pending, and its next attempt more than `slack` past: the scheduler is not moving it."""
+    return bool(entry.pending) and entry.next_attempt < now - slack
 
 
 def audit(spool: Spool, now: float | None = None, slack: float = OVERDUE_SLACK) -> list[Finding]:
@@ -45,7 +44,7 @@ def audit(spool: Spool, now: float | None = None, slack: float = OVERDUE_SLACK) 
         if not entry.pending:
             found.append(Finding(qid, "nothing pending",
                                  "every recipient is done, yet the envelope is still here"))
-        elif entry.next_attempt < now - slack:
+        elif is_overdue(entry, now, slack):
             late = now - entry.next_attempt
             found.append(Finding(qid, "overdue",
                                  f"next attempt was due {late:.0f} s ago "

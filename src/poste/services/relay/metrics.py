@@ -11,7 +11,7 @@ from pathlib import Path
 from prometheus_client.core import REGISTRY, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from poste.services.relay.audit import OVERDUE_SLACK
+from poste.services.relay.audit import OVERDUE_SLACK, is_overdue
 from poste.services.relay.spool import Spool, SpoolError
 
 log = logging.getLogger("poste")
@@ -51,7 +51,7 @@ class SpoolCollector(Collector):
                 for entry in spool.entries():
                     count += 1
                     oldest = max(oldest, now - entry.created)
-                    if entry.pending and entry.next_attempt < now - OVERDUE_SLACK:
+                    if is_overdue(entry, now):
                         stalled += 1
             except (OSError, SpoolError, ValueError):
                 log.debug("spool %s unreadable for metrics", folder, exc_info=True)

@@ -211,7 +211,7 @@ def build_relay(
     )
     watch_spool(spool.path)  # poste_spool_messages, poste_spool_oldest_age_seconds
     return RelayParts(
-        stage=RelayStage(router, max_received),
+        stage=RelayStage(max_received),
         hop=QueueHop(router, scheduler),
         scheduler=scheduler,
         watcher=watcher,

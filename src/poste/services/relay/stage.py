@@ -43,8 +43,7 @@ class RelayStage(Stage):
 
     name = "relay"
 
-    def __init__(self, router: Router, max_received: int = MAX_RECEIVED) -> None:
-        self.router = router
+    def __init__(self, max_received: int = MAX_RECEIVED) -> None:
         self.max_received = max_received
 
     async def on_data(self, env: Envelope, data: bytes) -> Verdict:
