@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from poste.smtp.client import SMTPHop
+from poste.smtp.message import Message
 from poste.smtp.stage import Envelope, Reply, Stage, Verdict
 from poste.tools.srv import Mailbox, MailboxHop
 from support.smtp import LineClient, running
@@ -34,8 +35,8 @@ class Front(Stage):
     async def on_rcpt(self, env: Envelope, rcpt: str) -> Reply | None:
         return None
 
-    async def on_data(self, env: Envelope, data: bytes) -> Verdict:
-        if b"crash" in data:
+    async def on_data(self, env: Envelope, message: Message) -> Verdict:
+        if b"crash" in message.to_bytes():
             raise RuntimeError("a bug in the stage")
         return Verdict()
 

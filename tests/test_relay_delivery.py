@@ -9,6 +9,7 @@ import pytest
 
 from poste.dns.resolver import make_resolver
 from poste.services.relay.delivery import Deliverer
+from poste.smtp.message import Message
 from poste.smtp.server import Limits, SMTPService
 from poste.smtp.stage import Envelope, Reply, Stage
 from poste.smtp.tls import self_signed, server_context
@@ -17,7 +18,8 @@ from support.knot import KnotServer, knot_server
 from support.relay_env import header, mx_zones, return_path
 from support.standin import PortReservation, reserve_common_port
 
-MSG = b"From: a@example.org\r\nTo: b@gmail.test\r\nSubject: t\r\n\r\nbody \xc3\xa9\r\n"
+RAW = b"From: a@example.org\r\nTo: b@gmail.test\r\nSubject: t\r\n\r\nbody \xc3\xa9\r\n"
+MSG = Message.of(RAW)
 HOSTS = [f"127.0.0.{i}" for i in range(21, 31)] + ["::1"]
 
 
@@ -96,7 +98,7 @@ async def test_per_recipient_results(world: World) -> None:
     [mail] = mails(box)
     assert return_path(mail) == "SRS0=x@our.test"
     assert header(mail, "Delivered-To") == ["alice@gmail.test"]
-    assert mail.endswith(MSG)  # the bytes, unchanged
+    assert mail.endswith(RAW)  # the bytes, unchanged
 
 
 async def test_backup_mx_when_primary_down(world: World) -> None:

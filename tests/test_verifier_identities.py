@@ -14,6 +14,7 @@ import pytest
 from poste.services.verifier import spf
 from poste.services.verifier.authenticate import Authenticator, Report
 from poste.services.verifier.service import VerifierStage
+from poste.smtp.message import Message
 from poste.smtp.stage import Envelope
 from support.fakedns import FakeDNS, fake_dns, records_lookup
 
@@ -40,8 +41,9 @@ def auth(ns: FakeDNS) -> Authenticator:
     return Authenticator(spf.resolver_for([ns.nameserver], 2), "mx.our.test")
 
 
-def message(from_addr: str = "someone@sender.test") -> bytes:
-    return f"From: <{from_addr}>\r\nTo: <user@our.test>\r\nSubject: hi\r\n\r\nhello\r\n".encode()
+def message(from_addr: str = "someone@sender.test") -> Message:
+    text = f"From: <{from_addr}>\r\nTo: <user@our.test>\r\nSubject: hi\r\n\r\nhello\r\n"
+    return Message.of(text.encode())
 
 
 def fields(a: Authenticator, report: Report) -> tuple[str, str]:

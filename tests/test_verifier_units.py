@@ -12,6 +12,7 @@ from poste.services.verifier.authenticate import Authenticator
 from poste.services.verifier.results import authentication_results
 from poste.services.verifier.service import VerifierStage
 from poste.services.verifier.spf import SPFResult, resolver_for
+from poste.smtp.message import Message
 from poste.smtp.stage import Envelope
 
 
@@ -329,7 +330,7 @@ async def test_results_counted_once_standalone_and_under_poste_up() -> None:
         for _ in range(2):  # each mail once
             env = Envelope(peer_ip="192.0.2.1", helo="[192.0.2.1]", mail_from="a@x.test")
             before = count()
-            verdict = await stage.on_data(env, msg)
+            verdict = await stage.on_data(env, Message.of(msg))
             assert b"spf=pass" in verdict.prepend
             assert count() - before == 1.0
 

@@ -17,6 +17,7 @@ verify"; our `dnsfunc` raises its own exception instead, so that a DNS outage
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -30,6 +31,12 @@ from dkim.util import InvalidTagValueList, parse_tag_value
 from poste.dns.resolver import SyncResolver
 
 MAX_SIGNATURES = 8  # more is an attack on our CPU, not a sender's need
+_SIGNATURE_FIELD = re.compile(rb"(?im)^dkim-signature[ \t]*:")
+
+
+def has_signature(header: bytes) -> bool:
+    """Whether a header section has a DKIM-Signature field: when not, the body is never read."""
+    return _SIGNATURE_FIELD.search(header) is not None
 
 
 class _DNSTrouble(Exception):

@@ -13,11 +13,11 @@ import logging
 from poste.metrics import MAILS, RECIPIENTS, outcome
 from poste.smtp import replies as R
 from poste.smtp.hop import Hop, HopError, Transaction
+from poste.smtp.message import Message
 from poste.smtp.received import received_field
 from poste.smtp.stage import Envelope, Reply, Stage
 
 log = logging.getLogger("poste.smtp")
-
 
 
 class StageTransaction:
@@ -81,12 +81,12 @@ class StageTransaction:
             self.env.rcpt_options.append(list(options))
         return reply
 
-    async def data(self, data: bytes) -> Reply:
+    async def data(self, data: Message) -> Reply:
         reply = await self._data(data)
         MAILS.labels(self.stage.name, outcome(reply.code)).inc()
         return reply
 
-    async def _data(self, data: bytes) -> Reply:
+    async def _data(self, data: Message) -> Reply:
         down = self._down
         if down is None:
             return R.NEED_RCPT
@@ -102,7 +102,7 @@ class StageTransaction:
             log.info("%s refused by %s: %s", self.env.queue_id, self.stage.name, verdict.reply)
             await self.abort()
             return verdict.reply
-        message = verdict.prepend + received_field(self.env, self.hostname) + data
+        message = data.prepend(verdict.prepend + received_field(self.env, self.hostname))
         self._down = None
         try:
             reply = await down.data(message)
@@ -117,7 +117,7 @@ class StageTransaction:
             self.stage.name,
             self.env.mail_from,
             ",".join(f"<{r}>" for r in self.env.rcpt_tos),
-            len(data),
+            data.size,
             reply,
         )
         return reply

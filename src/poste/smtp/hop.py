@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
+from poste.smtp.message import Message
 from poste.smtp.stage import Envelope, Reply
 
 
@@ -24,8 +25,6 @@ class HopError(Exception):
         self.reply = reply
 
 
-
-
 class Transaction(Protocol):
     """One mail transaction with the next hop.  Methods return the hop's reply."""
 
@@ -33,7 +32,9 @@ class Transaction(Protocol):
 
     async def rcpt(self, rcpt: str, options: list[str]) -> Reply: ...
 
-    async def data(self, message: bytes) -> Reply: ...
+    async def data(self, message: Message) -> Reply:
+        """Pass the mail on; `message` stays the caller's (it closes it after)."""
+        ...
 
     async def abort(self) -> None:
         """End the transaction without sending (RSET, QUIT, lost client)."""

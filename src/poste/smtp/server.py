@@ -31,6 +31,7 @@ from poste.smtp.address import AddressError, parse_path
 from poste.smtp.admission import Admission, Fairness, Ticket
 from poste.smtp.chain import StageTransaction
 from poste.smtp.hop import Hop
+from poste.smtp.message import SPILL_AT, BodyWriter
 from poste.smtp.stage import Envelope, Reply, Stage
 
 log = logging.getLogger("poste.smtp")
@@ -57,6 +58,8 @@ class Limits:
     data_timeout: float = 600.0
     max_connections: int = 100
     tls_handshake_timeout: float = 10.0
+    spill_at: int = SPILL_AT  # a mail larger than this is kept in a file, not in memory
+    spill_dir: str | None = None  # where (None: $TMPDIR or /tmp); best on a disk, not tmpfs
     fairness: Fairness = field(default_factory=Fairness)
 
 
@@ -304,20 +307,35 @@ class _Connection(SMTP):
             await self.push(str(R.DATA_SYNTAX))
             return
         await self.push(str(R.START_DATA))
-        lines: list[bytes] = []
+        body = BodyWriter(self.limits.spill_at, self.limits.spill_dir)
+        try:
+            reply = await self._read_data(body)
+        finally:
+            body.discard()  # a finished body owns nothing more; a cut-off one lets go here
+        self._set_post_data_state()  # type: ignore[no-untyped-call]
+        await self.push(reply)
+
+    async def _read_data(self, body: BodyWriter) -> str:
+        """Read to the end marker into `body`, then pass the mail on; the reply to give."""
         size = 0
         limit = self.limits.max_message_size
         max_line = self.limits.max_text_line
+        data_timeout = self.limits.data_timeout
         state = _DataState.NOMINAL
         fragment = False  # inside a line longer than the reader's buffer limit
+        clock = self.loop.time
+        armed = 0.0  # when the timer was last set: once a second is enough, not every line
         while self.transport is not None:
-            self._reset_timeout(self.limits.data_timeout)
+            now = clock()
+            if now - armed >= 1.0:
+                self._reset_timeout(data_timeout)
+                armed = now
             try:
                 line = await self._reader.readuntil(b"\r\n")
             except asyncio.LimitOverrunError as exc:
                 if state is _DataState.NOMINAL:
                     state = _DataState.TOO_LONG
-                lines.clear()
+                body.discard()
                 await self._reader.read(exc.consumed)
                 fragment = True
                 continue
@@ -331,49 +349,45 @@ class _Connection(SMTP):
                 continue
             if b"\r" in line[:-2] or b"\n" in line[:-2]:
                 state = _DataState.BARE
-                lines.clear()
+                body.discard()
                 continue
             if b"\x00" in line:
                 # RFC 5321 forbids NUL in text; a downstream MTA that strips it could
                 # see an end of data we never saw (`\r\n\x00.\r\n`): smuggling.
                 state = _DataState.NUL
-                lines.clear()
+                body.discard()
                 continue
             if size > limit:
                 state = _DataState.TOO_MUCH
-                lines.clear()
+                body.discard()
                 continue
             if line.startswith(b"."):
                 line = line[1:]
             if len(line) > max_line:
                 state = _DataState.TOO_LONG
-                lines.clear()
+                body.discard()
                 continue
-            lines.append(line)
+            body.write(line)
         self._reset_timeout()
         if state is not _DataState.NOMINAL:
             log.info("%s DATA refused: %s", self.poste_env.peer_ip, state.value)
-            self._set_post_data_state()  # type: ignore[no-untyped-call]
             self._abort_txn()
             if state is _DataState.TOO_LONG:
-                await self.push(str(R.LINE_TOO_LONG))
-            elif state is _DataState.TOO_MUCH:
-                await self.push(str(R.TOO_BIG))
-            elif state is _DataState.NUL:
-                await self.push(str(R.NUL_IN_DATA))
-            else:
-                await self.push(str(R.BARE_CR_LF))
-            return
-        content = b"".join(lines)
-        lines.clear()
+                return str(R.LINE_TOO_LONG)
+            if state is _DataState.TOO_MUCH:
+                return str(R.TOO_BIG)
+            if state is _DataState.NUL:
+                return str(R.NUL_IN_DATA)
+            return str(R.BARE_CR_LF)
+        message = body.finish()
         # Straight to the transaction: no copy into aiosmtpd's envelope and back out.
         txn, self.txn = self.txn, None
         if txn is None:
-            reply = str(R.NEED_RCPT)
-        else:
-            reply = str(await txn.data(content))
-        self._set_post_data_state()  # type: ignore[no-untyped-call]
-        await self.push(reply)
+            return str(R.NEED_RCPT)
+        try:
+            return str(await txn.data(message))
+        finally:
+            message.close()
 
     # -- AUTH: async mechanisms so the password check never stalls the loop --
 

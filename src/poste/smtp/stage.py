@@ -13,6 +13,8 @@ import secrets
 import time
 from dataclasses import dataclass, field
 
+from poste.smtp.message import Message
+
 
 def new_queue_id() -> str:
     """A short, sortable, unique id, shown in Received: and in every log line."""
@@ -126,8 +128,10 @@ class Stage:
     """The do-nothing stage: accepts every sender, recipient and message.
 
     Services subclass it.  Hooks return None to accept or a Reply to refuse.
-    CPU-heavy work in `on_data` must run off the event loop
-    (`await asyncio.to_thread(...)`).
+    `on_data` gets the mail as a `Message`: read the header with `header()`,
+    take the whole of it only through `whole()` (a big mail is in a file, and
+    the budget keeps many of them from filling memory at once).  CPU-heavy
+    work in `on_data` must run off the event loop (`await asyncio.to_thread(...)`).
     """
 
     name = "forward"
@@ -141,5 +145,5 @@ class Stage:
     async def on_rcpt(self, env: Envelope, rcpt: str) -> Reply | None:
         return None
 
-    async def on_data(self, env: Envelope, data: bytes) -> Verdict:
+    async def on_data(self, env: Envelope, message: Message) -> Verdict:
         return Verdict()

@@ -29,6 +29,7 @@ from poste.runtime.tls import TLSFiles
 from poste.services.relay.service import RelayParts
 from poste.smtp.chain import StageHop
 from poste.smtp.hop import Hop
+from poste.smtp.message import Message
 from poste.smtp.server import SMTPService
 from poste.smtp.stage import Envelope, Reply, Stage
 from poste.stack.config import Section, StackConfig, load
@@ -110,7 +111,7 @@ class MailboxDeliverer:
         self.box = Mailbox(str(folder).rstrip("/") + "/", count=0, with_data=True)
 
     async def deliver(
-        self, domain: str, sender: str, recipients: Sequence[str], message: bytes
+        self, domain: str, sender: str, recipients: Sequence[str], message: Message
     ) -> dict[str, Reply]:
         env = Envelope(mail_from=sender, rcpt_tos=list(recipients))
         path = await asyncio.to_thread(self.box.store, env, message)

@@ -12,6 +12,7 @@ import sys
 import threading
 from pathlib import Path
 
+from poste.smtp.message import Message
 from poste.smtp.replies import OK
 from poste.smtp.stage import Envelope, Reply
 
@@ -43,27 +44,27 @@ class Mailbox:
             return path
         return Path(self.output)
 
-    def store(self, env: Envelope, message: bytes) -> Path | None:
+    def store(self, env: Envelope, message: Message) -> Path | None:
         if self.with_data:
             trace = f"Return-Path: <{env.mail_from}>\r\n".encode("utf-8", "surrogateescape")
             for rcpt in env.rcpt_tos:
                 trace += f"Delivered-To: {rcpt}\r\n".encode("utf-8", "surrogateescape")
-            message = trace + message
+            message = message.prepend(trace)
         path = self._target()
         if path is None:
-            sys.stdout.buffer.write(message)
+            sys.stdout.buffer.writelines(message.chunks())
             sys.stdout.buffer.flush()
         else:
             tmp = path.with_name(f".{path.name}.tmp")
             with open(tmp, "wb") as f:
-                f.write(message)
+                f.writelines(message.chunks())
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
         with self._lock:
             self.received += 1
         rcpts = ",".join(f"<{r}>" for r in env.rcpt_tos)
-        print(f"{path or '-'} from=<{env.mail_from}> to={rcpts} size={len(message)}", file=sys.stderr)
+        print(f"{path or '-'} from=<{env.mail_from}> to={rcpts} size={message.size}", file=sys.stderr)
         return path
 
     def check_done(self) -> None:
@@ -91,7 +92,7 @@ class _MailboxTransaction:
         self.rcpts.append(rcpt)
         return Reply(250, "2.1.5 Ok")
 
-    async def data(self, message: bytes) -> Reply:
+    async def data(self, message: Message) -> Reply:
         if self.data_reply is not None:
             return self.data_reply
         env = Envelope(mail_from=self.env.mail_from, rcpt_tos=self.rcpts)

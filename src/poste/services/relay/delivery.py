@@ -27,7 +27,8 @@ import dns.rdatatype
 import dns.resolver
 
 from poste.smtp.address import AddressError, ip_of
-from poste.smtp.client import dial, mail_from, new_client, rcpt_to
+from poste.smtp.client import dial, mail_from, new_client, rcpt_to, send_data
+from poste.smtp.message import Message
 from poste.smtp.stage import Reply
 
 log = logging.getLogger("poste.relay.delivery")
@@ -180,7 +181,7 @@ class Deliverer:
     # -- SMTP --------------------------------------------------------------
 
     async def deliver(
-        self, domain: str, sender: str, recipients: Sequence[str], message: bytes
+        self, domain: str, sender: str, recipients: Sequence[str], message: Message
     ) -> dict[str, Reply]:
         """Try the MX hosts of `domain` until one gives a final answer for the recipients."""
         reused = await self._deliver_reused(domain, sender, recipients, message)
@@ -244,7 +245,7 @@ class Deliverer:
         target: Target,
         sender: str,
         recipients: Sequence[str],
-        message: bytes,
+        message: Message,
         *,
         cache_as: str | None = None,
     ) -> dict[str, Reply]:
@@ -260,7 +261,7 @@ class Deliverer:
         target: Target,
         sender: str,
         recipients: Sequence[str],
-        message: bytes,
+        message: Message,
         *,
         tls: bool,
         cache_as: str | None = None,
@@ -305,11 +306,11 @@ class Deliverer:
         mta: str,
         sender: str,
         recipients: Sequence[str],
-        message: bytes,
+        message: Message,
     ) -> dict[str, Reply]:
         """MAIL, RCPT..., DATA on an open session; DomainFailure before DATA only."""
         options: list[str] = []
-        if any(b > 127 for b in message) and client.supports_extension("8bitmime"):
+        if client.supports_extension("8bitmime") and not message.isascii():
             options.append("BODY=8BITMIME")
         needs_utf8 = not (sender + "".join(recipients)).isascii()
         if needs_utf8:
@@ -344,7 +345,7 @@ class Deliverer:
         if not accepted:
             return results
         try:
-            resp = await client.data(message)
+            resp = await send_data(client, message)
             final = Reply(resp.code, _flat(resp.message), mta, remote=True)
         except aiosmtplib.SMTPServerDisconnected as exc:
             final = Reply(451, f"4.4.2 {mta} dropped the connection after DATA: {exc}", mta)
@@ -415,7 +416,7 @@ class Deliverer:
                              *list(self._closing), return_exceptions=True)
 
     async def _deliver_reused(
-        self, domain: str, sender: str, recipients: Sequence[str], message: bytes
+        self, domain: str, sender: str, recipients: Sequence[str], message: Message
     ) -> dict[str, Reply] | None:
         """Deliver over a kept session of `domain`, or None to open a new one.
 

@@ -43,11 +43,12 @@ from poste.metrics import DELIVERIES, QUEUED
 from poste.services.relay.dsn import DELAYED, FAILED, make_dsn
 from poste.services.relay.settings import default
 from poste.services.relay.spool import DELIVERED, PENDING, Entry, Recipient, Spool, SpoolError
+from poste.smtp.message import Message
 from poste.smtp.stage import Reply, new_queue_id
 
 log = logging.getLogger("poste.relay")
 
-DeliverFn = Callable[[str, str, list[str], bytes], Awaitable[dict[str, Reply]]]
+DeliverFn = Callable[[str, str, list[str], Message], Awaitable[dict[str, Reply]]]
 # address -> [(target address, sender to use)]; lets a DSN to a local user reach its targets
 ExpandFn = Callable[[str], list[tuple[str, str]]]
 
@@ -125,7 +126,7 @@ class Scheduler:
         """A message just written to the spool: try it now."""
         self._schedule(entry.id, entry.next_attempt)
 
-    async def enqueue(self, entry: Entry, message: bytes) -> None:
+    async def enqueue(self, entry: Entry, message: Message) -> None:
         await asyncio.to_thread(self.spool.put, entry, message)
         QUEUED.inc()
         self.submit(entry)
@@ -205,12 +206,19 @@ class Scheduler:
             return
         seen_next = entry.next_attempt
         try:
-            message = await asyncio.to_thread(self.spool.read_message, qid)
+            message = await asyncio.to_thread(self.spool.open_message, qid)
         except SpoolError as exc:
             # Only an outside hand removes a message file under its envelope.
             log.error("%s: %s; dropping its envelope", qid, exc)
             await asyncio.to_thread(self.spool.remove, qid)
             return
+        try:
+            await self._attempt_with(entry, seen_next, message)
+        finally:
+            message.close()
+
+    async def _attempt_with(self, entry: Entry, seen_next: float, message: Message) -> None:
+        qid = entry.id
         tried = entry.pending
         groups: dict[tuple[str, str], list[Recipient]] = {}
         for r in tried:
@@ -276,7 +284,7 @@ class Scheduler:
             self._schedule(qid, written.next_attempt)
 
     async def _deliver_group(
-        self, entry: Entry, domain: str, sender: str, rcpts: list[Recipient], message: bytes
+        self, entry: Entry, domain: str, sender: str, rcpts: list[Recipient], message: Message
     ) -> None:
         sem = self._domains.setdefault(domain, asyncio.Semaphore(self.policy.max_per_domain))
         async with sem:
@@ -306,7 +314,7 @@ class Scheduler:
                 )
 
     async def _notify(
-        self, entry: Entry, rcpts: list[Recipient], action: str, message: bytes
+        self, entry: Entry, rcpts: list[Recipient], action: str, message: Message
     ) -> None:
         """Queue a DSN about `rcpts` to the original sender (never to <>, never for a DSN)."""
         if not entry.return_path or entry.is_dsn:
@@ -319,7 +327,7 @@ class Scheduler:
             postmaster_domain=self.domain,
             to=entry.return_path,
             recipients=rcpts,
-            original=message,
+            original=message.header(),
             queue_id=entry.id,
             arrival=entry.created,
             retry_until=retry_until,
@@ -336,7 +344,7 @@ class Scheduler:
             ],
             is_dsn=True,
         )
-        await self.enqueue(new, dsn)
+        await self.enqueue(new, Message.of(dsn))
         log.info("%s: %s DSN to <%s> queued as %s", entry.id, action, entry.return_path, new.id)
 
 

@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from poste.smtp.address import domain_of
+from poste.smtp.message import Message
 from poste.smtp.stage import new_queue_id
 
 VERSION = "poste-spool 1"
@@ -194,14 +195,15 @@ class Spool:
 
     # -- writing ---------------------------------------------------------
 
-    def _write_atomic(self, target: Path, data: bytes) -> None:
+    def _write_atomic(self, target: Path, data: bytes | Message) -> None:
         tmp = self.path / f".tmp-{target.name}-{secrets.token_hex(4)}"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
-            view = memoryview(data)
-            while view:
-                n = os.write(fd, view)
-                view = view[n:]
+            for piece in data.chunks() if isinstance(data, Message) else (data,):
+                view = memoryview(piece)
+                while view:
+                    n = os.write(fd, view)
+                    view = view[n:]
             os.fsync(fd)
         except BaseException:
             os.close(fd)
@@ -211,11 +213,17 @@ class Spool:
         os.close(fd)
         os.rename(tmp, target)
 
-    def put(self, entry: Entry, message: bytes) -> None:
-        """Store a new message durably; when this returns the mail survives a crash."""
+    def put(self, entry: Entry, message: Message | bytes) -> None:
+        """Store a new message durably; when this returns the mail survives a crash.
+
+        Written piece by piece from wherever the message is (memory or the
+        DATA reader's file): a big mail is never one bytes object here.
+        """
+        if isinstance(message, bytes):
+            message = Message.of(message)
         if not entry.id:
             entry.id = new_queue_id()
-        entry.size = len(message)
+        entry.size = message.size
         if self.envelope_path(entry.id).exists():
             raise SpoolError(f"queue id {entry.id} already in the spool")
         self._write_atomic(self.message_path(entry.id), message)
@@ -276,8 +284,16 @@ class Spool:
         return Entry.from_json(data)
 
     def read_message(self, qid: str) -> bytes:
+        """The whole message as bytes (for `poste queue show`, tests); delivery uses open_message."""
         try:
             return self.message_path(qid).read_bytes()
+        except FileNotFoundError:
+            raise SpoolError(f"message file of {qid} is missing") from None
+
+    def open_message(self, qid: str) -> Message:
+        """The message, read from its file as it is sent; close() it after."""
+        try:
+            return Message.open(self.message_path(qid))
         except FileNotFoundError:
             raise SpoolError(f"message file of {qid} is missing") from None
 

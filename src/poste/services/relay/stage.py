@@ -19,6 +19,7 @@ from poste.services.relay.scheduler import Scheduler
 from poste.services.relay.settings import default
 from poste.services.relay.spool import Entry, Recipient, SpoolError
 from poste.smtp.hop import Transaction
+from poste.smtp.message import Message
 from poste.smtp.stage import Envelope, Reply, Stage, Verdict, new_queue_id
 
 log = logging.getLogger("poste.relay")
@@ -46,8 +47,8 @@ class RelayStage(Stage):
     def __init__(self, max_received: int = MAX_RECEIVED) -> None:
         self.max_received = max_received
 
-    async def on_data(self, env: Envelope, data: bytes) -> Verdict:
-        hops = count_received(data)
+    async def on_data(self, env: Envelope, message: Message) -> Verdict:
+        hops = count_received(message.header())
         if hops > self.max_received:
             return Verdict(reply=Reply(554, f"5.4.6 Too many hops ({hops} Received:), mail loop?"))
         return Verdict()
@@ -93,7 +94,7 @@ class QueueTransaction:
         self.deliveries.extend(got)
         return Reply(250, "2.1.5 Ok")
 
-    async def data(self, message: bytes) -> Reply:
+    async def data(self, message: Message) -> Reply:
         seen: set[tuple[str, str]] = set()
         rcpts: list[Recipient] = []
         for d in self.deliveries:
@@ -125,7 +126,7 @@ class QueueTransaction:
         for r in rcpts:
             log.info(
                 "%s queued from=<%s> to=<%s> (for <%s>) size=%d",
-                entry.id, r.sender, r.address, r.original, len(message),
+                entry.id, r.sender, r.address, r.original, message.size,
             )
         return Reply(250, f"2.0.0 Ok: queued as {entry.id}")
 

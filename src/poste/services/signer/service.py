@@ -23,6 +23,7 @@ from poste.runtime.run import Job, Parts, StartError
 from poste.runtime.settings import ConfigError, Values
 from poste.services.signer.options import make_signer
 from poste.smtp.client import SMTPHop
+from poste.smtp.message import Message
 from poste.smtp.server import SMTPService
 from poste.smtp.stage import Envelope, Stage, Verdict
 
@@ -43,8 +44,9 @@ class SignerStage(Stage):
     def __init__(self, signer: Signer) -> None:
         self.signer = signer
 
-    async def on_data(self, env: Envelope, data: bytes) -> Verdict:
-        fields = await asyncio.to_thread(sign_or_pass, self.signer, data, env.queue_id)
+    async def on_data(self, env: Envelope, message: Message) -> Verdict:
+        async with message.whole() as data:  # dkimpy hashes one bytes: a big mail waits its turn
+            fields = await asyncio.to_thread(sign_or_pass, self.signer, data, env.queue_id)
         SIGNED.labels("signed" if fields else "unsigned").inc()
         if fields:
             algs = ",".join(k.key.signature_algorithm.decode() for k in self.signer.keys)

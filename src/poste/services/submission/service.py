@@ -26,6 +26,7 @@ from poste.services.submission.logins import Authenticator, may_send_as, resolve
 from poste.services.submission.sender_policy import check_header
 from poste.smtp.client import SMTPHop
 from poste.smtp.hop import Hop
+from poste.smtp.message import Message
 from poste.smtp.server import SMTPService
 from poste.smtp.stage import Envelope, Reply, Stage, Verdict
 from poste.users.repo import UsersRepoError, UsersWatcher
@@ -71,15 +72,16 @@ class SubmissionStage(Stage):
             return NOT_YOURS
         return None
 
-    async def on_data(self, env: Envelope, data: bytes) -> Verdict:
+    async def on_data(self, env: Envelope, message: Message) -> Verdict:
         db = self.watcher.db
         user = resolve_login(db, env.auth_user or "")
+        header = message.header()
         if user is None:
             reply: Reply | None = NOT_YOURS
-        elif len(data) > 65536:  # a long header section is read off the event loop
-            reply = await asyncio.to_thread(check_header, db, user, data)
+        elif len(header) > 65536:  # a long header section is read off the event loop
+            reply = await asyncio.to_thread(check_header, db, user, header)
         else:
-            reply = check_header(db, user, data)
+            reply = check_header(db, user, header)
         if reply is not None:
             log.warning(
                 "%s user %r: header refused: %s (ip=%s)",

@@ -19,6 +19,7 @@ from poste.dns.resolver import SyncResolver
 from poste.services.verifier import dmarc, rdns, spf, workers
 from poste.services.verifier.results import authentication_results
 from poste.services.verifier.spf import SPFResult
+from poste.smtp.message import Message
 
 log = logging.getLogger("poste.verifier")
 
@@ -63,17 +64,18 @@ class Authenticator:
         self.rdns_timeout = rdns_timeout
         self._async_resolver = rdns.async_twin(resolver)
 
-    async def check(self, ip: str, sender: str, helo: str, message: bytes) -> Report:
+    async def check(self, ip: str, sender: str, helo: str, message: Message) -> Report:
         spf_task = self._spf(ip, sender, helo)
         helo_task = self._helo_spf(ip, sender, helo)
-        dkim_task = self._dkim(message)
+        header = message.header()
+        dkim_task = self._dkim(message, header)
         spf_result, helo_result, dkim_results = await asyncio.gather(
             spf_task, helo_task, dkim_task
         )
         try:
             dmarc_result = await workers.run(
                 lambda: dmarc.evaluate_sync(
-                    message, spf_result, dkim_results, self.resolver, psl=self.psl
+                    header, spf_result, dkim_results, self.resolver, psl=self.psl
                 )
             )
         except Exception as exc:  # a label must never cost the mail
@@ -121,9 +123,13 @@ class Authenticator:
                 "temperror", identity, domain, ip, sender, helo, problem=exc.__class__.__name__
             )
 
-    async def _dkim(self, message: bytes) -> list[dkim_verify.DKIMResult]:
+    async def _dkim(self, message: Message, header: bytes) -> list[dkim_verify.DKIMResult]:
+        """Only a signed mail is read whole, and a big one under the memory budget."""
+        if not dkim_verify.has_signature(header):
+            return []
         try:
-            return await workers.run(lambda: dkim_verify.verify(message, self.resolver))
+            async with message.whole() as data:
+                return await workers.run(lambda: dkim_verify.verify(data, self.resolver))
         except Exception as exc:
             log.exception("dkim verification failed")
             return [dkim_verify.DKIMResult("permerror", reason=exc.__class__.__name__)]

@@ -203,7 +203,7 @@ def _policy(
 
 
 def evaluate_sync(
-    message: bytes,
+    header: bytes,
     spf: SPFResult | None,
     dkim: list[DKIMResult],
     resolver: SyncResolver,
@@ -215,7 +215,7 @@ def evaluate_sync(
     `spf` is the MAIL FROM identity's result (RFC 7489 4.1), `psl` the list
     for organisational domains (the packaged one when None).
     """
-    domain, why = from_domain(message)
+    domain, why = from_domain(header)
     if domain is None:
         return DMARCResult("permerror", reason=why)
     try:

@@ -28,6 +28,7 @@ from poste.services.verifier.dmarc import PSLError, load_psl
 from poste.services.verifier.spf import resolver_for
 from poste.smtp.client import SMTPHop
 from poste.smtp.hop import Hop
+from poste.smtp.message import Message
 from poste.smtp.server import SMTPService
 from poste.smtp.stage import Envelope, Reply, Stage, Verdict
 
@@ -72,8 +73,8 @@ class VerifierStage(Stage):
         log.info("%s refused rcpt <%s> from %s", env.queue_id, address, env.peer_ip)
         return Reply(550, "5.7.1 Relaying denied: we do not accept mail for that domain")
 
-    async def on_data(self, env: Envelope, data: bytes) -> Verdict:
-        report = await self.auth.check(env.peer_ip, env.mail_from, env.helo, data)
+    async def on_data(self, env: Envelope, message: Message) -> Verdict:
+        report = await self.auth.check(env.peer_ip, env.mail_from, env.helo, message)
         log.info(
             "%s %s from=<%s> ip=%s", env.queue_id, report.summary(), env.mail_from, env.peer_ip
         )

@@ -1,0 +1,314 @@
+"""The bytes of one mail on their way through poste, in bounded memory.
+
+A mail is the fields poste prepended (small, in memory) above the body as it
+was received: in memory while it is small, in an anonymous temporary file once
+it passes `SPILL_AT` (the DATA reader writes it there as it arrives), or the
+relay's spool file.  Stages read what they need (`header()`, `head()`), hops
+copy it on in chunks (`chunks()`), and the few checks that need the whole mail
+as one `bytes` (DKIM hashing through dkimpy) take it under a byte budget
+(`whole()`), so 30 clients sending 24 MB each cost disk, not 30 x 24 MB of
+memory times every copy a library makes (issue 15).
+
+Why our own type: aiosmtpd hands a handler the whole content as bytes and
+aiosmtplib sends only bytes; neither has a file-backed message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import os
+import tempfile
+import weakref
+from collections.abc import AsyncIterator, Iterator
+
+SPILL_AT = 1024 * 1024  # bodies larger than this go to a file as they arrive
+CHUNK = 256 * 1024  # the unit of reads and writes of a file-backed body
+MAX_HEADER = 256 * 1024  # header() reads no further than this
+WHOLE_BUDGET = 64 * 1024 * 1024  # bytes of file-backed mails held whole at once, per process
+
+
+class _Body:
+    """The received bytes, in memory or in a file, shared by every prepended view."""
+
+    __slots__ = ("__weakref__", "_ascii", "data", "fd", "size")
+
+    def __init__(self, data: bytes | None, fd: int | None, size: int) -> None:
+        self.data = data
+        self.fd = fd
+        self.size = size
+        self._ascii: bool | None = None
+
+    def isascii(self) -> bool:
+        if self._ascii is None:
+            if self.data is not None:
+                self._ascii = self.data.isascii()
+            else:
+                self._ascii = all(
+                    self.read(at, CHUNK).isascii() for at in range(0, self.size, CHUNK)
+                )
+        return self._ascii
+
+    def read(self, offset: int, n: int) -> bytes:
+        if self.data is not None:
+            return self.data[offset:offset + n]
+        assert self.fd is not None, "read of a closed message"
+        return os.pread(self.fd, n, offset)
+
+    def close(self) -> None:
+        fd, self.fd = self.fd, None
+        if fd is not None:
+            os.close(fd)
+
+    def __del__(self) -> None:
+        self.close()
+
+
+class Message:
+    """Prepended fields (`prefix`) above a body; every method reads, none copies the body."""
+
+    __slots__ = ("_body", "prefix")
+
+    def __init__(self, body: _Body, prefix: bytes = b"") -> None:
+        self.prefix = prefix
+        self._body = body
+
+    @classmethod
+    def of(cls, data: bytes) -> Message:
+        """A message held in memory (what poste writes itself, tests, small mails)."""
+        return cls(_Body(bytes(data), None, len(data)))
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str]) -> Message:
+        """A message read from a file (the relay's spool) as it is sent; close() it after."""
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        return cls(_Body(None, fd, os.fstat(fd).st_size))
+
+    @property
+    def size(self) -> int:
+        return len(self.prefix) + self._body.size
+
+    @property
+    def in_memory(self) -> bool:
+        return self._body.data is not None
+
+    def isascii(self) -> bool:
+        """No 8-bit byte anywhere (else the hop needs BODY=8BITMIME); the body's answer is kept."""
+        return self.prefix.isascii() and self._body.isascii()
+
+    def prepend(self, fields: bytes) -> Message:
+        """The same mail with `fields` (complete lines) on top; the body is shared."""
+        return Message(self._body, fields + self.prefix)
+
+    def close(self) -> None:
+        """Let go of the file now (it goes anyway when the last view is collected)."""
+        self._body.close()
+
+    # -- reading ---------------------------------------------------------------
+
+    def head(self, limit: int) -> bytes:
+        """The first `limit` bytes (a spam classifier reads no further than this)."""
+        prefix = self.prefix
+        if limit <= len(prefix):
+            return prefix[:limit]
+        return prefix + self._body.read(0, limit - len(prefix))
+
+    def header(self, limit: int = MAX_HEADER) -> bytes:
+        """The header section through its blank line, or the first `limit` bytes without one.
+
+        What DMARC's From, the hop count and the header From policy read: a
+        mail's header is small even when its body is not.
+        """
+        start = self.head(limit)
+        end = start.find(b"\r\n\r\n")
+        if end >= 0:
+            return start[:end + 4]
+        if start.startswith(b"\r\n"):
+            return b"\r\n"
+        return start
+
+    def chunks(self, size: int = CHUNK) -> Iterator[bytes]:
+        """The whole mail in pieces of about `size` bytes, each ending at a line end
+        when the mail has one (so a piece never starts inside a line)."""
+        if self.prefix:
+            yield self.prefix
+        body = self._body
+        if body.data is not None:
+            yield from _line_pieces(body.data, size)
+            return
+        offset = 0
+        carry = b""
+        while offset < body.size:
+            piece = body.read(offset, size)
+            if not piece:
+                break
+            offset += len(piece)
+            piece = carry + piece
+            cut = piece.rfind(b"\n") + 1
+            if cut == 0 and offset < body.size:
+                carry = piece  # one line longer than a piece: keep reading
+                continue
+            carry = piece[cut:]
+            if cut:
+                yield piece[:cut]
+        if carry:
+            yield carry
+
+    def to_bytes(self) -> bytes:
+        """The whole mail as one bytes object: for small mails; big ones go through whole()."""
+        if self._body.data is not None:
+            return self.prefix + self._body.data if self.prefix else self._body.data
+        return b"".join(self.chunks())
+
+    @contextlib.asynccontextmanager
+    async def whole(self) -> AsyncIterator[bytes]:
+        """The whole mail as bytes, for a check that cannot read it in pieces.
+
+        A file-backed mail waits for its share of the process's budget and
+        is read off the event loop; a small one is just given.
+        """
+        if self._body.data is not None:
+            yield self.to_bytes()
+            return
+        budget = _budget()
+        size = self.size
+        await budget.acquire(size)
+        try:
+            yield await asyncio.to_thread(self.to_bytes)
+        finally:
+            budget.release(size)
+
+
+def _line_pieces(data: bytes, size: int) -> Iterator[bytes]:
+    if len(data) <= size:
+        if data:
+            yield data
+        return
+    start = 0
+    while start < len(data):
+        end = data.rfind(b"\n", start, start + size) + 1
+        if end <= start:
+            end = data.find(b"\n", start + size) + 1 or len(data)
+        yield data[start:end]
+        start = end
+
+
+class Budget:
+    """Bytes of whole mails in memory at once, granted first come, first served.
+
+    A mail larger than all of it waits until it can have the budget alone.
+    """
+
+    def __init__(self, limit: int = WHOLE_BUDGET) -> None:
+        self.limit = limit
+        self.used = 0
+        self._waiters: collections.deque[tuple[int, asyncio.Future[None]]] = collections.deque()
+
+    async def acquire(self, n: int) -> None:
+        n = min(n, self.limit)
+        if not self._waiters and self.used + n <= self.limit:
+            self.used += n
+            return
+        granted = asyncio.get_running_loop().create_future()
+        self._waiters.append((n, granted))
+        try:
+            await granted
+        except asyncio.CancelledError:
+            if granted.done() and not granted.cancelled():
+                self.release(n)  # granted just as the client went away
+            self._grant()
+            raise
+
+    def release(self, n: int) -> None:
+        self.used -= min(n, self.limit)
+        self._grant()
+
+    def _grant(self) -> None:
+        while self._waiters:
+            n, granted = self._waiters[0]
+            if granted.done():
+                self._waiters.popleft()
+                continue
+            if self.used + n > self.limit:
+                return
+            self._waiters.popleft()
+            self.used += n
+            granted.set_result(None)
+
+
+_BUDGETS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Budget] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _budget() -> Budget:
+    """One budget per event loop (a process has one; a test run has many)."""
+    loop = asyncio.get_running_loop()
+    budget = _BUDGETS.get(loop)
+    if budget is None:
+        budget = _BUDGETS[loop] = Budget()
+    return budget
+
+
+class BodyWriter:
+    """Collects a body line by line: in memory up to `spill_at`, then in a temporary file.
+
+    The file is anonymous (O_TMPFILE where the file system has it, else
+    unlinked at once), so a crash leaves nothing behind and nothing but the
+    open descriptor names it.  Writes go out in CHUNK pieces: a slow client
+    holds at most about `spill_at` bytes of memory, however big its mail.
+    """
+
+    def __init__(self, spill_at: int = SPILL_AT, folder: str | None = None) -> None:
+        self.spill_at = spill_at
+        self.folder = folder
+        self.size = 0
+        self._buf = bytearray()
+        self._fd: int | None = None
+
+    def write(self, line: bytes) -> None:
+        self._buf += line
+        self.size += len(line)
+        if len(self._buf) >= CHUNK and (self._fd is not None or self.size > self.spill_at):
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._fd is None:
+            self._fd = _anonymous_file(self.folder)
+        view = memoryview(self._buf)
+        while view:
+            view = view[os.write(self._fd, view):]
+        view.release()
+        self._buf.clear()
+
+    def discard(self) -> None:
+        """Forget what was written (a refused mail is still read to its end)."""
+        self._buf.clear()
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)
+
+    def finish(self) -> Message:
+        if self._fd is None:
+            data = bytes(self._buf)
+            self._buf.clear()
+            return Message(_Body(data, None, len(data)))
+        if self._buf:
+            self._flush()
+        fd, self._fd = self._fd, None
+        return Message(_Body(None, fd, self.size))
+
+
+def _anonymous_file(folder: str | None) -> int:
+    folder = folder or tempfile.gettempdir()
+    flags = os.O_RDWR | os.O_CLOEXEC
+    tmpfile = getattr(os, "O_TMPFILE", 0)
+    if tmpfile:
+        try:
+            return os.open(folder, flags | tmpfile, 0o600)
+        except OSError:  # a file system without O_TMPFILE
+            pass
+    fd, path = tempfile.mkstemp(prefix=".poste-data-", dir=folder)
+    os.unlink(path)
+    return fd

@@ -1,0 +1,115 @@
+"""A mail in bounded memory: spilled to a file past the threshold, sent on byte for byte."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+
+from poste.smtp.client import SMTPHop
+from poste.smtp.message import BodyWriter, Budget, Message
+from poste.smtp.server import Limits
+from poste.smtp.stage import Stage
+from support.smtp import LineClient, mailbox_server, running
+
+
+def tricky_lines(n: int) -> list[bytes]:
+    """Lines a sender stuffs (leading dots), long ones, 8-bit ones, empty ones."""
+    out = [b"From: a@sender.test\r\n", b"Subject: big\r\n", b"\r\n"]
+    for i in range(n):
+        kind = i % 5
+        if kind == 0:
+            out.append(b".leading dot %d\r\n" % i)
+        elif kind == 1:
+            out.append(b"x" * 990 + b"\r\n")
+        elif kind == 2:
+            out.append(("caf\u00e9 %d\r\n" % i).encode())
+        elif kind == 3:
+            out.append(b"\r\n")
+        else:
+            out.append(b"..two dots\r\n")
+    return out
+
+
+def written(lines: list[bytes], spill_at: int, folder: Path) -> Message:
+    body = BodyWriter(spill_at, str(folder))
+    for line in lines:
+        body.write(line)
+    return body.finish()
+
+
+def test_small_mail_stays_in_memory(tmp_path: Path) -> None:
+    lines = tricky_lines(10)
+    m = written(lines, 1 << 20, tmp_path)
+    assert m.in_memory and m.to_bytes() == b"".join(lines)
+
+
+def test_big_mail_goes_to_an_anonymous_file(tmp_path: Path) -> None:
+    lines = tricky_lines(5000)  # about 1 MB
+    m = written(lines, 64 * 1024, tmp_path)
+    assert not m.in_memory
+    assert list(tmp_path.iterdir()) == []  # no name on disk: a crash leaves nothing
+    assert m.size == sum(map(len, lines))
+    assert m.to_bytes() == b"".join(lines)
+    assert m.header() == b"From: a@sender.test\r\nSubject: big\r\n\r\n"
+    assert not m.isascii()
+    top = m.prepend(b"X-Top: 1\r\n")
+    assert top.to_bytes() == b"X-Top: 1\r\n" + b"".join(lines)
+    assert top.head(12) == b"X-Top: 1\r\nFr"
+    m.close()
+
+
+def test_pieces_start_at_line_starts(tmp_path: Path) -> None:
+    lines = tricky_lines(3000)
+    whole = b"".join(lines)
+    for m in (written(lines, 1024, tmp_path), Message.of(whole)):
+        pieces = list(m.chunks(size=1500))  # shorter than some lines
+        assert b"".join(pieces) == whole
+        assert all(p.endswith(b"\n") for p in pieces)
+        assert len(pieces) > 100
+    no_end = Message.of(b"a\r\nno line end")
+    assert b"".join(no_end.chunks(4)) == b"a\r\nno line end"
+
+
+async def test_budget_is_first_come_first_served() -> None:
+    budget = Budget(100)
+    order: list[str] = []
+
+    async def hold(name: str, n: int) -> None:
+        await budget.acquire(n)
+        order.append(name)
+        await asyncio.sleep(0.01)
+        budget.release(n)
+
+    await budget.acquire(60)
+    waiting = [asyncio.create_task(hold("big", 500)), asyncio.create_task(hold("small", 10))]
+    await asyncio.sleep(0.01)
+    assert order == []  # the big one is first in line and waits for all of it
+    budget.release(60)
+    await asyncio.gather(*waiting)
+    assert order == ["big", "small"] and budget.used == 0
+
+
+async def test_a_spilled_mail_is_sent_on_byte_for_byte(tmp_path: Path) -> None:
+    """Through a service that spills, its SMTP hop and a mailbox: the same bytes, no file left."""
+    lines = tricky_lines(12000)  # about 2.4 MB, far past the spill threshold below
+    spill = tmp_path / "spill"
+    spill.mkdir()
+    limits = Limits(spill_at=256 * 1024, spill_dir=str(spill))
+    async with mailbox_server(tmp_path / "box") as (dest, _):
+        async with running(Stage(), SMTPHop(*dest.sockname), limits=limits) as front:
+            c = await LineClient.connect(*front.sockname)
+            assert (await c.reply()).startswith("220")
+            await c.cmd("EHLO client.test")
+            assert (await c.cmd("MAIL FROM:<a@sender.test> BODY=8BITMIME")).startswith("250")
+            assert (await c.cmd("RCPT TO:<b@our.test>")).startswith("250")
+            assert (await c.cmd("DATA")).startswith("354")
+            await c.send(b"".join(b"." + line if line.startswith(b".") else line
+                                  for line in lines) + b".\r\n")
+            reply = await c.reply(timeout=60)
+            assert reply.startswith("250"), reply
+            await c.cmd("QUIT")
+            await c.close()
+    stored = (tmp_path / "box" / "1.eml").read_bytes()
+    assert stored.endswith(b"".join(lines))
+    assert os.listdir(spill) == []
