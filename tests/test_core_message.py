@@ -23,7 +23,7 @@ def tricky_lines(n: int) -> list[bytes]:
         elif kind == 1:
             out.append(b"x" * 990 + b"\r\n")
         elif kind == 2:
-            out.append(("caf\u00e9 %d\r\n" % i).encode())
+            out.append(f"caf\u00e9 {i}\r\n".encode())
         elif kind == 3:
             out.append(b"\r\n")
         else:

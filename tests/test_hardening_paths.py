@@ -15,16 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from support.loop_world import (
-    GMAIL_IP,
-    HOSTS,
-    NAMES,
-    World,
-    make_world,
-    up_config,
-)
-from support.net import wait_port
-from support.relay_env import common_port, return_path
+from support.loop_world import GMAIL_IP, World, make_world, start_inbound
+from support.relay_env import return_path
 from support.smtp import LineClient
 
 pytestmark = pytest.mark.slow
@@ -92,33 +84,7 @@ def stack(request: pytest.FixtureRequest, tmp_path: Path,
           poste_bin: str) -> Iterator[tuple[World, tuple[str, int]]]:
     world = make_world(tmp_path, poste_bin)
     try:
-        h = HOSTS
-        if request.param == "up":
-            port = common_port([h["verifier"], h["submission"]])
-            world.spawn("up", ["up", "--config", str(up_config(world, port))])
-        else:
-            port = common_port([h["verifier"], h["spamfilter"], h["relay"]])
-            world.spawn("relay", [
-                "relay", "--domain", OURS, "--postmaster", f"hostmaster@{OURS}",
-                "--users", str(world.users), "--spool", str(world.tmp / "spool"),
-                "--listen", f"{h['relay']}:{port}", "--nameserver", world.nameserver,
-                "--smtp-port", str(world.smtp_port), "--no-ipv6",
-                "--hostname", NAMES["relay"]])
-            world.spawn("spamfilter", ["spamfilter", "--listen", f"{h['spamfilter']}:{port}",
-                                       "--destination", f"{h['relay']}:{port}"])
-            world.spawn("verifier", [
-                "verifier", "--domain", OURS, "--postmaster", f"hostmaster@{OURS}",
-                "--destination", f"{h['spamfilter']}:{port}",
-                "--listen", f"{h['verifier']}:{port}", "--nameserver", world.nameserver,
-                "--hostname", NAMES["verifier"]])
-        try:
-            wait_port(h["verifier"], port, timeout=30)
-            if request.param == "separate":
-                wait_port(h["relay"], port, timeout=30)
-                wait_port(h["spamfilter"], port, timeout=30)
-        except TimeoutError:
-            raise AssertionError(world.logs()) from None
-        yield world, (h["verifier"], port)
+        yield world, start_inbound(world, request.param)
     finally:
         world.stop()
 

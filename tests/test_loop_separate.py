@@ -4,6 +4,8 @@ a real DNS server (knot) and `poste srv` standing in for Gmail and Outlook."""
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,10 +24,11 @@ from support.loop_world import (
     sample,
     total,
 )
-from support.net import free_port, wait_port
+from support.net import free_port, wait_port, wait_socket
 from support.relay_env import common_port
 
 pytestmark = pytest.mark.slow
+
 
 
 @pytest.fixture
@@ -45,6 +48,13 @@ def test_loop_separate_services(world: World) -> None:
     mport = common_port(list(HOSTS.values()))
     metric_addr = {name: f"{ip}:{mport}" for name, ip in HOSTS.items()}
 
+    # The sending path's hops are unix sockets: the relay lets what comes in on its local
+    # socket go anywhere, and only our services can open the folder (an address on this
+    # machine would prove nothing).  A short folder: a socket path has at most 108 bytes.
+    sockets = Path(tempfile.mkdtemp(prefix="poste-sock-"))
+    world.cleanups.append(lambda: shutil.rmtree(sockets, ignore_errors=True))
+    relay_sock, signer_sock = sockets / "relay.sock", sockets / "signer.sock"
+
     def spawn(name: str, args: list[str]) -> None:
         world.spawn(name, [name, *args, "--hostname", NAMES[name],
                            "--metrics", metric_addr[name]])
@@ -53,7 +63,7 @@ def test_loop_separate_services(world: World) -> None:
         "--domain", "x25519.test", "--postmaster", "hostmaster@x25519.test",
         "--users", str(world.users), "--spool", str(world.tmp / "spool"),
         "--listen", f"{h['relay']}:{port}", "--nameserver", world.nameserver,
-        "--smtp-port", str(world.smtp_port), "--no-ipv6",
+        "--smtp-port", str(world.smtp_port), "--no-ipv6", "--local-socket", str(relay_sock),
     ])
     spawn("spamfilter", ["--listen", f"{h['spamfilter']}:{port}",
                          "--destination", f"{h['relay']}:{port}"])
@@ -65,16 +75,19 @@ def test_loop_separate_services(world: World) -> None:
     ])
     spawn("signer", [
         "--domain", "x25519.test", "--selector", "poste", "--private-key", str(world.dkim_key),
-        "--destination", f"{h['relay']}:{port}", "--listen", f"{h['signer']}:{port}",
+        "--destination", f"unix:{relay_sock}", "--listen", f"unix:{signer_sock}",
     ])
     spawn("submission", [
-        "--domain", "x25519.test", "--destination", f"{h['signer']}:{port}",
+        "--domain", "x25519.test", "--destination", f"unix:{signer_sock}",
         "--users", str(world.users), "--tls-cert", str(world.cert), "--tls-key", str(world.key),
         "--listen-tls", f"{h['submission']}:{port_tls}", "--listen", f"{h['submission']}:{port}",
     ])
     for name, ip in HOSTS.items():
         try:
-            wait_port(ip, port, timeout=30)
+            if name == "signer":
+                wait_socket(signer_sock)
+            else:
+                wait_port(ip, port, timeout=30)
             wait_port(ip, mport, timeout=30)
         except TimeoutError:
             raise AssertionError(f"{name} did not start\n{world.logs()}") from None

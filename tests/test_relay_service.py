@@ -11,17 +11,21 @@ still runs the installed `poste relay` itself.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import smtplib
 import socket
+import stat
 import subprocess
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
+from poste.smtp.client import send_message
 from support.cli import run_poste
 from support.inotify import IN_ISDIR, IN_OPEN, Watch
 from support.knot import KnotServer, knot_server
@@ -83,8 +87,11 @@ class World:
         """The stand-in for `domain`'s MX (`poste srv ... --with-data [--rcpt-reply R]`)."""
         return self.mx.start(MX[domain], self.tmp / "mx" / domain, rcpt_reply=rcpt_reply)
 
-    def relay(self, *extra: str) -> Relay:
-        r = Relay(self.poste_bin, self.tmp, self.ns.nameserver, self.port, *extra).start()
+    def relay(self, *extra: str, granted: str | None = "127.0.0.0/8") -> Relay:
+        """A relay; `granted`: the network our test client (127.0.0.1) relays from, as an
+        admin grants a signer on another host (None: nothing but the local socket)."""
+        more = ("--granted", granted) if granted else ()
+        r = Relay(self.poste_bin, self.tmp, self.ns.nameserver, self.port, *more, *extra).start()
         self.relays.append(r)
         return r
 
@@ -164,14 +171,36 @@ def test_refusals_at_rcpt_and_loops(world: World) -> None:
 
 
 def test_not_an_open_relay(world: World) -> None:
+    """By default no address is trusted: 127.0.0.1 is anyone on this machine (issue 15)."""
     gmail = world.srv("gmail.test")
     world.srv("outlook.test")
-    relay = world.relay("--granted", "192.0.2.0/24")  # we (127.0.0.1) are not granted
+    relay = world.relay(granted=None)
     code, msg = send(relay, "spammer@example.org", ["victim@gmail.test"], mail("spam"))
     assert code == 550 and msg.startswith(b"5.7.1")
     # Local recipients are still reached from anywhere.
     assert send(relay, "bob@example.org", ["alice@our.test"], mail("ok"))[0] == 250
     assert len(gmail.wait(1)) == 1
+
+
+def test_our_own_hop_relays_through_the_local_socket(world: World) -> None:
+    """The signer's way out: a unix socket; what comes in there may go anywhere."""
+    outlook = world.srv("outlook.test")
+    folder = Path(tempfile.mkdtemp(prefix="poste-sock-"))  # a socket path has 108 bytes at most
+    try:
+        sock = folder / "relay.sock"
+        relay = world.relay("--local-socket", str(sock), granted=None)
+        wait_for(lambda: f"relay listening on unix:{sock}" in relay.log(), "the local socket")
+        assert stat.S_IMODE(sock.stat().st_mode) == 0o660
+        result = asyncio.run(send_message(str(sock), 0, "alice@our.test", ["x@outlook.test"],
+                                          mail("via socket"), helo="signer.our.test"))
+        assert result.accepted == ["x@outlook.test"], result
+        [o] = outlook.wait(1)
+        assert header(o, "Delivered-To") == ["x@outlook.test"]
+        # the same mail over TCP from this machine is refused: the address proves nothing
+        code, _ = send(relay, "alice@our.test", ["y@outlook.test"], mail("via tcp"))
+        assert code == 550
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def test_outgoing_from_granted_peer(world: World) -> None:

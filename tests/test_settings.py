@@ -8,6 +8,7 @@ import click
 import pytest
 
 from poste.runtime.command import as_click
+from poste.runtime.hostport import parse_hostport
 from poste.runtime.settings import _UNSET, COUNT, FLAG, ConfigError, parse_duration
 from poste.services.relay.scheduler import Policy
 from poste.services.relay.service import policy_of
@@ -82,3 +83,18 @@ def test_keys_are_checked_as_their_flags(tmp_path: Path, data: dict[str, object]
     with pytest.raises(ConfigError) as exc:
         parse(data, tmp_path / "poste.toml")
     assert needle in str(exc.value) and "\n" not in str(exc.value), str(exc.value)
+
+
+@pytest.mark.parametrize(("text", "want"), [
+    ("127.0.0.1:25", ("127.0.0.1", 25)), ("[::1]:2525", ("::1", 2525)), ("mx.test", ("mx.test", 25)),
+    ("unix:/run/poste/relay.sock", ("/run/poste/relay.sock", 0)),
+])
+def test_hostport_forms(text: str, want: tuple[str, int]) -> None:
+    assert parse_hostport(text, 25, "listen") == want
+
+
+@pytest.mark.parametrize("text", ["unix:relay.sock", "unix:", "x:99999", "[::1"])
+def test_hostport_refusals_name_the_setting(text: str) -> None:
+    with pytest.raises(ConfigError) as got:
+        parse_hostport(text, 25, "destination")
+    assert got.value.key == "destination"

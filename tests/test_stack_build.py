@@ -4,6 +4,8 @@ its own listener, and `[relay] mailbox` delivers into a folder."""
 from __future__ import annotations
 
 import asyncio
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -24,17 +26,22 @@ def _folder(tmp_path: Path) -> Path:
 async def test_relay_listener_and_mailbox(tmp_path: Path) -> None:
     d = _folder(tmp_path)
     text = (d / "poste.toml").read_text()
+    sock = Path(tempfile.mkdtemp(prefix="poste-sock-")) / "relay.sock"  # <= 108 bytes
     text = text.replace('# listen = "127.0.0.1:2526"', 'listen = "127.0.0.1:0"')
+    text = text.replace('# local-socket = "/run/poste/relay.sock"', f'local-socket = "{sock}"')
     text = text.replace("[verifier]", "[verifier]\nenabled = false")
     text = text.replace("[submission]", "[submission]\nenabled = false")
     (d / "poste.toml").write_text(text)
     stack = build(load(d / "poste.toml"))
-    assert [s.stage.name for s in stack.services] == ["relay"]
+    assert [s.stage.name for s in stack.services] == ["relay", "relay"]
     await stack.start()
     port = stack.services[0].sockname[1]  # it listens on port 0
     try:
         msg = b"From: a@b.test\r\nTo: x@far.test\r\nSubject: t\r\n\r\nhi\r\n"
-        result = await send_message("127.0.0.1", port, "a@b.test", ["x@far.test"], msg)
+        # over TCP from this machine: local recipients only; our own hop's socket: anywhere
+        refused = await send_message("127.0.0.1", port, "a@b.test", ["x@far.test"], msg)
+        assert refused.rcpt_replies["x@far.test"].code == 550
+        result = await send_message(str(sock), 0, "a@b.test", ["x@far.test"], msg)
         assert result.data_reply is not None and result.data_reply.code == 250
         for _ in range(200):
             files = list((d / "box").glob("*.eml"))
@@ -47,6 +54,7 @@ async def test_relay_listener_and_mailbox(tmp_path: Path) -> None:
         assert stored.endswith(msg)
     finally:
         await stack.stop()
+        shutil.rmtree(sock.parent, ignore_errors=True)
 
 
 def test_relay_cannot_be_disabled(tmp_path: Path) -> None:

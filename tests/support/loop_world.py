@@ -15,6 +15,7 @@ import re
 import subprocess
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from support import opendkim
 from support.cli import run_poste
 from support.knot import KnotServer, simple_zone
 from support.net import free_port, wait_port
+from support.relay_env import common_port
 from support.standin import StandIn, StandIns
 
 DOMAIN = "x25519.test"
@@ -84,6 +86,8 @@ class World:
     key: Path
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
     mx: StandIns | None = None
+    by_name: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    cleanups: list[Callable[[], None]] = field(default_factory=list)
 
     @property
     def nameserver(self) -> str:
@@ -98,6 +102,7 @@ class World:
                                 start_new_session=True)
         log.close()
         self.procs.append(proc)
+        self.by_name[name] = proc
         return proc
 
     def logs(self) -> str:
@@ -117,6 +122,8 @@ class World:
         if self.mx is not None:
             self.mx.close()
         self.knot.stop()
+        for cleanup in self.cleanups:
+            cleanup()
 
 
 def make_world(tmp: Path, poste_bin: str) -> World:
@@ -187,6 +194,38 @@ selector = ["poste"]
 private-key = ["{world.dkim_key}"]
 """)
     return config
+
+
+def start_inbound(world: World, topology: str) -> tuple[str, int]:
+    """The receiving path, as `poste up` ("up") or as verifier -> spamfilter -> relay
+    processes ("separate"), ready on the returned (address, port) of the verifier."""
+    h = HOSTS
+    if topology == "up":
+        port = common_port([h["verifier"], h["submission"]])
+        world.spawn("up", ["up", "--config", str(up_config(world, port))])
+        waits = [h["verifier"]]
+    else:
+        port = common_port([h["verifier"], h["spamfilter"], h["relay"]])
+        world.spawn("relay", [
+            "relay", "--domain", DOMAIN, "--postmaster", f"hostmaster@{DOMAIN}",
+            "--users", str(world.users), "--spool", str(world.tmp / "spool"),
+            "--listen", f"{h['relay']}:{port}", "--nameserver", world.nameserver,
+            "--smtp-port", str(world.smtp_port), "--no-ipv6",
+            "--hostname", NAMES["relay"]])
+        world.spawn("spamfilter", ["spamfilter", "--listen", f"{h['spamfilter']}:{port}",
+                                   "--destination", f"{h['relay']}:{port}"])
+        world.spawn("verifier", [
+            "verifier", "--domain", DOMAIN, "--postmaster", f"hostmaster@{DOMAIN}",
+            "--destination", f"{h['spamfilter']}:{port}",
+            "--listen", f"{h['verifier']}:{port}", "--nameserver", world.nameserver,
+            "--hostname", NAMES["verifier"]])
+        waits = [h["verifier"], h["relay"], h["spamfilter"]]
+    try:
+        for host in waits:
+            wait_port(host, port, timeout=30)
+    except TimeoutError:
+        raise AssertionError(world.logs()) from None
+    return h["verifier"], port
 
 
 def certificate(cert_path: Path, key_path: Path) -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import socket
+import time
+from pathlib import Path
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -22,8 +24,6 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 def wait_port(host: str, port: int, timeout: float = 10.0) -> None:
     """Block until something listens on host:port."""
-    import time
-
     deadline = time.monotonic() + timeout
     while True:
         try:
@@ -33,3 +33,12 @@ def wait_port(host: str, port: int, timeout: float = 10.0) -> None:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"nothing listens on {host}:{port}") from None
             time.sleep(0.05)
+
+
+def wait_socket(path: Path, timeout: float = 30.0) -> None:
+    """Until a service listens on the unix socket `path`."""
+    deadline = time.monotonic() + timeout
+    while not path.is_socket():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no socket at {path}")
+        time.sleep(0.05)

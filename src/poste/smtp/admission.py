@@ -73,13 +73,17 @@ class Admission:
     def is_exempt(self, addr: ipaddress.IPv4Address | ipaddress.IPv6Address | None) -> bool:
         return addr is not None and any(addr in net for net in self.exempt)
 
+    def admit_own(self, peer: str = "") -> Ticket | str:
+        """A slot from our own hops' budget (an exempt address, a unix socket)."""
+        if self.own >= self.max_connections:
+            return "too many connections"
+        self.own += 1
+        return Ticket(self, peer, "", True)
+
     def admit(self, peer_ip: str, now: float | None = None) -> Ticket | str:
         addr = ip_of(peer_ip)
         if self.is_exempt(addr):
-            if self.own >= self.max_connections:
-                return "too many connections"
-            self.own += 1
-            return Ticket(self, peer_ip, "", True)
+            return self.admit_own(peer_ip)
         if self.public >= self.max_connections:
             return "too many connections"
         client = str(addr) if addr is not None else peer_ip

@@ -139,18 +139,24 @@ class StageHop:
     """A hop that is the next stage in this process (`poste up`).
 
     The downstream stage sees what it would see behind a socket: a fresh
-    envelope whose peer is us, on loopback, plain ESMTP.
+    envelope whose peer is us, on loopback, plain ESMTP.  `own_hop` says
+    what a unix socket says in the separate topology: this hop is ours
+    (the signer's into the relay, which may then relay anywhere).
     """
 
-    def __init__(self, stage: Stage, hop: Hop, hostname: str, peer_helo: str) -> None:
+    def __init__(
+        self, stage: Stage, hop: Hop, hostname: str, peer_helo: str, *, own_hop: bool = False
+    ) -> None:
         self.stage = stage
         self.hop = hop
         self.hostname = hostname
         self.peer_helo = peer_helo
+        self.own_hop = own_hop
 
     async def open(self, env: Envelope) -> Transaction:
         inner = Envelope(
-            helo=self.peer_helo, peer_ip="127.0.0.1", peer_name="localhost", local_ip="127.0.0.1"
+            helo=self.peer_helo, peer_ip="127.0.0.1", peer_name="localhost", local_ip="127.0.0.1",
+            own_hop=self.own_hop,
         )
         reply = await self.stage.on_connect(inner)
         if reply is not None:

@@ -145,10 +145,15 @@ def new_client(
     timeout: float = 60.0,
     source_address: str | None = None,
 ) -> aiosmtplib.SMTP:
-    """The one way poste makes an SMTP client (hops, the relay's delivery, the tools)."""
+    """The one way poste makes an SMTP client (hops, the relay's delivery, the tools).
+
+    A `host` that is an absolute path is a unix socket (`unix:PATH` in the settings).
+    """
+    unix = host.startswith("/")
     return aiosmtplib.SMTP(
-        hostname=host,
-        port=port,
+        hostname=None if unix else host,
+        port=None if unix else port,
+        socket_path=host if unix else None,
         local_hostname=helo or _fqdn(),
         use_tls=implicit_tls,
         start_tls=False,

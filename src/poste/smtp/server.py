@@ -15,8 +15,10 @@ import asyncio
 import base64
 import binascii
 import collections
+import contextlib
 import enum
 import logging
+import os
 import re
 import socket
 import ssl
@@ -142,6 +144,8 @@ class _Connection(SMTP):
         assert self.session is not None
         peer = transport.get_extra_info("peername") or ("", 0)
         sockname = transport.get_extra_info("sockname") or ("", 0)
+        if self.service.unix:  # no address: the socket's folder vouches for the client
+            peer, sockname = ("", 0), ("", 0)
         if starttls_done:
             self._abort_txn()
             env = self.poste_env.copy_for_transaction()
@@ -150,7 +154,8 @@ class _Connection(SMTP):
             env.helo = ""
             return
         self.poste_env = Envelope(
-            peer_ip=str(peer[0]), peer_port=int(peer[1]), local_ip=str(sockname[0])
+            peer_ip=str(peer[0]), peer_port=int(peer[1]), local_ip=str(sockname[0]),
+            own_hop=self.service.unix,
         )
         ssl_object = transport.get_extra_info("ssl_object")
         if ssl_object is not None:  # implicit TLS (port 465)
@@ -461,7 +466,11 @@ class _Gate(asyncio.Protocol):
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        admitted = self.service.admission.admit(str(peer[0]))
+        if self.service.unix:
+            admitted = self.service.admission.admit_own("unix")
+            peer = ("unix",)
+        else:
+            admitted = self.service.admission.admit(str(peer[0]))
         if isinstance(admitted, str):
             if self.service.should_log_refusal(admitted):
                 log.warning("refusing %s: %s", peer[0], admitted)
@@ -630,6 +639,7 @@ class SMTPService:
         self.host = host
         self.port = port
         self.hostname = hostname or socket.getfqdn()
+        self.unix = host.startswith("/")  # a unix socket's path (`unix:PATH`), not an address
         self.tls_context = tls_context
         self.require_tls = require_tls and tls_context is not None
         self.implicit_tls = implicit_tls
@@ -654,6 +664,9 @@ class SMTPService:
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
+        if self.unix:
+            await self._start_unix(loop)
+            return
         self._server = await loop.create_server(
             lambda: _Gate(self),
             host=self.host,
@@ -672,6 +685,17 @@ class SMTPService:
             " (implicit TLS)" if self.implicit_tls else "",
         )
 
+    async def _start_unix(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Listen on a unix socket, mode 0660: its owner and group (our services) may
+        connect; the folder it is in is what keeps everyone else out."""
+        path = self.host  # asyncio replaces a socket file left by a process that died
+        old = os.umask(0o117)
+        try:
+            self._server = await loop.create_unix_server(lambda: _Gate(self), path, backlog=512)
+        finally:
+            os.umask(old)
+        log.info("%s listening on unix:%s", self.stage.name, path)
+
     async def stop(self) -> None:
         if self._server is not None:
             self._server.close()
@@ -680,5 +704,8 @@ class SMTPService:
                     conn.transport.close()
             await self._server.wait_closed()
             self._server = None
+            if self.unix:
+                with contextlib.suppress(OSError):
+                    os.unlink(self.host)
         if self.background:
             await asyncio.gather(*self.background, return_exceptions=True)

@@ -77,6 +77,10 @@ class Envelope:
     tls_version: str | None = None
     tls_cipher: str | None = None
     auth_user: str | None = None
+    # The client is one of our own services, proven by the way it came: a unix socket
+    # (only our services can open its folder) or a hop inside this process.  Never
+    # an address: anyone on the machine can connect from 127.0.0.1.
+    own_hop: bool = False
     esmtp: bool = True
     mail_from: str = ""  # "" is the null sender <>
     mail_options: list[str] = field(default_factory=list)
@@ -107,6 +111,7 @@ class Envelope:
             tls_version=self.tls_version,
             tls_cipher=self.tls_cipher,
             auth_user=self.auth_user,
+            own_hop=self.own_hop,
             esmtp=self.esmtp,
         )
 

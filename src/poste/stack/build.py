@@ -195,8 +195,10 @@ def _assemble(cfg: StackConfig, relay: RelayParts, mailbox: Path | None) -> Stac
     return stack
 
 
-def _into_relay(stack: Stack, name: str) -> Hop:
-    return StageHop(stack.relay.stage, stack.relay.hop, stack.relay.hostname, name)
+def _into_relay(stack: Stack, name: str, *, own_hop: bool = False) -> Hop:
+    """The relay as the next stage; `own_hop`: what comes this way may relay anywhere."""
+    return StageHop(stack.relay.stage, stack.relay.hop, stack.relay.hostname, name,
+                    own_hop=own_hop)
 
 
 def _receiving(stack: Stack, domains: list[str], postmaster: str) -> Parts:
@@ -251,7 +253,7 @@ def _sending(stack: Stack, domains: list[str]) -> Parts:
     # the failed-login counters live beside the spool unless told otherwise
     values["auth-state"] = values["auth-state"] or str(
         Path(stack.config["relay"].need("spool")).parent / "submission-auth.json")
-    out: Hop = _into_relay(stack, s_name)
+    out: Hop = _into_relay(stack, s_name, own_hop=True)  # the sending path may relay anywhere
     before: list[Job] = []
     if sig.enabled:
         sig_values = {**sig.settings(), "selector": sig.need("selector"),
@@ -263,7 +265,8 @@ def _sending(stack: Stack, domains: list[str]) -> Parts:
             before = signer.publisher(sig_values, signer_obj)
         except ConfigError as exc:
             raise sig.error(exc) from None
-        out = StageHop(signer.SignerStage(signer_obj), _into_relay(stack, g_name), g_name, s_name)
+        out = StageHop(signer.SignerStage(signer_obj), _into_relay(stack, g_name, own_hop=True),
+                       g_name, s_name)
     try:
         tls = submission.tls_of(values)
         # one watcher: relay and submission see a commit at the same moment
@@ -279,15 +282,11 @@ def _sending(stack: Stack, domains: list[str]) -> Parts:
 
 def _relay_listener(stack: Stack) -> Parts:
     """The relay's own listener (other MTAs of ours, `poste send` by hand), when asked for."""
-    from poste.runtime.hostport import parse_hostport
+
+    from poste.services.relay.service import listeners
 
     section = stack.config["relay"]
-    if not section.get("listen"):
-        return Parts()
     try:
-        host, port = parse_hostport(str(section.get("listen")), 25, "listen")
+        return Parts(listeners(stack.relay, section.get("listen"), section.get("local-socket")))
     except ConfigError as exc:
         raise section.error(exc) from None
-    relay = stack.relay
-    return Parts([SMTPService(relay.stage, relay.hop, host=host, port=port,
-                              hostname=relay.hostname)])

@@ -81,7 +81,8 @@ def config_text(lay: Layout) -> str:
         kv("spool", "spool"),
         kv("srs-secret-file", "srs-secret"),
         kv("listen", lay.relay_listen or "127.0.0.1:2526", comment=lay.relay_listen is None),
-        kv("granted", ["127.0.0.0/8", "::1/128"], comment=True),
+        kv("local-socket", "/run/poste/relay.sock", comment=True),
+        kv("granted", ["10.0.0.5/32"], comment=True),
         kv("self-address", ["192.0.2.1"], comment=True),
     ]
     if lay.smtp_port is not None:

@@ -165,7 +165,7 @@ def build_relay(
     except NameserverError as exc:
         raise ConfigError("nameserver", str(exc)) from None
     try:
-        nets = parse_networks(granted or ["127.0.0.0/8", "::1/128"])
+        nets = parse_networks(granted or [])
     except ValueError as exc:
         raise ConfigError("granted", str(exc)) from None
     domain = domains[0].lower().rstrip(".")
@@ -307,9 +307,24 @@ def relay_of(values: Values, **more: Any) -> RelayParts:
     )
 
 
+def listeners(parts: RelayParts, listen: str | None, local_socket: str | None) -> list[SMTPService]:
+    """`listen`: the inbound hop's way in (local recipients only, unless --granted);
+    `local-socket`: our own sending path's, which may relay anywhere (see hostport)."""
+    out = []
+    if listen:
+        host, port = parse_hostport(listen, 25, "listen")
+        out.append(SMTPService(parts.stage, parts.hop, host=host, port=port,
+                               hostname=parts.hostname))
+    if local_socket:
+        out.append(SMTPService(parts.stage, parts.hop, host=os.path.abspath(local_socket),
+                               port=0, hostname=parts.hostname))
+    return out
+
+
 def build(values: Values) -> Parts:
-    """`poste relay`: one listener in front of the queue."""
+    """`poste relay`: its listeners in front of the queue."""
     host, port = parse_hostport(values["listen"], 25, "listen")
-    parts = relay_of(values, listen_hosts=[host], preflight=lambda: _check_bindable(host, port))
-    service = SMTPService(parts.stage, parts.hop, host=host, port=port, hostname=parts.hostname)
-    return parts.runtime([service])
+    preflight = None if host.startswith("/") else (lambda: _check_bindable(host, port))
+    parts = relay_of(values, listen_hosts=[] if host.startswith("/") else [host],
+                     preflight=preflight)
+    return parts.runtime(listeners(parts, values["listen"], values["local-socket"]))

@@ -27,9 +27,12 @@ SETTINGS = (
     NAMESERVER.but(help="DNS resolver for MX lookups (default: resolv.conf)."),
     Setting("smtp-port", INT, default=25, min=1, max=65535, show_default=True,
             help="Port of remote MX hosts (change only for tests)."),
+    Setting("local-socket", PATH,
+            help="A unix socket for our own signer or submission: mail that comes in on "
+                 "it may go to any domain (mode 0660: keep its folder closed to others)."),
     Setting("granted", STRS, metavar="CIDR",
-            help="Networks allowed to relay to non-local recipients "
-                 "[default: 127.0.0.0/8, ::1/128]."),
+            help="Networks also allowed to relay to non-local recipients (a signer on "
+                 "another host) [default: none; an address on this machine proves nothing]."),
     Setting("srs-secret", STR, metavar="TEXT", help="SRS secret (prefer --srs-secret-file)."),
     Setting("srs-secret-file", FILE,
             help="SRS secrets, one a line: the first signs, all verify. "

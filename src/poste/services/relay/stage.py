@@ -83,7 +83,7 @@ class QueueTransaction:
         """
         router = self.hop.router
         env = self.env
-        granted = router.is_granted(env.peer_ip)
+        granted = env.own_hop or router.is_granted(env.peer_ip)
         got = await asyncio.to_thread(router.route, self.sender, rcpt, granted)
         if isinstance(got, Reply):
             log.info(
