@@ -9,6 +9,8 @@ one-line error (exit status 1) when no flag is at fault.
 from __future__ import annotations
 
 import functools
+import os
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -21,6 +23,7 @@ from poste.runtime.hostport import parse_hostport
 from poste.runtime.metrics_http import serve_or_fail
 from poste.runtime.run import Parts, StartError, run
 from poste.runtime.settings import ConfigError, Setting
+from poste.smtp.message import ALLOCATOR_ENV
 
 
 class Duration(click.ParamType):  # type: ignore[type-arg]
@@ -126,8 +129,26 @@ def flag_errors() -> Iterator[None]:
         raise click.ClickException(str(exc)) from None
 
 
+def with_allocator_settings() -> None:
+    """Start this `poste` process again with smtp.message.ALLOCATOR_ENV if it lacks it.
+
+    glibc reads them at start only.  Only the installed command re-executes
+    itself (a `poste` program in argv[0]), never a Python that imported poste.
+    """
+    if all(os.environ.get(k) for k in ALLOCATOR_ENV):
+        return
+    program = sys.argv[0]
+    if os.path.basename(program) != "poste" or not os.access(program, os.X_OK):
+        return
+    os.environ.update(ALLOCATOR_ENV)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(program, sys.argv)
+
+
 def serve(values: s.Values, build: Callable[[], Parts]) -> None:
     """A service command's life: logging, the builder, `--metrics`, then the run loop."""
+    with_allocator_settings()
     with flag_errors():
         logs.setup(values.get("log-format") or "plain", values.get("verbose") or 0)
         parts = build()

@@ -18,15 +18,18 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import ctypes
+import functools
 import os
 import tempfile
 import weakref
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 
 SPILL_AT = 1024 * 1024  # bodies larger than this go to a file as they arrive
 CHUNK = 256 * 1024  # the unit of reads and writes of a file-backed body
 MAX_HEADER = 256 * 1024  # header() reads no further than this
-WHOLE_BUDGET = 64 * 1024 * 1024  # bytes of file-backed mails held whole at once, per process
+WHOLE_BUDGET = 32 * 1024 * 1024  # bytes of file-backed mails held whole at once, per process
+# (dkimpy needs about 4.7 times the mail: 32 MB lets one 25 MB mail, or a few smaller, at once)
 
 
 class _Body:
@@ -178,6 +181,52 @@ class Message:
             yield await asyncio.to_thread(self.to_bytes)
         finally:
             budget.release(size)
+
+
+# glibc's malloc, set for every long-running poste process (runtime/command.py
+# and `poste up` start themselves again with these when they are missing; the
+# systemd units set them): a buffer over 1 MB gets a mapping of its own, and a
+# heap gives back what is free at its top past 128 KB, instead of glibc raising
+# both thresholds to 32 and 64 MB after the first big free.
+ALLOCATOR_ENV = {"MALLOC_MMAP_THRESHOLD_": "1048576", "MALLOC_TRIM_THRESHOLD_": "131072"}
+TRIM_AFTER = 3.0  # seconds without a big mail before the heaps are trimmed
+
+
+def give_back_soon() -> None:
+    """Trim the heaps once big mails have stopped for TRIM_AFTER seconds.
+
+    The checks of a big mail (dkimpy's list of lines, in worker threads with
+    malloc arenas of their own) leave free memory in the middle of heaps,
+    pinned by a small live object above it, which no threshold gives back.
+    Measured with 30 mails of 24 MB: the verifier stayed at 226 MB with no
+    live mail, and malloc_trim(0) took it to 61 MB.  One trim (a few ms,
+    in a thread) after the last of a burst, not one per mail.
+    """
+    loop = asyncio.get_running_loop()
+    pending = _TRIMS.pop(loop, None)
+    if pending is not None:
+        pending.cancel()
+    _TRIMS[loop] = loop.call_later(TRIM_AFTER, _trim, loop)
+
+
+def _trim(loop: asyncio.AbstractEventLoop) -> None:
+    _TRIMS.pop(loop, None)
+    trim = _malloc_trim()
+    if trim is not None:
+        loop.run_in_executor(None, trim, 0)
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim  # type: ignore[no-any-return]
+    except (OSError, AttributeError):  # not glibc: nothing to trim this way
+        return None
+
+
+_TRIMS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.TimerHandle] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 def _line_pieces(data: bytes, size: int) -> Iterator[bytes]:

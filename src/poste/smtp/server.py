@@ -33,7 +33,7 @@ from poste.smtp.address import AddressError, parse_path
 from poste.smtp.admission import Admission, Fairness, Ticket
 from poste.smtp.chain import StageTransaction
 from poste.smtp.hop import Hop
-from poste.smtp.message import SPILL_AT, BodyWriter
+from poste.smtp.message import SPILL_AT, BodyWriter, give_back_soon
 from poste.smtp.stage import Envelope, Reply, Stage
 
 log = logging.getLogger("poste.smtp")
@@ -393,6 +393,8 @@ class _Connection(SMTP):
             return str(await txn.data(message))
         finally:
             message.close()
+            if not message.in_memory:
+                give_back_soon()
 
     # -- AUTH: async mechanisms so the password check never stalls the loop --
 

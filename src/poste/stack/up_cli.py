@@ -13,7 +13,7 @@ from pathlib import Path
 import click
 
 from poste.runtime import logs
-from poste.runtime.command import flag_errors
+from poste.runtime.command import flag_errors, with_allocator_settings
 from poste.runtime.metrics_http import serve_or_fail
 from poste.stack.build import build
 from poste.stack.config import ConfigError, load
@@ -63,6 +63,8 @@ def main(
     SIGHUP reloads the users repository, the certificates and the spam
     database, and reports config changes that need a restart.
     """
+    if not check:
+        with_allocator_settings()  # first of all: it may start this process again
     banner = ""
     if config_path is None:
         ports = _parse_ports(demo_ports)
