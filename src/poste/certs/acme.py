@@ -77,11 +77,11 @@ def _reason(exc: BaseException) -> str:
 
 def _client(store: Store, ca: CA) -> tuple[Any, Any]:
     """A ClientV2 with our account (registered on first use), and the account JWK."""
-    import josepy
     import requests
     from acme import client, errors, messages
+    from josepy.jwk import JWKRSA
 
-    key = josepy.JWKRSA(key=store.account_key())
+    key = JWKRSA(key=store.account_key())
     net = client.ClientNetwork(key, user_agent="poste", verify_ssl=ca.ca_file or True)  # type: ignore[arg-type]
     try:
         directory = client.ClientV2.get_directory(ca.directory, net)

@@ -125,12 +125,12 @@ class Store:
         except OSError as exc:
             raise StoreError(f"cannot read {self.account_key_path}: {exc.strerror}") from None
         try:
-            key = serialization.load_pem_private_key(data, password=None)
+            loaded = serialization.load_pem_private_key(data, password=None)
         except ValueError as exc:
             raise StoreError(f"{self.account_key_path} is not a PEM key: {exc}") from None
-        if not isinstance(key, rsa.RSAPrivateKey):
+        if not isinstance(loaded, rsa.RSAPrivateKey):
             raise StoreError(f"{self.account_key_path}: the account key must be RSA")
-        return key
+        return loaded
 
     def account(self, directory: str) -> str | None:
         """The account URL registered with this directory, if any."""

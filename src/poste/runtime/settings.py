@@ -159,6 +159,26 @@ HOSTNAME = Setting(
 )
 TLS_CERT = Setting("tls-cert", FILE, help="PEM certificate.")
 TLS_KEY = Setting("tls-key", FILE, help="PEM private key.")
+# ACME (docs/deploy.md): the TLS certificate obtained and renewed by DNS-01 instead of
+# tls-cert/tls-key; the verifier's and submission's, and `poste cert`'s.
+ACME = (
+    Setting("acme-directory", metavar="URL",
+            help="ACME directory to obtain and renew the TLS certificate from by DNS-01"
+                 " (instead of tls-cert/tls-key)."),
+    Setting("acme-email", metavar="ADDR", help="Contact address of the ACME account."),
+    Setting("acme-state", PATH, metavar="DIR",
+            help="Folder of the ACME account and certificate (`poste up`: acme/ beside the"
+                 " relay's spool)."),
+    Setting("acme-name", STRS, metavar="NAME",
+            help="A name on the certificate (repeatable; default: hostname)."),
+    Setting("acme-dns-server", metavar="IP[:PORT]",
+            help="Primary DNS server taking the _acme-challenge records (RFC 2136)."),
+    Setting("acme-dns-key", metavar="NAME:ALG:SECRET", help="TSIG key allowed to update it."),
+    Setting("acme-zone", metavar="ZONE",
+            help="Zone of the challenge records (default: the one the primary names)."),
+    Setting("acme-ca", FILE,
+            help="CA file for the ACME server's HTTPS certificate (a private or test CA)."),
+)
 NAMESERVER = Setting("nameserver", STRS, metavar="[tcp:|udp:]IP[:PORT]")
 VERBOSE = Setting("verbose", COUNT, default=0, short="-v", help="More logging (-vv: debug).")
 LOG_FORMAT = Setting(

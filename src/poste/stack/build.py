@@ -184,6 +184,8 @@ def _assemble(cfg: StackConfig, relay: RelayParts, mailbox: Path | None) -> Stac
     for entry in entries:
         parts.before += entry.before
         parts.listeners += entry.listeners
+        parts.background += entry.background  # ACME renewal
+        parts.after += entry.after
     parts.add(relay.runtime([]))
     parts.reloads.append(("config", stack.reread_config))
     reloads = [r for e in entries for r in e.reloads]
@@ -192,6 +194,13 @@ def _assemble(cfg: StackConfig, relay: RelayParts, mailbox: Path | None) -> Stac
         raise ConfigError(
             None, "nothing to listen on: enable [verifier], [submission] or [relay] listen")
     return stack
+
+
+def _acme_state(stack: Stack, values: dict[str, Any]) -> None:
+    """The ACME account and certificate live beside the spool unless told otherwise: the
+    verifier's and submission's then share one certificate (both host names)."""
+    if values.get("acme-directory") and not values.get("acme-state"):
+        values["acme-state"] = str(Path(stack.config["relay"].need("spool")).parent / "acme")
 
 
 def _into_relay(stack: Stack, name: str) -> Hop:
@@ -209,6 +218,7 @@ def _receiving(stack: Stack, domains: list[str], postmaster: str) -> Parts:
     values = section.settings()
     values["domain"] = values["domain"] or domains
     values["postmaster"] = values["postmaster"] or postmaster
+    _acme_state(stack, values)
     try:
         v_stage = verifier.stage(values)
     except ConfigError as exc:
@@ -250,6 +260,7 @@ def _sending(stack: Stack, domains: list[str]) -> Parts:
     # the failed-login counters live beside the spool unless told otherwise
     values["auth-state"] = values["auth-state"] or str(
         Path(stack.config["relay"].need("spool")).parent / "submission-auth.json")
+    _acme_state(stack, values)
     out: Hop = _into_relay(stack, s_name)
     before: list[Job] = []
     if sig.enabled:
@@ -271,7 +282,7 @@ def _sending(stack: Stack, domains: list[str]) -> Parts:
     except ConfigError as exc:
         raise section.error(exc) from None
     stack.tls.append(tls)
-    parts.before = before
+    parts.before[:0] = before  # the DKIM keys published, then the certificate obtained
     parts.after.append(sub_stage.authenticator.brake.flush)  # the AUTH counters on disk
     return parts
 
