@@ -16,6 +16,7 @@ service command.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import socket
 from collections.abc import Sequence
@@ -196,11 +197,37 @@ def _assemble(cfg: StackConfig, relay: RelayParts, mailbox: Path | None) -> Stac
     return stack
 
 
-def _acme_state(stack: Stack, values: dict[str, Any]) -> None:
+def _acme_state(cfg: StackConfig, values: dict[str, Any]) -> None:
     """The ACME account and certificate live beside the spool unless told otherwise: the
     verifier's and submission's then share one certificate (both host names)."""
     if values.get("acme-directory") and not values.get("acme-state"):
-        values["acme-state"] = str(Path(stack.config["relay"].need("spool")).parent / "acme")
+        values["acme-state"] = str(Path(cfg["relay"].need("spool")).parent / "acme")
+
+
+def acme_of(cfg: StackConfig) -> list[Any]:
+    """The certificates `poste up` would obtain (`ACMESettings`, one per state folder, with
+    the names of every section sharing it): what `poste cert --config` works on."""
+    from poste.runtime.certs import acme_settings
+
+    found: dict[Path, Any] = {}
+    for name in ("verifier", "submission"):
+        section = cfg[name]
+        if not section.enabled:
+            continue
+        values = section.settings()
+        _acme_state(cfg, values)
+        try:
+            acme = acme_settings(values)
+        except ConfigError as exc:
+            raise section.error(exc) from None
+        if acme is None:
+            continue
+        key = acme.store.folder.resolve()
+        if key in found:
+            names = found[key].names + tuple(n for n in acme.names if n not in found[key].names)
+            acme = dataclasses.replace(found[key], names=names)
+        found[key] = acme
+    return list(found.values())
 
 
 def _into_relay(stack: Stack, name: str) -> Hop:
@@ -218,7 +245,7 @@ def _receiving(stack: Stack, domains: list[str], postmaster: str) -> Parts:
     values = section.settings()
     values["domain"] = values["domain"] or domains
     values["postmaster"] = values["postmaster"] or postmaster
-    _acme_state(stack, values)
+    _acme_state(stack.config, values)
     try:
         v_stage = verifier.stage(values)
     except ConfigError as exc:
@@ -260,7 +287,7 @@ def _sending(stack: Stack, domains: list[str]) -> Parts:
     # the failed-login counters live beside the spool unless told otherwise
     values["auth-state"] = values["auth-state"] or str(
         Path(stack.config["relay"].need("spool")).parent / "submission-auth.json")
-    _acme_state(stack, values)
+    _acme_state(stack.config, values)
     out: Hop = _into_relay(stack, s_name)
     before: list[Job] = []
     if sig.enabled:
