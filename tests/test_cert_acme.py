@@ -252,8 +252,9 @@ def test_up_serves_and_renews_under_a_session(world: AcmeWorld) -> None:
         stop(proc)
 
 
-def expired_pair(state: Path) -> None:
-    """A certificate for MX that expired yesterday (what a stack left off for months holds)."""
+def own_pair(state: Path, began: float, ends: float) -> None:
+    """A certificate for MX valid from `began` days ago to `ends` days from now (negative:
+    expired), as a stack left off for a while holds."""
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
@@ -264,8 +265,8 @@ def expired_pair(state: Path) -> None:
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, MX)])
     cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
             .public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(days=90))
-            .not_valid_after(now - datetime.timedelta(days=1))
+            .not_valid_before(now - datetime.timedelta(days=began))
+            .not_valid_after(now + datetime.timedelta(days=ends))
             .add_extension(x509.SubjectAlternativeName([x509.DNSName(MX)]), critical=False)
             .sign(key, hashes.SHA256()))
     state.mkdir(mode=0o700, parents=True)
@@ -281,7 +282,7 @@ def test_expired_certificate_and_unreachable_ca_keep_serving(
     """A verifier whose certificate expired and whose CA is down: it says so in one line and
     goes on serving the certificate it has (a sender doing opportunistic TLS still gets TLS)."""
     state = tmp_path / "state"
-    expired_pair(state)
+    own_pair(state, began=90, ends=-1)
     log = tmp_path / "verifier.log"
     args = [poste_bin, "verifier", "--domain", "acme.test", "--listen", "127.0.0.1:0",
             "--destination", "127.0.0.1:9", "--hostname", MX,
@@ -313,3 +314,41 @@ def served_serial_unverified(port: int) -> int:
         der = smtp.sock.getpeercert(binary_form=True)  # type: ignore[union-attr]
     assert der is not None
     return int(x509.load_der_x509_certificate(der).serial_number)
+
+
+def test_verifier_renews_by_itself_past_two_thirds(
+    world: AcmeWorld, tmp_path: Path, poste_bin: str
+) -> None:
+    """A lone `poste verifier` whose certificate is 70 days into 90 renews it without being
+    asked, serves the new one, and /metrics says when that one expires."""
+    import urllib.request
+
+    from support.net import free_port
+
+    state = tmp_path / "state"
+    own_pair(state, began=70, ends=20)
+    metrics = f"127.0.0.1:{free_port()}"
+    log = tmp_path / "verifier.log"
+    args = [poste_bin, "verifier", "--domain", "acme.test", "--listen", "127.0.0.1:0",
+            "--destination", "127.0.0.1:9", "--hostname", MX, "--metrics", metrics,
+            *world.flags(state)]
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        (port,) = listening_ports(log, "127.0.0.1", 1, proc)
+        wait_log(log, "cert: serving", count=2)  # its own, then pebble's
+        assert "two thirds of its lifetime passed" in log.read_text()
+        assert "Pebble Intermediate" in world.poste("cert", "show", *world.flags(state)).stdout
+        s_client(port, world.root, starttls=True)
+        with urllib.request.urlopen(f"http://{metrics}/metrics", timeout=10) as resp:
+            text = resp.read().decode()
+        m = re.search(r'^poste_certificate_expires_in_seconds\{name="mail\.acme\.test"\} (\S+)$',
+                      text, re.M)
+        assert m, text
+        info = subprocess.run(["openssl", "x509", "-noout", "-enddate", "-in",
+                               str(state / "cert.pem")], capture_output=True, text=True).stdout
+        end = datetime.datetime.strptime(info.strip().split("=", 1)[1], "%b %d %H:%M:%S %Y %Z")
+        left = (end.replace(tzinfo=datetime.UTC) - datetime.datetime.now(datetime.UTC))
+        assert abs(float(m.group(1)) - left.total_seconds()) < 3600
+    finally:
+        stop(proc)

@@ -4,11 +4,11 @@ With `acme-directory` a service's TLS context is fed from the ACME state
 folder instead of `tls-cert`/`tls-key`.  Before the listeners open, a
 certificate is obtained if the folder has none; then a background job renews
 it at two thirds of its lifetime (or at once when it lacks a name asked for),
-retries a failure with a doubling delay, and loads the new chain into the
-very `SSLContext` objects the listeners hold: new handshakes get the new
-certificate, open connections keep theirs, nothing is dropped.  A failure
-never touches what is served; it is one log line with the time the served
-certificate expires.  `poste cert renew` in another process (and two services
+retries a failure with a doubling delay, and hands the new chain to the
+`SSLContext` objects the listeners hold: new handshakes get the new
+certificate, open connections keep theirs, nothing is dropped (runtime/tls.py).
+A failure never touches what is served; it is one log line with the time the
+served certificate expires.  `poste cert renew` in another process (and two services
 sharing a folder) is seen at SIGHUP or at the next hourly look at the folder.
 
 In `poste up` the verifier and submission name the same folder, so they share
@@ -36,7 +36,7 @@ from poste.dns.resolver import NameserverError, parse_nameserver
 from poste.runtime.run import Parts, StartError
 from poste.runtime.settings import ConfigError, Values
 from poste.runtime.tls import TLSFiles, tls_files
-from poste.smtp.tls import bare_server_context
+from poste.smtp.tls import TLSConfigError, bare_server_context
 
 log = logging.getLogger("poste.cert")
 
@@ -107,14 +107,14 @@ class Renewal:
         if info is None:
             return None
         for files in into:
-            files.ctx.load_cert_chain(files.cert, files.key)
+            files.load()
         return info
 
     async def load(self) -> None:
         """Serve what the folder holds now; a pair that does not load leaves the old one."""
         try:
             info = await asyncio.to_thread(self._load, self.contexts)
-        except (OSError, ValueError, StoreError) as exc:  # ssl.SSLError is an OSError
+        except (TLSConfigError, StoreError) as exc:
             log.error("cert: %s refused, still serving the certificate valid until %s: %s",
                       self.store.cert_path, _until(self.served), exc)
             return
@@ -230,7 +230,7 @@ def server_tls(values: Values) -> TLSFiles | None:
         raise ConfigError("acme-state", f"{folder} is already another ACME server's")
     renewal.names += [n for n in acme.names if n not in renewal.names]
     files = ACMEFiles(bare_server_context(), str(acme.store.cert_path),
-                      str(acme.store.key_path), renewal)
+                      str(acme.store.key_path), renewal=renewal)
     renewal.contexts.append(files)
     return files
 
