@@ -116,14 +116,24 @@ def _failures(exc: Any) -> str:
     return ", ".join(out)
 
 
-async def obtain(store: Store, ca: CA, primary: Primary, names: Sequence[str]) -> CertInfo:
+async def obtain(
+    store: Store, ca: CA, primary: Primary, names: Sequence[str], *,
+    replacing: CertInfo | None = None,
+) -> CertInfo:
     """A new certificate and key for `names`, installed in `store`; ACMEError otherwise.
 
     One order at a time per state folder (the store's lock), so a stack and
-    `poste cert renew` beside it cannot race each other.
+    `poste cert renew` beside it cannot race each other.  With `replacing`, a
+    certificate for `names` that another process installed while we waited
+    for the lock is taken instead of ordering a second one.
     """
     fd = await asyncio.to_thread(store.lock)
     try:
+        if replacing is not None:
+            now = store.info()
+            if now is not None and now.serial != replacing.serial and now.covers(names):
+                log.info("cert: %s was renewed meanwhile", store.cert_path)
+                return now
         return await _obtain(store, ca, primary, list(names))
     except StoreError as exc:
         raise ACMEError(str(exc)) from None

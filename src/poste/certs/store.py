@@ -16,6 +16,7 @@ import datetime
 import fcntl
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,7 +53,7 @@ class CertInfo:
         now = now or datetime.datetime.now(datetime.UTC)
         return (self.not_after - now).total_seconds()
 
-    def covers(self, names: tuple[str, ...] | list[str]) -> bool:
+    def covers(self, names: Sequence[str]) -> bool:
         return {n.lower() for n in names} <= {n.lower() for n in self.names}
 
 

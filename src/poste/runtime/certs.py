@@ -169,7 +169,8 @@ class Renewal:
                 continue
             log.info("cert: renewing the certificate for %s: %s", ", ".join(self.names), why)
             try:
-                await obtain(self.store, self.settings.ca, self.settings.primary, self.names)
+                await obtain(self.store, self.settings.ca, self.settings.primary, self.names,
+                             replacing=self.served)
             except ACMEError as exc:
                 delay = min(RETRY_FIRST * 2**failures, RETRY_MAX)
                 failures += 1
