@@ -20,7 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "submit": ("poste.tools.send_cli:submit", "Submit a mail with AUTH (465 TLS or 587 STARTTLS)."),
     "srv": ("poste.tools.srv_cli:main", "Receive N mails and write them as received."),
     "spf": ("poste.services.verifier.spf_cli:main", "SPF tools: check."),
-    "dkim": ("poste.dkim.cli:main", "DKIM tools: keygen, sign, verify."),
+    "dkim": ("poste.dkim.cli:main", "DKIM tools: keygen, sign, verify, rotate."),
     "cert": ("poste.certs.cli:main", "ACME certificates by DNS-01: issue, renew, show."),
     "dns": ("poste.dns.cli:main", "DNS records a domain needs; publish them (RFC 2136)."),
     "spam": ("poste.spam.cli:main", "Spam filter tools: train, classify, mark, eval."),

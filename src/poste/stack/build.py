@@ -290,17 +290,22 @@ def _sending(stack: Stack, domains: list[str]) -> Parts:
     _acme_state(stack.config, values)
     out: Hop = _into_relay(stack, s_name)
     before: list[Job] = []
+    rotating: list[Job] = []
     if sig.enabled:
-        sig_values = {**sig.settings(), "selector": sig.need("selector"),
-                      "private-key": sig.need("private-key")}
+        sig_values = sig.settings()
+        if not sig_values["key-dir"]:
+            sig_values["selector"] = sig.need("selector")
+            sig_values["private-key"] = sig.need("private-key")
         sig_values["domain"] = sig_values["domain"] or domains[0]
         g_name = sig_values["hostname"] or socket.getfqdn()
         try:
             signer_obj = signer.signer_of(sig_values)
             before = signer.publisher(sig_values, signer_obj)
+            sig_stage = signer.SignerStage(signer_obj)
+            rotating = signer.rotation(sig_values, sig_stage)
         except ConfigError as exc:
             raise sig.error(exc) from None
-        out = StageHop(signer.SignerStage(signer_obj), _into_relay(stack, g_name), g_name, s_name)
+        out = StageHop(sig_stage, _into_relay(stack, g_name), g_name, s_name)
     try:
         tls = submission.tls_of(values)
         # one watcher: relay and submission see a commit at the same moment
@@ -310,6 +315,7 @@ def _sending(stack: Stack, domains: list[str]) -> Parts:
         raise section.error(exc) from None
     stack.tls.append(tls)
     parts.before[:0] = before  # the DKIM keys published, then the certificate obtained
+    parts.background += rotating  # the DKIM keys moved on as they age
     parts.after.append(sub_stage.authenticator.brake.flush)  # the AUTH counters on disk
     return parts
 

@@ -1,0 +1,134 @@
+"""`poste dkim rotate` against knot with TSIG, and a running `poste signer --key-dir`:
+the new selectors are published, mail signed before and after the switch verifies
+with opendkim-testmsg, and the old records disappear after the grace."""
+
+from __future__ import annotations
+
+import base64
+import os
+import re
+import subprocess
+import time
+from pathlib import Path
+
+import dns.message
+import dns.query
+import pytest
+
+from support import opendkim
+from support.dkimkit import DOMAIN, mail, wait_file
+from support.knot import knot_server, simple_zone
+from support.service import started
+
+pytestmark = pytest.mark.skipif(not opendkim.available(), reason="opendkim-testmsg missing")
+
+
+def served(host: str, selector: str) -> bool:
+    q = dns.message.make_query(f"{selector}._domainkey.{DOMAIN}.", "TXT")
+    return bool(dns.query.udp(q, host, port=53, timeout=3).answer)
+
+
+def wait_log(log: Path, text: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while text not in log.read_text(errors="replace"):
+        assert time.monotonic() < deadline, f"no {text!r} in:\n{log.read_text()[-3000:]}"
+        time.sleep(0.05)
+
+
+def selectors_of(message: bytes) -> list[str]:
+    return re.findall(rb"\bs=([a-z0-9-]+);", message.replace(b"\r\n\t", b"").replace(
+        b"\r\n ", b""))  # type: ignore[return-value]
+
+
+def test_rotate_publishes_switches_and_withdraws(tmp_path: Path, poste_bin: str) -> None:
+    secret = base64.b64encode(os.urandom(32)).decode()
+    tsig = f"update.{DOMAIN}:hmac-sha256:{secret}"
+    keys, box = tmp_path / "keys", tmp_path / "box"
+    ns_host = opendkim.port53_host()
+    with knot_server(tmp_path / "knot", {DOMAIN: simple_zone(DOMAIN)}, host=ns_host, port=53,
+                     tsig=(f"update.{DOMAIN}", "hmac-sha256", secret)) as ns:
+        dns_flags = ["--dns-server", ns.nameserver, "--dns-key", tsig]
+
+        def rotate() -> subprocess.CompletedProcess[str]:
+            return subprocess.run(
+                [poste_bin, "dkim", "rotate", "--key-dir", str(keys), "--domain", DOMAIN,
+                 "--algorithm", "rsa", "--algorithm", "ed25519", "--ttl", "1", *dns_flags],
+                capture_output=True, text=True, timeout=60)
+
+        first = rotate()  # the first key of each series signs at once
+        assert first.returncode == 0, first.stderr
+        assert f"published: rsa-1._domainkey.{DOMAIN}. TXT (signing now)" in first.stdout
+        assert served(ns_host, "rsa-1") and served(ns_host, "ed-1")
+        assert oct((keys / "rsa-1.pem").stat().st_mode & 0o777) == "0o600"
+
+        signer_log = tmp_path / "signer.log"
+        with (
+            started([poste_bin, "srv", "127.0.0.1:0", "-o", f"{box}/", "--count", "0"],
+                    tmp_path / "srv.log") as (_, [srv_port]),
+            started([poste_bin, "signer", "--domain", DOMAIN, "--key-dir", str(keys),
+                     *dns_flags, "--rotation-grace", "2s", "--rotation-check", "200ms",
+                     "--destination", f"127.0.0.1:{srv_port}", "--listen", "127.0.0.1:0"],
+                    signer_log) as (_, [signer_port]),
+        ):
+            def send(subject: str, n: int) -> bytes:
+                src = tmp_path / f"{n}.eml"
+                src.write_bytes(mail(subject))
+                r = subprocess.run([poste_bin, "send", str(src), f"127.0.0.1:{signer_port}",
+                                    "-s", f"alice@{DOMAIN}", "-r", "bob@remote.test"],
+                                   capture_output=True, text=True, timeout=60)
+                assert r.returncode == 0, r.stderr
+                return wait_file(box / f"{n}.eml")
+
+            before = send("before", 1)
+            assert sorted(selectors_of(before)) == [b"ed-1", b"rsa-1"]
+
+            second = rotate()
+            assert second.returncode == 0, second.stderr
+            assert "rsa-2._domainkey" in second.stdout and "pending" in second.stdout
+            assert served(ns_host, "rsa-2") and served(ns_host, "ed-2")
+            wait_log(signer_log, "dkim: signing with rsa-2")
+            wait_log(signer_log, "dkim: signing with ed-2")
+
+            after = send("after", 2)
+            assert sorted(selectors_of(after)) == [b"ed-2", b"rsa-2"]
+            odk = tmp_path / "odk"
+            for message in (before, after):  # the old records are still there
+                ok = opendkim.testmsg(message, ns_host, odk)
+                assert ok.returncode == 0 and not ok.stderr, ok.stderr
+
+            wait_log(signer_log, f"dkim: withdrew rsa-1._domainkey.{DOMAIN}")
+            wait_log(signer_log, f"dkim: withdrew ed-1._domainkey.{DOMAIN}")
+            assert not served(ns_host, "rsa-1") and not served(ns_host, "ed-1")
+            assert served(ns_host, "rsa-2") and served(ns_host, "ed-2")
+            assert not (keys / "rsa-1.pem").exists()
+            ok = opendkim.testmsg(after, ns_host, odk)
+            assert ok.returncode == 0 and not ok.stderr, ok.stderr
+            assert "Traceback" not in signer_log.read_text()
+
+        status = subprocess.run([poste_bin, "dkim", "rotate", "--key-dir", str(keys),
+                                 "--domain", DOMAIN, "--status"],
+                                capture_output=True, text=True, timeout=60)
+        assert status.returncode == 0, status.stderr
+        states = {line.split()[0]: line.split()[2] for line in status.stdout.splitlines()}
+        assert states == {"rsa-1": "withdrawn", "rsa-2": "active",
+                          "ed-1": "withdrawn", "ed-2": "active"}, status.stdout
+
+
+def test_rotate_errors_are_one_line(tmp_path: Path, poste_bin: str) -> None:
+    secret = base64.b64encode(os.urandom(32)).decode()
+    keys = tmp_path / "keys"
+    with knot_server(tmp_path / "knot", {DOMAIN: simple_zone(DOMAIN)},
+                     tsig=(f"update.{DOMAIN}", "hmac-sha256", secret)) as ns:
+        wrong = f"update.{DOMAIN}:hmac-sha256:" + base64.b64encode(b"y" * 32).decode()
+        r = subprocess.run([poste_bin, "dkim", "rotate", "--key-dir", str(keys), "--domain",
+                            DOMAIN, "--dns-server", ns.nameserver, "--dns-key", wrong],
+                           capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert r.stderr.startswith("Error: cannot publish rsa-1: ") and "TSIG" in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert not list(keys.glob("*.pem"))  # nothing kept that is not published
+    r = subprocess.run([poste_bin, "signer", "--domain", DOMAIN, "--key-dir", str(keys),
+                        "--destination", "127.0.0.1:9", "--listen", "127.0.0.1:0"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "no active key in" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
