@@ -132,3 +132,67 @@ def test_rotate_errors_are_one_line(tmp_path: Path, poste_bin: str) -> None:
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "no active key in" in r.stderr, r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_rotation_in_poste_up(tmp_path: Path, poste_bin: str) -> None:
+    """The same in one process: a `poste init` folder whose [signer] takes key-dir; mail
+    submitted on 587 leaves signed with rsa-1, then, after `poste dkim rotate --config`,
+    with rsa-2, both verified by opendkim-testmsg."""
+    secret = base64.b64encode(os.urandom(32)).decode()
+    ns_host = opendkim.port53_host()
+    with knot_server(tmp_path / "knot", {DOMAIN: simple_zone(DOMAIN)}, host=ns_host, port=53,
+                     tsig=(f"update.{DOMAIN}", "hmac-sha256", secret)) as ns:
+        stack = tmp_path / "stack"
+        done = subprocess.run([poste_bin, "init", str(stack), "--domain", DOMAIN],
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        done = subprocess.run([poste_bin, "users", "add", "alice", "--repo", str(stack / "users"),
+                               "--target", "alice@remote.test", "--password-stdin"],
+                              input="pw-of-alice\n", capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        toml = stack / "poste.toml"
+        text = toml.read_text()
+        text = text.replace('selector = ["poste"]\nprivate-key = ["dkim/poste.pem"]\n',
+                            'key-dir = "dkim/rotated"\nrotation-grace = "1h"\n'
+                            'rotation-check = "200ms"\n'
+                            f'dns-server = "{ns.nameserver}"\n'
+                            f'dns-key = "update.{DOMAIN}:hmac-sha256:{secret}"\n')
+        text = text.replace('listen = "0.0.0.0:25"', 'listen = "127.0.0.1:0"')
+        text = text.replace('listen-tls = "0.0.0.0:465"\nlisten = "0.0.0.0:587"',
+                            'listen = "127.0.0.1:0"')
+        text = text.replace('spool = "spool"', 'spool = "spool"\nmailbox = "outbox"')
+        toml.write_text(text)
+
+        def rotate() -> str:
+            r = subprocess.run([poste_bin, "dkim", "rotate", "--config", str(toml), "--ttl", "1"],
+                               capture_output=True, text=True, timeout=60)
+            assert r.returncode == 0, r.stderr
+            return r.stdout
+
+        assert "rsa-1._domainkey" in rotate()
+        log = tmp_path / "up.log"
+        with started([poste_bin, "up", "--config", str(toml)], log, listeners=2) as (_, ports):
+            sub_port = int(re.findall(r"submission listening on 127\.0\.0\.1:(\d+)",
+                                      log.read_text())[0])
+            assert sub_port in ports
+
+            def submit(subject: str, n: int) -> bytes:
+                r = subprocess.run(
+                    ["swaks", "--server", f"127.0.0.1:{sub_port}", "--tls", "--auth", "PLAIN",
+                     "--auth-user", f"alice@{DOMAIN}", "--auth-password", "pw-of-alice",
+                     "--from", f"alice@{DOMAIN}", "--to", "bob@remote.test",
+                     "--data", "-", "--hide-all"],
+                    input=mail(subject).decode(), capture_output=True, text=True, timeout=60)
+                assert r.returncode == 0, r.stdout + r.stderr
+                return wait_file(stack / "outbox" / f"{n}.eml")
+
+            before = submit("before", 1)
+            assert selectors_of(before) == [b"rsa-1"]
+            assert "pending" in rotate()
+            wait_log(log, "dkim: signing with rsa-2")
+            after = submit("after", 2)
+            assert selectors_of(after) == [b"rsa-2"]
+            odk = tmp_path / "odk"
+            for message in (before, after):
+                ok = opendkim.testmsg(message, ns_host, odk)
+                assert ok.returncode == 0 and not ok.stderr, ok.stderr
