@@ -352,3 +352,25 @@ def test_verifier_renews_by_itself_past_two_thirds(
         assert abs(float(m.group(1)) - left.total_seconds()) < 3600
     finally:
         stop(proc)
+
+
+def test_a_ca_that_forgot_the_account(world: AcmeWorld, tmp_path: Path) -> None:
+    """pebble keeps accounts in memory: restarted, it no longer knows ours; poste registers
+    again instead of failing every renewal from then on."""
+    from support.pebble import PebbleServer
+
+    assert world.knot is not None
+    ca = PebbleServer(tmp_path / "pebble", dns=world.knot.nameserver)
+    ca.start()
+    try:
+        args = ["--acme-directory", ca.directory, "--acme-ca", ca.https_ca,
+                "--acme-state", str(tmp_path / "state"), "--acme-dns-server",
+                world.knot.nameserver, "--acme-dns-key", world.tsig, "--acme-name", MX]
+        assert world.poste("cert", "issue", *args).returncode == 0
+        ca.stop()
+        ca.start()  # same ports, no accounts
+        done = world.poste("cert", "renew", "--force", *args)
+        assert done.returncode == 0, done.stderr
+        assert "forgot our account: registering again" in done.stderr
+    finally:
+        ca.stop()

@@ -10,6 +10,7 @@ import re
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import dns.message
 import dns.query
@@ -62,13 +63,17 @@ def test_rotate_publishes_switches_and_withdraws(tmp_path: Path, poste_bin: str)
         assert oct((keys / "rsa-1.pem").stat().st_mode & 0o777) == "0o600"
 
         signer_log = tmp_path / "signer.log"
+
+        def signer(srv_port: int, grace: str, log: Path) -> Any:
+            return started([poste_bin, "signer", "--domain", DOMAIN, "--key-dir", str(keys),
+                            *dns_flags, "--rotation-grace", grace, "--rotation-check", "200ms",
+                            "--destination", f"127.0.0.1:{srv_port}", "--listen", "127.0.0.1:0"],
+                           log)
+
         with (
             started([poste_bin, "srv", "127.0.0.1:0", "-o", f"{box}/", "--count", "0"],
                     tmp_path / "srv.log") as (_, [srv_port]),
-            started([poste_bin, "signer", "--domain", DOMAIN, "--key-dir", str(keys),
-                     *dns_flags, "--rotation-grace", "2s", "--rotation-check", "200ms",
-                     "--destination", f"127.0.0.1:{srv_port}", "--listen", "127.0.0.1:0"],
-                    signer_log) as (_, [signer_port]),
+            signer(srv_port, "1h", signer_log) as (_, [signer_port]),
         ):
             def send(subject: str, n: int) -> bytes:
                 src = tmp_path / f"{n}.eml"
@@ -96,14 +101,21 @@ def test_rotate_publishes_switches_and_withdraws(tmp_path: Path, poste_bin: str)
                 ok = opendkim.testmsg(message, ns_host, odk)
                 assert ok.returncode == 0 and not ok.stderr, ok.stderr
 
-            wait_log(signer_log, f"dkim: withdrew rsa-1._domainkey.{DOMAIN}")
-            wait_log(signer_log, f"dkim: withdrew ed-1._domainkey.{DOMAIN}")
-            assert not served(ns_host, "rsa-1") and not served(ns_host, "ed-1")
-            assert served(ns_host, "rsa-2") and served(ns_host, "ed-2")
-            assert not (keys / "rsa-1.pem").exists()
-            ok = opendkim.testmsg(after, ns_host, odk)
-            assert ok.returncode == 0 and not ok.stderr, ok.stderr
+            assert "retired from signing" in signer_log.read_text()
+            assert "withdrew" not in signer_log.read_text()  # an hour of grace
             assert "Traceback" not in signer_log.read_text()
+
+        # the grace over (a signer started with none left): the old records go
+        later_log = tmp_path / "signer2.log"
+        with signer(9, "0s", later_log):
+            wait_log(later_log, f"dkim: withdrew rsa-1._domainkey.{DOMAIN}")
+            wait_log(later_log, f"dkim: withdrew ed-1._domainkey.{DOMAIN}")
+        assert not served(ns_host, "rsa-1") and not served(ns_host, "ed-1")
+        assert served(ns_host, "rsa-2") and served(ns_host, "ed-2")
+        assert not (keys / "rsa-1.pem").exists()
+        ok = opendkim.testmsg(after, ns_host, odk)
+        assert ok.returncode == 0 and not ok.stderr, ok.stderr
+        assert opendkim.testmsg(before, ns_host, odk).returncode != 0  # its key is gone
 
         status = subprocess.run([poste_bin, "dkim", "rotate", "--key-dir", str(keys),
                                  "--domain", DOMAIN, "--status"],

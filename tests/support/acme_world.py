@@ -188,7 +188,7 @@ class HoldAtStartTLS:
                         cut = len(data) - (len(seen) - i)
                         server.sendall(data[:cut])
                         self.held.set()
-                        self._release.wait(60)
+                        self._release.wait(300)
                         data = data[cut:]
                 server.sendall(data)
             server.shutdown(socket.SHUT_WR)

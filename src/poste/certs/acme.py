@@ -152,7 +152,15 @@ async def _obtain(store: Store, ca: CA, primary: Primary, names: list[str]) -> C
     published: dict[str, list[Record]] = defaultdict(list)
     try:
         acme, jwk = await asyncio.to_thread(_client, store, ca)
-        order = await asyncio.to_thread(acme.new_order, csr)
+        try:
+            order = await asyncio.to_thread(acme.new_order, csr)
+        except messages.Error as exc:
+            if exc.code != "accountDoesNotExist":
+                raise
+            log.warning("cert: %s forgot our account: registering again", ca.directory)
+            store.forget_account(ca.directory)
+            acme, jwk = await asyncio.to_thread(_client, store, ca)
+            order = await asyncio.to_thread(acme.new_order, csr)
         answers = []
         for authzr in order.authorizations:
             if authzr.body.status == messages.STATUS_VALID:

@@ -150,6 +150,14 @@ class Store:
         data[directory] = uri
         _write(self.account_path, json.dumps(data, indent=1).encode() + b"\n", KEY_MODE)
 
+    def forget_account(self, directory: str) -> None:
+        try:
+            data = json.loads(self.account_path.read_text())
+        except (OSError, ValueError):
+            return
+        if isinstance(data, dict) and data.pop(directory, None) is not None:
+            _write(self.account_path, json.dumps(data, indent=1).encode() + b"\n", KEY_MODE)
+
     def read(self) -> tuple[bytes, CertInfo] | None:
         """The current certificate chain and what it says, or None when there is none yet."""
         try:

@@ -184,8 +184,15 @@ class Renewal:
                 log.exception("cert: renewal failed (next try in %.0f s)", delay)
                 await asyncio.sleep(delay)
                 continue
-            failures = 0
+            before = self.served.serial if self.served else None
             await self.load()
+            if self.served is None or self.served.serial == before:  # issued, but not loadable
+                delay = min(RETRY_FIRST * 2**failures, RETRY_MAX)
+                failures += 1
+                log.error("cert: the new certificate does not load (next try in %.0f s)", delay)
+                await asyncio.sleep(delay)
+                continue
+            failures = 0
 
     async def stop(self) -> None:
         _RENEWALS.pop(self.store.folder.resolve(), None)

@@ -11,7 +11,7 @@ withdrawn.
 
 The folder holds the keys (0600) and `keys.json`, the state of each selector:
 `pending` (published, not signing yet), `active` (signing), `retiring`
-(published, not signing, until `withdraw_at`), `withdrawn`.  `poste dkim
+(published, not signing, for `rotation-grace` after `retired_at`), `withdrawn`.  `poste dkim
 rotate` adds a pending key; the signer (separate or in `poste up`) moves the
 states on at every look (`rotation-check`) and signs with the active keys;
 with `rotate-every` it starts a rotation itself when the active key is that
@@ -60,7 +60,7 @@ class Entry:
     published: float = 0.0
     visible_at: float | None = None  # first seen on the primary
     active_since: float | None = None
-    withdraw_at: float | None = None
+    retired_at: float | None = None  # withdrawn `rotation-grace` later (the grace of now)
 
     def record(self, domain: str, key: DKIMKey) -> Record:
         return dkim_record(domain, self.selector, key, self.ttl)
@@ -230,13 +230,13 @@ async def advance(folder: KeyFolder, domain: str, primary: Primary | None, grace
                 if e.state == PENDING and e.visible_at is not None and now >= e.visible_at + e.ttl:
                     for old in fresh:
                         if old.algorithm == e.algorithm and old.state == ACTIVE:
-                            old.state, old.withdraw_at = RETIRING, now + grace
+                            old.state, old.retired_at = RETIRING, now
                             log.info("dkim: %s retired from signing; its record is withdrawn"
                                      " after %.0f s", old.selector, grace)
                     e.state, e.active_since = ACTIVE, now
                     log.info("dkim: signing with %s", e.selector)
                     changed = True
-                if e.state == RETIRING and e.withdraw_at is not None and now >= e.withdraw_at:
+                if e.state == RETIRING and e.retired_at is not None and now >= e.retired_at + grace:
                     to_withdraw.append(e)
         return changed
 
@@ -282,7 +282,7 @@ def summary(entries: list[Entry]) -> list[str]:
     for e in sorted(entries, key=lambda x: (x.algorithm, x.epoch)):
         extra = {PENDING: f"published {stamp(e.published)}",
                  ACTIVE: f"since {stamp(e.active_since)}",
-                 RETIRING: f"withdrawn at {stamp(e.withdraw_at)}",
+                 RETIRING: f"retired {stamp(e.retired_at)}, withdrawn after the grace",
                  WITHDRAWN: ""}[e.state]
         lines.append(f"{e.selector:<10} {e.algorithm:<8} {e.state:<9} {extra}".rstrip())
     return lines
