@@ -208,3 +208,30 @@ def test_rotation_in_poste_up(tmp_path: Path, poste_bin: str) -> None:
             for message in (before, after):
                 ok = opendkim.testmsg(message, ns_host, odk)
                 assert ok.returncode == 0 and not ok.stderr, ok.stderr
+
+
+def test_rotate_every_starts_a_rotation(tmp_path: Path, poste_bin: str) -> None:
+    """With rotate-every, the signer publishes the next selector itself once the active key
+    is that old, and waits for it like for one `poste dkim rotate` made."""
+    secret = base64.b64encode(os.urandom(32)).decode()
+    tsig = f"update.{DOMAIN}:hmac-sha256:{secret}"
+    keys = tmp_path / "keys"
+    ns_host = opendkim.port53_host()
+    with knot_server(tmp_path / "knot", {DOMAIN: simple_zone(DOMAIN)}, host=ns_host, port=53,
+                     tsig=(f"update.{DOMAIN}", "hmac-sha256", secret)) as ns:
+        dns_flags = ["--dns-server", ns.nameserver, "--dns-key", tsig]
+        r = subprocess.run([poste_bin, "dkim", "rotate", "--key-dir", str(keys), "--domain",
+                            DOMAIN, "--algorithm", "ed25519", *dns_flags],
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        log = tmp_path / "signer.log"
+        with started([poste_bin, "signer", "--domain", DOMAIN, "--key-dir", str(keys),
+                      *dns_flags, "--rotate-every", "1s", "--rotation-check", "200ms",
+                      "--destination", "127.0.0.1:9", "--listen", "127.0.0.1:0"], log):
+            wait_log(log, f"dkim: published ed-2._domainkey.{DOMAIN} (pending")
+        assert served(ns_host, "ed-2")
+        status = subprocess.run([poste_bin, "dkim", "rotate", "--key-dir", str(keys),
+                                 "--domain", DOMAIN, "--status"],
+                                capture_output=True, text=True, timeout=60)
+        assert [line.split()[:3] for line in status.stdout.splitlines()] == [
+            ["ed-1", "ed25519", "active"], ["ed-2", "ed25519", "pending"]], status.stdout
