@@ -374,3 +374,24 @@ def test_a_ca_that_forgot_the_account(world: AcmeWorld, tmp_path: Path) -> None:
         assert "forgot our account: registering again" in done.stderr
     finally:
         ca.stop()
+
+
+def test_http01(world: AcmeWorld, tmp_path: Path) -> None:
+    """For a DNS without UPDATE: the CA fetches the answer from port 80 of the name (here
+    pebble's httpPort on the name's address, 127.0.0.1), where poste listens for the order."""
+    from support.net import free_port
+
+    assert world.pebble is not None
+    state = tmp_path / "state"
+    common = ["--acme-directory", world.pebble.directory, "--acme-ca", world.pebble.https_ca,
+              "--acme-state", str(state), "--acme-name", MX, "--acme-challenge", "http-01"]
+    done = world.poste("cert", "issue", *common,
+                       "--acme-http-listen", f"127.0.0.1:{world.pebble.http_port}")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith(f"issued: {MX}, valid until"), done.stdout
+    verify_chain(world, state / "cert.pem")
+    # listening where the CA does not look: refused, one line, the certificate kept
+    line = one_line_error(world.poste("cert", "renew", "--force", *common,
+                                      "--acme-http-listen", f"127.0.0.1:{free_port()}"))
+    assert f"the CA refused the HTTP-01 challenge: {MX}: " in line, line
+    assert "kept the certificate valid until" in line

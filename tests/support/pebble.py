@@ -91,6 +91,7 @@ class PebbleServer:
         self.host = host
         self.port = free_port(host)
         self.mgmt_port = free_port(host)
+        self.http_port = free_port(host)  # where pebble fetches HTTP-01 answers from
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = self.workdir / "pebble.log"
         self.https_ca = str(self.workdir / "https-ca.pem")
@@ -107,8 +108,8 @@ class PebbleServer:
             "listenAddress": f"{self.host}:{self.port}",
             "managementListenAddress": f"{self.host}:{self.mgmt_port}",
             "certificate": str(cert), "privateKey": str(key),
-            # the ports pebble would dial for HTTP-01 / TLS-ALPN-01: unused with DNS-01
-            "httpPort": free_port(self.host), "tlsPort": free_port(self.host),
+            # the ports pebble dials on a name's address for HTTP-01 and TLS-ALPN-01
+            "httpPort": self.http_port, "tlsPort": free_port(self.host),
             "ocspResponderURL": "", "externalAccountBindingRequired": False,
         }}))
         env = {**os.environ, "PEBBLE_VA_NOSLEEP": "1", "PEBBLE_WFE_NONCEREJECT": "0",

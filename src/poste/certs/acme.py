@@ -1,4 +1,5 @@
-"""Obtain a certificate from an ACME CA (RFC 8555) by DNS-01, published with RFC 2136 + TSIG.
+"""Obtain a certificate from an ACME CA (RFC 8555) by DNS-01, published with RFC 2136 + TSIG
+(or by HTTP-01 for a domain whose DNS takes no UPDATE: http01.py).
 
 The protocol (JWS, nonces, orders, polling) is certbot's `acme` library; what
 is ours is the glue: the account kept in the state folder, the challenge TXT
@@ -13,6 +14,7 @@ certificate stays in place on any failure.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import logging
 import re
@@ -23,6 +25,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from poste.certs.http01 import HTTP01, ResponderError
 from poste.certs.store import CertInfo, Store, StoreError, private_pem
 from poste.dns.records import Record
 from poste.dns.resolver import Nameserver
@@ -117,7 +120,7 @@ def _failures(exc: Any) -> str:
 
 
 async def obtain(
-    store: Store, ca: CA, primary: Primary, names: Sequence[str], *,
+    store: Store, ca: CA, primary: Primary | HTTP01, names: Sequence[str], *,
     replacing: CertInfo | None = None,
 ) -> CertInfo:
     """A new certificate and key for `names`, installed in `store`; ACMEError otherwise.
@@ -141,10 +144,13 @@ async def obtain(
         store.unlock(fd)
 
 
-async def _obtain(store: Store, ca: CA, primary: Primary, names: list[str]) -> CertInfo:
+async def _obtain(store: Store, ca: CA, primary: Primary | HTTP01, names: list[str]
+                  ) -> CertInfo:
+    """DNS-01 through `primary`, or HTTP-01 answered by the responder while the CA checks."""
     import requests
     from acme import crypto_util, errors, messages
     from acme.challenges import DNS01
+    from acme.challenges import HTTP01 as HTTP01Challenge
 
     cert_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     key_pem = private_pem(cert_key)
@@ -166,24 +172,36 @@ async def _obtain(store: Store, ca: CA, primary: Primary, names: list[str]) -> C
             if authzr.body.status == messages.STATUS_VALID:
                 continue  # the CA remembers an earlier validation
             name = authzr.body.identifier.value
-            challb = next((c for c in authzr.body.challenges if isinstance(c.chall, DNS01)),
+            kind = HTTP01Challenge if isinstance(primary, HTTP01) else DNS01
+            challb = next((c for c in authzr.body.challenges if isinstance(c.chall, kind)),
                           None)
             if challb is None:
-                raise ACMEError(f"{ca.directory} offers no DNS-01 challenge for {name}")
+                raise ACMEError(f"{ca.directory} offers no {kind.typ.upper()} challenge"
+                                f" for {name}")
+            if isinstance(primary, HTTP01):
+                response, validation = challb.response_and_validation(jwk)
+                primary.tokens[challb.chall.encode("token")] = validation
+                answers.append((challb, response))
+                continue
             record = Record(challb.chall.validation_domain_name(name) + ".", "TXT",
                             (challb.chall.validation(jwk),), CHALLENGE_TTL)
             zone = primary.zone or await zone_of(record.name, primary.server)
             await publish([record], zone, primary.server, primary.key)
             published[zone].append(record)
             answers.append((challb, challb.chall.response(jwk)))
-        for challb, response in answers:
-            await asyncio.to_thread(acme.answer_challenge, challb, response)
-        deadline = datetime.datetime.now() + datetime.timedelta(seconds=ORDER_TIMEOUT)
-        done = await asyncio.to_thread(acme.poll_and_finalize, order, deadline)
+        responder = primary.serving() if isinstance(primary, HTTP01) else contextlib.nullcontext()
+        async with responder:
+            for challb, response in answers:
+                await asyncio.to_thread(acme.answer_challenge, challb, response)
+            deadline = datetime.datetime.now() + datetime.timedelta(seconds=ORDER_TIMEOUT)
+            done = await asyncio.to_thread(acme.poll_and_finalize, order, deadline)
     except DNSUpdateError as exc:
         raise ACMEError(f"cannot publish the DNS-01 challenge: {exc}") from None
+    except ResponderError as exc:
+        raise ACMEError(str(exc)) from None
     except errors.ValidationError as exc:
-        raise ACMEError(f"the CA refused the DNS-01 challenge: {_failures(exc)}") from None
+        which = "HTTP-01" if isinstance(primary, HTTP01) else "DNS-01"
+        raise ACMEError(f"the CA refused the {which} challenge: {_failures(exc)}") from None
     except errors.TimeoutError:
         raise ACMEError(f"the CA did not issue within {ORDER_TIMEOUT:.0f} s") from None
     except messages.Error as exc:
@@ -193,7 +211,10 @@ async def _obtain(store: Store, ca: CA, primary: Primary, names: list[str]) -> C
     except errors.Error as exc:
         raise ACMEError(f"ACME: {exc}") from None
     finally:
+        if isinstance(primary, HTTP01):
+            primary.tokens.clear()
         for zone, records in published.items():
+            assert isinstance(primary, Primary)
             try:
                 await withdraw(records, zone, primary.server, primary.key)
             except DNSUpdateError as exc:

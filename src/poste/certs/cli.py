@@ -32,7 +32,8 @@ def _targets(values: dict[str, Any], config: str | None) -> list[Any]:
         from poste.stack.build import acme_of
         from poste.stack.config import load
 
-        given = [k for k, v in values.items() if v not in (None, [], "")]
+        defaults = {s.key: s.initial() for s in SETTINGS}
+        given = [k for k, v in values.items() if v not in (None, [], "", defaults[k])]
         if given:
             raise click.UsageError(f"--config and --{given[0]}: give one or the other")
         try:

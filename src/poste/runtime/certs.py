@@ -31,8 +31,10 @@ from prometheus_client.core import REGISTRY, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from poste.certs.acme import CA, ACMEError, Primary, obtain
+from poste.certs.http01 import HTTP01
 from poste.certs.store import CertInfo, Store, StoreError
 from poste.dns.resolver import NameserverError, parse_nameserver
+from poste.runtime.hostport import parse_hostport
 from poste.runtime.run import Parts, StartError
 from poste.runtime.settings import ConfigError, Values
 from poste.runtime.tls import TLSFiles, tls_files
@@ -51,7 +53,7 @@ class ACMESettings:
 
     store: Store
     ca: CA
-    primary: Primary
+    primary: Primary | HTTP01  # how the names are proven: DNS-01 or HTTP-01
     names: tuple[str, ...]
 
 
@@ -64,23 +66,32 @@ def acme_settings(values: Values) -> ACMESettings | None:
         return None
     if not str(directory).startswith(("https://", "http://")):
         raise ConfigError("acme-directory", f"{directory!r} is not a URL (https://...)")
-    for need in ("acme-state", "acme-dns-server", "acme-dns-key"):
+    http = values.get("acme-challenge") == "http-01"
+    needed = ("acme-state",) if http else ("acme-state", "acme-dns-server", "acme-dns-key")
+    for need in needed:
         if not values.get(need):
             raise ConfigError(None, "{0} needs {1}", names=("acme-directory", need))
-    try:
-        server = parse_nameserver(values["acme-dns-server"])
-    except NameserverError as exc:
-        raise ConfigError("acme-dns-server", str(exc)) from None
-    try:
-        tsig = parse_tsig(values["acme-dns-key"])
-    except ValueError as exc:
-        raise ConfigError("acme-dns-key", str(exc)) from None
+    proof: Primary | HTTP01
+    if http:
+        host, port = parse_hostport(values.get("acme-http-listen") or "0.0.0.0:80", 80,
+                                    "acme-http-listen")
+        proof = HTTP01(host or "0.0.0.0", port)
+    else:
+        try:
+            server = parse_nameserver(values["acme-dns-server"])
+        except NameserverError as exc:
+            raise ConfigError("acme-dns-server", str(exc)) from None
+        try:
+            tsig = parse_tsig(values["acme-dns-key"])
+        except ValueError as exc:
+            raise ConfigError("acme-dns-key", str(exc)) from None
+        zone = values.get("acme-zone")
+        proof = Primary(server, tsig, zone.rstrip(".") + "." if zone else None)
     names = values.get("acme-name") or [values.get("hostname") or socket.getfqdn()]
-    zone = values.get("acme-zone")
     return ACMESettings(
         Store(values["acme-state"]),
         CA(str(directory), values.get("acme-email"), values.get("acme-ca")),
-        Primary(server, tsig, zone.rstrip(".") + "." if zone else None),
+        proof,
         tuple(n.lower().rstrip(".") for n in names),
     )
 

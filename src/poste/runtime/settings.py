@@ -178,6 +178,12 @@ ACME = (
             help="Zone of the challenge records (default: the one the primary names)."),
     Setting("acme-ca", FILE,
             help="CA file for the ACME server's HTTPS certificate (a private or test CA)."),
+    Setting("acme-challenge", CHOICE, default="dns-01", choices=("dns-01", "http-01"),
+            show_default=True,
+            help="dns-01: TXT records through acme-dns-server; http-01: a responder on"
+                 " acme-http-listen while an order waits (a DNS without UPDATE)."),
+    Setting("acme-http-listen", metavar="ADDR:PORT", default="0.0.0.0:80", show_default=True,
+            help="Where the HTTP-01 responder listens (port 80 of the names, for the CA)."),
 )
 NAMESERVER = Setting("nameserver", STRS, metavar="[tcp:|udp:]IP[:PORT]")
 VERBOSE = Setting("verbose", COUNT, default=0, short="-v", help="More logging (-vv: debug).")
