@@ -179,31 +179,24 @@ class Renewal:
                 await self.load()  # renewed by `poste cert renew` or another service?
                 continue
             log.info("cert: renewing the certificate for %s: %s", ", ".join(self.names), why)
+            delay = min(RETRY_FIRST * 2**failures, RETRY_MAX)
             try:
                 await obtain(self.store, self.settings.ca, self.settings.primary, self.names,
                              replacing=self.served)
             except ACMEError as exc:
-                delay = min(RETRY_FIRST * 2**failures, RETRY_MAX)
-                failures += 1
                 log.error("cert: renewal failed (next try in %.0f s), still serving the"
                           " certificate valid until %s: %s", delay, _until(self.served), exc)
-                await asyncio.sleep(delay)
-                continue
             except Exception:  # a bug must not end renewal for good
-                delay = min(RETRY_FIRST * 2**failures, RETRY_MAX)
-                failures += 1
                 log.exception("cert: renewal failed (next try in %.0f s)", delay)
-                await asyncio.sleep(delay)
-                continue
-            before = self.served.serial if self.served else None
-            await self.load()
-            if self.served is None or self.served.serial == before:  # issued, but not loadable
-                delay = min(RETRY_FIRST * 2**failures, RETRY_MAX)
-                failures += 1
+            else:
+                before = self.served.serial if self.served else None
+                await self.load()
+                if self.served is not None and self.served.serial != before:
+                    failures = 0
+                    continue
                 log.error("cert: the new certificate does not load (next try in %.0f s)", delay)
-                await asyncio.sleep(delay)
-                continue
-            failures = 0
+            failures += 1
+            await asyncio.sleep(delay)
 
     async def stop(self) -> None:
         _RENEWALS.pop(self.store.folder.resolve(), None)
