@@ -121,6 +121,8 @@ def test_failures_are_one_line_and_keep_the_certificate(world: AcmeWorld, tmp_pa
 
     line = one_line_error(world.poste("cert", "show", *world.flags(tmp_path / "none")))
     assert "no certificate in" in line
+    shown = world.poste("cert", "show", "--acme-state", str(state))  # the folder is enough
+    assert shown.returncode == 0 and f"names:       {MX}\n" in shown.stdout, shown.stderr
 
     bad = world.poste("cert", "issue", "--acme-directory", "https://x/dir")
     assert bad.returncode == 2 and "--acme-directory needs --acme-state" in bad.stderr, bad.stderr

@@ -14,6 +14,7 @@ import asyncio
 import datetime
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import click
@@ -104,11 +105,18 @@ def renew(values: dict[str, Any], config: str | None, force: bool) -> None:
 @main.command()
 @_command
 def show(values: dict[str, Any], config: str | None) -> None:
-    """What the certificate covers, who issued it, when it expires and is renewed."""
-    from poste.certs.store import StoreError
+    """What the certificate covers, who issued it, when it expires and is renewed
+    (`--acme-state DIR` alone is enough)."""
+    from poste.certs.store import Store, StoreError
 
     now = datetime.datetime.now(datetime.UTC)
-    for acme in _targets(values, config):
+    if not config and values.get("acme-state") and not values.get("acme-directory"):
+        # only looking: the folder is enough
+        names = tuple(values.get("acme-name") or ())
+        targets: list[Any] = [SimpleNamespace(store=Store(values["acme-state"]), names=names)]
+    else:
+        targets = _targets(values, config)
+    for acme in targets:
         try:
             info = acme.store.info()
         except StoreError as exc:
