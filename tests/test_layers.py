@@ -21,6 +21,7 @@ LAYERS: dict[str, int] = {
     "poste.spam": 1,
     "poste.users": 1,
     "poste.dkim": 2,
+    "poste.certs": 2,
     "poste.runtime": 3,
     "poste.services": 4,
     "poste.tools": 5,

@@ -71,7 +71,7 @@ def _status(out: str) -> dict[str, str]:
     found: dict[str, str] = {}
     for line in out.splitlines():
         parts = line.split()
-        if len(parts) >= 2 and parts[0] in ("ok", "missing", "wrong", "skip"):
+        if len(parts) >= 2 and parts[0] in ("ok", "missing", "wrong", "skip", "warn"):
             found.setdefault(parts[1], parts[0])
     return found
 
@@ -88,6 +88,27 @@ def test_doctor_all_ok(tmp_path: Path, poste_bin: str, keys, mx_port: int) -> No
     assert st == {"MX": "ok", "SPF": "ok", "DKIM": "ok", "DMARC": "ok", "PTR": "ok", "TLS": "ok"}, r.stdout
     assert "publish:" not in r.stdout
     assert f"{IP} -> {MX} -> {IP}" in r.stdout
+
+
+def test_doctor_warns_of_a_certificate_near_its_end(
+    tmp_path: Path, poste_bin: str, keys: tuple[Path, Path, str]
+) -> None:
+    """10 days left: renewal (at 30 days left) has been failing; a warning, not a failure."""
+    key_path, _, dkim_value = keys
+    cert, key = tmp_path / "short.pem", tmp_path / "short.key"
+    self_signed(cert, key, MX, days=10)
+    zones = {DOMAIN: _zone(f"v=spf1 ip4:{IP} -all", True, dkim_value),
+             "0.0.127.in-addr.arpa": _reverse(MX)}
+    with started([poste_bin, "srv", f"{IP}:0", "-o", f"{tmp_path}/mx/", "--count", "0",
+                  "-k", str(key), "-c", str(cert)], tmp_path / "srv.log", host=IP) as (_, [port]):
+        with KnotServer(tmp_path / "knot", zones) as ns:
+            r = _doctor(poste_bin, ns, "--selector", "poste", "--dkim-key", str(key_path),
+                        "--smtp-port", str(port), "--tls-ca", str(cert))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert _status(r.stdout)["TLS"] == "warn", r.stdout
+    line = next(x for x in r.stdout.splitlines() if x.startswith("warn"))
+    assert "expires in 9.9 days" in line or "expires in 10.0 days" in line, line
+    assert "poste cert renew" in line
 
 
 def test_doctor_wrong_spf_missing_dmarc(tmp_path: Path, poste_bin: str, keys, mx_port: int) -> None:

@@ -135,3 +135,71 @@ def verify(mail: BinaryIO, nameservers: tuple[str, ...], verbose: bool) -> None:
         sys.exit(1)
     if "temperror" in words:
         sys.exit(75)
+
+
+@main.command()
+@click.option("--key-dir", type=click.Path(file_okay=False), default=None,
+              help="The signer's key folder (its `key-dir`).")
+@click.option("--domain", "-d", default=None, help="The signing domain (d= tag).")
+@click.option("--algorithm", "algorithms", multiple=True, type=click.Choice(["rsa", "ed25519"]),
+              help="The series to rotate (repeatable; default: rsa).")
+@click.option("--dns-server", default=None, metavar="IP[:PORT]",
+              help="Primary DNS server to publish the new record to (RFC 2136).")
+@click.option("--dns-key", default=None, metavar="NAME:ALG:SECRET",
+              help="TSIG key allowed to update the zone.")
+@click.option("--zone", default=None, help="Zone to update (default: --domain).")
+@click.option("--ttl", type=click.IntRange(1, 86400), default=3600, show_default=True,
+              help="TTL of the new record: the signer switches this long after it is visible.")
+@click.option("--bits", type=int, default=2048, show_default=True, help="RSA key size (2048+).")
+@click.option("--config", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="poste.toml: the [signer] key-dir, domain, dns-server, dns-key and zone.")
+@click.option("--status", is_flag=True, help="Only show the selectors and their states.")
+def rotate(key_dir: str | None, domain: str | None, algorithms: tuple[str, ...],
+           dns_server: str | None, dns_key: str | None, zone: str | None, ttl: int, bits: int,
+           config: str | None, status: bool) -> None:
+    """Publish a new key under the next epoch's selector (rsa-2 after rsa-1, ed-1...).
+
+    The signer switches to it once its record is visible on the primary and TTL seconds
+    have passed, and withdraws the old record after its rotation-grace.
+    """
+    import asyncio
+    from pathlib import Path
+
+    from poste.services.signer import rotation as rot
+    from poste.services.signer.service import dns_target
+
+    if config:
+        from poste.runtime.settings import ConfigError
+        from poste.stack.config import load
+
+        try:
+            cfg = load(Path(config))
+        except ConfigError as exc:
+            raise click.ClickException(exc.render(lambda name: name)) from None
+        sig = cfg["signer"].settings()
+        key_dir = key_dir or sig["key-dir"]
+        domain = domain or sig["domain"] or (cfg["relay"].get("domain") or [None])[0]
+        dns_server, dns_key = dns_server or sig["dns-server"], dns_key or sig["dns-key"]
+        zone = zone or sig["zone"]
+    if not key_dir or not domain:
+        raise click.UsageError("give --key-dir and --domain (or --config with [signer] key-dir)")
+    folder = rot.KeyFolder(key_dir)
+    try:
+        if not status:
+            if not dns_server or not dns_key:
+                raise click.UsageError("give --dns-server and --dns-key: the new key is"
+                                       " published before the signer may use it")
+            with flag_errors():
+                server, tsig = dns_target(dns_server, dns_key)
+            primary = rot.Primary(server, tsig, zone or domain)
+            for algorithm in algorithms or ("rsa",):
+                entry = asyncio.run(rot.rotate(folder, domain.rstrip("."), algorithm, primary,
+                                               ttl=ttl, bits=bits))
+                word = "signing now" if entry.state == rot.ACTIVE else (
+                    f"pending: the signer switches {entry.ttl} s after it is visible")
+                click.echo(f"published: {entry.selector}._domainkey.{domain.rstrip('.')}."
+                           f" TXT ({word})")
+        for line in rot.summary(folder.read()):
+            click.echo(line)
+    except rot.RotationError as exc:
+        raise click.ClickException(str(exc)) from None

@@ -227,3 +227,34 @@ async def _send_update(
         raise DNSUpdateError(
             f"DNS server {_where(server)} did not answer: {exc or type(exc).__name__}"
         ) from None
+
+
+async def withdraw(
+    records: Sequence[Record], zone: str, server: Nameserver, key: TsigKey, timeout: float = 5.0
+) -> None:
+    """Delete exactly these records (an ACME challenge once answered); one UPDATE."""
+    zone_name = dns.name.from_text(zone)
+    upd = dns.update.UpdateMessage(zone_name, keyring=key.keyring(), keyname=key.name)
+    for record in records:
+        for rd in _wanted(record):
+            upd.delete(dns.name.from_text(record.name), rd)
+    resp = await _send_update(upd, server, timeout)
+    rcode = resp.rcode()
+    if rcode != dns.rcode.NOERROR:
+        raise DNSUpdateError(
+            f"{_where(server)} refused the update of {zone_name}: {dns.rcode.to_text(rcode)}"
+        )
+
+
+async def zone_of(name: str, server: Nameserver, timeout: float = 5.0) -> str:
+    """The zone the primary holds `name` in: the owner of the SOA it answers with."""
+    q = dns.message.make_query(name, "SOA")
+    q.flags &= ~dns.flags.RD
+    resp = await _send(q, server, timeout)
+    for rrset in resp.answer + resp.authority:
+        if rrset.rdtype == dns.rdatatype.SOA:
+            return str(rrset.name.to_text())
+    raise DNSUpdateError(
+        f"{_where(server)} is not authoritative for {name} "
+        f"({dns.rcode.to_text(resp.rcode())}, no SOA): give the zone"
+    )

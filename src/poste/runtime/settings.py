@@ -159,6 +159,32 @@ HOSTNAME = Setting(
 )
 TLS_CERT = Setting("tls-cert", FILE, help="PEM certificate.")
 TLS_KEY = Setting("tls-key", FILE, help="PEM private key.")
+# ACME (docs/deploy.md): the TLS certificate obtained and renewed by DNS-01 instead of
+# tls-cert/tls-key; the verifier's and submission's, and `poste cert`'s.
+ACME = (
+    Setting("acme-directory", metavar="URL",
+            help="ACME directory to obtain and renew the TLS certificate from by DNS-01"
+                 " (instead of tls-cert/tls-key)."),
+    Setting("acme-email", metavar="ADDR", help="Contact address of the ACME account."),
+    Setting("acme-state", PATH, metavar="DIR",
+            help="Folder of the ACME account and certificate (`poste up`: acme/ beside the"
+                 " relay's spool)."),
+    Setting("acme-name", STRS, metavar="NAME",
+            help="A name on the certificate (repeatable; default: hostname)."),
+    Setting("acme-dns-server", metavar="IP[:PORT]",
+            help="Primary DNS server taking the _acme-challenge records (RFC 2136)."),
+    Setting("acme-dns-key", metavar="NAME:ALG:SECRET", help="TSIG key allowed to update it."),
+    Setting("acme-zone", metavar="ZONE",
+            help="Zone of the challenge records (default: the one the primary names)."),
+    Setting("acme-ca", FILE,
+            help="CA file for the ACME server's HTTPS certificate (a private or test CA)."),
+    Setting("acme-challenge", CHOICE, default="dns-01", choices=("dns-01", "http-01"),
+            show_default=True,
+            help="dns-01: TXT records through acme-dns-server; http-01: a responder on"
+                 " acme-http-listen while an order waits (a DNS without UPDATE)."),
+    Setting("acme-http-listen", metavar="ADDR:PORT", default="0.0.0.0:80", show_default=True,
+            help="Where the HTTP-01 responder listens (port 80 of the names, for the CA)."),
+)
 NAMESERVER = Setting("nameserver", STRS, metavar="[tcp:|udp:]IP[:PORT]")
 VERBOSE = Setting("verbose", COUNT, default=0, short="-v", help="More logging (-vv: debug).")
 LOG_FORMAT = Setting(

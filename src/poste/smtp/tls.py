@@ -18,11 +18,18 @@ class TLSConfigError(ValueError):
     pass
 
 
-def server_context(cert: str | Path, key: str | Path) -> ssl.SSLContext:
-    """A server context that refuses anything older than TLS 1.2."""
+def bare_server_context() -> ssl.SSLContext:
+    """A server context that refuses anything older than TLS 1.2, its chain loaded later
+    (an ACME certificate not obtained yet)."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
+    return ctx
+
+
+def server_context(cert: str | Path, key: str | Path) -> ssl.SSLContext:
+    """A server context that refuses anything older than TLS 1.2."""
+    ctx = bare_server_context()
     try:
         ctx.load_cert_chain(str(cert), str(key))
     except OSError as exc:

@@ -16,6 +16,7 @@ service command.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import socket
 from collections.abc import Sequence
@@ -185,6 +186,8 @@ def _assemble(cfg: StackConfig, relay: RelayParts, mailbox: Path | None) -> Stac
     for entry in entries:
         parts.before += entry.before
         parts.listeners += entry.listeners
+        parts.background += entry.background  # ACME renewal
+        parts.after += entry.after
     parts.add(relay.runtime([]))
     parts.reloads.append(("config", stack.reread_config))
     reloads = [r for e in entries for r in e.reloads]
@@ -193,6 +196,39 @@ def _assemble(cfg: StackConfig, relay: RelayParts, mailbox: Path | None) -> Stac
         raise ConfigError(
             None, "nothing to listen on: enable [verifier], [submission] or [relay] listen")
     return stack
+
+
+def _acme_state(cfg: StackConfig, values: dict[str, Any]) -> None:
+    """The ACME account and certificate live beside the spool unless told otherwise: the
+    verifier's and submission's then share one certificate (both host names)."""
+    if values.get("acme-directory") and not values.get("acme-state"):
+        values["acme-state"] = str(Path(cfg["relay"].need("spool")).parent / "acme")
+
+
+def acme_of(cfg: StackConfig) -> list[Any]:
+    """The certificates `poste up` would obtain (`ACMESettings`, one per state folder, with
+    the names of every section sharing it): what `poste cert --config` works on."""
+    from poste.runtime.certs import acme_settings
+
+    found: dict[Path, Any] = {}
+    for name in ("verifier", "submission"):
+        section = cfg[name]
+        if not section.enabled:
+            continue
+        values = section.settings()
+        _acme_state(cfg, values)
+        try:
+            acme = acme_settings(values)
+        except ConfigError as exc:
+            raise section.error(exc) from None
+        if acme is None:
+            continue
+        key = acme.store.folder.resolve()
+        if key in found:
+            names = found[key].names + tuple(n for n in acme.names if n not in found[key].names)
+            acme = dataclasses.replace(found[key], names=names)
+        found[key] = acme
+    return list(found.values())
 
 
 def _into_relay(stack: Stack, name: str, *, own_hop: bool = False) -> Hop:
@@ -212,6 +248,7 @@ def _receiving(stack: Stack, domains: list[str], postmaster: str) -> Parts:
     values = section.settings()
     values["domain"] = values["domain"] or domains
     values["postmaster"] = values["postmaster"] or postmaster
+    _acme_state(stack.config, values)
     try:
         v_stage = verifier.stage(values)
     except ConfigError as exc:
@@ -253,20 +290,25 @@ def _sending(stack: Stack, domains: list[str]) -> Parts:
     # the failed-login counters live beside the spool unless told otherwise
     values["auth-state"] = values["auth-state"] or str(
         Path(stack.config["relay"].need("spool")).parent / "submission-auth.json")
+    _acme_state(stack.config, values)
     out: Hop = _into_relay(stack, s_name, own_hop=True)  # the sending path may relay anywhere
     before: list[Job] = []
+    rotating: list[Job] = []
     if sig.enabled:
-        sig_values = {**sig.settings(), "selector": sig.need("selector"),
-                      "private-key": sig.need("private-key")}
+        sig_values = sig.settings()
+        if not sig_values["key-dir"]:
+            sig_values["selector"] = sig.need("selector")
+            sig_values["private-key"] = sig.need("private-key")
         sig_values["domain"] = sig_values["domain"] or domains[0]
         g_name = sig_values["hostname"] or socket.getfqdn()
         try:
             signer_obj = signer.signer_of(sig_values)
             before = signer.publisher(sig_values, signer_obj)
+            sig_stage = signer.SignerStage(signer_obj)
+            rotating = signer.rotation(sig_values, sig_stage)
         except ConfigError as exc:
             raise sig.error(exc) from None
-        out = StageHop(signer.SignerStage(signer_obj), _into_relay(stack, g_name, own_hop=True),
-                       g_name, s_name)
+        out = StageHop(sig_stage, _into_relay(stack, g_name, own_hop=True), g_name, s_name)
     try:
         tls = submission.tls_of(values)
         # one watcher: relay and submission see a commit at the same moment
@@ -275,7 +317,8 @@ def _sending(stack: Stack, domains: list[str]) -> Parts:
     except ConfigError as exc:
         raise section.error(exc) from None
     stack.tls.append(tls)
-    parts.before = before
+    parts.before[:0] = before  # the DKIM keys published, then the certificate obtained
+    parts.background += rotating  # the DKIM keys moved on as they age
     parts.after.append(sub_stage.authenticator.brake.flush)  # the AUTH counters on disk
     return parts
 

@@ -36,6 +36,7 @@ TOP: tuple[Setting, ...] = (
     st.NAMESERVER.but(help="DNS servers of every section that looks things up."),
     st.TLS_CERT,
     st.TLS_KEY,
+    *st.ACME,
     Setting("users", st.PATH, help="The Git users repository."),
     st.METRICS,
     st.LOG_FORMAT,

@@ -1,7 +1,7 @@
 """`poste doctor --domain D`: what a receiving provider will check, checked from outside.
 
 Each check prints `ok`, `missing` or `wrong` (or `skip` when not enough was
-given to check it) and, when not ok, the record to publish, built by the same
+given to check it, `warn` for a certificate with less than 14 days left) and, when not ok, the record to publish, built by the same
 code as `poste dns records` so the advice matches what `poste init` printed.
 The exit status is 0 only when nothing is missing or wrong.
 
@@ -26,7 +26,8 @@ from poste.dns.resolver import SyncResolver
 from poste.smtp.address import domain_key
 from poste.smtp.client import ProbeError, probe_starttls
 
-OK, MISSING, WRONG, SKIP = "ok", "missing", "wrong", "skip"
+OK, MISSING, WRONG, SKIP, WARN = "ok", "missing", "wrong", "skip", "warn"
+EXPIRY_WARNING_DAYS = 14  # ACME renews at 30 days left: under 14, renewal has been failing
 
 
 @dataclass
@@ -255,9 +256,12 @@ class Doctor:
             return [Check(SKIP, "TLS", "no MX host to connect to")]
         ip = self.addresses[0]
         try:
-            text = starttls_certificate(ip, self.smtp_port, host, self.cafile, self.timeout)
+            text, days = starttls_certificate(ip, self.smtp_port, host, self.cafile, self.timeout)
         except ProbeError as exc:
             return [Check(WRONG, "TLS", f"{host} [{ip}]:{self.smtp_port}: {exc}")]
+        if days < EXPIRY_WARNING_DAYS:
+            return [Check(WARN, "TLS", f"{host} [{ip}]:{self.smtp_port}: {text}: expires in"
+                          f" {days:.1f} days (`poste cert show`, `poste cert renew`)")]
         return [Check(OK, "TLS", f"{host} [{ip}]:{self.smtp_port}: {text}")]
 
 
@@ -272,10 +276,18 @@ def _tags(value: str) -> dict[str, str]:
 
 def starttls_certificate(
     ip: str, port: int, name: str, cafile: str | None, timeout: float = 10.0
-) -> str:
-    """EHLO, STARTTLS, verify the certificate for `name`; a one-line summary or ProbeError."""
+) -> tuple[str, float]:
+    """EHLO, STARTTLS, verify the certificate for `name`: a one-line summary and the days it
+    has left, or ProbeError."""
+    import time
+
     ctx = ssl.create_default_context(cafile=cafile)
     version, cert = asyncio.run(probe_starttls(ip, port, name, ctx, timeout))
-    return f"{version}, certificate valid for {name} until {cert.get('notAfter', '?')}"
+    not_after = str(cert.get("notAfter", ""))
+    try:
+        days = (ssl.cert_time_to_seconds(not_after) - time.time()) / 86400
+    except ValueError:
+        days = float("inf")
+    return f"{version}, certificate valid for {name} until {not_after or '?'}", days
 
 

@@ -6,22 +6,33 @@ event loop never waits on it.  A mail that cannot be signed is passed on
 unsigned and byte-identical, with a log line: the signer never drops mail.
 With `--dns-server`/`--dns-key` the public keys are published at start-up
 (RFC 2136 + TSIG), only when the served record is missing or different.
+With `--key-dir` the keys rotate (rotation.py): the active key of each series
+signs, and a background job switches and withdraws selectors as they age.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import Any
 
 from prometheus_client import Counter
 
-from poste.dkim.sign import Signer, sign_or_pass
+from poste.dkim.sign import DEFAULT_HEADERS, DEFAULT_OVERSIGN, Signer, SigningKey, sign_or_pass
 from poste.dns.resolver import Nameserver, NameserverError, parse_nameserver
 from poste.runtime.hostport import parse_hostport
 from poste.runtime.run import Job, Parts, StartError
 from poste.runtime.settings import ConfigError, Values
-from poste.services.signer.options import make_signer
+from poste.services.signer.options import make_signer, parse_field_list, signing_keys
+from poste.services.signer.rotation import (
+    KeyFolder,
+    Primary,
+    RotationError,
+    advance,
+    due_for_rotation,
+    rotate,
+)
 from poste.smtp.client import SMTPHop
 from poste.smtp.message import Message
 from poste.smtp.server import SMTPService
@@ -68,12 +79,20 @@ def dns_target(server: str, key: str) -> tuple[Nameserver, Any]:
         raise ConfigError("dns-key", str(exc)) from None
 
 
-async def publish_keys(signer: Signer, server: Nameserver, key: Any, zone: str) -> None:
+async def publish_keys(signer: Signer, server: Nameserver, key: Any, zone: str,
+                       folder: KeyFolder | None = None) -> None:
     """Put the signer's public keys in DNS; a StartError when we cannot."""
-    from poste.dkim.keys import dkim_record
+    from poste.dkim.keys import dkim_record, record_name
     from poste.dns.update import DNSUpdateError, publish
 
     records = [dkim_record(k.domain, k.selector, k.key) for k in signer.keys]
+    if folder is not None:  # the pending and retiring ones too
+        try:
+            records = await asyncio.to_thread(folder.published, signer.keys[0].domain)
+        except RotationError as exc:
+            raise StartError(f"cannot publish the DKIM keys: {exc}") from None
+        records += [dkim_record(k.domain, k.selector, k.key) for k in signer.keys
+                    if all(r.name != record_name(k.selector, k.domain) for r in records)]
     try:
         outcomes = await publish(records, zone, server, key)
     except DNSUpdateError as exc:
@@ -82,9 +101,69 @@ async def publish_keys(signer: Signer, server: Nameserver, key: Any, zone: str) 
         log.info("dns %s", o.line())
 
 
+def key_folder(values: Values) -> KeyFolder | None:
+    return KeyFolder(values["key-dir"]) if values.get("key-dir") else None
+
+
 def signer_of(values: Values) -> Signer:
-    return make_signer(str(values["domain"]), values["selector"], values["private-key"],
-                       values["sign-headers"], values["oversign"])
+    """The selector/private-key pairs, and the active rotated keys of key-dir."""
+    domain = str(values["domain"]).rstrip(".")
+    folder = key_folder(values)
+    if not folder:
+        return make_signer(domain, values["selector"], values["private-key"],
+                           values["sign-headers"], values["oversign"])
+    keys: list[SigningKey] = []
+    if values["selector"] or values["private-key"]:
+        keys = signing_keys(domain, values["selector"], values["private-key"])
+    try:
+        keys += folder.signing_keys(domain)
+    except RotationError as exc:
+        raise ConfigError("key-dir", str(exc)) from None
+    if not keys:
+        raise ConfigError("key-dir", f"no active key in {folder.folder}: poste dkim rotate"
+                          " --key-dir ... makes the first one")
+    try:
+        return Signer(keys, parse_field_list(values["sign-headers"], DEFAULT_HEADERS),
+                      parse_field_list(values["oversign"], DEFAULT_OVERSIGN))
+    except ValueError as exc:
+        raise ConfigError(None, str(exc), usage=True) from None
+
+
+def rotation(values: Values, stage: SignerStage) -> list[Job]:
+    """With key-dir: beside the listener, move the keys on (switch when the new record is
+    visible and its TTL passed, withdraw after the grace, rotate on schedule) and sign with
+    the active ones; a change is a new Signer object, so a mail being signed keeps its own."""
+    folder = key_folder(values)
+    if folder is None:
+        return []
+    domain = str(values["domain"]).rstrip(".")
+    server, key = _dns_pair(values)
+    primary = None
+    if server and key:
+        ns, tsig = dns_target(server, key)
+        primary = Primary(ns, tsig, values["zone"] or domain)
+    every, grace = values["rotate-every"], float(values["rotation-grace"])
+    check = float(values["rotation-check"])
+    if every and primary is None:
+        raise ConfigError(None, "{0} needs {1} and {2}",
+                          names=("rotate-every", "dns-server", "dns-key"))
+
+    async def run() -> None:
+        while True:
+            try:
+                if every and primary is not None:
+                    entries = await asyncio.to_thread(folder.read)
+                    for algorithm in due_for_rotation(entries, float(every), time.time()):
+                        await rotate(folder, domain, algorithm, primary)
+                if await advance(folder, domain, primary, grace):
+                    stage.signer = await asyncio.to_thread(signer_of, values)
+            except (RotationError, ConfigError) as exc:
+                log.error("dkim: key rotation: %s", exc)
+            except Exception:  # the folder must not stop signing with what we have
+                log.exception("dkim: key rotation failed")
+            await asyncio.sleep(check)
+
+    return [run]
 
 
 def _dns_pair(values: Values) -> tuple[str | None, str | None]:
@@ -103,7 +182,7 @@ def publisher(values: Values, signer: Signer) -> list[Job]:
     zone = values["zone"] or values["domain"]
 
     async def publish() -> None:
-        await publish_keys(signer, primary, tsig, zone)
+        await publish_keys(signer, primary, tsig, zone, key_folder(values))
 
     return [publish]
 
@@ -114,8 +193,9 @@ def build(values: Values) -> Parts:
     signer = signer_of(values)
     host, port = parse_hostport(values["listen"], 25, "listen")
     dest_host, dest_port = parse_hostport(values["destination"], 25, "destination")
+    stage = SignerStage(signer)
     service = SMTPService(
-        SignerStage(signer), SMTPHop(dest_host, dest_port, helo=values["hostname"]),
+        stage, SMTPHop(dest_host, dest_port, helo=values["hostname"]),
         host=host, port=port, hostname=values["hostname"],
     )
-    return Parts([service], before=publisher(values, signer))
+    return Parts([service], before=publisher(values, signer), background=rotation(values, stage))

@@ -17,10 +17,11 @@ import logging
 from pathlib import Path
 
 from poste.runtime import reloads
+from poste.runtime.certs import server_tls, tls_parts
 from poste.runtime.hostport import parse_hostport
 from poste.runtime.run import Parts
 from poste.runtime.settings import ConfigError, Values
-from poste.runtime.tls import TLSFiles, tls_files
+from poste.runtime.tls import TLSFiles
 from poste.services.submission.brake import AuthBrake
 from poste.services.submission.logins import Authenticator, may_send_as, resolve_login
 from poste.services.submission.sender_policy import check_header
@@ -159,7 +160,8 @@ def stage(values: Values, watcher: UsersWatcher | None = None) -> SubmissionStag
 
 
 def listeners(values: Values, stage: SubmissionStage, hop: Hop, tls: TLSFiles) -> Parts:
-    """The two listeners (or the one asked for), TLS on both; SIGHUP reloads the certificate."""
+    """The two listeners (or the one asked for), TLS on both; SIGHUP reloads the certificate,
+    ACME renews it."""
     listen_tls, listen = values["listen-tls"], values["listen"]
     if listen_tls is None and listen is None:
         listen_tls, listen = "0.0.0.0:465", "0.0.0.0:587"
@@ -173,15 +175,18 @@ def listeners(values: Values, stage: SubmissionStage, hop: Hop, tls: TLSFiles) -
         host, port = parse_hostport(listen, 587, "listen")
         services.append(SMTPService(stage, hop, host=host, port=port, hostname=name,
                                     tls_context=tls.ctx, require_tls=True))
-    return Parts(services, reloads=[("certificate", tls.reload)])
+    parts = Parts(services)
+    parts.add(tls_parts(tls))
+    return parts
 
 
 def tls_of(values: Values) -> TLSFiles:
     """AUTH is offered only under TLS: no certificate, no submission."""
-    tls = tls_files(values) if values["tls-cert"] and values["tls-key"] else None
+    acme = bool(values.get("acme-directory"))
+    tls = server_tls(values) if acme or (values["tls-cert"] and values["tls-key"]) else None
     if tls is None:
-        raise ConfigError(None, "submission needs {0} and {1} (AUTH only under TLS)",
-                          names=("tls-cert", "tls-key"))
+        raise ConfigError(None, "submission needs {0} and {1}, or {2} (AUTH only under TLS)",
+                          names=("tls-cert", "tls-key", "acme-directory"))
     return tls
 
 

@@ -1,6 +1,7 @@
 """Submission's settings: `poste submission` flags and `[submission]` keys."""
 
 from poste.runtime.settings import (
+    ACME,
     DESTINATION,
     DIR,
     FLOAT,
@@ -23,6 +24,7 @@ SETTINGS = (
     Setting("users", DIR, required=True, help="The Git users repository."),
     TLS_CERT,
     TLS_KEY,
+    *ACME,
     Setting("listen-tls", STR, metavar="ADDR:PORT",
             help="Implicit TLS listener (port 465 style; default 0.0.0.0:465)."),
     LISTEN.but(default=None, show_default=False,

@@ -19,10 +19,11 @@ from collections.abc import Sequence
 
 from poste import metrics
 from poste.dns.resolver import NameserverError
+from poste.runtime.certs import server_tls, tls_parts
 from poste.runtime.hostport import parse_hostport
 from poste.runtime.run import Parts
 from poste.runtime.settings import ConfigError, Values
-from poste.runtime.tls import TLSFiles, tls_files
+from poste.runtime.tls import TLSFiles
 from poste.services.verifier.authenticate import Authenticator, Report
 from poste.services.verifier.dmarc import PSLError, load_psl
 from poste.services.verifier.spf import resolver_for
@@ -159,21 +160,24 @@ def stage(values: Values) -> VerifierStage:
 
 
 def tls_of(values: Values) -> TLSFiles | None:
-    tls = tls_files(values)
+    tls = server_tls(values)
     if values["require-tls"] and tls is None:
-        raise ConfigError(None, "{0} needs {1} and {2}",
-                          names=("require-tls", "tls-cert", "tls-key"))
+        raise ConfigError(None, "{0} needs {1} and {2} (or {3})",
+                          names=("require-tls", "tls-cert", "tls-key", "acme-directory"))
     return tls
 
 
 def listener(values: Values, stage: VerifierStage, hop: Hop, tls: TLSFiles | None) -> Parts:
-    """The MX's listener in front of `hop`; SIGHUP loads its certificate again."""
+    """The MX's listener in front of `hop`; SIGHUP loads its certificate again, ACME renews it."""
     host, port = parse_hostport(values["listen"], 25, "listen")
     service = SMTPService(
         stage, hop, host=host, port=port, hostname=stage.auth.hostname,
         tls_context=tls.ctx if tls else None, require_tls=bool(values["require-tls"]),
     )
-    return Parts([service], reloads=[("certificate", tls.reload)] if tls else [])
+    parts = Parts([service])
+    if tls:
+        parts.add(tls_parts(tls))
+    return parts
 
 
 def build(values: Values) -> Parts:

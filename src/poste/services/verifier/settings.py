@@ -1,6 +1,7 @@
 """The verifier's settings: `poste verifier` flags and `[verifier]` keys."""
 
 from poste.runtime.settings import (
+    ACME,
     DESTINATION,
     FLAG,
     FLOAT,
@@ -23,6 +24,7 @@ SETTINGS = (
     LISTEN.but(stack_default="0.0.0.0:25"),
     TLS_CERT,
     TLS_KEY,
+    *ACME,
     NAMESERVER.but(help="DNS server for SPF/DKIM/DMARC lookups (repeatable; default: the system's)."),
     Setting("dns-timeout", FLOAT, default=5.0, show_default=True, help="Seconds per DNS query."),
     Setting("psl", PATH, metavar="FILE",
