@@ -21,6 +21,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "srv": ("poste.tools.srv_cli:main", "Receive N mails and write them as received."),
     "spf": ("poste.services.verifier.spf_cli:main", "SPF tools: check."),
     "dkim": ("poste.dkim.cli:main", "DKIM tools: keygen, sign, verify."),
+    "arc": ("poste.dkim.arc_cli:main", "ARC tools: sign (seal), verify."),
+    "dmarc": ("poste.services.verifier.dmarc_cli:main", "DMARC tools: check a mail file."),
     "dns": ("poste.dns.cli:main", "DNS records a domain needs; publish them (RFC 2136)."),
     "spam": ("poste.spam.cli:main", "Spam filter tools: train, classify, mark, eval."),
     "users": ("poste.users.cli:main", "Manage the Git users repository."),

@@ -25,7 +25,7 @@ def txt_func(nameserver: str) -> Callable[..., str | None]:
         qname = name.decode() if isinstance(name, bytes) else name
         try:
             answer = resolver.resolve(qname, "TXT", search=False)  # type: ignore[no-untyped-call]
-        except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
+        except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer, dns.resolver.NoNameservers):
             return None
         return "".join(b"".join(r.strings).decode() for r in answer)
 
