@@ -219,3 +219,38 @@ def test_mail_without_our_results_is_forwarded_unsealed(world: World, tmp_path: 
     r = run_poste(["arc", "sign", "-d", "x.test", "-s", "e", "-k", str(ed_path),
                    "--authserv-id", "mx.x.test", str(path)])
     assert r.returncode == 2 and "rsa-sha256 only" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_dmarc_check_judges_a_file_as_the_verifier(world: World, tmp_path: Path) -> None:
+    """`poste dmarc check FILE --ip --helo --sender`: the word, or the verifier's fields."""
+    path = tmp_path / "m.eml"
+    path.write_bytes(_mail(world.sender_key))
+    ns = ["--nameserver", world.ns.nameserver]
+
+    def dmarc(*args: str) -> str:
+        r = run_poste(["dmarc", "check", str(path), *ns, *args])
+        assert r.returncode == 0, r.stderr
+        return r.stdout
+
+    assert dmarc("--ip", "127.0.0.1", "--helo", "out.sender.test",
+                 "--sender", "sam@sender.test") == "pass\n"
+    fields = dmarc("--ip", "192.0.2.1", "--helo", "out.sender.test", "--sender",
+                   "sam@sender.test", "--header", "--receiver", "mx.test")
+    assert fields.startswith("Received-SPF: fail (mx.test: ")
+    assert "Authentication-Results: mx.test;" in fields and "spf=fail" in fields
+    assert "dkim=pass header.d=sender.test" in fields and "arc=none" in fields
+    assert "dmarc=pass (p=reject dis=none) header.from=sender.test" in fields  # DKIM aligns
+    path.write_bytes(path.read_bytes().replace(b"two forwarders.", b"two forwarders!"))
+    assert dmarc("--ip", "192.0.2.1", "--helo", "x.test", "--sender", "sam@sender.test") == (
+        "fail\n")
+    r = run_poste(["dmarc", "check", str(path), "--ip", "nope", "--helo", "h", "--sender", ""])
+    assert r.returncode == 2 and len(r.stderr.splitlines()) == 1 and "not an IP" in r.stderr
+
+
+def test_malformed_mail_is_forwarded_unsealed(world: World) -> None:
+    """A From that Python's parser rejects: no seal, the mail goes on as it came."""
+    bad = (b"From: <\r\nTo: alice@fwd.test\r\nSubject: odd\r\nMessage-ID: <odd@sender.test>\r\n"
+           b"\r\nStill delivered.\r\n")
+    got = _send(world, bad)
+    assert header(got, "ARC-Seal") == [] and got.endswith(bad)
+    assert b"arc=none" in got  # both verifiers looked, and found no chain
