@@ -36,6 +36,12 @@ class OwnKeys:
     signer: Signer | None = None
     sealer: Sealer | None = None
 
+    def say_what_is_missing(self) -> None:
+        """At start (not while the flags are checked: a refused start says one line)."""
+        if self.signer is not None and self.sealer is None:
+            log.warning("no RSA key among --dkim-key: forwarded mail is not ARC-sealed "
+                        "(RFC 8617 seals with rsa-sha256 only)")
+
     async def sign(self, message: bytes, queue_id: str) -> bytes:
         """`message` with our DKIM-Signature fields on top (as it is when it cannot be signed)."""
         if self.signer is None:
@@ -58,11 +64,7 @@ def own_keys(
         raise ConfigError(None, f"{exc}: give one {{0}} per {{1}}",
                           names=["dkim-selector", "dkim-key"]) from None
     rsa = [k for k in keys if k.key.algorithm == "rsa"]
-    sealer = Sealer(rsa[0], authserv_id) if rsa else None
-    if sealer is None:
-        log.warning("no RSA key among --dkim-key: forwarded mail is not ARC-sealed "
-                    "(RFC 8617 seals with rsa-sha256 only)")
-    return OwnKeys(Signer(keys), sealer)
+    return OwnKeys(Signer(keys), Sealer(rsa[0], authserv_id) if rsa else None)
 
 
 class ForwardSeal:

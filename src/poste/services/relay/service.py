@@ -90,6 +90,7 @@ class RelayParts:
     srs_max_age: int
 
     async def start(self) -> None:
+        self.scheduler.own_keys.say_what_is_missing()
         try:
             await self.scheduler.start()
         except SpoolLocked as exc:
