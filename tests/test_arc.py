@@ -8,7 +8,8 @@ target is bob@two.test, whose target is carol@final.test:
 
 Every hop is a `poste verifier` or `poste relay` process; knot serves the
 zones; the final mail is judged by validators that are not ours (dkimpy's
-`arc_verify`, authheaders) and by `poste arc verify`.
+`arc_verify`, authheaders), by one written from the RFC for the tests
+(support/arcref.py, no dkimpy in it) and by `poste arc verify`.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import dkim
 import pytest
 
 from poste.dkim.sign import Signer, SigningKey
+from support import arcref
 from support.authkit import check, receiver, txt_func
 from support.cli import run_poste
 from support.dkimkit import dkim_zone_records, make_key
@@ -155,6 +157,8 @@ def test_two_forwards_give_a_chain_that_passes(world: World, tmp_path: Path) -> 
     assert [s["instance"] for s in sets] == [2, 1] and all(s["as-valid"] for s in sets)
     ar = authheaders.authenticate_message(got, "mx.final.test", arc=True, dnsfunc=txt)
     assert "arc=pass" in ar and "dkim=pass" in ar and "dmarc=pass" in ar, ar
+    # both are dkimpy (authheaders calls it); a validator written from RFC 8617 agrees
+    assert arcref.validate(got, txt) == "pass"
     # and the original DKIM signature of sender.test survived both forwards
     report = check(receiver(world.ns.nameserver), FINAL_IP, "", "mx.two.test", got)
     assert report.arc is not None and report.arc.result == "pass"
@@ -171,6 +175,7 @@ def test_two_forwards_give_a_chain_that_passes(world: World, tmp_path: Path) -> 
                      got.replace(b"Subject: forwarded twice", b"Subject: forwarded thrice")):
         cv, _, why = dkim.arc_verify(tampered, dnsfunc=txt)
         assert cv == dkim.CV_Fail, why
+        assert arcref.validate(tampered, txt) == "fail"
         ar = authheaders.authenticate_message(tampered, "mx.final.test", arc=True, dnsfunc=txt)
         assert "arc=fail" in ar, ar
         report = check(receiver(world.ns.nameserver), FINAL_IP, "", "mx.two.test", tampered)

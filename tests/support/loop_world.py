@@ -348,6 +348,9 @@ def check_sealed(world: World, mail: bytes) -> None:
     assert "spf=pass" in aar[0] and "arc=none" in aar[0], aar
     cv, _, why = dkim.arc_verify(mail, dnsfunc=txt_func(world.nameserver))
     assert cv == dkim.CV_Pass, why
+    from support import arcref
+
+    assert arcref.validate(mail, txt_func(world.nameserver)) == "pass"
 
 
 def check_sent(world: World, mail: bytes) -> None:
