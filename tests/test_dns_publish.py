@@ -51,12 +51,22 @@ def test_records_lists_what_a_domain_needs(tmp_path: Path, poste_bin: str) -> No
     assert f"{DOMAIN}. 3600 IN MX 10 mail.{DOMAIN}." in lines
     assert f"mail.{DOMAIN}. 3600 IN A 192.0.2.10" in lines
     assert f'{DOMAIN}. 3600 IN TXT "v=spf1 mx -all"' in lines
+    # the HELO name of our relay (the MX host by default): a bounce from <> is checked there
+    assert f'mail.{DOMAIN}. 3600 IN TXT "v=spf1 a -all"' in lines
     assert (
         f'_dmarc.{DOMAIN}. 3600 IN TXT "v=DMARC1; p=quarantine; rua=mailto:postmaster@{DOMAIN}"'
         in lines
     )
     dkim_line = next(x for x in lines if x.startswith(f"s1._domainkey.{DOMAIN}. 3600 IN TXT "))
     assert key.txt_value() == "".join(dkim_line.split('"')[1::2])
+    r = run(poste_bin, "records", "--domain", DOMAIN, "--ip", "192.0.2.10",
+            "--helo", f"out.{DOMAIN}", "--helo", "relay.elsewhere.test")
+    helo = [x for x in r.stdout.splitlines() if "HELO" in x or "v=spf1 ip4" in x]
+    assert helo == [
+        f'out.{DOMAIN}. 3600 IN TXT "v=spf1 ip4:192.0.2.10 -all"',
+        f"; SPF of the HELO name relay.elsewhere.test.: not in {DOMAIN}., publish it in its own zone",
+        '; relay.elsewhere.test. 3600 IN TXT "v=spf1 ip4:192.0.2.10 -all"',
+    ], r.stdout
     # the PTR is for the address owner: printed as a comment to pass on
     assert f"; 10.2.0.192.in-addr.arpa. 3600 IN PTR mail.{DOMAIN}." in lines
     assert any(x.startswith("; reverse DNS: ask the owner of 192.0.2.10") for x in lines)

@@ -17,6 +17,7 @@ from support.loop_world import (
     Entry,
     World,
     check_confirmation,
+    check_sealed,
     check_sent,
     make_world,
     metrics,
@@ -64,6 +65,9 @@ def test_loop_separate_services(world: World) -> None:
         "--users", str(world.users), "--spool", str(world.tmp / "spool"),
         "--listen", f"{h['relay']}:{port}", "--nameserver", world.nameserver,
         "--smtp-port", str(world.smtp_port), "--no-ipv6", "--local-socket", str(relay_sock),
+        # the domain's key, to seal forwarded mail over the verifier's results
+        "--dkim-selector", "poste", "--dkim-key", str(world.dkim_key),
+        "--arc-authserv-id", NAMES["verifier"],
     ])
     spawn("spamfilter", ["--listen", f"{h['spamfilter']}:{port}",
                          "--destination", f"{h['relay']}:{port}"])
@@ -97,6 +101,7 @@ def test_loop_separate_services(world: World) -> None:
         world, Entry((h["verifier"], port), (h["submission"], port_tls), (h["submission"], port))
     )
     check_confirmation(confirmation)
+    check_sealed(world, confirmation)
     check_sent(world, sent)
 
     # `curl http://127.0.0.x:PORT/metrics` of each service: its counter moved.

@@ -13,6 +13,7 @@ from support.loop_world import (
     Entry,
     World,
     check_confirmation,
+    check_sealed,
     check_sent,
     make_world,
     metrics,
@@ -58,6 +59,7 @@ def test_loop_through_poste_up(world: World) -> None:
               (HOSTS["submission"], port)),
     )
     check_confirmation(confirmation)
+    check_sealed(world, confirmation)
     check_sent(world, sent)
 
     # The counters moved, as `curl http://ADDR/metrics` shows.

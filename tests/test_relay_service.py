@@ -363,7 +363,21 @@ BAD_FLAGS: list[tuple[str, Callable[[Path, int], list[str]], str]] = [
     ("lifetime", lambda t, p: ["--lifetime", "soon"], "--lifetime"),
     ("smtp-port", lambda t, p: ["--smtp-port", "0"], "--smtp-port"),
     ("unknown-flag", lambda t, p: ["--colour"], "--colour"),
+    ("dkim-key-missing", lambda t, p: ["--dkim-selector", "s", "--dkim-key", str(t / "no.pem")],
+     "cannot read key"),
+    ("dkim-key-not-a-key", lambda t, p: ["--dkim-selector", "s", "--dkim-key",
+                                         str(t / "users" / "README")], "neither PEM"),
+    ("dkim-selector-count", lambda t, p: ["--dkim-key", str(_key(t))],
+     "give one --dkim-selector per --dkim-key"),
 ]
+
+
+def _key(tmp: Path) -> Path:
+    from poste.dkim.keys import generate, write_key
+
+    path = tmp / "dkim.pem"
+    write_key(generate("ed25519"), path)
+    return path
 
 
 @pytest.mark.parametrize(

@@ -73,3 +73,22 @@ def test_submission_needs_a_certificate(tmp_path: Path) -> None:
                  "submission": {"listen": "127.0.0.1:0"}})
     with pytest.raises(ConfigError, match="tls-cert"):
         build(cfg)
+
+
+def test_relay_takes_the_signers_keys_and_the_verifiers_name(tmp_path: Path) -> None:
+    """`poste up`: DSNs are signed with [signer]'s keys, seals carry [verifier]'s results."""
+    from poste.services.relay.dsn import FAILED, make_dsn
+    from poste.services.relay.spool import Recipient
+
+    d = _folder(tmp_path)
+    stack = build(load(d / "poste.toml"), check=True)
+    keys = stack.relay.scheduler.own_keys
+    assert keys.signer is not None and [k.selector for k in keys.signer.keys] == ["poste"]
+    assert stack.relay.stage.seal is not None
+    assert stack.relay.stage.seal.sealer.authserv_id == "mail.our.test"  # the verifier's name
+    dsn = make_dsn(action=FAILED, reporting_mta="mail.our.test", postmaster_domain="our.test",
+                   to="bob@example.org", recipients=[Recipient("x@far.test", "", "x@our.test")],
+                   original=b"From: bob@example.org\r\n\r\nhi\r\n", queue_id="Q", arrival=0.0)
+    signed = asyncio.run(keys.sign(dsn, "Q"))
+    assert signed.startswith(b"DKIM-Signature: v=1; a=rsa-sha256;") and signed.endswith(dsn)
+    assert b"d=our.test" in signed[: len(signed) - len(dsn)]

@@ -21,8 +21,10 @@ MX = "mail.x25519.test"
 IP = "127.0.0.61"
 
 
-def _zone(spf: str | None, dmarc: bool, dkim_value: str | None) -> str:
+def _zone(spf: str | None, dmarc: bool, dkim_value: str | None, helo_spf: str | None = None) -> str:
     lines = [f"@ MX 10 {MX}.", f"mail A {IP}"]
+    if helo_spf:
+        lines.append(f'mail TXT "{helo_spf}"')
     if spf:
         lines.append(f'@ TXT "{spf}"')
     lines.append('@ TXT "google-site-verification=abc"')
@@ -78,14 +80,15 @@ def _status(out: str) -> dict[str, str]:
 
 def test_doctor_all_ok(tmp_path: Path, poste_bin: str, keys, mx_port: int) -> None:
     key_path, cert, dkim_value = keys
-    zones = {DOMAIN: _zone(f"v=spf1 ip4:{IP} -all", True, dkim_value),
+    zones = {DOMAIN: _zone(f"v=spf1 ip4:{IP} -all", True, dkim_value, "v=spf1 a -all"),
              "0.0.127.in-addr.arpa": _reverse(MX)}
     with KnotServer(tmp_path / "knot", zones) as ns:
         r = _doctor(poste_bin, ns, "--selector", "poste", "--dkim-key", str(key_path),
                     "--smtp-port", str(mx_port), "--tls-ca", str(cert))
     assert r.returncode == 0, r.stdout + r.stderr
     st = _status(r.stdout)
-    assert st == {"MX": "ok", "SPF": "ok", "DKIM": "ok", "DMARC": "ok", "PTR": "ok", "TLS": "ok"}, r.stdout
+    assert st == {"MX": "ok", "SPF": "ok", "HELO": "ok", "DKIM": "ok", "DMARC": "ok", "PTR": "ok",
+                  "TLS": "ok"}, r.stdout
     assert "publish:" not in r.stdout
     assert f"{IP} -> {MX} -> {IP}" in r.stdout
 
@@ -114,7 +117,7 @@ def test_doctor_warns_of_a_certificate_near_its_end(
 def test_doctor_wrong_spf_missing_dmarc(tmp_path: Path, poste_bin: str, keys, mx_port: int) -> None:
     key_path, _cert, _ = keys
     stranger = generate("rsa").txt_value()
-    zones = {DOMAIN: _zone("v=spf1 ip4:192.0.2.1 -all", False, stranger),
+    zones = {DOMAIN: _zone("v=spf1 ip4:192.0.2.1 -all", False, stranger, "v=spf1 -all"),
              "0.0.127.in-addr.arpa": _reverse("vps-61.hoster.example")}
     with KnotServer(tmp_path / "knot", zones) as ns:
         # no --tls-ca: the self-signed certificate is not trusted by the system's CAs
@@ -124,6 +127,8 @@ def test_doctor_wrong_spf_missing_dmarc(tmp_path: Path, poste_bin: str, keys, mx
     st = _status(r.stdout)
     assert st["MX"] == "ok"
     assert st["SPF"] == "wrong" and st["DMARC"] == "missing", r.stdout
+    # a bounce (from <>) is checked against the HELO name: ours allows nobody
+    assert st["HELO"] == "wrong" and f'{MX}. 3600 IN TXT "v=spf1 a -all"' in r.stdout
     assert st["DKIM"] == "wrong" and st["PTR"] == "wrong" and st["TLS"] == "wrong", r.stdout
     # the fix keeps what the record allowed and adds our address before -all
     assert f'x25519.test. 3600 IN TXT "v=spf1 ip4:192.0.2.1 ip4:{IP} -all"' in r.stdout
@@ -144,8 +149,9 @@ def test_doctor_missing_everything(tmp_path: Path, poste_bin: str) -> None:
     assert r.returncode == 1
     st = _status(r.stdout)
     assert st["MX"] == "missing" and st["SPF"] == "missing" and st["DMARC"] == "missing"
-    assert st["PTR"] == "missing"
+    assert st["PTR"] == "missing" and st["HELO"] == "missing"
     assert f"x25519.test. 3600 IN MX 10 {MX}." in r.stdout
+    assert f'{MX}. 3600 IN TXT "v=spf1 a -all"' in r.stdout
 
 
 def test_doctor_bad_flags(poste_bin: str) -> None:

@@ -37,6 +37,8 @@ def test_init_writes_a_config_up_accepts(tmp_path: Path, poste_bin: str) -> None
     assert "mail.example.test. 3600 IN A 192.0.2.7" in out
     assert "poste._domainkey.example.test. 3600 IN TXT" in out
     assert "_dmarc.example.test." in out and "7.2.0.192.in-addr.arpa." in out
+    # the relay greets with the mail host name: its SPF lets a DSN (sent from <>) pass
+    assert 'mail.example.test. 3600 IN TXT "v=spf1 a -all"' in out
     assert f"poste up --config {d}/poste.toml" in out
     # the printed DKIM record is the key's
     from poste.dkim.keys import load_key

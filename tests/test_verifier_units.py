@@ -160,6 +160,27 @@ def test_authentication_results_syntax() -> None:
     assert "dkim=none" in authentication_results("h", None, [], None)
 
 
+def test_arc_resinfo_and_the_seal_reading_it() -> None:
+    """arc= as RFC 8617 shows it, readable by authres (dkimpy's sealer takes cv= from it)."""
+    import authres
+
+    from poste.dkim.arc import ARCResult
+
+    def field(arc: ARCResult, ip: str = "192.0.2.7") -> str:
+        return authentication_results("mx.our.test", None, [], None, arc=arc, remote_ip=ip)
+
+    passed = field(ARCResult("pass", 2, 0, "fwd.test"))
+    assert "\tarc=pass header.oldest-pass=0 smtp.remote-ip=192.0.2.7" in passed
+    failed = field(ARCResult("fail", 1, None, "fwd.test", "ARC-Seal[1] did not validate"))
+    assert "\tarc=fail (ARC-Seal[1] did not validate) smtp.remote-ip=192.0.2.7" in failed
+    assert field(ARCResult("none")).endswith("\tarc=none")
+    assert '"2001:db8::1"' in field(ARCResult("pass", 1, 0), "2001:db8::1")
+    for text in (passed, failed, field(ARCResult("none"))):
+        parsed = authres.AuthenticationResultsHeader.parse(text.replace("\r\n", ""))
+        [arc] = [r for r in parsed.results if r.method == "arc"]
+        assert arc.result in ("pass", "fail", "none")
+
+
 async def test_concurrent_spf_checks_use_their_own_nameservers() -> None:
     """pyspf's DNS hook is global; each evaluation must still ask its own servers."""
     import asyncio

@@ -22,6 +22,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "spf": ("poste.services.verifier.spf_cli:main", "SPF tools: check."),
     "dkim": ("poste.dkim.cli:main", "DKIM tools: keygen, sign, verify, rotate."),
     "cert": ("poste.certs.cli:main", "ACME certificates by DNS-01: issue, renew, show."),
+    "arc": ("poste.dkim.arc_cli:main", "ARC tools: sign (seal), verify."),
+    "dmarc": ("poste.services.verifier.dmarc_cli:main", "DMARC tools: check a mail file."),
     "dns": ("poste.dns.cli:main", "DNS records a domain needs; publish them (RFC 2136)."),
     "spam": ("poste.spam.cli:main", "Spam filter tools: train, classify, mark, eval."),
     "users": ("poste.users.cli:main", "Manage the Git users repository."),

@@ -33,7 +33,7 @@ def outcome(code: int) -> str:
 # them from the outside); see docs/deploy.md for the series and their labels.
 AUTH_RESULTS = Counter(
     "poste_auth_results",
-    "SPF, DKIM and DMARC results at the verifier (method: spf, dkim, dmarc).",
+    "SPF, DKIM, ARC and DMARC results at the verifier (method: spf, dkim, arc, dmarc).",
     ["method", "result"],
 )
 DELIVERIES = Counter(

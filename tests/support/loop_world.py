@@ -374,6 +374,24 @@ def check_confirmation(mail: bytes) -> None:
     assert "Confirmation code: 123456789" in mail.decode()
 
 
+def check_sealed(world: World, mail: bytes) -> None:
+    """The forwarded mail carries our ARC set over the verifier's results, valid to dkimpy."""
+    import dkim
+
+    from support.authkit import txt_func
+
+    seal = fields(mail, "ARC-Seal")
+    assert len(seal) == 1 and seal[0].startswith("i=1; cv=none;") and f"d={DOMAIN}" in seal[0]
+    aar = fields(mail, "ARC-Authentication-Results")
+    assert len(aar) == 1 and aar[0].startswith(f"i=1; {NAMES['verifier']};"), aar
+    assert "spf=pass" in aar[0] and "arc=none" in aar[0], aar
+    cv, _, why = dkim.arc_verify(mail, dnsfunc=txt_func(world.nameserver))
+    assert cv == dkim.CV_Pass, why
+    from support import arcref
+
+    assert arcref.validate(mail, txt_func(world.nameserver)) == "pass"
+
+
 def check_sent(world: World, mail: bytes) -> None:
     """The mail sent as login@x25519.test: DKIM verifies, SPF passes for its envelope sender."""
     from poste.dkim.verify import verify

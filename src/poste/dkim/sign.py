@@ -30,7 +30,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 
-from poste.dkim.keys import DKIMKey
+from poste.dkim.keys import DKIMKey, load_key
 
 log = logging.getLogger("poste.dkim")
 
@@ -106,6 +106,21 @@ class SigningKey:
         if isinstance(self.key.private, rsa.RSAPrivateKey):
             return _CryptoRSA(self.key.private)
         return self.key.ed25519_seed_b64()
+
+
+def pair_keys(domain: str, selectors: Sequence[str], paths: Sequence[str]) -> list[SigningKey]:
+    """One SigningKey per `--selector`/`--private-key` pair, in order.
+
+    The signer and the relay (which signs its own DSNs and seals with the same
+    keys) read their keys through this one function.  Raises ValueError for
+    unequal counts and DKIMKeyError (a ValueError) for a key file it cannot use.
+    """
+    if len(selectors) != len(paths):
+        raise ValueError(f"{len(selectors)} selectors for {len(paths)} keys")
+    return [
+        SigningKey(domain.rstrip("."), selector, load_key(path))
+        for selector, path in zip(selectors, paths, strict=True)
+    ]
 
 
 def _strict_classes() -> dict[str, Any]:

@@ -39,7 +39,7 @@ def has_signature(header: bytes) -> bool:
     return _SIGNATURE_FIELD.search(header) is not None
 
 
-class _DNSTrouble(Exception):
+class DNSTrouble(Exception):
     """The key could not be fetched for a reason that may go away: temperror."""
 
 
@@ -58,7 +58,7 @@ class DKIMResult:
         return self.signature[:12]
 
 
-class _Quiet(logging.Handler):
+class QuietLog(logging.Handler):
     """Collects what dkimpy logs: its only way of saying why a check failed."""
 
     def __init__(self) -> None:
@@ -72,7 +72,7 @@ class _Quiet(logging.Handler):
             self.messages.append(record.getMessage())
 
 
-def _dnsfunc(resolver: SyncResolver, seen: dict[str, bytes]) -> Callable[..., bytes | None]:
+def key_lookup(resolver: SyncResolver, seen: dict[str, bytes]) -> Callable[..., bytes | None]:
     def lookup(name: bytes | str, timeout: float = 5) -> bytes | None:
         qname = name.decode("ascii", "replace") if isinstance(name, bytes) else name
         try:
@@ -88,7 +88,7 @@ def _dnsfunc(resolver: SyncResolver, seen: dict[str, bytes]) -> Callable[..., by
         except (dns.name.NameTooLong, UnicodeError):
             return None
         except (dns.exception.DNSException, OSError) as exc:
-            raise _DNSTrouble(f"key lookup for {qname} failed ({exc.__class__.__name__})") from None
+            raise DNSTrouble(f"key lookup for {qname} failed ({exc.__class__.__name__})") from None
         if answer.rrset is None:
             return None
         records = [b"".join(rdata.strings) for rdata in answer.rrset]
@@ -131,7 +131,7 @@ def verify(message: bytes, resolver: SyncResolver) -> list[DKIMResult]:
     dkimpy cannot split into header fields and body is a single `permerror`
     (the verifier still passes it on; this is a label).
     """
-    quiet = _Quiet()
+    quiet = QuietLog()
     try:
         d = dkim.DKIM(message, logger=quiet.logger)
     except dkim.DKIMException as exc:
@@ -161,7 +161,7 @@ def verify(message: bytes, resolver: SyncResolver) -> list[DKIMResult]:
 
 
 def _one(
-    d: dkim.DKIM, idx: int, resolver: SyncResolver, quiet: _Quiet, sig: DKIMResult
+    d: dkim.DKIM, idx: int, resolver: SyncResolver, quiet: QuietLog, sig: DKIMResult
 ) -> DKIMResult:
     seen: dict[str, bytes] = {}
     quiet.messages.clear()
@@ -171,8 +171,8 @@ def _one(
         return DKIMResult(word, sig.domain, sig.selector, sig.signature, reason, sig.algorithm)
 
     try:
-        ok = d.verify(idx=idx, dnsfunc=_dnsfunc(resolver, seen))
-    except _DNSTrouble as exc:
+        ok = d.verify(idx=idx, dnsfunc=key_lookup(resolver, seen))
+    except DNSTrouble as exc:
         return result("temperror", str(exc))
     except dkim.ValidationError as exc:
         text = str(exc)

@@ -55,6 +55,9 @@ def _record_options(f: Callable[..., Any]) -> Callable[..., Any]:
         ),
         click.option("--dmarc-rua", help="DMARC report address (default: mailto:postmaster@D)."),
         click.option("--ttl", type=click.IntRange(1), default=rec.DEFAULT_TTL, show_default=True),
+        click.option("--helo", "helo_names", multiple=True, metavar="NAME",
+                     help="A name our relay greets with (HELO), for its SPF record "
+                          "(repeatable; default: the MX host)."),
     ]
     for option in reversed(options):
         f = option(f)
@@ -70,6 +73,7 @@ def build_records(
     dmarc_policy: str,
     dmarc_rua: str | None,
     ttl: int,
+    helo_names: tuple[str, ...] = (),
 ) -> list[rec.Record]:
     if len(selectors) != len(paths):
         raise click.UsageError("give one --selector per --private-key")
@@ -88,6 +92,7 @@ def build_records(
             dmarc_policy=dmarc_policy,
             dmarc_rua=dmarc_rua,
             ttl=ttl,
+            helo_names=helo_names,
         )
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None

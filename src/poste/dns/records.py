@@ -1,7 +1,10 @@
 """Every DNS record a mail domain needs, as data and as zone-file text.
 
 MX says where mail for the domain goes, the A/AAAA of that host make it
-reachable, SPF (`v=spf1 mx -all`) says only the MX hosts send for it, one DKIM
+reachable, SPF (`v=spf1 mx -all`) says only the MX hosts send for it, an SPF
+record at each HELO name poste greets with (by default the MX host) lets a
+bounce pass too (it is sent from `<>`, so SPF checks only the HELO name,
+RFC 7208 2.3), one DKIM
 TXT per signing key publishes the public keys, and DMARC tells receivers what
 to do with mail that fails both.  The PTR (reverse DNS of the server's IP)
 lives in the address owner's zone, not ours: we print it for the user to ask
@@ -75,8 +78,9 @@ def domain_records(
     dmarc_policy: str = "quarantine",
     dmarc_rua: str | None = None,
     ttl: int = DEFAULT_TTL,
+    helo_names: Sequence[str] = (),
 ) -> list[Record]:
-    """The records for `domain`; `mx_host` defaults to mail.<domain>."""
+    """The records for `domain`; `mx_host` defaults to mail.<domain>, `helo_names` to it."""
     apex = _abs(domain)
     mx = _abs(mx_host) if mx_host else "mail." + apex
     addrs = [ipaddress.ip_address(ip) for ip in ips]
@@ -91,6 +95,7 @@ def domain_records(
     if in_zone and v6:
         out.append(Record(mx, "AAAA", v6, ttl))
     out.append(Record(apex, "TXT", ("v=spf1 mx -all",), ttl, "v=spf1"))
+    out.extend(helo_spf_records(apex, mx, helo_names or [mx], addrs, ttl))
     out.extend(dkim)  # DKIM's own records (poste.dkim.keys.dkim_record)
     rua = dmarc_rua or f"mailto:postmaster@{apex.rstrip('.')}"
     dmarc = f"v=DMARC1; p={dmarc_policy}; rua={rua}"
@@ -106,6 +111,28 @@ def domain_records(
                 ask=f"reverse DNS: ask the owner of {a} (your hosting provider) to set",
             )
         )
+    return out
+
+
+def helo_spf_records(
+    apex: str, mx: str, names: Sequence[str], addrs: Sequence[ipaddress.IPv4Address
+                                                        | ipaddress.IPv6Address], ttl: int
+) -> list[Record]:
+    """`v=spf1 a -all` at the MX host (its own A/AAAA), our addresses at another HELO name.
+
+    The apex already has its record; a name outside the zone is printed as a
+    note, for whoever owns that zone.
+    """
+    out = []
+    for name in dict.fromkeys(_abs(n) for n in names):
+        if name == apex:
+            continue
+        if name == mx or not addrs:
+            value = "v=spf1 a -all"
+        else:
+            value = "v=spf1 " + " ".join(f"ip{a.version}:{a}" for a in addrs) + " -all"
+        ask = None if name.endswith("." + apex) else f"SPF of the HELO name {name}: not in {apex}, publish it in its own zone"
+        out.append(Record(name, "TXT", (value,), ttl, "v=spf1", ask=ask))
     return out
 
 

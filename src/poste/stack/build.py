@@ -149,6 +149,14 @@ def _relay(cfg: StackConfig, check: bool) -> tuple[RelayParts, Path | None]:
     values = relay.settings()
     if not values["postmaster"]:
         values["postmaster"] = f"postmaster@{values['domain'][0].lower().rstrip('.')}"
+    signer = cfg["signer"]
+    if not values["dkim-key"] and signer.enabled and signer.get("private-key"):
+        # the domain's keys are the signer's: DSNs signed, forwarded mail sealed with them
+        values["dkim-selector"] = signer.get("selector") or []
+        values["dkim-key"] = signer.get("private-key")
+    if not values["arc-authserv-id"] and verifier.enabled:
+        # the seal carries the verifier's results, found by its name (as verifier.build_stage)
+        values["arc-authserv-id"] = verifier.get("hostname") or socket.getfqdn()
     mailbox = values["mailbox"]
     try:
         parts = relay_of(

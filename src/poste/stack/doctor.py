@@ -7,12 +7,15 @@ The exit status is 0 only when nothing is missing or wrong.
 
 SPF is evaluated with poste's own SPF code (the verifier's), for the
 address given with --address (default: the MX host's addresses), as a
-receiver would for mail from postmaster@D.
+receiver would for mail from postmaster@D, and for each HELO name our relay
+greets with (--helo, default the MX host) as a receiver would for a bounce,
+which is sent from `<>` and so has only the HELO name to be checked.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -79,8 +82,10 @@ class Doctor:
         smtp_port: int = 25,
         cafile: str | None = None,
         timeout: float = 10.0,
+        helo_names: Sequence[str] = (),
     ) -> None:
         self.domain = domain_key(domain)
+        self.helo_names = [domain_key(h) for h in helo_names]
         self.resolver = resolver
         self.addresses = list(addresses)
         self.hostname = domain_key(hostname) if hostname else None
@@ -94,7 +99,8 @@ class Doctor:
 
     def run(self) -> list[Check]:
         checks: list[Check] = []
-        for fn in (self.mx, self.spf, self.dkim_checks, self.dmarc, self.ptr, self.tls):
+        for fn in (self.mx, self.spf, self.helo, self.dkim_checks, self.dmarc, self.ptr,
+                   self.tls):
             try:
                 got = fn()
             except dns.exception.DNSException as exc:
@@ -173,6 +179,42 @@ class Doctor:
             return [Check(WRONG, "SPF", f"{current!r} does not allow {'; '.join(bad)}",
                           self._txt_lines(self.domain, fixed))]
         return [Check(OK, "SPF", f"{current!r} allows {', '.join(self.addresses)}")]
+
+    def helo(self) -> list[Check]:
+        """SPF of each HELO name, for the null sender (a DSN): RFC 7208 2.3."""
+        from poste.dns.records import helo_spf_records
+        from poste.services.verifier.spf import check_sync
+
+        host = self.hostname or (self.mx_hosts[0] if self.mx_hosts else f"mail.{self.domain}")
+        names = self.helo_names or [host]
+        if not self.addresses:
+            return [Check(SKIP, "HELO", f"SPF of {', '.join(names)}: no address to evaluate "
+                          "(give --address)")]
+        addrs = [ipaddress.ip_address(a) for a in self.addresses]
+        out: list[Check] = []
+        for name in names:
+            if name == self.domain:
+                continue  # the domain's own record, checked above
+            [want] = helo_spf_records(self.domain + ".", host + ".", [name], addrs, DEFAULT_TTL)
+            publish = _record_lines(want)
+            records = [t for t in _txt(self.resolver, name) or []
+                       if t.lower().startswith("v=spf1")]
+            if not records:
+                out.append(Check(MISSING, "HELO", f"no v=spf1 record at {name}: bounces "
+                                 "(sent from <>) fail SPF", publish))
+                continue
+            bad = []
+            for ip in self.addresses:
+                result = check_sync(ip, "", name, self.resolver)
+                if result.result != "pass":
+                    bad.append(f"{ip}: {result.result}")
+            if bad:
+                out.append(Check(WRONG, "HELO", f"{name} {records[0]!r} does not allow "
+                                 f"{'; '.join(bad)}", publish))
+            else:
+                out.append(Check(OK, "HELO", f"{name} {records[0]!r} allows "
+                                 f"{', '.join(self.addresses)}"))
+        return out
 
     def _txt_lines(self, name: str, value: str) -> list[str]:
         return _record_lines(Record(name.rstrip(".") + ".", "TXT", (value,), DEFAULT_TTL))

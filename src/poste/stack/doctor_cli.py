@@ -18,6 +18,9 @@ from poste.stack.doctor import MISSING, WRONG, Doctor
               help="Our server's public address (repeatable; default: the MX host's).")
 @click.option("--hostname", default=None, metavar="NAME",
               help="Our MX host name (default: the first MX of the domain).")
+@click.option("--helo", "helo_names", multiple=True, metavar="NAME",
+              help="A name our relay greets with, whose SPF a bounce needs (repeatable; "
+                   "default: --hostname, else the first MX).")
 @click.option("--selector", "selectors", multiple=True, metavar="S", help="DKIM selector.")
 @click.option("--dkim-key", "dkim_keys", multiple=True, type=click.Path(dir_okay=False),
               help="Our DKIM private key for --selector (the record must match it).")
@@ -32,13 +35,15 @@ def main(
     nameservers: tuple[str, ...],
     addresses: tuple[str, ...],
     hostname: str | None,
+    helo_names: tuple[str, ...],
     selectors: tuple[str, ...],
     dkim_keys: tuple[str, ...],
     smtp_port: int,
     cafile: str | None,
     timeout: float,
 ) -> None:
-    """Check MX, SPF, DKIM, DMARC, reverse DNS and the port-25 certificate of DOMAIN."""
+    """Check MX, SPF (of DOMAIN and of our HELO names), DKIM, DMARC, reverse DNS and the
+    port-25 certificate of DOMAIN."""
     from poste.dkim.keys import DKIMKeyError, load_key
     from poste.dns.resolver import NameserverError
     from poste.services.verifier.spf import resolver_for
@@ -69,7 +74,8 @@ def main(
         raise click.BadParameter(str(exc), param_hint="--nameserver") from None
     resolver.lifetime = timeout * 2
     doctor = Doctor(dom, resolver, addresses=addresses, hostname=hostname, dkim=pairs,
-                    smtp_port=smtp_port, cafile=cafile, timeout=timeout)
+                    smtp_port=smtp_port, cafile=cafile, timeout=timeout,
+                    helo_names=helo_names)
     checks = doctor.run()
     for c in checks:
         for line in c.lines():

@@ -41,6 +41,7 @@ from dataclasses import dataclass
 
 from poste.metrics import DELIVERIES, QUEUED
 from poste.services.relay.dsn import DELAYED, FAILED, make_dsn
+from poste.services.relay.own_mail import OwnKeys
 from poste.services.relay.settings import default
 from poste.services.relay.spool import DELIVERED, PENDING, Entry, Recipient, Spool, SpoolError
 from poste.smtp.message import Message
@@ -79,8 +80,10 @@ class Scheduler:
         domain: str,
         policy: Policy | None = None,
         expand: ExpandFn | None = None,
+        own_keys: OwnKeys | None = None,
     ) -> None:
         self.spool = spool
+        self.own_keys = own_keys or OwnKeys()  # DSNs are DKIM-signed with them
         self.deliver = deliver
         self.hostname = hostname
         self.domain = domain
@@ -336,8 +339,10 @@ class Scheduler:
         if not targets:
             log.info("%s: no one to send the %s DSN to <%s>", entry.id, action, entry.return_path)
             return
+        new_id = new_queue_id()
+        dsn = await self.own_keys.sign(dsn, new_id)
         new = Entry(
-            id=new_queue_id(),
+            id=new_id,
             return_path="",
             recipients=[
                 Recipient(address=t, sender="", original=entry.return_path) for t, _ in targets

@@ -19,6 +19,7 @@ from poste.runtime.hostport import parse_hostport
 from poste.runtime.run import Parts, StartError
 from poste.runtime.settings import ConfigError, Values
 from poste.services.relay.delivery import Deliverer
+from poste.services.relay.own_mail import ForwardSeal, own_keys
 from poste.services.relay.router import Router, parse_networks
 from poste.services.relay.scheduler import DeliverFn, Policy, Scheduler
 from poste.services.relay.spool import Spool, SpoolError, SpoolLocked
@@ -89,6 +90,7 @@ class RelayParts:
     srs_max_age: int
 
     async def start(self) -> None:
+        self.scheduler.own_keys.say_what_is_missing()
         try:
             await self.scheduler.start()
         except SpoolLocked as exc:
@@ -143,6 +145,9 @@ def build_relay(
     deliver: DeliverFn | None = None,
     lock: bool = True,
     preflight: Callable[[], None] | None = None,
+    dkim_selectors: Sequence[str] = (),
+    dkim_keys: Sequence[str] = (),
+    arc_authserv_id: str | None = None,
 ) -> RelayParts:
     """Check the settings and build the relay; bad input is a ConfigError.
 
@@ -152,7 +157,9 @@ def build_relay(
     replaces MX delivery (`poste up`'s `[relay] mailbox`).  `lock=False`
     builds without owning the spool (`poste up --check` beside a running one).
     `preflight` runs once the flags are checked, before any file is touched
-    (`poste relay`: can --listen be bound?).
+    (`poste relay`: can --listen be bound?).  `dkim_selectors`/`dkim_keys`:
+    the domain's keys, for DSNs and ARC seals over `arc_authserv_id`'s
+    results (default: our hostname).
     """
     from poste.services.relay.metrics import watch_spool
 
@@ -170,6 +177,8 @@ def build_relay(
         raise ConfigError("granted", str(exc)) from None
     domain = domains[0].lower().rstrip(".")
     ours = _self_addresses(listen_hosts, self_addresses or [])
+    me = hostname or socket.getfqdn()
+    keys = own_keys(domain, dkim_selectors, dkim_keys, arc_authserv_id or me)
     if preflight is not None:
         preflight()
     try:
@@ -201,17 +210,17 @@ def build_relay(
     except BaseException:
         spool.unlock()  # a relay that does not run must not keep the spool
         raise
-    me = hostname or socket.getfqdn()
     srs = SRS(domain, secrets_, db=srs_db)
     router = Router(domains, postmaster, srs, lambda: watcher.db, nets)
     deliverer = Deliverer(resolver, helo=me, port=smtp_port, ipv6=ipv6, self_addresses=ours)
     scheduler = Scheduler(
         spool, deliver or deliverer.deliver, hostname=me, domain=domain,
-        policy=policy or Policy(), expand=router.dsn_targets,
+        policy=policy or Policy(), expand=router.dsn_targets, own_keys=keys,
     )
+    seal = ForwardSeal(keys.sealer, router.is_local_domain) if keys.sealer else None
     watch_spool(spool.path)  # poste_spool_messages, poste_spool_oldest_age_seconds
     return RelayParts(
-        stage=RelayStage(max_received),
+        stage=RelayStage(max_received, seal),
         hop=QueueHop(router, scheduler),
         scheduler=scheduler,
         watcher=watcher,
@@ -303,6 +312,9 @@ def relay_of(values: Values, **more: Any) -> RelayParts:
         max_received=int(values["max-received"]),
         ipv6=not values["no-ipv6"],
         self_addresses=values["self-address"],
+        dkim_selectors=values["dkim-selector"],
+        dkim_keys=values["dkim-key"],
+        arc_authserv_id=values["arc-authserv-id"],
         **more,
     )
 

@@ -4,6 +4,7 @@ from poste.runtime.settings import (
     DIR,
     DURATION,
     FILE,
+    FILES,
     FLAG,
     HOSTNAME,
     INT,
@@ -38,6 +39,15 @@ SETTINGS = (
             help="SRS secrets, one a line: the first signs, all verify. "
                  "Default: SPOOL/srs-secret, generated once."),
     HOSTNAME,
+    Setting("dkim-selector", STRS, metavar="S",
+            help="Selector of each --dkim-key (`poste up`: the [signer]'s)."),
+    Setting("dkim-key", FILES,
+            help="The domain's DKIM key (PEM), repeat with --dkim-selector: DSNs are signed "
+                 "with each, forwarded mail ARC-sealed with the RSA one (`poste up`: the "
+                 "[signer]'s)."),
+    Setting("arc-authserv-id", STR, metavar="NAME",
+            help="Our verifier's name in Authentication-Results, whose results a seal "
+                 "carries (default: --hostname; `poste up`: the [verifier]'s)."),
     Setting("retry-min", DURATION, default="5m", show_default=True,
             help="First retry delay; doubles each attempt."),
     Setting("retry-max", DURATION, default="4h", show_default=True, help="Longest retry delay."),

@@ -14,6 +14,7 @@ import logging
 import re
 import time
 
+from poste.services.relay.own_mail import ForwardSeal
 from poste.services.relay.router import Delivery, Router
 from poste.services.relay.scheduler import Scheduler
 from poste.services.relay.settings import default
@@ -44,14 +45,15 @@ class RelayStage(Stage):
 
     name = "relay"
 
-    def __init__(self, max_received: int = MAX_RECEIVED) -> None:
+    def __init__(self, max_received: int = MAX_RECEIVED, seal: ForwardSeal | None = None) -> None:
         self.max_received = max_received
+        self.seal = seal  # ARC for forwarded mail (own_mail.py)
 
     async def on_data(self, env: Envelope, message: Message) -> Verdict:
         hops = count_received(message.header())
         if hops > self.max_received:
             return Verdict(reply=Reply(554, f"5.4.6 Too many hops ({hops} Received:), mail loop?"))
-        return Verdict()
+        return Verdict(prepend=await self.seal.fields(env, message) if self.seal else b"")
 
 
 class QueueHop:

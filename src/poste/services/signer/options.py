@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from poste.dkim import keys as dkim_keys
-from poste.dkim.sign import DEFAULT_HEADERS, DEFAULT_OVERSIGN, Signer, SigningKey
+from poste.dkim.sign import DEFAULT_HEADERS, DEFAULT_OVERSIGN, Signer, SigningKey, pair_keys
 from poste.runtime.settings import ConfigError
 
 
@@ -23,14 +23,10 @@ def signing_keys(domain: str, selectors: Sequence[str], paths: Sequence[str]) ->
     if len(selectors) != len(paths):
         raise ConfigError(None, f"{len(selectors)} {{0}} for {len(paths)} {{1}}:"
                           " give one selector per key", names=["selector", "private-key"])
-    out = []
-    for selector, path in zip(selectors, paths, strict=True):
-        try:
-            key = dkim_keys.load_key(path)
-        except dkim_keys.DKIMKeyError as exc:
-            raise ConfigError(None, str(exc)) from None
-        out.append(SigningKey(domain.rstrip("."), selector, key))
-    return out
+    try:
+        return pair_keys(domain, selectors, paths)
+    except dkim_keys.DKIMKeyError as exc:
+        raise ConfigError(None, str(exc)) from None
 
 
 def make_signer(

@@ -1,7 +1,7 @@
-"""SPF, DKIM and DMARC for one message, and the header fields that report them.
+"""SPF, DKIM, ARC and DMARC for one message, and the header fields that report them.
 
-SPF (MAIL FROM and HELO identities) and DKIM run at the same time in the
-auth thread pool; DMARC follows, since it needs both.  Nothing here raises on bad input or bad DNS: every
+SPF (MAIL FROM and HELO identities), DKIM and the ARC chain run at the same
+time in the auth thread pool; DMARC follows, since it needs SPF and DKIM.  Nothing here raises on bad input or bad DNS: every
 failure becomes a result word (`permerror`, `temperror`), because the
 verifier labels mail and must never lose it.
 """
@@ -9,11 +9,15 @@ verifier labels mail and must never lose it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from publicsuffixlist import PublicSuffixList
 
+from poste.dkim import arc as dkim_arc
 from poste.dkim import verify as dkim_verify
 from poste.dns.resolver import SyncResolver
 from poste.services.verifier import dmarc, rdns, spf, workers
@@ -30,6 +34,7 @@ class Report:
     dkim: list[dkim_verify.DKIMResult] = field(default_factory=list)
     dmarc: dmarc.DMARCResult | None = None
     helo_spf: SPFResult | None = None  # the HELO identity, when checked on its own
+    arc: dkim_arc.ARCResult | None = None  # the ARC chain as it arrived
 
     @property
     def decisive_spf(self) -> SPFResult | None:
@@ -43,8 +48,21 @@ class Report:
         helo = f" spf-helo={self.helo_spf.result}" if self.helo_spf else ""
         return (
             f"spf={self.spf.result if self.spf else 'none'}{helo} dkim={dk} "
+            f"arc={self.arc.result if self.arc else 'none'} "
             f"dmarc={self.dmarc.result if self.dmarc else 'none'}"
         )
+
+
+T = TypeVar("T")
+
+
+async def _value(value: T) -> T:
+    return value
+
+
+@contextlib.asynccontextmanager
+async def _no_body() -> AsyncIterator[bytes]:
+    yield b""
 
 
 class Authenticator:
@@ -68,10 +86,15 @@ class Authenticator:
         spf_task = self._spf(ip, sender, helo)
         helo_task = self._helo_spf(ip, sender, helo)
         header = message.header()
-        dkim_task = self._dkim(message, header)
-        spf_result, helo_result, dkim_results = await asyncio.gather(
-            spf_task, helo_task, dkim_task
-        )
+        signed, sealed = dkim_verify.has_signature(header), dkim_arc.has_arc(header)
+        # Only a signed or sealed mail is read whole, once for both, a big one under the
+        # memory budget (the SPF checks go on meanwhile: they need no body).
+        async with message.whole() if signed or sealed else _no_body() as data:
+            dkim_task = self._dkim(data) if signed else _value([])
+            arc_task = self._arc(data) if sealed else _value(dkim_arc.ARCResult("none"))
+            spf_result, helo_result, dkim_results, arc_result = await asyncio.gather(
+                spf_task, helo_task, dkim_task, arc_task
+            )
         try:
             dmarc_result = await workers.run(
                 lambda: dmarc.evaluate_sync(
@@ -81,7 +104,7 @@ class Authenticator:
         except Exception as exc:  # a label must never cost the mail
             log.exception("dmarc evaluation failed")
             dmarc_result = dmarc.DMARCResult("permerror", reason=exc.__class__.__name__)
-        return Report(spf_result, dkim_results, dmarc_result, helo_result)
+        return Report(spf_result, dkim_results, dmarc_result, helo_result, arc_result)
 
     async def peer_name(self, ip: str) -> str | None:
         """The forward-confirmed rDNS name of `ip`, or None (no name, DNS trouble, timeout)."""
@@ -123,18 +146,21 @@ class Authenticator:
                 "temperror", identity, domain, ip, sender, helo, problem=exc.__class__.__name__
             )
 
-    async def _dkim(self, message: Message, header: bytes) -> list[dkim_verify.DKIMResult]:
-        """Only a signed mail is read whole, and a big one under the memory budget."""
-        if not dkim_verify.has_signature(header):
-            return []
+    async def _dkim(self, data: bytes) -> list[dkim_verify.DKIMResult]:
         try:
-            async with message.whole() as data:
-                return await workers.run(lambda: dkim_verify.verify(data, self.resolver))
+            return await workers.run(lambda: dkim_verify.verify(data, self.resolver))
         except Exception as exc:
             log.exception("dkim verification failed")
             return [dkim_verify.DKIMResult("permerror", reason=exc.__class__.__name__)]
 
-    def fields(self, report: Report, disposition: str = "none") -> bytes:
+    async def _arc(self, data: bytes) -> dkim_arc.ARCResult:
+        try:
+            return await workers.run(lambda: dkim_arc.verify(data, self.resolver))
+        except Exception as exc:
+            log.exception("arc validation failed")
+            return dkim_arc.ARCResult("fail", reason=exc.__class__.__name__)
+
+    def fields(self, report: Report, disposition: str = "none", ip: str = "") -> bytes:
         """`Received-SPF:` then `Authentication-Results:`, each ending in CRLF."""
         lines = []
         decisive = report.decisive_spf
@@ -148,6 +174,8 @@ class Authenticator:
                 report.dmarc,
                 disposition=disposition,
                 helo_spf=report.helo_spf,
+                arc=report.arc,
+                remote_ip=ip,
             )
         )
         return "".join(line + "\r\n" for line in lines).encode("ascii", "replace")

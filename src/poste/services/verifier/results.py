@@ -1,4 +1,4 @@
-"""The `Authentication-Results:` field (RFC 8601) with spf, dkim and dmarc.
+"""The `Authentication-Results:` field (RFC 8601) with spf, dkim, arc and dmarc.
 
 One field, naming our host as authserv-id, one resinfo per method (one per
 SPF identity checked, one per DKIM signature), each on its own folded line so the field stays readable and
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 
+from poste.dkim.arc import ARCResult
 from poste.dkim.verify import DKIMResult
 from poste.services.verifier.dmarc import DMARCResult
 from poste.services.verifier.spf import SPFResult
@@ -53,6 +54,22 @@ def dkim_resinfo(result: DKIMResult) -> str:
     return " ".join(parts)
 
 
+def arc_resinfo(result: ARCResult, remote_ip: str = "") -> str:
+    """`arc=` (RFC 8617 4.4, 5.2): the relay copies it into the next seal's cv=.
+
+    header.oldest-pass (0: every ARC-Message-Signature validated) only for a
+    chain that passes; smtp.remote-ip, as RFC 8617's examples, when known.
+    """
+    parts = [f"arc={result.result}"]
+    if result.reason and result.result != "pass":
+        parts.append(_comment(result.reason[:120]))
+    if result.result == "pass" and result.oldest_pass is not None:
+        parts.append(f"header.oldest-pass={result.oldest_pass}")
+    if remote_ip and result.result != "none":
+        parts.append(f"smtp.remote-ip={_value(remote_ip)}")
+    return " ".join(parts)
+
+
 def dmarc_resinfo(result: DMARCResult, disposition: str = "none") -> str:
     parts = [f"dmarc={result.result}"]
     if result.policy is not None:
@@ -72,6 +89,8 @@ def authentication_results(
     *,
     disposition: str = "none",
     helo_spf: SPFResult | None = None,
+    arc: ARCResult | None = None,
+    remote_ip: str = "",
 ) -> str:
     """The whole field, folded, without the final CRLF.
 
@@ -89,6 +108,8 @@ def authentication_results(
         resinfos += [dkim_resinfo(r) for r in dkim]
     else:
         resinfos.append("dkim=none")
+    if arc is not None:
+        resinfos.append(arc_resinfo(arc, remote_ip))
     if dmarc is not None:
         resinfos.append(dmarc_resinfo(dmarc, disposition))
     return f"Authentication-Results: {_value(authserv_id)};\r\n\t" + ";\r\n\t".join(resinfos)

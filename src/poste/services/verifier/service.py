@@ -90,7 +90,7 @@ class VerifierStage(Stage):
             if report.dmarc is not None and report.dmarc.wants_reject():
                 domain = report.dmarc.from_domain
                 return Verdict(reply=Reply(550, f"5.7.1 Rejected by the DMARC policy of {domain}"))
-        return Verdict(prepend=self.auth.fields(report))
+        return Verdict(prepend=self.auth.fields(report, ip=env.peer_ip))
 
 
 def _count(report: Report) -> None:
@@ -101,6 +101,7 @@ def _count(report: Report) -> None:
         counter.labels("dkim", r.result).inc()
     if not report.dkim:
         counter.labels("dkim", "none").inc()
+    counter.labels("arc", report.arc.result if report.arc else "none").inc()
     counter.labels("dmarc", report.dmarc.result if report.dmarc else "none").inc()
 
 
