@@ -100,7 +100,7 @@ def test_doctor_warns_of_a_certificate_near_its_end(
     key_path, _, dkim_value = keys
     cert, key = tmp_path / "short.pem", tmp_path / "short.key"
     self_signed(cert, key, MX, days=10)
-    zones = {DOMAIN: _zone(f"v=spf1 ip4:{IP} -all", True, dkim_value),
+    zones = {DOMAIN: _zone(f"v=spf1 ip4:{IP} -all", True, dkim_value, "v=spf1 a -all"),
              "0.0.127.in-addr.arpa": _reverse(MX)}
     with started([poste_bin, "srv", f"{IP}:0", "-o", f"{tmp_path}/mx/", "--count", "0",
                   "-k", str(key), "-c", str(cert)], tmp_path / "srv.log", host=IP) as (_, [port]):

@@ -15,6 +15,7 @@ import dns.resolver
 
 from poste.services.verifier.authenticate import Authenticator, Report
 from poste.services.verifier.spf import resolver_for
+from poste.smtp.message import Message
 
 
 def txt_func(nameserver: str) -> Callable[..., str | None]:
@@ -37,4 +38,4 @@ def receiver(nameserver: str, hostname: str = "mx.receiver.test") -> Authenticat
 
 
 def check(auth: Authenticator, ip: str, sender: str, helo: str, mail: bytes) -> Report:
-    return asyncio.run(auth.check(ip, sender, helo, mail))
+    return asyncio.run(auth.check(ip, sender, helo, Message.of(mail)))
