@@ -2,10 +2,9 @@
 
 Two ways to ask:
 
-- k-fold cross-validation (`cross_validate`).  Each mail is tokenized once.
-  A database is trained on everything, then for each fold the fold's mails
-  are untrained, scored, and trained back: k classifiers for the price of
-  one training pass.  Used to choose cutoffs on training data only.
+- k-fold cross-validation (`cross_validate`).  Each mail is tokenized once;
+  for each fold a database is trained on the other folds and labels the
+  fold.  Used to choose cutoffs on training data only.
 - held-out splits (`holdout`): train on one part, label the other, for two
   splits side by side.  The *random* split tests on every n-th mail of each
   folder (mails of the same weeks on both sides, which flatters every
@@ -82,29 +81,28 @@ def _pct(n: int, total: int) -> str:
 
 
 def cross_validate(
-    spam: list[set[str]], ham: list[set[str]], k: int, params: Params | None = None
+    spam: list[set[str]],
+    ham: list[set[str]],
+    k: int,
+    params: Params | None = None,
+    epochs: int = 5,
 ) -> Report:
     if k < 2:
         raise ValueError("k must be at least 2")
-    db = Database()
-    for tokens in spam:
-        db.train(tokens, True)
-    for tokens in ham:
-        db.train(tokens, False)
-    clf = Classifier(db, params)
     report = Report(k)
     for fold in range(k):
+        db = Database()
+        train = [(t, True) for i, t in enumerate(spam) if i % k != fold]
+        train += [(t, False) for i, t in enumerate(ham) if i % k != fold]
+        db.fit(train, epochs)
+        clf = Classifier(db, params)
         held = [(True, t) for i, t in enumerate(spam) if i % k == fold]
         held += [(False, t) for i, t in enumerate(ham) if i % k == fold]
-        for is_spam, tokens in held:
-            db.untrain(tokens, is_spam)
         for is_spam, tokens in held:
             r = clf.score_tokens(tokens)
             truth = "spam" if is_spam else "ham"
             report.table[(truth, r.label)] = report.table.get((truth, r.label), 0) + 1
             report.scores.append((truth, r.score))
-        for is_spam, tokens in held:
-            db.train(tokens, is_spam)
     return report
 
 
@@ -179,7 +177,7 @@ class SplitReport:
 
 
 def holdout(
-    folders: Sequence[Folder], fraction: float, params: Params | None = None
+    folders: Sequence[Folder], fraction: float, params: Params | None = None, epochs: int = 5
 ) -> list[SplitReport]:
     """Train on the rest and label the test part, for the random split and the time split."""
     masks = {
@@ -190,10 +188,13 @@ def holdout(
     for name, mask in masks.items():
         db = Database()
         report = SplitReport(name, spam_folders={f.name for f in folders if f.is_spam})
-        for folder, test in zip(folders, mask, strict=True):
-            for tokens, is_test in zip(folder.tokens, test, strict=True):
-                if not is_test:
-                    db.train(tokens, folder.is_spam)
+        train = [
+            (tokens, folder.is_spam)
+            for folder, test in zip(folders, mask, strict=True)
+            for tokens, is_test in zip(folder.tokens, test, strict=True)
+            if not is_test
+        ]
+        db.fit(train, epochs)
         report.ntrain_spam, report.ntrain_ham = db.nspam, db.nham
         clf = Classifier(db, params)
         clf.prepare()
