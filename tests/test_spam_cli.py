@@ -202,3 +202,32 @@ def test_classify_with_the_shipped_database(tmp_path: Path, poste_bin: str) -> N
     r = poste(poste_bin, "spam", "classify", str(tmp_path / "m.eml"))
     assert r.returncode == 0, r.stderr
     assert r.stdout.split()[0] in (b"yes", b"no", b"unknown")
+
+
+def test_train_sparse_keeps_only_weighted_tokens_and_the_labels(
+    tmp_path: Path, poste_bin: str, trained: Path
+) -> None:
+    sparse = tmp_path / "sparse.db"
+    r = poste(
+        poste_bin,
+        "spam",
+        "train",
+        "--sparse",
+        "--spam",
+        str(tmp_path / "spam"),
+        "--ham",
+        str(tmp_path / "ham.mbox"),
+        "-o",
+        str(sparse),
+    )
+    assert r.returncode == 0, r.stderr
+    words = r.stderr.decode().split()
+    tokens, weighted = words[words.index("tokens,") - 1], words[words.index("weighted") - 1]
+    assert tokens == weighted
+    assert sparse.stat().st_size < trained.stat().st_size
+    spam, ham = corpus(seed=31, count=4)
+    mails = write_folder(tmp_path / "new", spam + ham)
+    full = poste(poste_bin, "spam", "classify", "--db", str(trained), str(mails))
+    small = poste(poste_bin, "spam", "classify", "--db", str(sparse), str(mails))
+    assert full.stdout == small.stdout
+    assert [line.split()[0] for line in full.stdout.splitlines()] == [b"yes"] * 4 + [b"no"] * 4

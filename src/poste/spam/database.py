@@ -122,10 +122,10 @@ class Database:
         self._z: dict[str, float] = {}
         self._n: dict[str, float] = {}
         self._seen: dict[str, int] = {}  # mails each token appeared in
-        # as read from a file: (tokens, z, n, seen, K); unpacked into the
-        # dicts on first change, a classifier alone never needs them
+        # as read from a file: (token blob, z, n, seen, K); unpacked into the
+        # dicts on first use for training, a classifier alone never needs them
         self._packed: (
-            tuple[list[str], array.array[float], array.array[float], array.array[int], int] | None
+            tuple[str, array.array[float], array.array[float], array.array[int], int] | None
         ) = None
         self.note = ""
         # bumped on every change so classifiers know to rebuild their table
@@ -135,7 +135,8 @@ class Database:
 
     def _unpack(self) -> None:
         if self._packed is not None:
-            tokens, z, n, seen, _ = self._packed
+            blob, z, n, seen, _ = self._packed
+            tokens = blob.split("\n") if len(z) else []
             self._z = dict(zip(tokens, z.tolist(), strict=True))
             self._n = dict(zip(tokens, n.tolist(), strict=True))
             self._seen = dict(zip(tokens, seen.tolist(), strict=True))
@@ -163,7 +164,7 @@ class Database:
 
     def __len__(self) -> int:
         if self._packed is not None:
-            return len(self._packed[0])
+            return len(self._packed[1])
         return len(self._z)
 
     def weight(self, token: str) -> float:
@@ -183,9 +184,11 @@ class Database:
         if self._weights is None or self._weights_generation != self.generation:
             w = self._weight
             if self._packed is not None:  # the weighted tokens come first in a file
-                tokens, z, n, _, k = self._packed
+                # only the first K tokens of the blob are split off
+                blob, z, n, _, k = self._packed
+                tokens = blob.split("\n", k)[:k] if k else []
                 self._weights = dict(
-                    zip(tokens[:k], map(w, z[:k].tolist(), n[:k].tolist()), strict=True)
+                    zip(tokens, map(w, z[:k].tolist(), n[:k].tolist()), strict=True)
                 )
             else:
                 self._weights = {t: x for t, z in self._z.items() if (x := w(z, self._n[t])) != 0.0}
@@ -261,7 +264,7 @@ class Database:
         Makes a small file to ship; training on from it starts those tokens from zero.
         """
         w = self._weight
-        return self._drop([t for t, z in self.z.items() if t != BIAS and w(z, self.n[t]) == 0.0])
+        return self._drop([t for t, z in self.z.items() if w(z, self.n[t]) == 0.0])
 
     def drop_prefixes(self, prefixes: Iterable[str]) -> int:
         """Drop tokens starting with any of the prefixes; returns how many.
@@ -358,8 +361,8 @@ class Database:
             pos += blen
             n = int(header["tokens"])
             k = int(header["weighted"])
-            tokens = blob.split("\n") if n else []
-            if len(tokens) != n or not 0 <= k <= n or len(data) != pos + 20 * n:
+            ntokens = blob.count("\n") + 1 if n else 0
+            if ntokens != n or not 0 <= k <= n or len(data) != pos + 20 * n:
                 raise DatabaseError("damaged database (sizes do not match)")
             learning = Learning(
                 float(header["alpha"]),
@@ -384,9 +387,10 @@ class Database:
         db.nspam = int(header["nspam"])
         db.nham = int(header["nham"])
         db.note = str(header.get("note", ""))
-        if not all(0.0 <= v < math.inf for v in nn) or not all(abs(v) < math.inf for v in z):
+        # sums (C loops): a NaN or an infinity anywhere makes them not finite
+        if n and not (math.isfinite(sum(z)) and math.isfinite(sum(nn)) and min(nn) >= 0.0):
             raise DatabaseError("damaged database (a weight that is not a number)")
-        db._packed = (tokens, z, nn, seen, k)
+        db._packed = (blob, z, nn, seen, k)
         return db
 
     @classmethod

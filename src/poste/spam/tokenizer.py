@@ -17,7 +17,7 @@ import functools
 import re
 from itertools import compress
 
-from poste.spam.mime import DEFAULT_MAX_BYTES, Fields, Part, walk
+from poste.spam.mime import DEFAULT_MAX_BYTES, Part, walk
 
 MIN_LEN = 3
 MAX_LEN = 24
@@ -246,43 +246,6 @@ def _header_tokens(part: Part, out: set[str]) -> None:
             out.add(f"received:{a}.{b}.{c}")
     if "date" not in h:
         out.add("date:none")
-    _alignment_tokens(h, out)
-
-
-def _owner(host: str) -> str:
-    """The last two labels of a host name (its owner, near enough), lower-cased."""
-    labels = host.lower().strip(".[]()<>; ").split(".")
-    return ".".join(labels[-2:]) if len(labels) >= 2 else ""
-
-
-def _alignment_tokens(h: Fields, out: set[str]) -> None:
-    """Whether the sender's domain agrees with the Message-ID, Reply-To and the relays.
-
-    A shop's newsletter comes from its own servers with its own Message-ID;
-    spam in the same words often names a domain in From: that nothing else
-    in the header backs.  These tokens say so whatever the domain is, so
-    they carry over to senders never seen in training.
-    """
-    addr = next((a for v in h.first("from") if (a := _split_address(v)[0])), "")
-    owner = _owner(addr.rpartition("@")[2]) if addr else ""
-    if not owner:
-        return
-    for value in h.first("message-id"):
-        dom = value.rpartition("@")[2].strip("<> ")
-        out.add("align:message-id" if _owner(dom) == owner else "align:message-id-differs")
-    for value in h.first("reply-to"):
-        other = _split_address(value)[0]
-        if other:
-            same = _owner(other.rpartition("@")[2]) == owner
-            out.add("align:reply-to" if same else "align:reply-to-differs")
-    hops = h.first("received", 8)
-    if hops:
-        seen = any(
-            _owner(host) == owner
-            for value in hops
-            for host in compress(value.split()[1:], map(_FROM_BY.__contains__, value.split()))
-        )
-        out.add("align:received" if seen else "align:received-differs")
 
 
 def _part_tokens(part: Part, top: bool, out: set[str]) -> None:
