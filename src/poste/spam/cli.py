@@ -96,7 +96,7 @@ def _chunks(mails: Iterator[bytes], size: int = 4000) -> Iterator[list[bytes]]:
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def main() -> None:
-    """Train, run and evaluate the Bayesian spam classifier.
+    """Train, run and evaluate the spam classifier.
 
     A PATH of mails is a folder of one-mail files, a Maildir, an mbox, or a
     .tar.gz of those (ARCHIVE.tar.gz:FOLDER for one folder inside it).

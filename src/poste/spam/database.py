@@ -66,7 +66,6 @@ import array
 import json
 import math
 import os
-import random
 import struct
 import sys
 from collections.abc import Iterable, Sequence
@@ -236,6 +235,8 @@ class Database:
         The order comes from `seed`, so the same mails give the same file.
         Only the first pass counts the mails (nspam, nham, seen).
         """
+        import random  # only training shuffles; `mark` and the service start without it
+
         rng = random.Random(seed)
         order = list(range(len(mails)))
         for epoch in range(epochs):
