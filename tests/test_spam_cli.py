@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from support.spamkit import corpus, hammy, spammy, write_folder, write_mbox
+from support.spamkit import corpus, hammy, mail, spammy, write_folder, write_mbox
 
 
 def poste(
@@ -60,8 +60,8 @@ def test_classify_prints_label_score_name(tmp_path: Path, poste_bin: str, traine
         ("yes", str(tmp_path / "s.eml")),
         ("no", str(tmp_path / "h.eml")),
     ]
-    assert 0.99 <= float(lines[0][1]) <= 1.0
-    assert 0.0 <= float(lines[1][1]) < 0.2
+    assert 0.9 <= float(lines[0][1]) <= 1.0
+    assert 0.0 <= float(lines[1][1]) < 0.1
 
 
 def test_classify_reads_maildir_and_tarball(tmp_path: Path, poste_bin: str, trained: Path) -> None:
@@ -121,15 +121,23 @@ def test_mark_mbox_labels_every_message(tmp_path: Path, poste_bin: str, trained:
     )
 
 
-def test_update_and_untrain(tmp_path: Path, poste_bin: str, trained: Path) -> None:
-    extra = write_folder(tmp_path / "extra", [spammy(random.Random(1))])
-    before = trained.read_bytes()
+def test_update_goes_on_learning(tmp_path: Path, poste_bin: str, trained: Path) -> None:
+    odd = mail(
+        "quarterly figures",
+        "zanzibar quokka figures attached for the board",
+        sender="Carol <carol@elsewhere.example>",
+    )
+    (tmp_path / "odd.eml").write_bytes(odd)
+    before = poste(poste_bin, "spam", "classify", "--db", str(trained), str(tmp_path / "odd.eml"))
+    extra = write_folder(tmp_path / "extra", [odd])
     r = poste(poste_bin, "spam", "train", "--update", "--spam", str(extra), "-o", str(trained))
     assert r.returncode == 0, r.stderr
     assert b"41 spam, 40 ham" in r.stderr
-    r = poste(poste_bin, "spam", "train", "--untrain", "--spam", str(extra), "-o", str(trained))
-    assert r.returncode == 0, r.stderr
-    assert trained.read_bytes() == before
+    after = poste(poste_bin, "spam", "classify", "--db", str(trained), str(tmp_path / "odd.eml"))
+    assert float(after.stdout.split()[1]) > float(before.stdout.split()[1])
+    assert after.stdout.split()[0] == b"yes"
+    # no temporary file left beside the database
+    assert sorted(p.name for p in trained.parent.iterdir() if p.name.startswith(".")) == []
 
 
 def test_eval_prints_a_confusion_table(tmp_path: Path, poste_bin: str) -> None:
@@ -194,3 +202,32 @@ def test_classify_with_the_shipped_database(tmp_path: Path, poste_bin: str) -> N
     r = poste(poste_bin, "spam", "classify", str(tmp_path / "m.eml"))
     assert r.returncode == 0, r.stderr
     assert r.stdout.split()[0] in (b"yes", b"no", b"unknown")
+
+
+def test_train_sparse_keeps_only_weighted_tokens_and_the_labels(
+    tmp_path: Path, poste_bin: str, trained: Path
+) -> None:
+    sparse = tmp_path / "sparse.db"
+    r = poste(
+        poste_bin,
+        "spam",
+        "train",
+        "--sparse",
+        "--spam",
+        str(tmp_path / "spam"),
+        "--ham",
+        str(tmp_path / "ham.mbox"),
+        "-o",
+        str(sparse),
+    )
+    assert r.returncode == 0, r.stderr
+    words = r.stderr.decode().split()
+    tokens, weighted = words[words.index("tokens,") - 1], words[words.index("weighted") - 1]
+    assert tokens == weighted
+    assert sparse.stat().st_size < trained.stat().st_size
+    spam, ham = corpus(seed=31, count=4)
+    mails = write_folder(tmp_path / "new", spam + ham)
+    full = poste(poste_bin, "spam", "classify", "--db", str(trained), str(mails))
+    small = poste(poste_bin, "spam", "classify", "--db", str(sparse), str(mails))
+    assert full.stdout == small.stdout
+    assert [line.split()[0] for line in full.stdout.splitlines()] == [b"yes"] * 4 + [b"no"] * 4

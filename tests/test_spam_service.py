@@ -20,13 +20,13 @@ import pytest
 
 from poste.runtime.settings import ConfigError
 from poste.services.spamfilter.service import SpamfilterStage, build_stage
-from poste.spam import Classifier
+from poste.spam import Classifier, Database, tokenize
 from poste.tools.srv import Mailbox, MailboxHop
 from support.cli import run_poste
 from support.dkimkit import srv_mailbox, wait_file
 from support.service import started
 from support.smtp import running
-from support.spamkit import big_attachment, hammy, small_db, spammy
+from support.spamkit import big_attachment, corpus, hammy, small_db, spammy
 
 
 def split_fields(stored: bytes) -> tuple[list[bytes], bytes]:
@@ -237,9 +237,9 @@ async def test_reload_swaps_the_database_and_keeps_it_on_a_bad_file(tmp_path: Pa
     raw = spammy(random.Random(4))
     assert stage.judge(raw)[0] == "yes"
     # the same mails with the labels swapped: what was spam now reads as ham
-    flipped = small_db()
-    flipped.counts = {t: (h, s) for t, (s, h) in flipped.counts.items()}
-    flipped.nspam, flipped.nham = flipped.nham, flipped.nspam
+    flipped = Database()
+    spam, ham = corpus()
+    flipped.fit([(tokenize(r), False) for r in spam] + [(tokenize(r), True) for r in ham])
     flipped.save(path)
     await stage.reload()
     assert stage.judge(raw)[0] == "no"

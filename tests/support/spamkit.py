@@ -70,10 +70,7 @@ def corpus(seed: int = 7, count: int = 40) -> tuple[list[bytes], list[bytes]]:
 def small_db(seed: int = 7, count: int = 40) -> Database:
     spam, ham = corpus(seed, count)
     db = Database()
-    for raw in spam:
-        db.train(tokenize(raw), True)
-    for raw in ham:
-        db.train(tokenize(raw), False)
+    db.fit([(tokenize(raw), True) for raw in spam] + [(tokenize(raw), False) for raw in ham])
     return db
 
 

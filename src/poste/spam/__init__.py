@@ -1,4 +1,4 @@
-"""poste's Bayesian spam classifier, usable as a library.
+"""poste's spam classifier (logistic regression learnt with FTRL), usable as a library.
 
 from poste.spam import Classifier, load_db
 clf = Classifier(load_db(None))          # the database shipped with poste

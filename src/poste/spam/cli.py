@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections import Counter
 from collections.abc import Iterator
 
 import click
@@ -95,7 +96,7 @@ def _chunks(mails: Iterator[bytes], size: int = 4000) -> Iterator[list[bytes]]:
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def main() -> None:
-    """Train, run and evaluate the Bayesian spam classifier.
+    """Train, run and evaluate the spam classifier.
 
     A PATH of mails is a folder of one-mail files, a Maildir, an mbox, or a
     .tar.gz of those (ARCHIVE.tar.gz:FOLDER for one folder inside it).
@@ -115,10 +116,14 @@ def main() -> None:
 @click.option(
     "--update",
     is_flag=True,
-    help="Start from the database already at --output instead of an empty one.",
+    help="Go on learning from the database already at --output instead of an empty one.",
 )
 @click.option(
-    "--untrain", is_flag=True, help="Remove the given mails from the database (implies --update)."
+    "--epochs",
+    type=click.IntRange(1, 100),
+    default=5,
+    show_default=True,
+    help="Passes over the mails (each in a new shuffled order).",
 )
 @click.option(
     "--min-count",
@@ -134,6 +139,11 @@ def main() -> None:
     metavar="PREFIX",
     help="Drop tokens starting with PREFIX (e.g. received: for a database shipped to other sites).",
 )
+@click.option(
+    "--sparse",
+    is_flag=True,
+    help="Keep only tokens whose weight is not zero (a small file to ship; same scores).",
+)
 @click.option("--note", default=None, help="A line saying what the database was trained on.")
 @click.option(
     "--compress/--no-compress",
@@ -146,48 +156,65 @@ def train(
     ham_paths: tuple[str, ...],
     output: str,
     update: bool,
-    untrain: bool,
+    epochs: int,
     min_count: int,
     drop_prefixes: tuple[str, ...],
+    sparse: bool,
     note: str | None,
     compress: bool | None,
     jobs: int | None,
 ) -> None:
-    """Count the tokens of spam and ham mails into a database."""
+    """Learn token weights from spam and ham mails into a database."""
     if not spam_paths and not ham_paths:
         raise click.UsageError("give at least one --spam or --ham PATH")
-    if update or untrain:
-        db = _load(output) if os.path.exists(output) or untrain else Database()
-    else:
-        db = Database()
+    db = _load(output) if update and os.path.exists(output) else Database()
     jobs = jobs or default_jobs()
     work = [(True, p) for p in spam_paths] + [(False, p) for p in ham_paths]
     total = sum(count_messages(p) for _, p in work)
-    done = {True: 0, False: 0}
+    mails: list[tuple[frozenset[str], bool]] = []
     show = sys.stderr.isatty()
-    with click.progressbar(length=total, label="training", file=sys.stderr, hidden=not show) as bar:
+    with click.progressbar(length=total, label="reading", file=sys.stderr, hidden=not show) as bar:
         for is_spam, path in work:
-            # in chunks, so a big Maildir is never all in memory at once
-            for mails in _chunks(raw for _, raw in _messages((path,))):
-                for tokens in tokenize_many(mails, DEFAULT_MAX_BYTES, jobs):
-                    if untrain:
-                        db.untrain(tokens, is_spam)
-                    else:
-                        db.train(tokens, is_spam)
-                    done[is_spam] += 1
+            # tokenized in chunks, so a big Maildir's raw mails are never all in memory
+            for chunk in _chunks(raw for _, raw in _messages((path,))):
+                for tokens in tokenize_many(chunk, DEFAULT_MAX_BYTES, jobs):
+                    mails.append((frozenset(tokens), is_spam))
                     bar.update(1)
+    nspam = sum(1 for _, s in mails if s)
+    # left out before learning, so the other weights are learnt without them
+    if drop_prefixes or min_count > 1:
+        pre = tuple(drop_prefixes)
+        seen: Counter[str] = Counter()
+        if min_count > 1:
+            seen.update(db.seen)
+            for mail_tokens, _ in mails:
+                seen.update(mail_tokens)
+        mails = [
+            (
+                frozenset(
+                    t
+                    for t in mail_tokens
+                    if not (pre and t.startswith(pre)) and (min_count < 2 or seen[t] >= min_count)
+                ),
+                is_spam,
+            )
+            for mail_tokens, is_spam in mails
+        ]
+    db.fit(mails, epochs)
     dropped = db.prune(min_count) if min_count > 1 else 0
     dropped += db.drop_prefixes(drop_prefixes)
+    if sparse:
+        dropped += db.sparse()
     if note is not None:
         db.note = note
     try:
         db.save(output, compress=compress)
     except OSError as exc:
         raise click.ClickException(f"cannot write {output}: {exc.strerror}") from None
-    verb = "untrained" if untrain else "trained"
     click.echo(
-        f"{verb} {done[True]} spam and {done[False]} ham; {output}: {db.nspam} spam, "
-        f"{db.nham} ham, {len(db)} tokens" + (f" ({dropped} tokens dropped)" if dropped else ""),
+        f"trained {nspam} spam and {len(mails) - nspam} ham; {output}: {db.nspam} spam, "
+        f"{db.nham} ham, {len(db)} tokens, {len(db.weights())} weighted"
+        + (f" ({dropped} tokens dropped)" if dropped else ""),
         err=True,
     )
 
@@ -306,6 +333,19 @@ def _fields(
 @click.option("-k", "--folds", type=click.IntRange(2, 100), default=5, show_default=True)
 @_cutoffs
 @click.option("--sweep", is_flag=True, help="Also show caught/flagged for a range of spam cutoffs.")
+@click.option(
+    "--split",
+    is_flag=True,
+    help="Instead of k folds: train on part of each PATH and label the rest, for a random "
+    "split and a time split (the newest mails by arrival) side by side.",
+)
+@click.option(
+    "--test-fraction",
+    type=click.FloatRange(0.05, 0.95),
+    default=0.25,
+    show_default=True,
+    help="With --split: the part of each PATH that is test mail.",
+)
 @jobs_option
 def evaluate(
     spam_paths: tuple[str, ...],
@@ -314,13 +354,23 @@ def evaluate(
     ham_cutoff: float,
     spam_cutoff: float,
     sweep: bool,
+    split: bool,
+    test_fraction: float,
     jobs: int | None,
 ) -> None:
-    """k-fold cross-validation: confusion table, false-positive and false-negative rates."""
+    """k-fold cross-validation, or (--split) held-out random and time splits.
+
+    k folds: confusion table, false-positive and false-negative rates.
+    --split: spam caught, ham labelled spam, unknown and mails/s on the test
+    part of each split.
+    """
     from poste.spam.evaluate import cross_validate
 
     params = _params(ham_cutoff, spam_cutoff)
     j = jobs or default_jobs()
+    if split:
+        _holdout(spam_paths, ham_paths, test_fraction, params, j)
+        return
     spam = list(tokenize_many([raw for _, raw in _messages(spam_paths)], params.max_bytes, j))
     ham = list(tokenize_many([raw for _, raw in _messages(ham_paths)], params.max_bytes, j))
     if len(spam) < folds or len(ham) < folds:
@@ -331,3 +381,24 @@ def evaluate(
         click.echo("")
         cuts = [0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.98, 0.99, 0.995, 0.999]
         click.echo("\n".join(report.sweep(cuts)))
+
+
+def _holdout(
+    spam_paths: tuple[str, ...],
+    ham_paths: tuple[str, ...],
+    fraction: float,
+    params: Params,
+    jobs: int,
+) -> None:
+    from poste.spam.corpus import mail_time
+    from poste.spam.evaluate import Folder, holdout, holdout_lines
+
+    folders = []
+    for is_spam, path in [(True, p) for p in spam_paths] + [(False, p) for p in ham_paths]:
+        raws = [raw for _, raw in _messages((path,))]
+        if len(raws) < 2:
+            raise click.ClickException(f"{path}: need at least 2 mails to split")
+        name = path.rstrip("/").rpartition(":")[2].rpartition("/")[2] or path
+        tokens = list(tokenize_many(raws, params.max_bytes, jobs))
+        folders.append(Folder(name, is_spam, raws, tokens, [mail_time(r) for r in raws]))
+    click.echo("\n".join(holdout_lines(holdout(folders, fraction, params), fraction)))

@@ -189,3 +189,35 @@ def count_messages(path: str) -> int:
     except (OSError, tarfile.TarError, EOFError):
         return 0
     return 0
+
+
+def mail_time(raw: bytes) -> float | None:
+    """When a mail arrived: the date of its first (topmost) Received: field, else its Date:.
+
+    The topmost Received: is written by the receiving site itself, so it
+    cannot be forged by the sender the way Date: (often nonsense in spam)
+    can.  None when neither parses.  For ordering a corpus by time.
+    """
+    from email.utils import mktime_tz, parsedate_tz
+
+    end = raw.find(b"\n\n")
+    end2 = raw.find(b"\r\n\r\n")
+    if end < 0 or 0 <= end2 < end:
+        end = end2
+    head = raw[: end if end >= 0 else min(len(raw), 65536)].decode("latin-1")
+    # unfold, then look at the fields one per line
+    lines = re.sub(r"\r?\n[ \t]+", " ", head).splitlines()
+    dated = [
+        ln.partition(":")[2].rpartition(";")[2]
+        for ln in lines
+        if ln[:9].lower() == "received:" and ";" in ln
+    ]
+    dated += [ln[5:] for ln in lines if ln[:5].lower() == "date:"]
+    for value in dated:
+        parsed = parsedate_tz(value.strip())
+        if parsed is not None:
+            try:
+                return float(mktime_tz(parsed))
+            except (OverflowError, ValueError):
+                continue
+    return None

@@ -1,32 +1,60 @@
-"""The token database: how many spam and ham messages each token appeared in.
+"""The model: logistic regression over a mail's tokens, learnt online with FTRL-Proximal.
 
-File format, version 2 (all integers little-endian), optionally gzip-compressed
-as a whole (detected by the gzip magic on load):
+A mail's score is sigmoid(bias + the sum of the weights of its tokens), each
+token of a mail with more than `length` (150) distinct tokens counting
+sqrt(length / count) instead of 1.  The
+weights are learnt one mail at a time with FTRL-Proximal (McMahan et al.,
+"Ad click prediction: a view from the trenches", KDD 2013; what Stalwart
+uses for its spam filter): each token keeps two numbers, z (the sum of its
+gradients, corrected for the learning rate) and n (the sum of its squared
+gradients), and its weight is derived from them:
+
+    w = 0                                            if |z| <= l1
+    w = -(z - sign(z) l1) / ((beta + sqrt(n)) / alpha + l2)   otherwise
+
+The L1 term sets the weight of most rare tokens to exactly zero, so the
+classifier only holds the tokens that matter.  Because the state is z and n,
+training can go on from a saved file (`poste spam train --update`) exactly
+as if it had never stopped.  Why a discriminative model instead of the
+Bayesian counts poste used before: measured on the time split of the
+development corpus (train on older mail, test on newer), it catches far
+more of the spam it has never seen at the same false positives; a naive
+Bayes token is judged alone, so a word common in old spam keeps its weight
+even when ham uses it too, where here weights are learnt together and a
+token that other tokens already explain stays small.
+
+File format, version 3 (all integers little-endian), optionally
+gzip-compressed as a whole (detected by the gzip magic on load):
 
     offset  size  what
     0       8     magic b"POSTESPM"
-    8       4     u32 format version (2)
+    8       4     u32 format version (3)
     12      4     u32 length H of the header
-    16      H     header, UTF-8 JSON object: {"nspam": int, "nham": int,
-                  "tokens": N, "groups": G, "note": str}  (unknown keys are ignored)
+    16      H     header, UTF-8 JSON object: {"model": "ftrl", "nspam": int,
+                  "nham": int, "tokens": N, "weighted": K, "alpha": float,
+                  "beta": float, "l1": float, "l2": float, "length": int,
+                  "note": str}
+                  (unknown keys are ignored)
     16+H    4     u32 length B of the token blob
-    20+H    B     the N tokens, UTF-8, joined by "\n" (tokens never hold "\n"),
-                  grouped by their pair of counts: all the tokens of group 0
-                  (sorted), then those of group 1, ...
-    ...     4G    u32 spam count of each group
-    ...     4G    u32 ham count of each group
-    ...     4G    u32 number of tokens in each group (they add up to N)
+    20+H    B     the N tokens, UTF-8, joined by "\\n" (tokens never hold "\\n"):
+                  first the K tokens whose weight is not zero, sorted, then
+                  the others, sorted
+    ...     8N    f64 z of each token, in token order
+    ...     8N    f64 n of each token
+    ...     4N    u32 number of mails each token appeared in
 
-A group is one distinct (spam count, ham count) pair; groups are ordered by
-spam + ham count, highest first, then by the pair.  Tens of thousands of
-tokens share a thousand or so pairs, so a classifier computes f(w) once per
-group and builds its token table with C-level zips, without making a
-(spam, ham) tuple per token; and the tokens seen most often, the ones most
-mails look up, come first in the file and so sit together in memory.
+(64-bit floats, so a saved and reloaded database scores and goes on
+learning exactly as the one in memory did.)
 
-Version 1 (still read; `poste spam train` writes version 2) had the tokens
-sorted, then N u32 spam counts and N u32 ham counts in token order, and no
-"groups" key.
+The bias is the token `*bias*` (the tokenizer never makes it: it strips
+`*`).  A classifier needs only the first K tokens, their z and n; the rest
+are kept so that further training continues from the same state (and
+`--sparse` drops them for a database shipped to others).  The mail counts
+serve `--min-count` pruning and nothing else.
+
+Versions 1 and 2 (token counts for the Bayesian model of poste before this
+change) are refused with a message to retrain: their counts cannot give
+these weights.
 
 Writing goes to a temporary file in the same folder, is fsynced, then
 renamed over the old file, so a reader never sees half a database.
@@ -36,146 +64,208 @@ from __future__ import annotations
 
 import array
 import json
+import math
 import os
 import struct
 import sys
-from collections.abc import Iterable, Iterator, Sequence
-from itertools import chain, repeat
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from pathlib import Path
 
 MAGIC = b"POSTESPM"
-VERSION = 2
-READABLE_VERSIONS = (1, 2)
+VERSION = 3
 _U32 = struct.Struct("<I")
-
-# tokens, the (spam, ham) count pair of each group, the number of tokens in each group
-Groups = tuple[list[str], list[tuple[int, int]], list[int]]
+BIAS = "*bias*"
 
 
 class DatabaseError(Exception):
     """The file is not a poste spam database, or is damaged."""
 
 
-def _expand(values: Iterable[object], sizes: Iterable[int]) -> Iterator[object]:
-    """Each value repeated as many times as its group has tokens (C-level)."""
-    return chain.from_iterable(map(repeat, values, sizes))
+@dataclass(frozen=True)
+class Learning:
+    """FTRL-Proximal's knobs: chosen by time-split validation inside the training part."""
+
+    alpha: float = 0.3  # learning rate scale
+    beta: float = 1.0  # learning rate smoothing
+    l1: float = 0.5  # weights of tokens with |z| below this are zero
+    l2: float = 1.0  # shrinks every weight a little
+    # a mail of more than this many distinct tokens has each scaled by
+    # sqrt(length / its count): a long newsletter is not spam for having
+    # many mildly spammy words ("our", "please", "click")
+    length: int = 150
+
+
+def scale(ntokens: int, length: int) -> float:
+    """The value of each token of a mail with `ntokens` distinct tokens (the bias included)."""
+    return 1.0 if ntokens <= length else math.sqrt(length / ntokens)
+
+
+def _sigmoid(x: float) -> float:
+    if x >= 0:
+        return 1.0 / (1.0 + math.exp(-min(x, 35.0)))
+    e = math.exp(max(x, -35.0))
+    return e / (1.0 + e)
 
 
 class Database:
-    """Token counts, trained and untrained one message at a time."""
+    """FTRL state per token; trained one mail at a time, saved and loaded atomically."""
 
-    def __init__(self) -> None:
+    def __init__(self, learning: Learning | None = None) -> None:
+        self.learning = learning or Learning()
         self.nspam = 0
         self.nham = 0
-        # token -> (spam messages, ham messages) it appeared in; built from
-        # the file's groups (or version 1 columns) on first use: a classifier
-        # alone never needs it
-        self._counts: dict[str, tuple[int, int]] | None = {}
-        self._groups: Groups | None = None
+        self._z: dict[str, float] = {}
+        self._n: dict[str, float] = {}
+        self._seen: dict[str, int] = {}  # mails each token appeared in
+        # as read from a file: (token blob, z, n, seen, K); unpacked into the
+        # dicts on first use for training, a classifier alone never needs them
+        self._packed: (
+            tuple[str, array.array[float], array.array[float], array.array[int], int] | None
+        ) = None
         self.note = ""
-        # bumped on every change so classifiers know to rebuild their cache
+        # bumped on every change so classifiers know to rebuild their table
         self.generation = 0
+        self._weights: dict[str, float] | None = None
+        self._weights_generation = -1
+
+    def _unpack(self) -> None:
+        if self._packed is not None:
+            blob, z, n, seen, _ = self._packed
+            tokens = blob.split("\n") if len(z) else []
+            self._z = dict(zip(tokens, z.tolist(), strict=True))
+            self._n = dict(zip(tokens, n.tolist(), strict=True))
+            self._seen = dict(zip(tokens, seen.tolist(), strict=True))
+            self._packed = None
 
     @property
-    def counts(self) -> dict[str, tuple[int, int]]:
-        if self._counts is None:
-            assert self._groups is not None
-            tokens, pairs, sizes = self._groups
-            self._counts = dict(zip(tokens, _expand(pairs, sizes), strict=True))  # type: ignore[arg-type]
-            self._groups = None
-        return self._counts
+    def z(self) -> dict[str, float]:
+        self._unpack()
+        return self._z
 
-    @counts.setter
-    def counts(self, value: dict[str, tuple[int, int]]) -> None:
-        self._counts = value
-        self._groups = None
-        self.generation += 1
+    @property
+    def n(self) -> dict[str, float]:
+        self._unpack()
+        return self._n
 
-    def groups(self) -> Groups | None:
-        """The tokens grouped by count pair as read from a file, None once changed."""
-        return self._groups if self._counts is None else None
+    @property
+    def seen(self) -> dict[str, int]:
+        self._unpack()
+        return self._seen
 
-    def columns(self) -> tuple[Sequence[str], Sequence[int], Sequence[int]]:
-        """Tokens, spam counts, ham counts as parallel sequences."""
-        if self._counts is None and self._groups is not None:
-            tokens, pairs, sizes = self._groups
-            spam = [p[0] for p in pairs]
-            ham = [p[1] for p in pairs]
-            return tokens, list(_expand(spam, sizes)), list(_expand(ham, sizes))  # type: ignore[arg-type]
-        counts = self.counts
-        if not counts:
-            return [], [], []
-        spam_column, ham_column = zip(*counts.values(), strict=True)
-        return list(counts), spam_column, ham_column
-
-    def items(self) -> Iterator[tuple[str, int, int]]:
-        """(token, spam count, ham count) of every token."""
-        return zip(*self.columns(), strict=True)
+    @seen.setter
+    def seen(self, value: dict[str, int]) -> None:
+        self._unpack()
+        self._seen = value
 
     def __len__(self) -> int:
-        if self._counts is None and self._groups is not None:
-            return len(self._groups[0])
-        return len(self.counts)
+        if self._packed is not None:
+            return len(self._packed[1])
+        return len(self._z)
 
-    def get(self, token: str) -> tuple[int, int]:
-        return self.counts.get(token, (0, 0))
+    def weight(self, token: str) -> float:
+        z = self.z.get(token)
+        if z is None:
+            return 0.0
+        return self._weight(z, self.n[token])
+
+    def _weight(self, z: float, n: float) -> float:
+        p = self.learning
+        if abs(z) <= p.l1:
+            return 0.0
+        return -(z - math.copysign(p.l1, z)) / ((p.beta + math.sqrt(n)) / p.alpha + p.l2)
+
+    def weights(self) -> dict[str, float]:
+        """Every token whose weight is not zero (the bias included), with its weight."""
+        if self._weights is None or self._weights_generation != self.generation:
+            w = self._weight
+            if self._packed is not None:  # the weighted tokens come first in a file
+                # only the first K tokens of the blob are split off
+                blob, z, n, _, k = self._packed
+                tokens = blob.split("\n", k)[:k] if k else []
+                self._weights = dict(
+                    zip(tokens, map(w, z[:k].tolist(), n[:k].tolist()), strict=True)
+                )
+            else:
+                self._weights = {t: x for t, z in self._z.items() if (x := w(z, self._n[t])) != 0.0}
+            self._weights_generation = self.generation
+        return self._weights
 
     # -- training -----------------------------------------------------------
 
     def train(self, tokens: Iterable[str], is_spam: bool) -> None:
-        """Count one message: each distinct token once."""
-        counts = self.counts
-        zero = (0, 0)
-        if is_spam:
-            for t in set(tokens):
-                sc, hc = counts.get(t, zero)
-                counts[t] = (sc + 1, hc)
-        else:
-            for t in set(tokens):
-                sc, hc = counts.get(t, zero)
-                counts[t] = (sc, hc + 1)
+        """One FTRL-Proximal step on one mail (each distinct token counts once)."""
+        feats = set(tokens)
+        feats.add(BIAS)
+        p = self.learning
+        zs, ns, seen = self.z, self.n, self.seen
+        l1, l2, alpha, beta = p.l1, p.l2, p.alpha, p.beta
+        ws: dict[str, float] = {}
+        for t in feats:
+            z = zs.get(t)
+            if z is not None and abs(z) > l1:
+                ws[t] = -(z - math.copysign(l1, z)) / ((beta + math.sqrt(ns[t])) / alpha + l2)
+        x = scale(len(feats), p.length)
+        # fsum: exact, so the step does not depend on the set's (hash-seeded) order
+        g = (_sigmoid(x * math.fsum(ws.values())) - (1.0 if is_spam else 0.0)) * x
+        g2 = g * g
+        for t in feats:
+            n = ns.get(t, 0.0)
+            sigma = (math.sqrt(n + g2) - math.sqrt(n)) / alpha
+            zs[t] = zs.get(t, 0.0) + g - sigma * ws.get(t, 0.0)
+            ns[t] = n + g2
+            seen[t] = seen.get(t, 0) + 1
+        seen[BIAS] -= 1  # the bias is in every mail: its count says nothing
         if is_spam:
             self.nspam += 1
         else:
             self.nham += 1
         self.generation += 1
 
-    def untrain(self, tokens: Iterable[str], is_spam: bool) -> None:
-        """Forget one message trained earlier with the same label (counts floor at 0)."""
-        counts = self.counts
-        for t in set(tokens):
-            found = counts.get(t)
-            if found is None:
-                continue
-            sc, hc = found
-            if is_spam:
-                sc = max(0, sc - 1)
-            else:
-                hc = max(0, hc - 1)
-            if sc or hc:
-                counts[t] = (sc, hc)
-            else:
-                del counts[t]
-        if is_spam:
-            self.nspam = max(0, self.nspam - 1)
-        else:
-            self.nham = max(0, self.nham - 1)
-        self.generation += 1
+    def fit(
+        self, mails: Sequence[tuple[Iterable[str], bool]], epochs: int = 5, seed: int = 0
+    ) -> None:
+        """Train on (tokens, is_spam) pairs `epochs` times, each time in a new shuffled order.
+
+        Shuffling mixes spam and ham, as mail arrives: an online learner fed
+        all the spam and then all the ham ends up remembering mostly the ham.
+        The order comes from `seed`, so the same mails give the same file.
+        Only the first pass counts the mails (nspam, nham, seen).
+        """
+        import random  # only training shuffles; `mark` and the service start without it
+
+        rng = random.Random(seed)
+        order = list(range(len(mails)))
+        for epoch in range(epochs):
+            rng.shuffle(order)
+            counts = (self.nspam, self.nham, dict(self.seen) if epoch else None)
+            for i in order:
+                tokens, is_spam = mails[i]
+                self.train(tokens, is_spam)
+            if epoch:
+                self.nspam, self.nham, seen = counts
+                assert seen is not None
+                self.seen = seen
 
     def prune(self, min_count: int) -> int:
-        """Drop tokens seen in fewer than min_count messages in all; returns how many.
+        """Drop tokens seen in fewer than min_count mails; returns how many.
 
-        Rare tokens are mostly names, ids and typos: they weigh little in
-        scoring, make up most of the file, and are the ones that could say
-        something about a particular message.
+        Rare tokens are mostly names, ids and typos: they make up most of
+        the file, and are the ones that could say something about a
+        particular mail.
         """
-        before = len(self.counts)
-        self.counts = {t: c for t, c in self.counts.items() if c[0] + c[1] >= min_count}
-        self.generation += 1
-        return before - len(self.counts)
+        return self._drop([t for t, c in self.seen.items() if c < min_count and t != BIAS])
+
+    def sparse(self) -> int:
+        """Drop tokens whose weight is zero (they do not change any score); returns how many.
+
+        Makes a small file to ship; training on from it starts those tokens from zero.
+        """
+        w = self._weight
+        return self._drop([t for t, z in self.z.items() if w(z, self.n[t]) == 0.0])
 
     def drop_prefixes(self, prefixes: Iterable[str]) -> int:
         """Drop tokens starting with any of the prefixes; returns how many.
@@ -186,41 +276,49 @@ class Database:
         pre = tuple(prefixes)
         if not pre:
             return 0
-        before = len(self.counts)
-        self.counts = {t: c for t, c in self.counts.items() if not t.startswith(pre)}
+        return self._drop([t for t in self.z if t.startswith(pre)])
+
+    def _drop(self, tokens: list[str]) -> int:
+        for t in tokens:
+            del self.z[t], self.n[t]
+            self.seen.pop(t, None)
         self.generation += 1
-        return before - len(self.counts)
+        return len(tokens)
 
     # -- files ----------------------------------------------------------------
 
     def to_bytes(self) -> bytes:
-        by_pair: dict[tuple[int, int], list[str]] = {}
-        for t, c in self.counts.items():
-            # the tokenizer never makes such tokens; a library caller might
-            if t and "\n" not in t:
-                by_pair.setdefault(c, []).append(t)
-        order = sorted(by_pair, key=lambda p: (-(p[0] + p[1]), p))
-        tokens: list[str] = []
-        for pair in order:
-            tokens.extend(sorted(by_pair[pair]))
+        w = self._weight
+        # the tokenizer never makes tokens with "\n"; a library caller might
+        usable = [t for t in self.z if t and "\n" not in t]
+        weighted = sorted(t for t in usable if w(self.z[t], self.n[t]) != 0.0)
+        rest = sorted(t for t in usable if w(self.z[t], self.n[t]) == 0.0)
+        tokens = weighted + rest
+        p = self.learning
         header = json.dumps(
             {
+                "model": "ftrl",
                 "nspam": self.nspam,
                 "nham": self.nham,
                 "tokens": len(tokens),
-                "groups": len(order),
+                "weighted": len(weighted),
+                "alpha": p.alpha,
+                "beta": p.beta,
+                "l1": p.l1,
+                "l2": p.l2,
+                "length": p.length,
                 "note": self.note,
             },
             sort_keys=True,
         ).encode()
         blob = "\n".join(tokens).encode("utf-8")
-        spam = array.array("I", (p[0] for p in order))
-        ham = array.array("I", (p[1] for p in order))
-        sizes = array.array("I", (len(by_pair[p]) for p in order))
+        z = array.array("d", (self.z[t] for t in tokens))
+        n = array.array("d", (self.n[t] for t in tokens))
+        seen = array.array("I", (self.seen.get(t, 0) for t in tokens))
         if sys.byteorder != "little":  # pragma: no cover
-            spam.byteswap()
-            ham.byteswap()
-            sizes.byteswap()
+            z.byteswap()
+            n.byteswap()
+            seen.byteswap()
         return b"".join(
             [
                 MAGIC,
@@ -229,9 +327,9 @@ class Database:
                 header,
                 _U32.pack(len(blob)),
                 blob,
-                spam.tobytes(),
-                ham.tobytes(),
-                sizes.tobytes(),
+                z.tobytes(),
+                n.tobytes(),
+                seen.tobytes(),
             ]
         )
 
@@ -248,7 +346,12 @@ class Database:
             raise DatabaseError("not a poste spam database (bad magic)")
         try:
             (version,) = _U32.unpack_from(data, 8)
-            if version not in READABLE_VERSIONS:
+            if version in (1, 2):
+                raise DatabaseError(
+                    f"database format version {version} holds token counts for the Bayesian "
+                    "model of an older poste; retrain it with 'poste spam train'"
+                )
+            if version != VERSION:
                 raise DatabaseError(f"unsupported database version {version}")
             (hlen,) = _U32.unpack_from(data, 12)
             header = json.loads(data[16 : 16 + hlen])
@@ -258,35 +361,37 @@ class Database:
             blob = data[pos : pos + blen].decode("utf-8")
             pos += blen
             n = int(header["tokens"])
-            tokens = blob.split("\n") if n else []
-            # groups (version 2) or one column entry per token (version 1)
-            g = int(header["groups"]) if version >= 2 else n
-            if len(tokens) != n or len(data) != pos + (12 if version >= 2 else 8) * g:
+            k = int(header["weighted"])
+            ntokens = blob.count("\n") + 1 if n else 0
+            if ntokens != n or not 0 <= k <= n or len(data) != pos + 20 * n:
                 raise DatabaseError("damaged database (sizes do not match)")
-            spam = array.array("I")
-            spam.frombytes(data[pos : pos + 4 * g])
-            ham = array.array("I")
-            ham.frombytes(data[pos + 4 * g : pos + 8 * g])
-            sizes = array.array("I")
-            if version >= 2:
-                sizes.frombytes(data[pos + 8 * g : pos + 12 * g])
+            learning = Learning(
+                float(header["alpha"]),
+                float(header["beta"]),
+                float(header["l1"]),
+                float(header["l2"]),
+                int(header["length"]),
+            )
+            z = array.array("d")
+            z.frombytes(data[pos : pos + 8 * n])
+            nn = array.array("d")
+            nn.frombytes(data[pos + 8 * n : pos + 16 * n])
+            seen = array.array("I")
+            seen.frombytes(data[pos + 16 * n : pos + 20 * n])
         except (struct.error, ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
             raise DatabaseError(f"damaged database: {exc}") from None
         if sys.byteorder != "little":  # pragma: no cover
-            spam.byteswap()
-            ham.byteswap()
-            sizes.byteswap()
-        db = cls()
+            z.byteswap()
+            nn.byteswap()
+            seen.byteswap()
+        db = cls(learning)
         db.nspam = int(header["nspam"])
         db.nham = int(header["nham"])
         db.note = str(header.get("note", ""))
-        if version >= 2:
-            if sum(sizes) != n:
-                raise DatabaseError("damaged database (group sizes do not add up)")
-            db._counts = None
-            db._groups = (tokens, list(zip(spam, ham, strict=True)), sizes.tolist())
-        else:
-            db._counts = dict(zip(tokens, zip(spam, ham, strict=True), strict=True))
+        # sums (C loops): a NaN or an infinity anywhere makes them not finite
+        if n and not (math.isfinite(sum(z)) and math.isfinite(sum(nn)) and min(nn) >= 0.0):
+            raise DatabaseError("damaged database (a weight that is not a number)")
+        db._packed = (blob, z, nn, seen, k)
         return db
 
     @classmethod

@@ -5,7 +5,7 @@ Body words are bare (`viagra`); words from header fields carry their field
 and each parent domain), and the structure of the mail shows as
 `ct:text/html`, `cte:base64`, `header:x-mailer` tokens.  The same word in the
 Subject and in the body are different evidence, which is what makes a
-Bayesian filter sharp.  Tokens never contain whitespace (the database stores
+token-based filter sharp.  Tokens never contain whitespace (the database stores
 them one per line).
 
 `tokenize` works on raw bytes, never raises, and bounds its work (see mime).

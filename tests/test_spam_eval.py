@@ -1,0 +1,96 @@
+"""Held-out evaluation: the random and time splits of `poste spam eval --split`."""
+
+from __future__ import annotations
+
+import random
+import subprocess
+from pathlib import Path
+
+from poste.spam.corpus import mail_time
+from poste.spam.evaluate import interleaved_split, time_split
+from support.spamkit import hammy, spammy, write_folder
+
+
+def dated(raw: bytes, day: int) -> bytes:
+    """The mail as received on 2024-01-<day> (a Received: field on top; its Date: says 2001)."""
+    top = f"Received: from a.example by mx.example.net; {day} Jan 2024 10:00:00 +0000\r\n"
+    return top.encode() + raw.replace(b"Mon, 1 Jan 2024", b"Mon, 1 Jan 2001")
+
+
+def test_mail_time_prefers_the_first_received_over_date() -> None:
+    raw = dated(hammy(random.Random(1)), 9)
+    assert mail_time(raw) == 1704794400.0  # 2024-01-09 10:00 UTC
+    # no Received: then the Date:
+    assert mail_time(hammy(random.Random(1))) == 1704103200.0
+    assert mail_time(b"Subject: no dates\r\n\r\nbody") is None
+    assert mail_time(b"Received: by x; garbage\r\nDate: also garbage\r\n\r\n") is None
+
+
+def test_splits_pick_the_newest_or_every_nth() -> None:
+    assert interleaved_split(8, 0.25) == [False, False, False, True] * 2
+    assert interleaved_split(6, 1 / 3) == [False, False, True] * 2
+    # newest quarter; an undated mail counts as the oldest
+    assert time_split([5.0, None, 1.0, 9.0, 7.0, 3.0, 8.0, 2.0], 0.25) == [
+        False,
+        False,
+        False,
+        True,
+        False,
+        False,
+        True,
+        False,
+    ]
+
+
+def test_eval_split_reports_both_splits(tmp_path: Path, poste_bin: str) -> None:
+    rng = random.Random(5)
+    # written in name order, received in that order: the time split tests on
+    # the last 5 of each folder, the random split on every 4th
+    spam = [dated(spammy(rng), d) for d in range(1, 21)]
+    ham = [dated(hammy(rng), d) for d in range(1, 21)]
+    write_folder(tmp_path / "spam", spam)
+    write_folder(tmp_path / "ham", ham)
+    r = subprocess.run(
+        [
+            poste_bin,
+            "spam",
+            "eval",
+            "--split",
+            "--spam",
+            str(tmp_path / "spam"),
+            "--ham",
+            str(tmp_path / "ham"),
+            "-j1",
+        ],
+        capture_output=True,
+        timeout=120,
+    )
+    assert r.returncode == 0, r.stderr
+    text = r.stdout.decode()
+    lines = {line[:24].strip(): line[24:].split() for line in text.splitlines()}
+    assert lines["train spam + ham"] == ["15", "+", "15", "15", "+", "15"]
+    assert lines["spam caught (yes)"] == ["5/5", "(100.00%)", "5/5", "(100.00%)"]
+    assert lines["ham labelled yes"] == ["0/5", "0/5"]
+    assert "time split, labels per folder" in text
+    assert float(lines["mails/s (one core)"][0]) > 0
+
+
+def test_eval_split_needs_two_mails(tmp_path: Path, poste_bin: str) -> None:
+    write_folder(tmp_path / "one", [spammy(random.Random(1))])
+    r = subprocess.run(
+        [
+            poste_bin,
+            "spam",
+            "eval",
+            "--split",
+            "--spam",
+            str(tmp_path / "one"),
+            "--ham",
+            str(tmp_path / "one"),
+        ],
+        capture_output=True,
+        timeout=60,
+    )
+    assert r.returncode != 0
+    assert b"need at least 2 mails to split" in r.stderr
+    assert b"Traceback" not in r.stderr
