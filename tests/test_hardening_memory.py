@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 from poste.dkim.keys import load_key
-from support.loop_world import World, make_world, start_inbound
+from support.loop_world import World, inbound
 from support.smtp import LineClient
 
 pytestmark = pytest.mark.slow
@@ -91,11 +91,8 @@ async def slow_mail(world: World, entry: tuple[str, int], i: int, body: bytes) -
 @pytest.fixture(params=["separate", "up"])
 def stack(request: pytest.FixtureRequest, tmp_path: Path,
           poste_bin: str) -> Iterator[tuple[World, tuple[str, int]]]:
-    world = make_world(tmp_path, poste_bin)
-    try:
-        yield world, start_inbound(world, request.param)
-    finally:
-        world.stop()
+    with inbound(tmp_path, poste_bin, request.param) as both:
+        yield both
 
 
 def test_thirty_big_slow_mails_in_bounded_memory(stack: tuple[World, tuple[str, int]]) -> None:

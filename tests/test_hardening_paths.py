@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from support.loop_world import GMAIL_IP, World, make_world, start_inbound
+from support.loop_world import GMAIL_IP, World, inbound
 from support.relay_env import return_path
 from support.smtp import LineClient
 
@@ -82,11 +82,8 @@ FORMS = [
 @pytest.fixture(params=["separate", "up"])
 def stack(request: pytest.FixtureRequest, tmp_path: Path,
           poste_bin: str) -> Iterator[tuple[World, tuple[str, int]]]:
-    world = make_world(tmp_path, poste_bin)
-    try:
-        yield world, start_inbound(world, request.param)
-    finally:
-        world.stop()
+    with inbound(tmp_path, poste_bin, request.param) as both:
+        yield both
 
 
 async def connect(entry: tuple[str, int]) -> LineClient:

@@ -10,12 +10,13 @@ relay's address in SPF; "Gmail" sends from its own 127.0.0.21.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import subprocess
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -194,6 +195,16 @@ selector = ["poste"]
 private-key = ["{world.dkim_key}"]
 """)
     return config
+
+
+@contextlib.contextmanager
+def inbound(tmp: Path, poste_bin: str, topology: str) -> Iterator[tuple[World, tuple[str, int]]]:
+    """A world and its receiving path in `topology` ("separate" or "up"), stopped after."""
+    world = make_world(tmp, poste_bin)
+    try:
+        yield world, start_inbound(world, topology)
+    finally:
+        world.stop()
 
 
 def start_inbound(world: World, topology: str) -> tuple[str, int]:
