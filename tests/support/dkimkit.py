@@ -6,13 +6,12 @@ import contextlib
 import os
 import signal
 import subprocess
-import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from poste.dkim import keys as dkim_keys
 from poste.dns.records import zone_txt
-from support.net import wait_port
+from support.net import wait_path, wait_port
 
 DOMAIN = "example.test"
 
@@ -108,9 +107,5 @@ def srv_mailbox(poste_bin: str, box: Path, log: Path) -> Iterator[int]:
 
 
 def wait_file(path: Path, timeout: float = 20.0) -> bytes:
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{path} never appeared")
-        time.sleep(0.05)
+    wait_path(path, Path.exists, "never appeared", timeout)
     return path.read_bytes()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -35,10 +36,15 @@ def wait_port(host: str, port: int, timeout: float = 10.0) -> None:
             time.sleep(0.05)
 
 
+def wait_path(path: Path, ready: Callable[[Path], bool], what: str, timeout: float) -> None:
+    """Until `ready(path)`: a file written, a socket bound; TimeoutError saying `what`."""
+    deadline = time.monotonic() + timeout
+    while not ready(path):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{path}: {what}")
+        time.sleep(0.05)
+
+
 def wait_socket(path: Path, timeout: float = 30.0) -> None:
     """Until a service listens on the unix socket `path`."""
-    deadline = time.monotonic() + timeout
-    while not path.is_socket():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"no socket at {path}")
-        time.sleep(0.05)
+    wait_path(path, Path.is_socket, "no socket there", timeout)
