@@ -1,0 +1,240 @@
+"""The relay honours MTA-STS (RFC 8461) and reports TLS outcomes (RFC 8460).
+
+The world: knot serves the destinations' zones (MX, `_mta-sts`, `_smtp._tls`,
+`mta-sts.D`); each destination's policy is served by poste's own policy
+server (`services/verifier/mta_sts.py`, what `[verifier] mta-sts` runs for
+our domain) over HTTPS with a certificate of a private test CA; its MX is a
+poste SMTP listener with STARTTLS and a certificate of the same CA (for the
+right name or a wrong one).  The relay's Deliverer trusts that CA alone
+(`tls-ca-file`).
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+from poste.dns.records import mta_sts_id, mta_sts_policy
+from poste.dns.resolver import make_resolver
+from poste.services.relay.delivery import Deliverer
+from poste.services.relay.tls_policy.policy import TransportPolicy
+from poste.services.relay.tls_policy.tlsrpt import RESULT_TYPES, Reporter
+from poste.services.verifier.mta_sts import PolicyServer
+from poste.smtp.message import Message
+from poste.smtp.server import SMTPService
+from poste.smtp.stage import Stage
+from poste.smtp.tls import server_context
+from poste.tools.srv import Mailbox, MailboxHop
+from support.knot import KnotServer, knot_server, simple_zone
+from support.standin import reserve_common_port
+from support.testca import TestCA
+
+RAW = b"From: a@our.test\r\nTo: b@good.test\r\nSubject: t\r\n\r\nbody\r\n"
+
+# domain: (policy server IP, MX IP, mode, mx: pattern, MX certificate name, STARTTLS)
+DESTS = {
+    "good.test": ("127.0.0.50", "127.0.0.60", "enforce", "mx.good.test", "mx.good.test", True),
+    "wild.test": ("127.0.0.55", "127.0.0.65", "enforce", "*.wild.test", "mx.wild.test", True),
+    "bad.test": ("127.0.0.51", "127.0.0.61", "enforce", "mx.bad.test", "wrong.test", True),
+    "testing.test": ("127.0.0.52", "127.0.0.62", "testing", "mx.testing.test", "wrong.test",
+                     True),
+    "nomatch.test": ("127.0.0.53", "127.0.0.63", "enforce", "other.nomatch.test",
+                     "mx.nomatch.test", True),
+    "plain.test": ("127.0.0.54", "127.0.0.64", "enforce", "mx.plain.test", "mx.plain.test",
+                   False),
+}
+MAX_AGE = 86400
+
+
+def policy_of(dom: str) -> str:
+    _, _, mode, pattern, _, _ = DESTS[dom]
+    return mta_sts_policy(mode, [pattern], MAX_AGE)
+
+
+def zones() -> dict[str, str]:
+    out = {}
+    for dom, (pip, mip, *_rest) in DESTS.items():
+        out[dom] = simple_zone(dom, (
+            f"@ MX 10 mx.{dom}.\nmx A {mip}\nmta-sts A {pip}\n"
+            f'_mta-sts TXT "v=STSv1; id={mta_sts_id(policy_of(dom))}"\n'
+            f'_smtp._tls TXT "v=TLSRPTv1; rua=mailto:tls-reports@reports.test"\n'))
+    return out
+
+
+@pytest.fixture(scope="module")
+def ns(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KnotServer]:
+    with knot_server(tmp_path_factory.mktemp("knot"), zones()) as server:
+        yield server
+
+
+class World:
+    def __init__(self, ns: KnotServer, tmp: Path) -> None:
+        self.ns, self.tmp = ns, tmp
+        self.ca = TestCA(tmp / "ca")
+        self.web_ports = reserve_common_port([d[0] for d in DESTS.values()])
+        self.mx_ports = reserve_common_port([d[1] for d in DESTS.values()])
+        self.policies: dict[str, PolicyServer] = {}
+        self.services: list[SMTPService] = []
+        self.boxes: dict[str, Path] = {}
+        self.state = tmp / "relay-tls"
+
+    async def start(self) -> None:
+        web_cert, web_key = self.ca.leaf(*(f"mta-sts.{d}" for d in DESTS), file="mta-sts")
+        web_ctx = server_context(web_cert, web_key)
+        for dom, (pip, mip, _, _, cert_name, tls) in DESTS.items():
+            server = PolicyServer(pip, self.web_ports.port, web_ctx, [dom], policy_of(dom))
+            self.web_ports.release(pip)
+            await server.start()
+            self.policies[dom] = server
+            ctx = None
+            if tls:
+                cert, key = self.ca.leaf(cert_name, file=f"mx-{dom}")
+                ctx = server_context(cert, key)
+            folder = self.tmp / dom
+            svc = SMTPService(Stage(), MailboxHop(Mailbox(f"{folder}/", 0, True)), host=mip,
+                              port=self.mx_ports.port, hostname=f"mx.{dom}", tls_context=ctx)
+            self.mx_ports.release(mip)
+            await svc.start()
+            self.services.append(svc)
+            self.boxes[dom] = folder
+
+    async def stop(self) -> None:
+        for p in self.policies.values():
+            await p.stop()
+        for svc in self.services:
+            await svc.stop()
+        self.web_ports.close()
+        self.mx_ports.close()
+
+    def transport(self) -> TransportPolicy:
+        return TransportPolicy(make_resolver([self.ns.nameserver]), self.state,
+                               ca_file=str(self.ca.pem), mta_sts_port=self.web_ports.port)
+
+    def deliverer(self, transport: TransportPolicy | None = None) -> Deliverer:
+        return Deliverer(make_resolver([self.ns.nameserver]), helo="relay.our.test",
+                         port=self.mx_ports.port, timeout=10, connect_timeout=3,
+                         reuse_idle=0, transport=transport or self.transport())
+
+    def mails(self, dom: str) -> list[bytes]:
+        return [p.read_bytes() for p in sorted(self.boxes[dom].glob("*.eml"))]
+
+    async def send(self, dom: str, d: Deliverer | None = None) -> tuple[int, str]:
+        got = await (d or self.deliverer()).deliver(dom, "a@our.test", [f"b@{dom}"],
+                                                    Message.of(RAW))
+        reply = got[f"b@{dom}"]
+        return reply.code, reply.text
+
+
+@pytest.fixture
+async def world(ns: KnotServer, tmp_path: Path) -> AsyncIterator[World]:
+    w = World(ns, tmp_path)
+    try:
+        await w.start()
+        yield w
+    finally:
+        await w.stop()
+
+
+async def test_enforce_with_a_valid_certificate_delivers(world: World) -> None:
+    assert (await world.send("good.test"))[0] == 250
+    assert (await world.send("wild.test"))[0] == 250  # mx: *.wild.test
+    assert len(world.mails("good.test")) == 1 and len(world.mails("wild.test")) == 1
+    cached = json.loads((world.state / "mta-sts" / "good.test.json").read_text())
+    assert cached["id"] == mta_sts_id(policy_of("good.test"))
+
+
+async def test_enforce_with_a_wrong_certificate_defers(world: World) -> None:
+    code, text = await world.send("bad.test")
+    assert code == 451 and text.startswith("4.7.5") and "mx.bad.test" in text, text
+    assert world.mails("bad.test") == []  # not in clear, not unchecked
+
+
+async def test_enforce_without_starttls_defers(world: World) -> None:
+    code, text = await world.send("plain.test")
+    assert code == 451 and text.startswith("4.7.5") and "STARTTLS" in text, text
+    assert world.mails("plain.test") == []
+
+
+async def test_enforce_mx_not_in_the_policy_is_never_contacted(world: World) -> None:
+    code, text = await world.send("nomatch.test")
+    assert code == 451 and text.startswith("4.7.5") and "not in the MTA-STS policy" in text
+    assert world.mails("nomatch.test") == []
+
+
+async def test_testing_mode_delivers_despite_a_wrong_certificate(world: World) -> None:
+    assert (await world.send("testing.test"))[0] == 250
+    assert len(world.mails("testing.test")) == 1
+
+
+async def test_cached_policy_holds_when_the_policy_server_is_gone(world: World) -> None:
+    d = world.deliverer()
+    assert (await world.send("bad.test", d))[0] == 451  # fetched and cached
+    await world.policies["bad.test"].stop()
+    code, text = await world.send("bad.test", world.deliverer())  # a new relay, same cache
+    assert code == 451 and text.startswith("4.7.5"), text
+    assert world.mails("bad.test") == []
+
+
+async def test_without_a_policy_server_no_policy_is_enforced(world: World) -> None:
+    """No policy could ever be fetched (and none cached): opportunistic, as RFC 8461 says."""
+    await world.policies["bad.test"].stop()
+    assert (await world.send("bad.test"))[0] == 250
+
+
+def _check_report(report: dict) -> None:  # type: ignore[type-arg]
+    """The fields RFC 8460 4.4 makes mandatory, with their types."""
+    assert isinstance(report["organization-name"], str)
+    assert isinstance(report["contact-info"], str) and isinstance(report["report-id"], str)
+    for key in ("start-datetime", "end-datetime"):
+        assert report["date-range"][key].endswith("Z")
+    for p in report["policies"]:
+        assert p["policy"]["policy-type"] in ("sts", "tlsa", "no-policy-found")
+        assert isinstance(p["policy"]["policy-domain"], str)
+        for key in ("total-successful-session-count", "total-failure-session-count"):
+            assert isinstance(p["summary"][key], int)
+        for d in p.get("failure-details", []):
+            assert d["result-type"] in RESULT_TYPES
+            assert isinstance(d["failed-session-count"], int)
+
+
+async def test_tls_report_is_rfc8460_json(world: World) -> None:
+    transport = world.transport()
+    d = world.deliverer(transport)
+    for dom in ("good.test", "good.test", "testing.test", "bad.test"):
+        await world.send(dom, d)
+    sent: list[tuple[str, bytes]] = []
+
+    async def mail(to: str, msg: bytes) -> None:
+        sent.append((to, msg))
+
+    reporter = Reporter(transport.recorder.folder, make_resolver([world.ns.nameserver]),
+                        transport.verify_ctx, submitter="our.test",
+                        sender="postmaster@our.test", mail=mail)
+    files = await reporter.send_due(now=True)
+    assert {to for to, _ in sent} == {"tls-reports@reports.test"}
+    reports = {}
+    for f in files:
+        report = json.loads(gzip.decompress(f.read_bytes()))
+        _check_report(report)
+        [p] = report["policies"]
+        reports[p["policy"]["policy-domain"]] = p
+    good, testing, bad = reports["good.test"], reports["testing.test"], reports["bad.test"]
+    assert good["policy"]["policy-type"] == "sts"
+    assert good["policy"]["policy-string"] == policy_of("good.test").split("\r\n")[:-1]
+    assert good["policy"]["mx-host"] == ["mx.good.test"]
+    assert good["summary"] == {"total-successful-session-count": 2,
+                               "total-failure-session-count": 0}
+    assert testing["summary"]["total-failure-session-count"] == 1
+    assert [x["result-type"] for x in testing["failure-details"]] == ["certificate-host-mismatch"]
+    assert bad["failure-details"][0]["receiving-mx-hostname"] == "mx.bad.test"
+    assert bad["failure-details"][0]["receiving-ip"] == DESTS["bad.test"][1]
+    # the mail of 5.3: multipart/report; report-type=tlsrpt, the gzip'd JSON attached
+    msg = sent[0][1]
+    assert b'report-type="tlsrpt"' in msg and b"application/tlsrpt+gzip" in msg
+    assert b"TLS-Report-Submitter: our.test" in msg
+    # reported days move on: nothing to report twice
+    assert await reporter.send_due(now=True) == []
