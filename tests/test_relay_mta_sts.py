@@ -11,8 +11,10 @@ right name or a wrong one).  The relay's Deliverer trusts that CA alone
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import json
+import subprocess
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -21,6 +23,7 @@ import pytest
 from poste.dns.records import mta_sts_id, mta_sts_policy
 from poste.dns.resolver import make_resolver
 from poste.services.relay.delivery import Deliverer
+from poste.services.relay.spool import Spool
 from poste.services.relay.tls_policy.policy import TransportPolicy
 from poste.services.relay.tls_policy.tlsrpt import RESULT_TYPES, Reporter
 from poste.services.verifier.mta_sts import PolicyServer
@@ -80,7 +83,8 @@ class World:
         self.policies: dict[str, PolicyServer] = {}
         self.services: list[SMTPService] = []
         self.boxes: dict[str, Path] = {}
-        self.state = tmp / "relay-tls"
+        self.spool = tmp / "spool"
+        self.state = self.spool / "tls"  # where the relay keeps it: SPOOL/tls
 
     async def start(self) -> None:
         web_cert, web_key = self.ca.leaf(*(f"mta-sts.{d}" for d in DESTS), file="mta-sts")
@@ -185,6 +189,10 @@ async def test_without_a_policy_server_no_policy_is_enforced(world: World) -> No
     assert (await world.send("bad.test"))[0] == 250
 
 
+def _read_report(path: str | Path) -> dict:  # type: ignore[type-arg]
+    return json.loads(gzip.decompress(Path(path).read_bytes()))  # type: ignore[no-any-return]
+
+
 def _check_report(report: dict) -> None:  # type: ignore[type-arg]
     """The fields RFC 8460 4.4 makes mandatory, with their types."""
     assert isinstance(report["organization-name"], str)
@@ -238,3 +246,21 @@ async def test_tls_report_is_rfc8460_json(world: World) -> None:
     assert b"TLS-Report-Submitter: our.test" in msg
     # reported days move on: nothing to report twice
     assert await reporter.send_due(now=True) == []
+
+
+async def test_tls_report_command_queues_the_report_mail(world: World, poste_bin: str) -> None:
+    spool = Spool(world.spool)  # the relay's spool, where the sessions were recorded
+    await world.send("testing.test")
+    ran = await asyncio.to_thread(
+        subprocess.run, [poste_bin, "tls-report", "--spool", str(world.spool), "--domain", "our.test",
+         "--nameserver", world.ns.nameserver, "--now"],
+        capture_output=True, text=True, timeout=60)
+    assert ran.returncode == 0, ran.stderr
+    [path] = ran.stdout.split()
+    report = _read_report(path)
+    _check_report(report)
+    assert report["policies"][0]["policy"]["policy-domain"] == "testing.test"
+    [entry] = list(spool.entries())
+    assert [r.address for r in entry.recipients] == ["tls-reports@reports.test"]
+    assert entry.return_path == "" and entry.is_dsn  # a report is never bounced
+    assert b"application/tlsrpt+gzip" in spool.read_message(entry.id)
