@@ -139,7 +139,7 @@ class MTASTS:
         if cached and cached[0] == txt_id:
             return Lookup(cached[1])
         try:
-            policy = await self._fetch(domain)
+            policy = await self.fetch(domain)
         except HTTPSError as exc:
             kind = "sts-webpki-invalid" if exc.tls else "sts-policy-fetch-error"
             log.warning("MTA-STS of %s: cannot fetch the policy: %s%s", domain, exc,
@@ -153,6 +153,10 @@ class MTASTS:
                  policy.mode, " ".join(policy.mx), policy.max_age)
         return Lookup(policy)
 
+    async def txt_id(self, domain: str) -> str | None:
+        """The id of the one `v=STSv1` record at _mta-sts.DOMAIN (None: no valid record)."""
+        return await self._txt(domain)
+
     async def _txt(self, domain: str) -> str | None:
         try:
             answer = await self.resolver.resolve(f"_mta-sts.{domain}", "TXT")
@@ -162,7 +166,8 @@ class MTASTS:
         found = [i for i in ids if i is not None]
         return found[0] if len(found) == 1 else None  # more than one: no policy (3.1)
 
-    async def _fetch(self, domain: str) -> Policy:
+    async def fetch(self, domain: str) -> Policy:
+        """The policy as served now (HTTPSError, PolicyError); no cache (`poste doctor`)."""
         status, headers, body = await request(
             self.resolver, self.ctx, f"mta-sts.{domain}", "/.well-known/mta-sts.txt",
             port=self.port, timeout=self.timeout)
