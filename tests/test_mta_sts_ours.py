@@ -107,3 +107,39 @@ def test_acme_names_include_mta_sts() -> None:
     assert with_mta_sts_names(values)["acme-name"] == [
         "mx.our.test", "mta-sts.our.test", "mta-sts.other.test"]
     assert with_mta_sts_names({**values, "mta-sts": "off"})["acme-name"] == []
+
+
+async def test_poste_up_serves_the_policy(tmp_path: Path) -> None:
+    """`[verifier] mta-sts` in `poste up`: the policy on its own HTTPS listener, with the
+    verifier's certificate (here `poste init`'s self-signed one)."""
+    import ssl
+
+    from poste.stack.build import build
+    from poste.stack.config import load
+    from poste.stack.init import Layout, write_stack
+
+    d = tmp_path / "mail"
+    write_stack(d, Layout(domain="our.test", hostname="mail.our.test",
+                          postmaster="admin@elsewhere.test", mailbox="box",
+                          verifier_listen="127.0.0.1:0"))
+    port = free_port(IP)
+    text = (d / "poste.toml").read_text().replace(
+        "[verifier]", f'[verifier]\nmta-sts = "testing"\nmta-sts-listen = "{IP}:{port}"')
+    text = text.replace("[submission]", "[submission]\nenabled = false")
+    (d / "poste.toml").write_text(text)
+    stack = build(load(d / "poste.toml"))
+    await stack.start()
+    try:
+        ctx = ssl.create_default_context(cafile=str(d / "tls" / "cert.pem"))
+        ctx.check_hostname = False  # the self-signed certificate names mail.our.test
+        reader, writer = await asyncio.open_connection(IP, port, ssl=ctx,
+                                                       server_hostname="mta-sts.our.test")
+        writer.write(b"GET /.well-known/mta-sts.txt HTTP/1.1\r\nHost: mta-sts.our.test\r\n\r\n")
+        reply = await reader.read()
+        writer.close()
+    finally:
+        await stack.stop()
+    assert reply.startswith(b"HTTP/1.1 200 ")
+    assert b"Content-Type: text/plain" in reply
+    assert reply.endswith(b"\r\n\r\nversion: STSv1\r\nmode: testing\r\nmx: mail.our.test\r\n"
+                          b"max_age: 604800\r\n")
