@@ -26,7 +26,7 @@ from poste.services.relay.scheduler import DeliverFn, Policy, Scheduler
 from poste.services.relay.spool import Spool, SpoolError, SpoolLocked
 from poste.services.relay.srs import DAY, SRS, SRSDatabase, load_secrets
 from poste.services.relay.stage import MAX_RECEIVED, QueueHop, RelayStage
-from poste.services.relay.tls_policy.policy import TransportPolicy
+from poste.services.relay.tls_policy.policy import TransportPolicy, verifying_context
 from poste.services.relay.tls_policy.reports import daily, spool_mail
 from poste.services.relay.tls_policy.tlsrpt import Reporter
 from poste.smtp.server import SMTPService
@@ -193,6 +193,10 @@ def build_relay(
     ours = _self_addresses(listen_hosts, self_addresses or [])
     me = hostname or socket.getfqdn()
     keys = own_keys(domain, dkim_selectors, dkim_keys, arc_authserv_id or me)
+    try:
+        verifying_context(tls_ca_file)  # a CA file that cannot be used: one line, now
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError("tls-ca-file", f"cannot use {tls_ca_file}: {exc}") from None
     if preflight is not None:
         preflight()
     try:
@@ -226,12 +230,8 @@ def build_relay(
         raise
     srs = SRS(domain, secrets_, db=srs_db)
     router = Router(domains, postmaster, srs, lambda: watcher.db, nets)
-    try:
-        transport = TransportPolicy(resolver, spool.path / "tls", ca_file=tls_ca_file,
-                                    mta_sts_port=mta_sts_port, mta_sts=mta_sts, dane=dane)
-    except (OSError, ssl.SSLError) as exc:
-        spool.unlock()
-        raise ConfigError("tls-ca-file", f"cannot use {tls_ca_file}: {exc}") from None
+    transport = TransportPolicy(resolver, spool.path / "tls", ca_file=tls_ca_file,
+                                mta_sts_port=mta_sts_port, mta_sts=mta_sts, dane=dane)
     deliverer = Deliverer(resolver, helo=me, port=smtp_port, ipv6=ipv6, self_addresses=ours,
                           transport=transport)
     scheduler = Scheduler(

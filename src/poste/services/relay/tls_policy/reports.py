@@ -50,8 +50,8 @@ async def daily(reporter: Reporter, sleep: Callable[[float], Awaitable[None]] = 
     while True:
         try:
             await reporter.send_due()
-        except OSError as exc:
-            log.warning("TLS-RPT: reports not sent: %s", exc)
+        except Exception as exc:  # a report is never worth the relay's job: log, try tomorrow
+            log.warning("TLS-RPT: reports not sent: %s: %s", type(exc).__name__, exc)
         now = dt.datetime.now(dt.UTC)
         nxt = (now + dt.timedelta(days=1)).replace(hour=0, minute=5, second=0, microsecond=0)
         await sleep((nxt - now).total_seconds())

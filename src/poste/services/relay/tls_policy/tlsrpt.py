@@ -93,6 +93,9 @@ def _iso(d: dt.datetime) -> str:
     return d.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+_KEYS = ("domain", "type", "policy", "mx", "ip", "result")
+
+
 def read_outcomes(path: Path) -> list[dict[str, Any]]:
     out = []
     for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
@@ -100,7 +103,8 @@ def read_outcomes(path: Path) -> list[dict[str, Any]]:
             item = json.loads(line)
         except ValueError:
             continue  # a line cut by a crash
-        if isinstance(item, dict) and "domain" in item:
+        if isinstance(item, dict) and all(k in item for k in _KEYS) and isinstance(
+                item["policy"], list):
             out.append(item)
     return out
 
