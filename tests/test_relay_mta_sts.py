@@ -264,3 +264,33 @@ async def test_tls_report_command_queues_the_report_mail(world: World, poste_bin
     assert [r.address for r in entry.recipients] == ["tls-reports@reports.test"]
     assert entry.return_path == "" and entry.is_dsn  # a report is never bounced
     assert b"application/tlsrpt+gzip" in spool.read_message(entry.id)
+
+
+async def test_poste_relay_enforces_mta_sts(world: World, poste_bin: str) -> None:
+    """The same through `poste relay` and its flags: --tls-ca-file, --mta-sts-port."""
+    from poste.smtp.client import send_message
+    from support.relay_env import Relay, make_users
+
+    work = world.tmp / "relay"
+    work.mkdir()
+    make_users(poste_bin, work / "users", {"someone": ["x@elsewhere.test"]})
+    relay = Relay(poste_bin, work, world.ns.nameserver, world.mx_ports.port,
+                  "--granted", "127.0.0.0/8", "--tls-ca-file", str(world.ca.pem),
+                  "--mta-sts-port", str(world.web_ports.port))
+    await asyncio.to_thread(relay.start)
+    try:
+        sent = await send_message(relay.host, relay.port, "a@our.test",
+                                  ["b@good.test", "c@bad.test"], RAW)
+        assert sent.data_reply is not None and sent.data_reply.code == 250
+        for _ in range(300):
+            pending = [r for e in Spool(relay.spool).entries() for r in e.recipients
+                       if r.address == "c@bad.test" and r.last_reply]
+            if world.mails("good.test") and pending:
+                break
+            await asyncio.sleep(0.05)
+        assert len(world.mails("good.test")) == 1 and world.mails("bad.test") == []
+        [bad] = pending
+        assert bad.address == "c@bad.test" and bad.state == "pending", bad
+        assert bad.last_reply.startswith("4.7.5 certificate of mx.bad.test refused"), bad
+    finally:
+        await asyncio.to_thread(relay.stop)

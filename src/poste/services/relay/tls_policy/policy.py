@@ -192,7 +192,8 @@ class TransportPolicy:
             self._record(plan, host, ip, kind, exc.verify_message or str(exc))
             if plan.required:
                 raise TLSRefused(f"4.7.5 certificate of {host} refused under the MTA-STS policy "
-                                 f"of {plan.domain}: {exc.verify_message}, will retry") from None
+                                 f"of {plan.domain}: {(exc.verify_message or str(exc)).rstrip('.')}, will retry"
+                                 ) from None
             raise TLSUnavailable(verified=True) from None
         except (aiosmtplib.SMTPException, ssl.SSLError, OSError) as exc:
             self._record(plan, host, ip, "validation-failure", f"TLS handshake failed: {exc}")
