@@ -240,6 +240,7 @@ async def test_tls_report_is_rfc8460_json(world: World) -> None:
     assert [x["result-type"] for x in testing["failure-details"]] == ["certificate-host-mismatch"]
     assert bad["failure-details"][0]["receiving-mx-hostname"] == "mx.bad.test"
     assert bad["failure-details"][0]["receiving-ip"] == DESTS["bad.test"][1]
+    assert bad["failure-details"][0]["sending-mta-ip"].startswith("127.")
     # the mail of 5.3: multipart/report; report-type=tlsrpt, the gzip'd JSON attached
     msg = sent[0][1]
     assert b'report-type="tlsrpt"' in msg and b"application/tlsrpt+gzip" in msg

@@ -165,9 +165,11 @@ class TransportPolicy:
             log.info("%s (mode testing): delivering anyway", reason)
         return HostPlan(plan.domain, kind, policy_type="sts", policy=strings)
 
-    def _record(self, plan: HostPlan, host: str, ip: str, result: str, reason: str = "") -> None:
+    def _record(self, client: aiosmtplib.SMTP, plan: HostPlan, host: str, ip: str, result: str,
+                reason: str = "") -> None:
+        sock = client.transport.get_extra_info("sockname") if client.transport else None
         self.recorder.record(Outcome(plan.domain, plan.policy_type, plan.policy, host, ip,
-                                     result, reason))
+                                     result, reason, str(sock[0]) if sock else ""))
 
     async def starttls(
         self, client: aiosmtplib.SMTP, plan: HostPlan, host: str, ip: str, *, unchecked: bool
@@ -178,7 +180,7 @@ class TransportPolicy:
         refused (already recorded): encrypt without checking.
         """
         if not client.supports_extension("starttls"):
-            self._record(plan, host, ip, "starttls-not-supported")
+            self._record(client, plan, host, ip, "starttls-not-supported")
             if plan.required:
                 raise TLSRefused(f"4.7.5 {host} does not offer STARTTLS, which the "
                                  f"{_what(plan)} of {plan.domain} requires, will retry")
@@ -189,14 +191,14 @@ class TransportPolicy:
             await client.starttls(tls_context=ctx, server_hostname=host.rstrip("."))
         except ssl.SSLCertVerificationError as exc:
             kind = _result_type(exc)
-            self._record(plan, host, ip, kind, exc.verify_message or str(exc))
+            self._record(client, plan, host, ip, kind, exc.verify_message or str(exc))
             if plan.required:
                 raise TLSRefused(f"4.7.5 certificate of {host} refused under the MTA-STS policy "
                                  f"of {plan.domain}: {(exc.verify_message or str(exc)).rstrip('.')}, will retry"
                                  ) from None
             raise TLSUnavailable(verified=True) from None
         except (aiosmtplib.SMTPException, ssl.SSLError, OSError) as exc:
-            self._record(plan, host, ip, "validation-failure", f"TLS handshake failed: {exc}")
+            self._record(client, plan, host, ip, "validation-failure", f"TLS handshake failed: {exc}")
             if plan.required:
                 raise TLSRefused(f"4.7.5 TLS handshake with {host} failed, which the "
                                  f"{_what(plan)} of {plan.domain} requires, will retry") from None
@@ -204,10 +206,10 @@ class TransportPolicy:
         if plan.kind == DANE_AUTH:
             why = match(plan.tlsa, _chain(client), host)
             if why is not None:
-                self._record(plan, host, ip, "validation-failure", why)
+                self._record(client, plan, host, ip, "validation-failure", why)
                 raise TLSRefused(f"4.7.5 DANE: {why} ({host}), will retry")
         if not unchecked:
-            self._record(plan, host, ip, SUCCESS)
+            self._record(client, plan, host, ip, SUCCESS)
         return True
 
 

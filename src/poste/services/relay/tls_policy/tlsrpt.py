@@ -33,6 +33,7 @@ from urllib.parse import unquote, urlsplit
 import dns.asyncresolver
 import dns.exception
 import dns.resolver
+from prometheus_client import Counter
 
 from poste.services.relay.tls_policy.https import HTTPSError, request
 
@@ -45,6 +46,11 @@ RESULT_TYPES = (
     "dane-required", "sts-policy-fetch-error", "sts-policy-invalid", "sts-webpki-invalid",
 )
 POLICY_TYPES = ("tlsa", "sts", "no-policy-found")
+SESSIONS = Counter(
+    "poste_relay_tls_sessions",
+    "Outbound TLS outcomes as TLS-RPT counts them, by policy type and result type.",
+    ["policy", "result"],
+)
 
 
 @dataclass(frozen=True)
@@ -58,6 +64,7 @@ class Outcome:
     ip: str
     result: str  # SUCCESS or a result type
     reason: str = ""
+    local_ip: str = ""  # our end of the session (sending-mta-ip)
 
     def __post_init__(self) -> None:
         assert self.policy_type in POLICY_TYPES and (
@@ -67,15 +74,15 @@ class Outcome:
 class Recorder:
     """Appends outcomes to the day's file; a write that fails is logged, never fatal."""
 
-    def __init__(self, folder: Path, sending_ip: str = "") -> None:
+    def __init__(self, folder: Path) -> None:
         self.folder = folder
-        self.sending_ip = sending_ip
 
     def record(self, o: Outcome) -> None:
+        SESSIONS.labels(o.policy_type, o.result).inc()
         now = time.time()
         line = json.dumps({"t": now, "domain": o.domain, "type": o.policy_type,
                            "policy": list(o.policy), "mx": o.mx, "ip": o.ip,
-                           "result": o.result, "reason": o.reason}) + "\n"
+                           "result": o.result, "reason": o.reason, "from": o.local_ip}) + "\n"
         path = self.folder / (_day(now) + ".jsonl")
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
@@ -118,7 +125,6 @@ def build_report(
     organization: str,
     contact: str,
     report_id: str,
-    sending_ip: str = "",
 ) -> dict[str, Any]:
     """The report of 4.4 for one policy domain, one entry per policy seen."""
     policies: dict[tuple[str, tuple[str, ...]], dict[str, Any]] = {}
@@ -133,7 +139,7 @@ def build_report(
             entry["ok"] += 1
             continue
         entry["fail"] += 1
-        dkey = (o["result"], o["mx"], o["ip"], o.get("reason", ""))
+        dkey = (o["result"], o["mx"], o["ip"], o.get("reason", ""), o.get("from", ""))
         entry["details"][dkey] = entry["details"].get(dkey, 0) + 1
     out = []
     for (ptype, strings), entry in policies.items():
@@ -148,10 +154,10 @@ def build_report(
                         "total-failure-session-count": entry["fail"]},
         }
         details = []
-        for (result, mx, ip, reason), n in sorted(entry["details"].items()):
+        for (result, mx, ip, reason, local), n in sorted(entry["details"].items()):
             d: dict[str, Any] = {"result-type": result, "failed-session-count": n}
-            if sending_ip:
-                d["sending-mta-ip"] = sending_ip
+            if local:
+                d["sending-mta-ip"] = local
             if mx:
                 d["receiving-mx-hostname"] = mx
             if ip:
@@ -231,11 +237,9 @@ class Reporter:
         submitter: str,
         sender: str,
         mail: MailFn,
-        sending_ip: str = "",
     ) -> None:
         self.folder, self.resolver, self.ctx = folder, resolver, ctx
         self.submitter, self.sender, self.mail = submitter, sender, mail
-        self.sending_ip = sending_ip
 
     async def send_due(self, *, now: bool = False) -> list[Path]:
         """Report every past day (and today so far with `now`); the reports written."""
@@ -270,8 +274,7 @@ class Reporter:
             report_id = f"{path.stem}.{secrets.token_hex(6)}@{self.submitter}"
             report = build_report(domain, outcomes, start=start, end=end,
                                   organization=self.submitter,
-                                  contact=self.sender, report_id=report_id,
-                                  sending_ip=self.sending_ip)
+                                  contact=self.sender, report_id=report_id)
             gz = gzip.compress(json.dumps(report, indent=1).encode("utf-8"))
             filename = (f"{self.submitter}!{domain}!{int(start.timestamp())}!"
                         f"{int(end.timestamp())}!{secrets.token_hex(3)}.json.gz")
