@@ -295,3 +295,48 @@ async def test_poste_relay_enforces_mta_sts(world: World, poste_bin: str) -> Non
         assert bad.last_reply.startswith("4.7.5 certificate of mx.bad.test refused"), bad
     finally:
         await asyncio.to_thread(relay.stop)
+
+
+async def test_tls_report_posted_to_an_https_rua(tmp_path: Path) -> None:
+    """rua=https://...: the gzip'd report is POSTed as application/tlsrpt+gzip (RFC 8460 5.4)."""
+    from poste.services.relay.tls_policy.tlsrpt import Outcome, Recorder
+
+    ip = "127.0.0.56"
+    ca = TestCA(tmp_path / "ca")
+    cert, key = ca.leaf("reports.posting.test")
+    got: list[bytes] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                          if line.lower().startswith(b"content-length:")))
+        got.append(head + await reader.readexactly(length))
+        writer.write(b"HTTP/1.1 201 Created\r\nContent-Length: 0\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(serve, ip, 0, ssl=server_context(cert, key))
+    port = server.sockets[0].getsockname()[1]
+    zone = simple_zone("posting.test", f"reports A {ip}\n_smtp._tls TXT \"v=TLSRPTv1; "
+                                       f'rua=https://reports.posting.test:{port}/v1/tlsrpt"\n')
+    async with server:
+        with knot_server(tmp_path / "knot", {"posting.test": zone}) as ns:
+            recorder = Recorder(tmp_path / "tlsrpt")
+            recorder.record(Outcome("posting.test", "no-policy-found", (), "mx.posting.test",
+                                    "192.0.2.1", "starttls-not-supported"))
+            reporter = Reporter(recorder.folder, make_resolver([ns.nameserver]),
+                                TransportPolicy(make_resolver([ns.nameserver]), tmp_path,
+                                                ca_file=str(ca.pem)).verify_ctx,
+                                submitter="our.test", sender="postmaster@our.test",
+                                mail=None)  # type: ignore[arg-type]
+            [written] = await reporter.send_due(now=True)
+    [request] = got
+    head, _, body = request.partition(b"\r\n\r\n")
+    assert head.startswith(b"POST /v1/tlsrpt HTTP/")
+    assert b"Content-Type: application/tlsrpt+gzip" in head
+    assert body == written.read_bytes()
+    report = json.loads(gzip.decompress(body))
+    _check_report(report)
+    [p] = report["policies"]
+    assert p["policy"] == {"policy-type": "no-policy-found", "policy-domain": "posting.test"}
+    assert p["failure-details"][0]["result-type"] == "starttls-not-supported"
