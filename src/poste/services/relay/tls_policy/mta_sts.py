@@ -10,6 +10,7 @@ id in DNS makes us fetch again; a failed fetch keeps the cached policy.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -29,6 +30,7 @@ log = logging.getLogger("poste.relay.mta_sts")
 
 MODES = ("enforce", "testing", "none")
 MAX_AGE_LIMIT = 31557600  # RFC 8461 3.2: at most one year
+FAILED_RETRY = 300.0  # seconds before a failed policy fetch is tried again
 _ID = re.compile(r"^[A-Za-z0-9]{1,32}$")
 
 
@@ -124,9 +126,19 @@ class MTASTS:
         self.ctx = ctx
         self.port = port
         self.timeout = timeout
+        # One fetch at a time per domain (the sessions of a domain run side by side), and a
+        # failed fetch is not tried again for FAILED_RETRY: a dead policy host must not
+        # stall every delivery attempt for the length of a timeout.
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._failed: dict[str, tuple[float, Lookup]] = {}
 
     async def lookup(self, domain: str) -> Lookup:
         domain = domain.rstrip(".").lower()
+        lock = self._locks.setdefault(domain, asyncio.Lock())
+        async with lock:
+            return await self._lookup(domain)
+
+    async def _lookup(self, domain: str) -> Lookup:
         cached = self._load(domain)
         try:
             txt_id = await self._txt(domain)
@@ -138,20 +150,29 @@ class MTASTS:
             return Lookup(cached[1] if cached else None)
         if cached and cached[0] == txt_id:
             return Lookup(cached[1])
+        failed = self._failed.get(domain)
+        if failed and time.monotonic() - failed[0] < FAILED_RETRY:
+            return Lookup(cached[1] if cached else None, failed[1].failure, failed[1].reason)
         try:
             policy = await self.fetch(domain)
         except HTTPSError as exc:
             kind = "sts-webpki-invalid" if exc.tls else "sts-policy-fetch-error"
             log.warning("MTA-STS of %s: cannot fetch the policy: %s%s", domain, exc,
                         ", using the cached one" if cached else "")
-            return Lookup(cached[1] if cached else None, kind, str(exc))
+            return self._fail(domain, Lookup(cached[1] if cached else None, kind, str(exc)))
         except PolicyError as exc:
             log.warning("MTA-STS of %s: invalid policy: %s", domain, exc)
-            return Lookup(cached[1] if cached else None, "sts-policy-invalid", str(exc))
+            return self._fail(domain, Lookup(cached[1] if cached else None,
+                                             "sts-policy-invalid", str(exc)))
+        self._failed.pop(domain, None)
         self._store(domain, txt_id, policy)
         log.info("MTA-STS of %s: policy %s (mode %s, mx %s, max_age %d)", domain, txt_id,
                  policy.mode, " ".join(policy.mx), policy.max_age)
         return Lookup(policy)
+
+    def _fail(self, domain: str, found: Lookup) -> Lookup:
+        self._failed[domain] = (time.monotonic(), found)
+        return found
 
     async def txt_id(self, domain: str) -> str | None:
         """The id of the one `v=STSv1` record at _mta-sts.DOMAIN (None: no valid record)."""
