@@ -69,10 +69,16 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
         f"_25._tcp.mx-taname TLSA {tlsa_of(certs['mx-taname'][0], 2, 1, 1, ca=True)}\n"
         "plain MX 10 mx-plain\n"
         f"_25._tcp.mx-plain TLSA {ee}\n"
+        # a signed delegation (DS) to a child that is not signed with that key: bogus
+        "bogus NS ns.bogus\nns.bogus A 127.0.0.1\n"
+        f"bogus DS 12345 13 2 {'ab' * 32}\n"
+        "bogusmx MX 10 mx.bogus\n"
     )
     insecure = (f"@ MX 10 mx\nmx A {HOSTS['mx.insecure.test'][0]}\n"
                 f"_25._tcp.mx TLSA {tlsa_of(stranger, 3)}\n")
+    bogus = f"mx A {HOSTS['mx-ok'][0]}\n_25._tcp.mx TLSA {ee}\n"
     zones = {"dane.test": simple_zone("dane.test", dane),
+             "bogus.dane.test": simple_zone("bogus.dane.test", bogus),
              "insecure.test": simple_zone("insecure.test", insecure)}
     with knot_server(tmp / "knot", zones, signed=["dane.test"]) as ns, \
             unbound_server(tmp / "unbound", ns, signed=["dane.test"]) as ub:
@@ -169,3 +175,11 @@ async def test_unsigned_tlsa_is_not_dane(world: World) -> None:
 
 def _outcomes(world: World) -> list[dict]:  # type: ignore[type-arg]
     return [o for p in sorted(world.state.glob("tlsrpt/*.jsonl")) for o in read_outcomes(p)]
+
+
+async def test_bogus_tlsa_defers(world: World) -> None:
+    """The TLSA answer fails validation (SERVFAIL): DANE status unknown, the mail waits."""
+    code, text, _ = await world.send("bogusmx.dane.test")
+    assert code == 451 and text.startswith("4.7.5") and "DANE status unknown" in text, text
+    assert world.mails("mx-ok") == 0
+    assert any(o["result"] == "dnssec-invalid" for o in _outcomes(world))
