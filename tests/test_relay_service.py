@@ -362,6 +362,8 @@ BAD_FLAGS: list[tuple[str, Callable[[Path, int], list[str]], str]] = [
     ("postmaster", lambda t, p: ["--postmaster", "nobody"], "--postmaster"),
     ("lifetime", lambda t, p: ["--lifetime", "soon"], "--lifetime"),
     ("smtp-port", lambda t, p: ["--smtp-port", "0"], "--smtp-port"),
+    ("tls-ca-file-not-pem", lambda t, p: ["--tls-ca-file", str(t / "users" / "README")],
+     "--tls-ca-file"),
     ("unknown-flag", lambda t, p: ["--colour"], "--colour"),
     ("dkim-key-missing", lambda t, p: ["--dkim-selector", "s", "--dkim-key", str(t / "no.pem")],
      "cannot read key"),

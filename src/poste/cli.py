@@ -28,6 +28,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "spam": ("poste.spam.cli:main", "Spam filter tools: train, classify, mark, eval."),
     "users": ("poste.users.cli:main", "Manage the Git users repository."),
     "queue": ("poste.services.relay.queue_cli:main", "Inspect and manage the relay's spool."),
+    "tls-report": ("poste.services.relay.tls_report_cli:main",
+                   "Send the TLS-RPT reports of outbound sessions (RFC 8460)."),
     # the services
     "forward": ("poste.services.forward.command:main", "Pass mail on to the next hop (adds Received:)."),
     "verifier": ("poste.services.verifier.command:main", "The public MX: SPF, DKIM, DMARC labels."),

@@ -18,7 +18,7 @@ import signal
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import dns.message
@@ -47,8 +47,10 @@ class KnotServer:
         host: str = "127.0.0.1",
         port: int | None = None,
         tsig: tuple[str, str, str] | None = None,
+        signed: Iterable[str] = (),
     ) -> None:
         self.workdir = Path(workdir)
+        self.signed = {_origin(z) for z in signed}  # zones knot signs (DNSSEC, default policy)
         self.zones = {_origin(k): v for k, v in zones.items()}
         self.host = host
         self.port = port or free_port(host)
@@ -107,7 +109,10 @@ class KnotServer:
         if self.tsig:
             lines.append("    acl: update_acl")
         lines += ["", "zone:"]
-        lines += [f"  - domain: {origin}." for origin in self.zones]
+        for origin in self.zones:
+            lines.append(f"  - domain: {origin}.")
+            if origin in self.signed:
+                lines.append("    dnssec-signing: on")
         return "\n".join(lines) + "\n"
 
     def start(self) -> None:
@@ -191,9 +196,11 @@ def knot_server(
     host: str = "127.0.0.1",
     port: int | None = None,
     tsig: tuple[str, str, str] | None = None,
+    signed: Iterable[str] = (),
 ) -> Iterator[KnotServer]:
-    """Run a KnotServer for the duration of a `with` block (workdir: e.g. tmp_path / "knot")."""
-    server = KnotServer(workdir, zones, host=host, port=port, tsig=tsig)
+    """Run a KnotServer for the duration of a `with` block (workdir: e.g. tmp_path / "knot");
+    the zones in `signed` are DNSSEC-signed by knot (`dnssec-signing: on`)."""
+    server = KnotServer(workdir, zones, host=host, port=port, tsig=tsig, signed=signed)
     server.start()
     try:
         yield server

@@ -55,6 +55,13 @@ def _record_options(f: Callable[..., Any]) -> Callable[..., Any]:
         ),
         click.option("--dmarc-rua", help="DMARC report address (default: mailto:postmaster@D)."),
         click.option("--ttl", type=click.IntRange(1), default=rec.DEFAULT_TTL, show_default=True),
+        click.option("--mta-sts", "mta_sts", type=click.Choice(["off", *rec.MTA_STS_MODES]),
+                     default="off", show_default=True,
+                     help="MTA-STS mode: print _mta-sts and mta-sts.DOMAIN as `poste up` with "
+                          "[verifier] mta-sts serves them."),
+        click.option("--mta-sts-max-age", type=click.IntRange(1, 31557600), default=604800,
+                     show_default=True, help="max_age of the MTA-STS policy, in seconds."),
+        click.option("--tlsrpt-rua", help="Where TLS reports go (default: mailto:postmaster@D)."),
         click.option("--helo", "helo_names", multiple=True, metavar="NAME",
                      help="A name our relay greets with (HELO), for its SPF record "
                           "(repeatable; default: the MX host)."),
@@ -74,6 +81,9 @@ def build_records(
     dmarc_rua: str | None,
     ttl: int,
     helo_names: tuple[str, ...] = (),
+    mta_sts: str = "off",
+    mta_sts_max_age: int = 604800,
+    tlsrpt_rua: str | None = None,
 ) -> list[rec.Record]:
     if len(selectors) != len(paths):
         raise click.UsageError("give one --selector per --private-key")
@@ -84,7 +94,7 @@ def build_records(
         except dkim_keys.DKIMKeyError as exc:
             raise click.ClickException(str(exc)) from None
     try:
-        return rec.domain_records(
+        out = rec.domain_records(
             domain,
             mx_host=mx_host,
             ips=ips,
@@ -96,6 +106,12 @@ def build_records(
         )
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
+    out.append(rec.tlsrpt_record(domain, tlsrpt_rua, ttl))
+    if mta_sts != "off":
+        mx = mx_host or f"mail.{domain}"
+        policy = rec.mta_sts_policy(mta_sts, [mx], mta_sts_max_age)
+        out += rec.mta_sts_records(domain, policy, ips, ttl)
+    return out
 
 
 @click.group(name="dns", context_settings={"help_option_names": ["-h", "--help"]})

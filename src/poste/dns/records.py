@@ -6,7 +6,9 @@ record at each HELO name poste greets with (by default the MX host) lets a
 bounce pass too (it is sent from `<>`, so SPF checks only the HELO name,
 RFC 7208 2.3), one DKIM
 TXT per signing key publishes the public keys, and DMARC tells receivers what
-to do with mail that fails both.  The PTR (reverse DNS of the server's IP)
+to do with mail that fails both.  With MTA-STS on, `_mta-sts` (RFC 8461) says a
+policy is served at mta-sts.DOMAIN, and `_smtp._tls` (RFC 8460) where senders
+report how their TLS sessions to us went.  The PTR (reverse DNS of the server's IP)
 lives in the address owner's zone, not ours: we print it for the user to ask
 their hosting provider, and never try to publish it.
 
@@ -17,6 +19,7 @@ with the same tag (`v=spf1`, `v=DKIM1`, `v=DMARC1`) count as "ours".
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -112,6 +115,49 @@ def domain_records(
             )
         )
     return out
+
+
+MTA_STS_MODES = ("testing", "enforce")
+
+
+def mta_sts_policy(mode: str, mx: Sequence[str], max_age: int) -> str:
+    """The policy file served at https://mta-sts.DOMAIN/.well-known/mta-sts.txt (RFC 8461 3.2)."""
+    if mode not in MTA_STS_MODES:
+        raise ValueError(f"MTA-STS mode must be one of {', '.join(MTA_STS_MODES)}")
+    lines = ["version: STSv1", f"mode: {mode}"]
+    lines += [f"mx: {name.rstrip('.').lower()}" for name in dict.fromkeys(mx)]
+    lines.append(f"max_age: {int(max_age)}")
+    return "\r\n".join(lines) + "\r\n"
+
+
+def mta_sts_id(policy: str) -> str:
+    """The TXT record's id: a digest of the policy, so it changes exactly when the policy does
+    (senders fetch again only then, 3.1) and `poste dns records` agrees with the server."""
+    return hashlib.sha256(policy.encode("ascii")).hexdigest()[:20]
+
+
+def mta_sts_records(
+    domain: str, policy: str, ips: Sequence[str] = (), ttl: int = DEFAULT_TTL
+) -> list[Record]:
+    """`_mta-sts.DOMAIN` TXT and the policy host `mta-sts.DOMAIN` (our IPs: poste serves it)."""
+    apex = _abs(domain)
+    out = [Record("_mta-sts." + apex, "TXT", (f"v=STSv1; id={mta_sts_id(policy)}",), ttl,
+                  "v=STSv1")]
+    addrs = [ipaddress.ip_address(ip) for ip in ips]
+    v4 = tuple(str(a) for a in addrs if a.version == 4)
+    v6 = tuple(str(a) for a in addrs if a.version == 6)
+    if v4:
+        out.append(Record("mta-sts." + apex, "A", v4, ttl))
+    if v6:
+        out.append(Record("mta-sts." + apex, "AAAA", v6, ttl))
+    return out
+
+
+def tlsrpt_record(domain: str, rua: str | None = None, ttl: int = DEFAULT_TTL) -> Record:
+    """`_smtp._tls.DOMAIN` TXT (RFC 8460 3): where senders send TLS reports about us."""
+    apex = _abs(domain)
+    where = rua or f"mailto:postmaster@{apex.rstrip('.')}"
+    return Record("_smtp._tls." + apex, "TXT", (f"v=TLSRPTv1; rua={where}",), ttl, "v=TLSRPTv1")
 
 
 def helo_spf_records(

@@ -225,6 +225,11 @@ def acme_of(cfg: StackConfig) -> list[Any]:
             continue
         values = section.settings()
         _acme_state(cfg, values)
+        if name == "verifier":  # mta-sts.DOMAIN too, as the verifier's tls_of names it
+            from poste.services.verifier.service import with_mta_sts_names
+
+            values["domain"] = values["domain"] or cfg["relay"].need("domain")
+            values = with_mta_sts_names(values)
         try:
             acme = acme_settings(values)
         except ConfigError as exc:

@@ -83,6 +83,7 @@ class Doctor:
         cafile: str | None = None,
         timeout: float = 10.0,
         helo_names: Sequence[str] = (),
+        https_port: int = 443,
     ) -> None:
         self.domain = domain_key(domain)
         self.helo_names = [domain_key(h) for h in helo_names]
@@ -94,13 +95,14 @@ class Doctor:
         self.cafile = cafile
         self.timeout = timeout
         self.mx_hosts: list[str] = []
+        self.https_port = https_port
 
     # -- the checks --------------------------------------------------------
 
     def run(self) -> list[Check]:
         checks: list[Check] = []
         for fn in (self.mx, self.spf, self.helo, self.dkim_checks, self.dmarc, self.ptr,
-                   self.tls):
+                   self.tls, self.sts):
             try:
                 got = fn()
             except dns.exception.DNSException as exc:
@@ -305,6 +307,14 @@ class Doctor:
             return [Check(WARN, "TLS", f"{host} [{ip}]:{self.smtp_port}: {text}: expires in"
                           f" {days:.1f} days (`poste cert show`, `poste cert renew`)")]
         return [Check(OK, "TLS", f"{host} [{ip}]:{self.smtp_port}: {text}")]
+
+
+    def sts(self) -> list[Check]:
+        from poste.stack.doctor_sts import sts_checks
+
+        return [Check(*c) for c in sts_checks(
+            self.domain, self.resolver, self.mx_hosts, cafile=self.cafile,
+            port=self.https_port, timeout=self.timeout)]
 
 
 def _tags(value: str) -> dict[str, str]:

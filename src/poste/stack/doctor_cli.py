@@ -26,6 +26,8 @@ from poste.stack.doctor import MISSING, WRONG, Doctor
               help="Our DKIM private key for --selector (the record must match it).")
 @click.option("--smtp-port", default=25, show_default=True, type=click.IntRange(1, 65535),
               help="Port of the certificate check (change only for tests).")
+@click.option("--https-port", default=443, show_default=True, type=click.IntRange(1, 65535),
+              help="Port of the MTA-STS policy check (change only for tests).")
 @click.option("--tls-ca", "cafile", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Trust this CA file for the certificate check (default: the system's).")
 @click.option("--timeout", default=5.0, show_default=True, type=click.FloatRange(min=0.1),
@@ -39,11 +41,12 @@ def main(
     selectors: tuple[str, ...],
     dkim_keys: tuple[str, ...],
     smtp_port: int,
+    https_port: int,
     cafile: str | None,
     timeout: float,
 ) -> None:
     """Check MX, SPF (of DOMAIN and of our HELO names), DKIM, DMARC, reverse DNS and the
-    port-25 certificate of DOMAIN."""
+    port-25 certificate of DOMAIN, and its MTA-STS policy and TLS-RPT record if published."""
     from poste.dkim.keys import DKIMKeyError, load_key
     from poste.dns.resolver import NameserverError
     from poste.services.verifier.spf import resolver_for
@@ -75,7 +78,7 @@ def main(
     resolver.lifetime = timeout * 2
     doctor = Doctor(dom, resolver, addresses=addresses, hostname=hostname, dkim=pairs,
                     smtp_port=smtp_port, cafile=cafile, timeout=timeout,
-                    helo_names=helo_names)
+                    helo_names=helo_names, https_port=https_port)
     checks = doctor.run()
     for c in checks:
         for line in c.lines():

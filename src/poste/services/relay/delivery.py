@@ -5,7 +5,8 @@ MX list (RFC 5321 5.1: by preference, equal preferences shuffled; no MX means
 the domain's own A/AAAA; a null MX, RFC 7505, means the domain takes no mail),
 tries every address of a host (IPv6 and IPv4), uses STARTTLS whenever offered
 without checking the certificate (opportunistic, RFC 7435; a failed handshake
-falls back to plain text), and returns one result per recipient, since each
+falls back to plain text) unless the destination's transport policy
+(`tls_policy/`: MTA-STS, DANE) asks for more, and returns one result per recipient, since each
 RCPT can be accepted, deferred or refused on its own.
 """
 
@@ -26,6 +27,12 @@ import dns.exception
 import dns.rdatatype
 import dns.resolver
 
+from poste.services.relay.tls_policy.policy import (
+    HostPlan,
+    TLSRefused,
+    TLSUnavailable,
+    TransportPolicy,
+)
 from poste.smtp.address import AddressError, ip_of
 from poste.smtp.client import dial, mail_from, new_client, rcpt_to, send_data
 from poste.smtp.message import Message
@@ -46,6 +53,7 @@ class DomainFailure(Exception):
 class Target:
     host: str  # MX name (for Remote-MTA and logs)
     address: str  # IP
+    plan: HostPlan | None = None  # what TLS the host needs (None: no transport policy)
 
 
 def _tls_context() -> ssl.SSLContext:
@@ -93,6 +101,7 @@ class Deliverer:
         reuse_limit: int = 20,
         reuse_idle: float = 2.0,
         max_idle_per_domain: int = 10,
+        transport: TransportPolicy | None = None,
     ) -> None:
         self.resolver = resolver
         self.helo = helo
@@ -102,6 +111,7 @@ class Deliverer:
         self.ipv6 = ipv6
         self.tls = tls
         self._tls_context = _tls_context()
+        self.transport = transport
         self._self: set[ipaddress.IPv4Address | ipaddress.IPv6Address] = set()
         self._self_any4 = self._self_any6 = False
         for text in self_addresses:
@@ -191,6 +201,8 @@ class Deliverer:
             records, implicit = await self.mx_records(domain)
         except DomainFailure as exc:
             return dict.fromkeys(recipients, exc.result)
+        domain_plan = await self.transport.domain(domain) if self.transport else None
+        plans: dict[str, HostPlan] = {}
         last = Reply(451, f"4.4.1 No MX host of {domain} could be reached")
         tried = 0
         best = records[0][0] if records else 0
@@ -202,6 +214,12 @@ class Deliverer:
         for pref, hosts in levels.items():
             resolved: list[tuple[str, list[str]]] = []
             for host in hosts:
+                if self.transport and domain_plan:
+                    plans[host] = plan = await self.transport.host(domain_plan, host)
+                    if plan.refused:  # never a session to a host the policy rules out
+                        last = Reply(451, plan.refused)
+                        log.info("delivery to %s for %s: %s", host, domain, plan.refused)
+                        continue
                 try:
                     addrs = await self._addresses(host)
                 except DomainFailure as exc:
@@ -228,7 +246,7 @@ class Deliverer:
                     tried += 1
                     try:
                         return await self._session(
-                            Target(host, addr), sender, recipients, message,
+                            Target(host, addr, plans.get(host)), sender, recipients, message,
                             cache_as=domain if pref == best else None,
                         )
                     except DomainFailure as exc:
@@ -252,7 +270,13 @@ class Deliverer:
         try:
             return await self._try(target, sender, recipients, message, tls=self.tls,
                                    cache_as=cache_as)
-        except _TLSFailed:
+        except _TLSFailed as exc:
+            if exc.verified:  # a refused certificate (MTA-STS testing): encrypt unchecked
+                try:
+                    return await self._try(target, sender, recipients, message, tls=True,
+                                           unchecked=True, cache_as=cache_as)
+                except _TLSFailed:
+                    pass
             return await self._try(target, sender, recipients, message, tls=False,
                                    cache_as=cache_as)
 
@@ -264,6 +288,7 @@ class Deliverer:
         message: Message,
         *,
         tls: bool,
+        unchecked: bool = False,
         cache_as: str | None = None,
     ) -> dict[str, Reply]:
         mta = target.host
@@ -278,7 +303,16 @@ class Deliverer:
             except aiosmtplib.SMTPResponseException as exc:
                 raise _failure(exc, mta, "greeting") from None
             await self._hello(client, mta)
-            if tls and client.supports_extension("starttls"):
+            if self.transport and target.plan and (tls or target.plan.required):
+                try:
+                    if await self.transport.starttls(client, target.plan, mta, target.address,
+                                                     unchecked=unchecked):
+                        await self._hello(client, mta)
+                except TLSRefused as exc:
+                    raise DomainFailure(451, str(exc), mta) from None
+                except TLSUnavailable as exc:
+                    raise _TLSFailed(exc.verified and not unchecked) from None
+            elif tls and client.supports_extension("starttls"):
                 try:
                     await client.starttls(tls_context=self._tls_context, validate_certs=False)
                 except aiosmtplib.SMTPResponseException:
@@ -450,7 +484,9 @@ class Deliverer:
 
 
 class _TLSFailed(Exception):
-    pass
+    def __init__(self, verified: bool = False) -> None:
+        super().__init__()
+        self.verified = verified  # only the certificate was refused: TLS may work unchecked
 
 
 def _failure(exc: aiosmtplib.SMTPResponseException, mta: str, stage: str) -> DomainFailure:

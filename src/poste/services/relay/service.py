@@ -8,6 +8,7 @@ import logging
 import os
 import secrets
 import socket
+import ssl
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,9 @@ from poste.services.relay.scheduler import DeliverFn, Policy, Scheduler
 from poste.services.relay.spool import Spool, SpoolError, SpoolLocked
 from poste.services.relay.srs import DAY, SRS, SRSDatabase, load_secrets
 from poste.services.relay.stage import MAX_RECEIVED, QueueHop, RelayStage
+from poste.services.relay.tls_policy.policy import TransportPolicy, verifying_context
+from poste.services.relay.tls_policy.reports import daily, spool_mail
+from poste.services.relay.tls_policy.tlsrpt import Reporter
 from poste.smtp.server import SMTPService
 from poste.users.repo import UsersRepoError, UsersWatcher
 
@@ -88,6 +92,7 @@ class RelayParts:
     deliverer: Deliverer
     srs_db: SRSDatabase
     srs_max_age: int
+    reporter: Reporter | None = None  # TLS-RPT reports of the outbound sessions
 
     async def start(self) -> None:
         self.scheduler.own_keys.say_what_is_missing()
@@ -108,7 +113,11 @@ class RelayParts:
         )
 
     def background(self) -> list[Callable[[], Coroutine[Any, Any, None]]]:
-        return [self.watcher.run, self.prune_srs_db]
+        jobs = [self.watcher.run, self.prune_srs_db]
+        if self.reporter is not None:
+            reporter = self.reporter
+            jobs.append(lambda: daily(reporter))
+        return jobs
 
     async def prune_srs_db(self) -> None:
         """Hourly: drop SRS database entries unused for longer than an SRS address lives."""
@@ -148,6 +157,10 @@ def build_relay(
     dkim_selectors: Sequence[str] = (),
     dkim_keys: Sequence[str] = (),
     arc_authserv_id: str | None = None,
+    tls_ca_file: str | None = None,
+    mta_sts: bool = True,
+    dane: bool = True,
+    mta_sts_port: int = 443,
 ) -> RelayParts:
     """Check the settings and build the relay; bad input is a ConfigError.
 
@@ -159,7 +172,8 @@ def build_relay(
     `preflight` runs once the flags are checked, before any file is touched
     (`poste relay`: can --listen be bound?).  `dkim_selectors`/`dkim_keys`:
     the domain's keys, for DSNs and ARC seals over `arc_authserv_id`'s
-    results (default: our hostname).
+    results (default: our hostname).  `tls_ca_file`, `mta_sts`, `dane`,
+    `mta_sts_port`: the outbound transport policy (`tls_policy/`).
     """
     from poste.services.relay.metrics import watch_spool
 
@@ -179,6 +193,10 @@ def build_relay(
     ours = _self_addresses(listen_hosts, self_addresses or [])
     me = hostname or socket.getfqdn()
     keys = own_keys(domain, dkim_selectors, dkim_keys, arc_authserv_id or me)
+    try:
+        verifying_context(tls_ca_file)  # a CA file that cannot be used: one line, now
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError("tls-ca-file", f"cannot use {tls_ca_file}: {exc}") from None
     if preflight is not None:
         preflight()
     try:
@@ -212,12 +230,18 @@ def build_relay(
         raise
     srs = SRS(domain, secrets_, db=srs_db)
     router = Router(domains, postmaster, srs, lambda: watcher.db, nets)
-    deliverer = Deliverer(resolver, helo=me, port=smtp_port, ipv6=ipv6, self_addresses=ours)
+    transport = TransportPolicy(resolver, spool.path / "tls", ca_file=tls_ca_file,
+                                mta_sts_port=mta_sts_port, mta_sts=mta_sts, dane=dane)
+    deliverer = Deliverer(resolver, helo=me, port=smtp_port, ipv6=ipv6, self_addresses=ours,
+                          transport=transport)
     scheduler = Scheduler(
         spool, deliver or deliverer.deliver, hostname=me, domain=domain,
         policy=policy or Policy(), expand=router.dsn_targets, own_keys=keys,
     )
     seal = ForwardSeal(keys.sealer, router.is_local_domain) if keys.sealer else None
+    reporter = Reporter(
+        transport.recorder.folder, resolver, transport.verify_ctx, submitter=domain,
+        sender=postmaster, mail=spool_mail(spool, postmaster, keys, scheduler.submit))
     watch_spool(spool.path)  # poste_spool_messages, poste_spool_oldest_age_seconds
     return RelayParts(
         stage=RelayStage(max_received, seal),
@@ -230,6 +254,7 @@ def build_relay(
         deliverer=deliverer,
         srs_db=srs_db,
         srs_max_age=srs.max_age_days,
+        reporter=reporter if deliver is None else None,
     )
 
 
@@ -315,6 +340,10 @@ def relay_of(values: Values, **more: Any) -> RelayParts:
         dkim_selectors=values["dkim-selector"],
         dkim_keys=values["dkim-key"],
         arc_authserv_id=values["arc-authserv-id"],
+        tls_ca_file=values["tls-ca-file"],
+        mta_sts=not values["no-mta-sts"],
+        dane=not values["no-dane"],
+        mta_sts_port=int(values["mta-sts-port"]),
         **more,
     )
 

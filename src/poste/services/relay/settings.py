@@ -64,6 +64,17 @@ SETTINGS = (
     Setting("max-received", INT, default=30, min=1, max=1000, show_default=True,
             help="More Received: fields than this is a loop (554)."),
     Setting("no-ipv6", FLAG, default=False, help="Deliver over IPv4 only."),
+    Setting("tls-ca-file", FILE,
+            help="CA bundle that certificates of MX hosts under an MTA-STS policy, MTA-STS "
+                 "policy servers and TLS-RPT endpoints are verified against "
+                 "(default: the system's)."),
+    Setting("no-mta-sts", FLAG, default=False,
+            help="Ignore destinations' MTA-STS policies (RFC 8461)."),
+    Setting("no-dane", FLAG, default=False,
+            help="Ignore TLSA records (DANE, RFC 7672; needs a validating resolver, "
+                 "e.g. a local unbound, as --nameserver: only answers with the AD bit count)."),
+    Setting("mta-sts-port", INT, default=443, min=1, max=65535, show_default=True,
+            help="HTTPS port of destinations' MTA-STS policy servers (change only for tests)."),
     Setting("self-address", STRS, metavar="IP",
             help="Another address of ours (e.g. the public IP of our MX): mail whose MX "
                  "resolves to it, or to --listen, loops back and is bounced (5.4.6)."),

@@ -16,8 +16,10 @@ from __future__ import annotations
 import logging
 import socket
 from collections.abc import Sequence
+from typing import Any
 
 from poste import metrics
+from poste.dns.records import mta_sts_policy
 from poste.dns.resolver import NameserverError
 from poste.runtime.certs import server_tls, tls_parts
 from poste.runtime.hostport import parse_hostport
@@ -26,6 +28,7 @@ from poste.runtime.settings import ConfigError, Values
 from poste.runtime.tls import TLSFiles
 from poste.services.verifier.authenticate import Authenticator, Report
 from poste.services.verifier.dmarc import PSLError, load_psl
+from poste.services.verifier.mta_sts import PolicyServer
 from poste.services.verifier.spf import resolver_for
 from poste.smtp.client import SMTPHop
 from poste.smtp.hop import Hop
@@ -160,12 +163,34 @@ def stage(values: Values) -> VerifierStage:
     )
 
 
+def with_mta_sts_names(values: Values) -> dict[str, Any]:
+    """With MTA-STS on, the ACME certificate also names mta-sts.DOMAIN of each domain."""
+    if values.get("mta-sts", "off") == "off" or not values.get("acme-directory"):
+        return dict(values)
+    names = list(values.get("acme-name") or [values.get("hostname") or socket.getfqdn()])
+    names += [f"mta-sts.{d.rstrip('.').lower()}" for d in values.get("domain") or []]
+    return {**values, "acme-name": list(dict.fromkeys(names))}
+
+
 def tls_of(values: Values) -> TLSFiles | None:
-    tls = server_tls(values)
+    tls = server_tls(with_mta_sts_names(values))
     if values["require-tls"] and tls is None:
         raise ConfigError(None, "{0} needs {1} and {2} (or {3})",
                           names=("require-tls", "tls-cert", "tls-key", "acme-directory"))
+    if values["mta-sts"] != "off" and tls is None:
+        raise ConfigError(None, "{0} needs {1} and {2} (or {3})",
+                          names=("mta-sts", "tls-cert", "tls-key", "acme-directory"))
     return tls
+
+
+def mta_sts_server(values: Values, tls: TLSFiles | None, hostname: str) -> PolicyServer | None:
+    """The HTTPS listener of our MTA-STS policy, when `mta-sts` is on."""
+    if values["mta-sts"] == "off" or tls is None:
+        return None
+    host, port = parse_hostport(values["mta-sts-listen"], 443, "mta-sts-listen")
+    policy = mta_sts_policy(values["mta-sts"], values["mta-sts-mx"] or [hostname],
+                            int(float(values["mta-sts-max-age"])))
+    return PolicyServer(host, port, tls.ctx, list(values["domain"]), policy)
 
 
 def listener(values: Values, stage: VerifierStage, hop: Hop, tls: TLSFiles | None) -> Parts:
@@ -178,6 +203,9 @@ def listener(values: Values, stage: VerifierStage, hop: Hop, tls: TLSFiles | Non
     parts = Parts([service])
     if tls:
         parts.add(tls_parts(tls))
+    policy = mta_sts_server(values, tls, stage.auth.hostname)
+    if policy is not None:  # after the certificate is obtained, before the listeners
+        parts.add(Parts(before=[policy.start], after=[policy.stop]))
     return parts
 
 
