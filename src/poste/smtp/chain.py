@@ -139,7 +139,8 @@ class StageHop:
     """A hop that is the next stage in this process (`poste up`).
 
     The downstream stage sees what it would see behind a socket: a fresh
-    envelope whose peer is us, on loopback, plain ESMTP.  `own_hop` says
+    envelope, plain ESMTP, but no peer address: no connection was made, so
+    none is claimed (its Received: says `via poste-up`).  `own_hop` says
     what a unix socket says in the separate topology: this hop is ours
     (the signer's into the relay, which may then relay anywhere).
     """
@@ -154,10 +155,7 @@ class StageHop:
         self.own_hop = own_hop
 
     async def open(self, env: Envelope) -> Transaction:
-        inner = Envelope(
-            helo=self.peer_helo, peer_ip="127.0.0.1", peer_name="localhost", local_ip="127.0.0.1",
-            own_hop=self.own_hop,
-        )
+        inner = Envelope(helo=self.peer_helo, own_hop=self.own_hop, via="poste-up")
         reply = await self.stage.on_connect(inner)
         if reply is not None:
             raise HopError(reply)

@@ -81,6 +81,9 @@ class Envelope:
     # (only our services can open its folder) or a hop inside this process.  Never
     # an address: anyone on the machine can connect from 127.0.0.1.
     own_hop: bool = False
+    # How the client reached us when it was not TCP, for Received: (RFC 5321 4.4 `via`):
+    # "unix" (a unix socket: no address to name) or "poste-up" (a stage of this process).
+    via: str = ""
     esmtp: bool = True
     mail_from: str = ""  # "" is the null sender <>
     mail_options: list[str] = field(default_factory=list)
@@ -112,6 +115,7 @@ class Envelope:
             tls_cipher=self.tls_cipher,
             auth_user=self.auth_user,
             own_hop=self.own_hop,
+            via=self.via,
             esmtp=self.esmtp,
         )
 
