@@ -102,7 +102,8 @@ class StageTransaction:
             log.info("%s refused by %s: %s", self.env.queue_id, self.stage.name, verdict.reply)
             await self.abort()
             return verdict.reply
-        message = data.prepend(verdict.prepend + received_field(self.env, self.hostname))
+        base = data if verdict.message is None else verdict.message
+        message = base.prepend(verdict.prepend + received_field(self.env, self.hostname))
         self._down = None
         try:
             reply = await down.data(message)

@@ -126,11 +126,15 @@ class Verdict:
 
     `reply` None means: accept, prepend `prepend` (complete header lines, each
     ending in CRLF, stage fields above our Received:) and pass on to the next
-    hop.  A 4xx or 5xx `reply` refuses the mail with that reply.
+    hop.  A 4xx or 5xx `reply` refuses the mail with that reply.  `message`,
+    when given, replaces the received mail (a view sharing its body).
     """
 
     prepend: bytes = b""
     reply: Reply | None = None
+    # The mail as the stage rewrote it, when it must (the relay's From rewrite for
+    # DMARC, services/relay/from_rewrite.py): `prepend` goes on top of this instead.
+    message: Message | None = None
 
 
 class Stage:

@@ -13,12 +13,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from poste.dns.resolver import NameserverError, make_resolver
+from poste.dns.resolver import NameserverError, make_resolver, make_sync_resolver
 from poste.runtime import reloads
 from poste.runtime.hostport import parse_hostport
 from poste.runtime.run import Parts, StartError
 from poste.runtime.settings import ConfigError, Values
 from poste.services.relay.delivery import Deliverer
+from poste.services.relay.from_rewrite import Forwarding
+from poste.services.relay.fwd_token import FwdTokens
 from poste.services.relay.own_mail import ForwardSeal, own_keys
 from poste.services.relay.router import Router, parse_networks
 from poste.services.relay.scheduler import DeliverFn, Policy, Scheduler
@@ -148,6 +150,7 @@ def build_relay(
     dkim_selectors: Sequence[str] = (),
     dkim_keys: Sequence[str] = (),
     arc_authserv_id: str | None = None,
+    from_rewrite: bool = True,
 ) -> RelayParts:
     """Check the settings and build the relay; bad input is a ConfigError.
 
@@ -159,7 +162,8 @@ def build_relay(
     `preflight` runs once the flags are checked, before any file is touched
     (`poste relay`: can --listen be bound?).  `dkim_selectors`/`dkim_keys`:
     the domain's keys, for DSNs and ARC seals over `arc_authserv_id`'s
-    results (default: our hostname).
+    results (default: our hostname).  `from_rewrite`: the DMARC From rewrite
+    of forwarded mail (from_rewrite.py) may happen.
     """
     from poste.services.relay.metrics import watch_spool
 
@@ -169,6 +173,7 @@ def build_relay(
         raise ConfigError("postmaster", f"{postmaster!r} is not an address")
     try:
         resolver = make_resolver(nameservers or [])
+        sync_resolver = make_sync_resolver(nameservers or [])
     except NameserverError as exc:
         raise ConfigError("nameserver", str(exc)) from None
     try:
@@ -211,16 +216,22 @@ def build_relay(
         spool.unlock()  # a relay that does not run must not keep the spool
         raise
     srs = SRS(domain, secrets_, db=srs_db)
-    router = Router(domains, postmaster, srs, lambda: watcher.db, nets)
+    tokens = FwdTokens(srs)
+    router = Router(domains, postmaster, srs, lambda: watcher.db, nets, tokens)
     deliverer = Deliverer(resolver, helo=me, port=smtp_port, ipv6=ipv6, self_addresses=ours)
     scheduler = Scheduler(
         spool, deliver or deliverer.deliver, hostname=me, domain=domain,
         policy=policy or Policy(), expand=router.dsn_targets, own_keys=keys,
     )
     seal = ForwardSeal(keys.sealer, router.is_local_domain) if keys.sealer else None
+    forwarding = Forwarding(
+        domain=domain, server=arc_authserv_id or me, tokens=tokens, resolver=sync_resolver,
+        signer=keys.signer, is_local=router.is_local_domain, enabled=from_rewrite,
+        targets=lambda rcpt: [address for address, _ in router.dsn_targets(rcpt)],
+    )
     watch_spool(spool.path)  # poste_spool_messages, poste_spool_oldest_age_seconds
     return RelayParts(
-        stage=RelayStage(max_received, seal),
+        stage=RelayStage(max_received, seal, forwarding),
         hop=QueueHop(router, scheduler),
         scheduler=scheduler,
         watcher=watcher,
@@ -315,6 +326,7 @@ def relay_of(values: Values, **more: Any) -> RelayParts:
         dkim_selectors=values["dkim-selector"],
         dkim_keys=values["dkim-key"],
         arc_authserv_id=values["arc-authserv-id"],
+        from_rewrite=not values["no-from-rewrite"],
         **more,
     )
 
