@@ -131,3 +131,50 @@ def test_the_author() -> None:
     assert a.field == b"=?utf-8?q?Ren=C3=A9e?=\r\n <renee@example.org>"
     assert author_of(b"From: a@x.test, b@y.test\r\n\r\n") is None
     assert author_of(b"Subject: none\r\n\r\n") is None
+
+
+async def test_a_spilled_mail_is_rewritten_over_its_file_and_signed(tmp_path: Path) -> None:
+    """Forwarding.apply on a mail in a file: From replaced, Reply-To added, our DKIM
+    signature valid over the rewritten mail (keys and the author's DMARC from knot)."""
+    from poste.dkim.sign import Signer, SigningKey
+    from poste.dkim.verify import verify
+    from poste.dns.resolver import make_sync_resolver
+    from poste.services.relay.from_rewrite import Forwarding
+    from poste.smtp.message import BodyWriter
+    from poste.smtp.stage import Envelope
+    from support.dkimkit import dkim_zone_records, make_key
+    from support.knot import knot_server, simple_zone
+
+    _, key = make_key(tmp_path, "rsa", "poste")
+    zones = {"sender.test": simple_zone("sender.test", '_dmarc TXT "v=DMARC1; p=reject"\n'),
+             "our.test": simple_zone("our.test", dkim_zone_records([("poste", key)]))}
+    body = BodyWriter(64 * 1024, str(tmp_path))
+    for line in [header("fail"), *[b"line %d of a long body\r\n" % i for i in range(20000)]]:
+        body.write(line)
+    message = body.finish()
+    assert not message.in_memory
+    with knot_server(tmp_path / "knot", zones) as ns:
+        resolver = make_sync_resolver([ns.nameserver])
+        targets = {"alice@our.test": ["dave@example.org"],
+                   "bob@our.test": ["b1@example.org", "b2@example.org"]}
+        fwd = Forwarding(domain="our.test", server="mx.our.test", tokens=tokens(),
+                         resolver=resolver, signer=Signer([SigningKey("our.test", "poste", key)]),
+                         is_local=lambda d: d == "our.test", targets=lambda r: targets[r])
+        got = await fwd.apply(Envelope(rcpt_tos=["alice@our.test"]), message)
+        assert got.message is not None and not got.message.in_memory  # still the file
+        mail = got.prepend + got.message.to_bytes()
+        results = verify(mail, resolver)
+        assert [(r.result, r.domain) for r in results] == [("pass", "our.test")], results
+        several = await fwd.apply(Envelope(rcpt_tos=["bob@our.test"]), message)
+        assert several.prepend == b""  # two targets: no X-Forwarded-* naming each to the other
+    assert got.prepend == (b"X-Forwarded-To: dave@example.org\r\n"
+                           b"X-Forwarded-For: alice@our.test dave@example.org\r\n")
+    head = mail.split(b"\r\n\r\n", 1)[0]
+    assert b'\r\nFrom: "Sam via our.test" <fwd+' in head
+    assert b"\r\nReply-To: Sam <sam@sender.test>\r\n" in head
+    assert mail.endswith(b"line 19999 of a long body\r\n")
+    assert message.to_bytes().startswith(header("fail"))  # the received view is untouched
+    # not forwarded (no local recipient): nothing at all
+    alone = await fwd.apply(Envelope(rcpt_tos=["x@example.org"]), message)
+    assert alone.prepend == b"" and alone.message is None
+    message.close()

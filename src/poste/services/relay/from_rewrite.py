@@ -234,6 +234,8 @@ class Forwarding:
         author = author_of(header)
         assert author is not None  # decide() found it
         try:
+            if not author.address.isascii():  # a UTF-8 From would need SMTPUTF8 all the way
+                raise SRSError(f"<{author.address}> is not ASCII")
             address = self.tokens.address(author.address)
         except SRSError as exc:
             log.info("%s From not rewritten: %s", env.queue_id, exc)
