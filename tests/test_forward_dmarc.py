@@ -16,6 +16,7 @@ unchanged, byte for byte below the fields the hops prepend.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import smtplib
 import subprocess
@@ -29,6 +30,8 @@ from poste.dkim.sign import Signer, SigningKey
 from support import mta, opendkim
 from support.dkimkit import dkim_zone_records, make_key
 from support.knot import knot_server, simple_zone
+from support.loop_world import metrics, sample
+from support.net import free_port, wait_port
 from support.relay_env import Relay, header, make_users, return_path
 from support.service import listening_ports, stop
 from support.standin import StandIn, StandIns
@@ -49,11 +52,13 @@ class World:
     sender_mx: StandIn  # sender.test's MX: where replies to the author arrive
     sender_key: SigningKey
     maillog: Path
-    relay_log: Path
+    relay_log: Path  # the relay's log (`poste up`'s, which has everyone's)
+    metrics: str  # the relay's --metrics address
 
 
-@pytest.fixture
-def world(tmp_path: Path, poste_bin: str) -> Iterator[World]:
+@pytest.fixture(params=["separate", "up"])
+def world(request: pytest.FixtureRequest, tmp_path: Path, poste_bin: str) -> Iterator[World]:
+    """The forwarder as `poste verifier` + `poste relay` processes, or as one `poste up`."""
     _, s_key = make_key(tmp_path, "rsa", "s1")
     key_path, our_key = make_key(tmp_path, "rsa", "poste")
     spf = '@ TXT "v=spf1 ip4:127.0.0.1 -all"\n'
@@ -68,6 +73,7 @@ def world(tmp_path: Path, poste_bin: str) -> Iterator[World]:
         "example.org": simple_zone("example.org", f"@ MX 10 mx.example.org.\nmx A {PFX_IP}\n"),
     }
     make_users(poste_bin, tmp_path / "users", {"alice": ["dave@example.org"]})
+    metrics_addr = f"127.0.0.1:{free_port('127.0.0.1')}"
     # one port for every MX the relay delivers to (its --smtp-port): Postfix and a stand-in
     with knot_server(tmp_path / "knot", zones, host=opendkim.port53_host(), port=53) as ns, \
             StandIns([BEHIND_IP, SENDER_MX_IP, PFX_IP]) as mx:
@@ -76,9 +82,15 @@ def world(tmp_path: Path, poste_bin: str) -> Iterator[World]:
         mx.release(PFX_IP)
         with mta.receiving_mta(tmp_path / "pfx", "example.org", PFX_IP, mx.port,
                                (BEHIND_IP, mx.port), ns.host) as maillog:
+            if request.param == "up":
+                with _up(poste_bin, tmp_path, ns.nameserver, mx.port, key_path,
+                         metrics_addr) as (port, log):
+                    yield World(port, behind, sender_mx, SigningKey("sender.test", "s1", s_key),
+                                maillog, log, metrics_addr)
+                return
             relay = Relay(poste_bin, tmp_path, ns.nameserver, mx.port,
                           "--dkim-selector", "poste", "--dkim-key", str(key_path),
-                          "--arc-authserv-id", "mx.our.test").start()
+                          "--arc-authserv-id", "mx.our.test", "--metrics", metrics_addr).start()
             log = tmp_path / "verifier.log"
             with open(log, "wb") as out:
                 proc = subprocess.Popen(
@@ -88,10 +100,58 @@ def world(tmp_path: Path, poste_bin: str) -> Iterator[World]:
             try:
                 port = listening_ports(log, "127.0.0.1", 1, proc)[0]
                 yield World(port, behind, sender_mx, SigningKey("sender.test", "s1", s_key),
-                            maillog, relay.log_path)
+                            maillog, relay.log_path, metrics_addr)
             finally:
                 stop(proc)
                 relay.stop()
+
+
+@contextlib.contextmanager
+def _up(poste_bin: str, tmp: Path, nameserver: str, smtp_port: int, key: Path,
+        metrics_addr: str) -> Iterator[tuple[int, Path]]:
+    """verifier -> spamfilter -> relay in one `poste up` (no sending path)."""
+    port = free_port("127.0.0.1")
+    config = tmp / "poste.toml"
+    config.write_text(f"""
+domain = ["our.test"]
+postmaster = "admin@example.org"
+users = "{tmp / 'users'}"
+nameserver = ["{nameserver}"]
+metrics = "{metrics_addr}"
+
+[verifier]
+listen = "127.0.0.1:{port}"
+hostname = "mx.our.test"
+
+[spamfilter]
+hostname = "spamfilter.our.test"
+
+[relay]
+spool = "{tmp / 'spool'}"
+hostname = "relay.our.test"
+smtp-port = {smtp_port}
+no-ipv6 = true
+dkim-selector = ["poste"]
+dkim-key = ["{key}"]
+
+[submission]
+enabled = false
+
+[signer]
+enabled = false
+""")
+    log = tmp / "up.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([poste_bin, "up", "--config", str(config)], stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        try:
+            wait_port("127.0.0.1", port, timeout=30)
+        except TimeoutError:
+            raise AssertionError(log.read_text()) from None
+        yield port, log
+    finally:
+        stop(proc)
 
 
 def _mail(world: World, n: int, *, broken: bool, extra: bytes = b"") -> bytes:
@@ -142,6 +202,8 @@ def test_broken_dkim_from_a_reject_domain_is_rewritten_and_passes(world: World) 
     log = world.relay_log.read_text()
     assert "forward plan=rewrite reason=no-aligned-dkim author-domain=sender.test " \
            "policy=reject" in log, log
+    assert sample(metrics(world.metrics), "poste_forward_plans_total", plan="rewrite",
+                  reason="no-aligned-dkim") == 1
 
     # dave replies: to the rewritten From, at our MX; it reaches Sam
     reply = (f"From: dave@example.org\r\nTo: {m.group(1)}\r\nSubject: Re: forwarded\r\n"
@@ -177,6 +239,8 @@ def test_intact_dkim_is_forwarded_unchanged(world: World) -> None:
     assert "dmarc=pass (p=reject dis=none) header.from=sender.test" in results, results
     assert "forward plan=unchanged reason=aligned-dkim author-domain=sender.test " \
            "policy=reject" in world.relay_log.read_text()
+    assert sample(metrics(world.metrics), "poste_forward_plans_total", plan="unchanged",
+                  reason="aligned-dkim") == 1
 
 
 def test_an_own_reply_to_is_kept(world: World) -> None:
