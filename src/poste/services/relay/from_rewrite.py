@@ -206,14 +206,21 @@ class Forwarding:
         if not forwarded:
             return Forwarded()  # not forwarded: our users' own mail out
         header = message.header()
-        plan = await asyncio.to_thread(
-            decide, header, server=self.server, is_local=self.is_local,
-            policy_of=lambda d: find_policy(self.resolver, d), enabled=self.enabled,
-        )
+        try:
+            plan = await asyncio.to_thread(
+                decide, header, server=self.server, is_local=self.is_local,
+                policy_of=lambda d: find_policy(self.resolver, d), enabled=self.enabled,
+            )
+        except Exception:  # a surprise of ours must not cost the mail: it goes on as it came
+            log.exception("%s forward plan failed", env.queue_id)
+            plan = Plan("unchanged", "error")
         top = self._forward_fields(forwarded)
         rewritten = None
         if plan.plan == "rewrite":
-            rewritten = await self._rewrite(env, message, header)
+            try:
+                rewritten = await self._rewrite(env, message, header)
+            except Exception:
+                log.exception("%s From rewrite failed", env.queue_id)
             if rewritten is None:
                 plan = Plan("unchanged", "not-rewritable", plan.author_domain, plan.policy)
         log.info("%s forward plan=%s reason=%s author-domain=%s policy=%s%s", env.queue_id,
