@@ -29,6 +29,7 @@ def test_token_maps_back_to_the_author() -> None:
     assert address.startswith("fwd+") and address.endswith("@our.test") and is_fwd(address)
     assert len(address.rpartition("@")[0]) <= 64
     assert t.author(address, now=NOW) == "alice@example.org"
+    assert not is_fwd("fwd+news@our.test")  # a user `fwd`'s subaddress, not a token
     # a folded case on the way still verifies
     assert t.author(address.upper().replace("OUR.TEST", "our.test"), now=NOW).lower() == (
         "alice@example.org")

@@ -45,8 +45,9 @@ MAX_AGE_DAYS = 90  # replies come later than bounces
 
 
 def is_fwd(address: str) -> bool:
+    """A token's shape (`fwd+` and `=` fields): `fwd+news@` stays a user's subaddress."""
     local = unquote_local(address.rpartition("@")[0] if "@" in address else address)
-    return local[:4].lower() == PREFIX
+    return local[:4].lower() == PREFIX and "=" in local
 
 
 @dataclass
