@@ -113,3 +113,46 @@ async def test_a_spilled_mail_is_sent_on_byte_for_byte(tmp_path: Path) -> None:
     stored = (tmp_path / "box" / "1.eml").read_bytes()
     assert stored.endswith(b"".join(lines))
     assert os.listdir(spill) == []
+
+
+FOLDED = (b"Received: from x\r\n\tby y; Mon, 1 Jan 2024 00:00:00 +0000\r\n"
+          b"from: Alice\r\n <alice@sender.test>\r\nSubject: s\r\nReply-From: no\r\n\r\n")
+
+
+def test_replace_field_in_memory_keeps_everything_else() -> None:
+    body = b"first line\r\nFrom: not a header field\r\n"
+    m = Message.of(FOLDED + body).prepend(b"X-Top: 1\r\n")
+    new = m.replace_field(b"From", b"From: Bob <bob@our.test>\r\n")
+    want = (b"X-Top: 1\r\nReceived: from x\r\n\tby y; Mon, 1 Jan 2024 00:00:00 +0000\r\n"
+            b"From: Bob <bob@our.test>\r\nSubject: s\r\nReply-From: no\r\n\r\n" + body)
+    assert new.to_bytes() == want and b"".join(new.chunks()) == want
+    assert new.size == len(want)
+    assert new.header() == want[: want.index(b"\r\n\r\n") + 4]
+    assert new.head(9) == b"X-Top: 1\r"
+    # prepending on top of a rewritten mail, and a second rewrite of it
+    again = new.prepend(b"X-More: 2\r\n").replace_field(b"subject", b"Subject: t\r\n")
+    assert again.to_bytes() == b"X-More: 2\r\n" + want.replace(b"Subject: s", b"Subject: t")
+    assert m.to_bytes() == b"X-Top: 1\r\n" + FOLDED + body  # the original view is untouched
+
+
+def test_replace_field_of_a_spilled_mail_shares_its_file(tmp_path: Path) -> None:
+    lines = [FOLDED, *tricky_lines(5000)[3:]]  # about 1 MB below the header
+    m = written(lines, 64 * 1024, tmp_path)
+    assert not m.in_memory
+    new = m.replace_field(b"From", b"From: Bob <bob@our.test>\r\n")
+    assert not new.in_memory  # the body is still the file, not a copy
+    assert len(new.prefix) < 200  # only the header was copied
+    want = b"".join(lines).replace(b"from: Alice\r\n <alice@sender.test>\r\n",
+                                   b"From: Bob <bob@our.test>\r\n", 1)
+    assert new.to_bytes() == want
+    assert all(p.endswith(b"\n") for p in list(new.chunks(4096))[:-1])
+    assert new.size == len(want)
+
+
+def test_replace_field_refuses_what_is_not_there() -> None:
+    import pytest
+
+    with pytest.raises(KeyError):
+        Message.of(b"Subject: s\r\n\r\nFrom: x\r\n").replace_field(b"From", b"From: y\r\n")
+    with pytest.raises(KeyError):  # no end of the header: nothing can be replaced safely
+        Message.of(b"From: x\r\nSubject: s\r\n").replace_field(b"From", b"From: y\r\n")

@@ -45,3 +45,9 @@ QUEUED = Counter(
     "poste_queued",
     "Messages written to the relay's spool.",
 )
+FORWARD_PLANS = Counter(
+    "poste_forward_plans",
+    "The relay's plan for each forwarded mail (plan: unchanged, rewrite; reason: why, "
+    "e.g. aligned-dkim, no-aligned-dkim, policy-none; services/relay/from_rewrite.py).",
+    ["plan", "reason"],
+)

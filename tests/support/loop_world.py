@@ -224,7 +224,8 @@ def start_inbound(world: World, topology: str) -> tuple[str, int]:
             "--smtp-port", str(world.smtp_port), "--no-ipv6",
             "--hostname", NAMES["relay"]])
         world.spawn("spamfilter", ["spamfilter", "--listen", f"{h['spamfilter']}:{port}",
-                                   "--destination", f"{h['relay']}:{port}"])
+                                   "--destination", f"{h['relay']}:{port}",
+                                   "--hostname", NAMES["spamfilter"]])
         world.spawn("verifier", [
             "verifier", "--domain", DOMAIN, "--postmaster", f"hostmaster@{DOMAIN}",
             "--destination", f"{h['spamfilter']}:{port}",

@@ -150,6 +150,10 @@ class StandIns:
         self.running.append(standin)
         return standin
 
+    def release(self, host: str) -> None:
+        """Give up the shared port on `host` for another server to bind (a Postfix MX)."""
+        self._reserved.release(host)
+
     def close(self) -> None:
         for standin in list(self.running):
             with contextlib.suppress(Exception):

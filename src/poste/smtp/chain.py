@@ -102,7 +102,8 @@ class StageTransaction:
             log.info("%s refused by %s: %s", self.env.queue_id, self.stage.name, verdict.reply)
             await self.abort()
             return verdict.reply
-        message = data.prepend(verdict.prepend + received_field(self.env, self.hostname))
+        base = data if verdict.message is None else verdict.message
+        message = base.prepend(verdict.prepend + received_field(self.env, self.hostname))
         self._down = None
         try:
             reply = await down.data(message)
@@ -139,7 +140,8 @@ class StageHop:
     """A hop that is the next stage in this process (`poste up`).
 
     The downstream stage sees what it would see behind a socket: a fresh
-    envelope whose peer is us, on loopback, plain ESMTP.  `own_hop` says
+    envelope, plain ESMTP, but no peer address: no connection was made, so
+    none is claimed (its Received: says `via poste-up`).  `own_hop` says
     what a unix socket says in the separate topology: this hop is ours
     (the signer's into the relay, which may then relay anywhere).
     """
@@ -154,10 +156,7 @@ class StageHop:
         self.own_hop = own_hop
 
     async def open(self, env: Envelope) -> Transaction:
-        inner = Envelope(
-            helo=self.peer_helo, peer_ip="127.0.0.1", peer_name="localhost", local_ip="127.0.0.1",
-            own_hop=self.own_hop,
-        )
+        inner = Envelope(helo=self.peer_helo, own_hop=self.own_hop, via="poste-up")
         reply = await self.stage.on_connect(inner)
         if reply is not None:
             raise HopError(reply)

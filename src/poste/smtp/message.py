@@ -69,13 +69,19 @@ class _Body:
 
 
 class Message:
-    """Prepended fields (`prefix`) above a body; every method reads, none copies the body."""
+    """Prepended fields (`prefix`) above a body; every method reads, none copies the body.
 
-    __slots__ = ("_body", "prefix")
+    `skip` bytes at the start of the body are not part of this mail: a mail
+    whose header was rewritten (`replace_field`) holds its new header in the
+    prefix and shares the body below the old one.
+    """
 
-    def __init__(self, body: _Body, prefix: bytes = b"") -> None:
+    __slots__ = ("_body", "_skip", "prefix")
+
+    def __init__(self, body: _Body, prefix: bytes = b"", skip: int = 0) -> None:
         self.prefix = prefix
         self._body = body
+        self._skip = skip
 
     @classmethod
     def of(cls, data: bytes) -> Message:
@@ -90,19 +96,48 @@ class Message:
 
     @property
     def size(self) -> int:
-        return len(self.prefix) + self._body.size
+        return len(self.prefix) + self._body.size - self._skip
 
     @property
     def in_memory(self) -> bool:
         return self._body.data is not None
 
     def isascii(self) -> bool:
-        """No 8-bit byte anywhere (else the hop needs BODY=8BITMIME); the body's answer is kept."""
+        """No 8-bit byte anywhere (else the hop needs BODY=8BITMIME); the body's answer is kept.
+
+        (After `replace_field` the old header is still asked too: an 8-bit byte
+        there may claim 8BITMIME for nothing, never the other way round.)"""
         return self.prefix.isascii() and self._body.isascii()
 
     def prepend(self, fields: bytes) -> Message:
         """The same mail with `fields` (complete lines) on top; the body is shared."""
-        return Message(self._body, fields + self.prefix)
+        return Message(self._body, fields + self.prefix, self._skip)
+
+    def replace_field(self, name: bytes, field: bytes) -> Message:
+        """The same mail with its first `name` field (with its continuation lines)
+        replaced by `field` (complete lines, CRLF-terminated).
+
+        Only the header section is copied, into the new view's prefix; the body
+        below it is shared, so a spilled mail stays in its file.  Raises
+        KeyError when there is no such field or no header section to find it
+        in (the relay passes such a mail on as it is).
+        """
+        header = self.header()
+        if not header.endswith(b"\r\n\r\n"):
+            raise KeyError("no header section")
+        start = _field_start(header, name)
+        if start < 0:
+            raise KeyError(name.decode("ascii", "replace"))
+        end = start
+        while True:  # the field's lines: the first, then those starting with WSP
+            end = header.index(b"\r\n", end) + 2
+            if header[end:end + 1] not in (b" ", b"\t"):
+                break
+        new_header = header[:start] + field + header[end:]
+        skip = self._skip + len(header) - len(self.prefix)
+        if skip < self._skip:  # the whole header was prepended: the body stays as it is
+            return Message(self._body, new_header + self.prefix[len(header):], self._skip)
+        return Message(self._body, new_header, skip)
 
     def close(self) -> None:
         """Let go of the file now (it goes anyway when the last view is collected)."""
@@ -115,7 +150,7 @@ class Message:
         prefix = self.prefix
         if limit <= len(prefix):
             return prefix[:limit]
-        return prefix + self._body.read(0, limit - len(prefix))
+        return prefix + self._body.read(self._skip, limit - len(prefix))
 
     def header(self, limit: int = MAX_HEADER) -> bytes:
         """The header section through its blank line, or the first `limit` bytes without one.
@@ -138,9 +173,9 @@ class Message:
             yield self.prefix
         body = self._body
         if body.data is not None:
-            yield from _line_pieces(body.data, size)
+            yield from _line_pieces(body.data[self._skip:] if self._skip else body.data, size)
             return
-        offset = 0
+        offset = self._skip
         carry = b""
         while offset < body.size:
             piece = body.read(offset, size)
@@ -160,8 +195,11 @@ class Message:
 
     def to_bytes(self) -> bytes:
         """The whole mail as one bytes object: for small mails; big ones go through whole()."""
-        if self._body.data is not None:
-            return self.prefix + self._body.data if self.prefix else self._body.data
+        data = self._body.data
+        if data is not None:
+            if self._skip:
+                return self.prefix + data[self._skip:]
+            return self.prefix + data if self.prefix else data
         return b"".join(self.chunks())
 
     @contextlib.asynccontextmanager
@@ -227,6 +265,22 @@ def _malloc_trim() -> Callable[[int], int] | None:
 _TRIMS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.TimerHandle] = (
     weakref.WeakKeyDictionary()
 )
+
+
+def _field_start(header: bytes, name: bytes) -> int:
+    """Where the first field called `name` (any case) starts in `header`, or -1."""
+    want = name.lower().rstrip(b":")
+    at = 0
+    while at < len(header):
+        end = header.find(b"\r\n", at)
+        if end < 0:
+            return -1
+        colon = header.find(b":", at, end)
+        if colon > at and header[at:at + 1] not in (b" ", b"\t") and \
+                header[at:colon].rstrip(b" \t").lower() == want:
+            return at
+        at = end + 2
+    return -1
 
 
 def _line_pieces(data: bytes, size: int) -> Iterator[bytes]:

@@ -26,6 +26,12 @@ def received_field(env: Envelope, hostname: str, date: str | None = None) -> byt
     `for <rcpt>` is given only for a single recipient: with several it would
     tell each recipient who else got the mail.  No AUTH identity is ever
     written here; `with ESMTPSA` says authentication happened, nothing more.
+
+    It names only what happened: the peer's address and name only for a
+    TCP connection; a unix socket or a stage of this process (`poste up`)
+    has none, and says how the mail came instead, with RFC 5321's `via`
+    clause (`via unix`, `via poste-up`), so one field per stage has the same
+    shape in either topology.
     """
     helo = _clean(env.helo) if env.helo else "unknown"
     if env.peer_ip:
@@ -40,7 +46,8 @@ def received_field(env: Envelope, hostname: str, date: str | None = None) -> byt
     if env.tls and env.tls_version:
         cipher = f" with cipher {_clean(env.tls_cipher)}" if env.tls_cipher else ""
         lines.append(f"\t(using {_clean(env.tls_version)}{cipher})")
-    lines.append(f"\tby {_clean(hostname)} (poste) with {env.protocol} id {env.queue_id}")
+    via = f" via {_clean(env.via)}" if env.via and not env.peer_ip else ""
+    lines.append(f"\tby {_clean(hostname)} (poste){via} with {env.protocol} id {env.queue_id}")
     when = date or formatdate(localtime=False, usegmt=True).replace("GMT", "+0000")
     if len(env.rcpt_tos) == 1:
         lines.append(f"\tfor <{_clean(env.rcpt_tos[0], 320)}>; {when}")

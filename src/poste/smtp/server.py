@@ -155,7 +155,7 @@ class _Connection(SMTP):
             return
         self.poste_env = Envelope(
             peer_ip=str(peer[0]), peer_port=int(peer[1]), local_ip=str(sockname[0]),
-            own_hop=self.service.unix,
+            own_hop=self.service.unix, via="unix" if self.service.unix else "",
         )
         ssl_object = transport.get_extra_info("ssl_object")
         if ssl_object is not None:  # implicit TLS (port 465)

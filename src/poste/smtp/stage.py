@@ -81,6 +81,9 @@ class Envelope:
     # (only our services can open its folder) or a hop inside this process.  Never
     # an address: anyone on the machine can connect from 127.0.0.1.
     own_hop: bool = False
+    # How the client reached us when it was not TCP, for Received: (RFC 5321 4.4 `via`):
+    # "unix" (a unix socket: no address to name) or "poste-up" (a stage of this process).
+    via: str = ""
     esmtp: bool = True
     mail_from: str = ""  # "" is the null sender <>
     mail_options: list[str] = field(default_factory=list)
@@ -112,6 +115,7 @@ class Envelope:
             tls_cipher=self.tls_cipher,
             auth_user=self.auth_user,
             own_hop=self.own_hop,
+            via=self.via,
             esmtp=self.esmtp,
         )
 
@@ -122,11 +126,15 @@ class Verdict:
 
     `reply` None means: accept, prepend `prepend` (complete header lines, each
     ending in CRLF, stage fields above our Received:) and pass on to the next
-    hop.  A 4xx or 5xx `reply` refuses the mail with that reply.
+    hop.  A 4xx or 5xx `reply` refuses the mail with that reply.  `message`,
+    when given, replaces the received mail (a view sharing its body).
     """
 
     prepend: bytes = b""
     reply: Reply | None = None
+    # The mail as the stage rewrote it, when it must (the relay's From rewrite for
+    # DMARC, services/relay/from_rewrite.py): `prepend` goes on top of this instead.
+    message: Message | None = None
 
 
 class Stage:

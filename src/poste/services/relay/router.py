@@ -5,8 +5,10 @@ an open relay: a peer outside `--granted` can only reach local addresses.
 A local address expands to its targets from the users repository (a
 forwarded mail, so the envelope sender is SRS-rewritten unless it is ours);
 `postmaster@` goes to `--postmaster`; an SRS address of ours is a bounce
-coming back and goes to the original sender; anything else local is refused
-at RCPT time, so no mail is ever dropped silently.
+coming back and goes to the original sender, and a `fwd+...` address of ours
+(the From of a mail whose From we rewrote, fwd_token.py) is a reply going to
+its author; anything else local is refused at RCPT time, so no mail is ever
+dropped silently.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import ipaddress
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+from poste.services.relay.fwd_token import FwdTokens, is_fwd
 from poste.services.relay.srs import SRS, SRSError, is_srs
 from poste.smtp.address import domain_key, domain_of, ip_of
 from poste.smtp.stage import Reply
@@ -54,12 +57,14 @@ class Router:
         srs: SRS,
         users: Callable[[], UsersDB | None],
         granted: list[Network],
+        tokens: FwdTokens | None = None,
     ) -> None:
         self.domains = [domain_key(d) for d in domains]
         self.postmaster = postmaster
         self.srs = srs
         self.users = users
         self.granted = granted
+        self.tokens = tokens
 
     def is_granted(self, ip: str) -> bool:
         addr = ip_of(ip)
@@ -101,6 +106,12 @@ class Router:
         local = address.rpartition("@")[0]
         if local.lower() == "postmaster":
             return self._expand(sender, self.postmaster, original, depth, seen)
+        if self.tokens is not None and is_fwd(address):
+            try:
+                author = self.tokens.author(address)
+            except SRSError as exc:
+                return Reply(550, f"5.1.1 Invalid forwarding address: {exc}")
+            return self._expand(sender, author, original, depth, seen)  # a reply, forwarded
         if is_srs(address):
             try:
                 back = self.srs.reverse(address)

@@ -14,12 +14,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from poste.dns.resolver import NameserverError, make_resolver
+from poste.dns.resolver import NameserverError, make_resolver, make_sync_resolver
 from poste.runtime import reloads
 from poste.runtime.hostport import parse_hostport
 from poste.runtime.run import Parts, StartError
 from poste.runtime.settings import ConfigError, Values
 from poste.services.relay.delivery import Deliverer
+from poste.services.relay.from_rewrite import Forwarding
+from poste.services.relay.fwd_token import FwdTokens
 from poste.services.relay.own_mail import ForwardSeal, own_keys
 from poste.services.relay.router import Router, parse_networks
 from poste.services.relay.scheduler import DeliverFn, Policy, Scheduler
@@ -161,6 +163,7 @@ def build_relay(
     mta_sts: bool = True,
     dane: bool = True,
     mta_sts_port: int = 443,
+    from_rewrite: bool = True,
 ) -> RelayParts:
     """Check the settings and build the relay; bad input is a ConfigError.
 
@@ -174,6 +177,8 @@ def build_relay(
     the domain's keys, for DSNs and ARC seals over `arc_authserv_id`'s
     results (default: our hostname).  `tls_ca_file`, `mta_sts`, `dane`,
     `mta_sts_port`: the outbound transport policy (`tls_policy/`).
+    `from_rewrite`: the DMARC From rewrite of forwarded mail (from_rewrite.py)
+    may happen.
     """
     from poste.services.relay.metrics import watch_spool
 
@@ -183,6 +188,7 @@ def build_relay(
         raise ConfigError("postmaster", f"{postmaster!r} is not an address")
     try:
         resolver = make_resolver(nameservers or [])
+        sync_resolver = make_sync_resolver(nameservers or [])
     except NameserverError as exc:
         raise ConfigError("nameserver", str(exc)) from None
     try:
@@ -229,7 +235,8 @@ def build_relay(
         spool.unlock()  # a relay that does not run must not keep the spool
         raise
     srs = SRS(domain, secrets_, db=srs_db)
-    router = Router(domains, postmaster, srs, lambda: watcher.db, nets)
+    tokens = FwdTokens(srs)
+    router = Router(domains, postmaster, srs, lambda: watcher.db, nets, tokens)
     transport = TransportPolicy(resolver, spool.path / "tls", ca_file=tls_ca_file,
                                 mta_sts_port=mta_sts_port, mta_sts=mta_sts, dane=dane)
     deliverer = Deliverer(resolver, helo=me, port=smtp_port, ipv6=ipv6, self_addresses=ours,
@@ -242,9 +249,14 @@ def build_relay(
     reporter = Reporter(
         transport.recorder.folder, resolver, transport.verify_ctx, submitter=domain,
         sender=postmaster, mail=spool_mail(spool, postmaster, keys, scheduler.submit))
+    forwarding = Forwarding(
+        domain=domain, server=arc_authserv_id or me, tokens=tokens, resolver=sync_resolver,
+        signer=keys.signer, is_local=router.is_local_domain, enabled=from_rewrite,
+        targets=lambda rcpt: [address for address, _ in router.dsn_targets(rcpt)],
+    )
     watch_spool(spool.path)  # poste_spool_messages, poste_spool_oldest_age_seconds
     return RelayParts(
-        stage=RelayStage(max_received, seal),
+        stage=RelayStage(max_received, seal, forwarding),
         hop=QueueHop(router, scheduler),
         scheduler=scheduler,
         watcher=watcher,
@@ -344,6 +356,7 @@ def relay_of(values: Values, **more: Any) -> RelayParts:
         mta_sts=not values["no-mta-sts"],
         dane=not values["no-dane"],
         mta_sts_port=int(values["mta-sts-port"]),
+        from_rewrite=not values["no-from-rewrite"],
         **more,
     )
 

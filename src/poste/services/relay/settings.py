@@ -48,6 +48,10 @@ SETTINGS = (
     Setting("arc-authserv-id", STR, metavar="NAME",
             help="Our verifier's name in Authentication-Results, whose results a seal "
                  "carries (default: --hostname; `poste up`: the [verifier]'s)."),
+    Setting("no-from-rewrite", FLAG, default=False,
+            help="Never rewrite the From of a forwarded mail (by default, a mail whose "
+                 "author's domain asks for DMARC reject or quarantine and whose DKIM did "
+                 "not survive is sent From fwd+TOKEN@ our domain, signed with --dkim-key)."),
     Setting("retry-min", DURATION, default="5m", show_default=True,
             help="First retry delay; doubles each attempt."),
     Setting("retry-max", DURATION, default="4h", show_default=True, help="Longest retry delay."),

@@ -14,6 +14,7 @@ import logging
 import re
 import time
 
+from poste.services.relay.from_rewrite import Forwarding
 from poste.services.relay.own_mail import ForwardSeal
 from poste.services.relay.router import Delivery, Router
 from poste.services.relay.scheduler import Scheduler
@@ -45,15 +46,21 @@ class RelayStage(Stage):
 
     name = "relay"
 
-    def __init__(self, max_received: int = MAX_RECEIVED, seal: ForwardSeal | None = None) -> None:
+    def __init__(self, max_received: int = MAX_RECEIVED, seal: ForwardSeal | None = None,
+                 forwarding: Forwarding | None = None) -> None:
         self.max_received = max_received
         self.seal = seal  # ARC for forwarded mail (own_mail.py)
+        self.forwarding = forwarding  # the From rewrite and X-Forwarded-* (from_rewrite.py)
 
     async def on_data(self, env: Envelope, message: Message) -> Verdict:
         hops = count_received(message.header())
         if hops > self.max_received:
             return Verdict(reply=Reply(554, f"5.4.6 Too many hops ({hops} Received:), mail loop?"))
-        return Verdict(prepend=await self.seal.fields(env, message) if self.seal else b"")
+        fwd = await self.forwarding.apply(env, message) if self.forwarding else None
+        out = fwd.message if fwd and fwd.message else message  # sealed as it goes on
+        seal = await self.seal.fields(env, out) if self.seal else b""
+        return Verdict(prepend=(fwd.prepend if fwd else b"") + seal,
+                       message=fwd.message if fwd else None)
 
 
 class QueueHop:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import email
 import email.policy
 import email.utils
-import functools
 import os
 import random
 from dataclasses import dataclass
@@ -24,14 +23,17 @@ import dns.resolver
 from publicsuffixlist import PublicSuffixList
 
 from poste.dkim.verify import DKIMResult
+from poste.dns.dmarc import (  # noqa: F401  (re-exported: the verifier's DMARC names)
+    DNSTrouble,
+    Policy,
+    aligned,
+    find_policy,
+    org_domain,
+    parse_record,
+)
 from poste.dns.resolver import SyncResolver
 from poste.services.verifier.spf import SPFResult
 from poste.smtp.address import domain_key
-
-
-@functools.cache
-def _psl() -> PublicSuffixList:
-    return PublicSuffixList()
 
 
 class PSLError(ValueError):
@@ -60,29 +62,6 @@ def load_psl(path: str | os.PathLike[str]) -> PublicSuffixList:
     return PublicSuffixList(text)
 
 
-def org_domain(domain: str, psl: PublicSuffixList | None = None) -> str:
-    """The organisational domain: the public suffix plus one label (RFC 7489 3.2)."""
-    domain = domain_key(domain)
-    return (psl or _psl()).privatesuffix(domain) or domain
-
-
-def aligned(a: str, b: str, mode: str, psl: PublicSuffixList | None = None) -> bool:
-    a, b = domain_key(a), domain_key(b)
-    if not a or not b:
-        return False
-    return a == b if mode == "s" else org_domain(a, psl) == org_domain(b, psl)
-
-
-@dataclass(frozen=True)
-class Policy:
-    p: str = "none"
-    sp: str | None = None
-    adkim: str = "r"
-    aspf: str = "r"
-    pct: int = 100
-    org_record: bool = False  # found at the organisational domain, not the From domain
-
-
 @dataclass(frozen=True)
 class DMARCResult:
     result: str  # pass, fail, none, temperror, permerror
@@ -105,10 +84,6 @@ class DMARCResult:
         if self.result != "fail" or self.applied_policy != "reject" or self.policy is None:
             return False
         return self.policy.pct >= 100 or random.randrange(100) < self.policy.pct
-
-
-class _Trouble(Exception):
-    pass
 
 
 def from_domain(message: bytes) -> tuple[str | None, str]:
@@ -144,64 +119,6 @@ def _is_domain(text: str) -> bool:
     return all(c.isalnum() or c in "-._" for c in text)
 
 
-def _txt(resolver: SyncResolver, name: str) -> list[str]:
-    try:
-        answer = resolver.resolve(  # type: ignore[no-untyped-call]
-            name, dns.rdatatype.TXT, raise_on_no_answer=False, search=False
-        )
-    except dns.resolver.NXDOMAIN:
-        return []
-    except (dns.exception.DNSException, OSError) as exc:
-        raise _Trouble(f"DNS lookup of {name} failed ({exc.__class__.__name__})") from None
-    if answer.rrset is None:
-        return []
-    return [b"".join(r.strings).decode("utf-8", "replace") for r in answer.rrset]
-
-
-def parse_record(text: str) -> Policy | None:
-    """A DMARC record's tags; None when it is not a usable DMARC record."""
-    tags: dict[str, str] = {}
-    for part in text.split(";"):
-        key, sep, value = part.partition("=")
-        if sep:
-            tags.setdefault(key.strip().lower(), value.strip())
-    if tags.get("v") != "DMARC1":
-        return None
-    p = tags.get("p", "").lower()
-    if p not in ("none", "quarantine", "reject"):
-        if "rua" not in tags:
-            return None
-        p = "none"  # RFC 7489 6.6.3: a record with rua= but no valid p= is p=none
-    sp = tags.get("sp", "").lower()
-    try:
-        pct = max(0, min(100, int(tags.get("pct", "100"))))
-    except ValueError:
-        pct = 100
-    return Policy(
-        p=p,
-        sp=sp if sp in ("none", "quarantine", "reject") else None,
-        adkim="s" if tags.get("adkim", "r").lower() == "s" else "r",
-        aspf="s" if tags.get("aspf", "r").lower() == "s" else "r",
-        pct=pct,
-    )
-
-
-def _policy(
-    resolver: SyncResolver, domain: str, psl: PublicSuffixList | None = None
-) -> Policy | None:
-    for where, org in ((domain, False), (org_domain(domain, psl), True)):
-        if org and where == domain:
-            break
-        records = [r for r in _txt(resolver, f"_dmarc.{where}") if r.lower().startswith("v=dmarc1")]
-        if len(records) == 1:
-            policy = parse_record(records[0])
-            if policy is not None:
-                return Policy(policy.p, policy.sp, policy.adkim, policy.aspf, policy.pct, org)
-        if records:
-            return None  # several or broken records: no policy (RFC 7489 6.6.3)
-    return None
-
-
 def evaluate_sync(
     header: bytes,
     spf: SPFResult | None,
@@ -219,8 +136,8 @@ def evaluate_sync(
     if domain is None:
         return DMARCResult("permerror", reason=why)
     try:
-        policy = _policy(resolver, domain, psl)
-    except _Trouble as exc:
+        policy = find_policy(resolver, domain, psl)
+    except DNSTrouble as exc:
         return DMARCResult("temperror", domain, reason=str(exc))
     if policy is None:
         return DMARCResult("none", domain)
