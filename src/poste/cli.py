@@ -28,6 +28,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "spam": ("poste.spam.cli:main", "Spam filter tools: train, classify, mark, eval."),
     "users": ("poste.users.cli:main", "Manage the Git users repository."),
     "queue": ("poste.services.relay.queue_cli:main", "Inspect and manage the relay's spool."),
+    "quarantine": ("poste.services.relay.quarantine_cli:main",
+                   "Held spam: list, show, release, delete; digest --now."),
     # the services
     "forward": ("poste.services.forward.command:main", "Pass mail on to the next hop (adds Received:)."),
     "verifier": ("poste.services.verifier.command:main", "The public MX: SPF, DKIM, DMARC labels."),

@@ -19,9 +19,12 @@ from poste.runtime.hostport import parse_hostport
 from poste.runtime.run import Parts, StartError
 from poste.runtime.settings import ConfigError, Values
 from poste.services.relay.delivery import Deliverer
+from poste.services.relay.digest import Digest, Schedule
 from poste.services.relay.own_mail import ForwardSeal, own_keys
+from poste.services.relay.quarantine import Quarantine
 from poste.services.relay.router import Router, parse_networks
 from poste.services.relay.scheduler import DeliverFn, Policy, Scheduler
+from poste.services.relay.spam_policy import SpamPolicy
 from poste.services.relay.spool import Spool, SpoolError, SpoolLocked
 from poste.services.relay.srs import DAY, SRS, SRSDatabase, load_secrets
 from poste.services.relay.stage import MAX_RECEIVED, QueueHop, RelayStage
@@ -88,9 +91,12 @@ class RelayParts:
     deliverer: Deliverer
     srs_db: SRSDatabase
     srs_max_age: int
+    digest: Digest | None = None
 
     async def start(self) -> None:
         self.scheduler.own_keys.say_what_is_missing()
+        if self.hop.quarantine is not None:
+            await asyncio.to_thread(self.hop.quarantine.recover)
         try:
             await self.scheduler.start()
         except SpoolLocked as exc:
@@ -108,7 +114,8 @@ class RelayParts:
         )
 
     def background(self) -> list[Callable[[], Coroutine[Any, Any, None]]]:
-        return [self.watcher.run, self.prune_srs_db]
+        digest = [self.digest.run] if self.digest is not None else []
+        return [self.watcher.run, self.prune_srs_db, *digest]
 
     async def prune_srs_db(self) -> None:
         """Hourly: drop SRS database entries unused for longer than an SRS address lives."""
@@ -148,6 +155,9 @@ def build_relay(
     dkim_selectors: Sequence[str] = (),
     dkim_keys: Sequence[str] = (),
     arc_authserv_id: str | None = None,
+    spam_label: str = "X-Spamtacus",
+    quarantine_digest: str = "06:00",
+    quarantine_days: int = 30,
 ) -> RelayParts:
     """Check the settings and build the relay; bad input is a ConfigError.
 
@@ -159,7 +169,8 @@ def build_relay(
     `preflight` runs once the flags are checked, before any file is touched
     (`poste relay`: can --listen be bound?).  `dkim_selectors`/`dkim_keys`:
     the domain's keys, for DSNs and ARC seals over `arc_authserv_id`'s
-    results (default: our hostname).
+    results (default: our hostname).  `spam_label`, `quarantine_digest`,
+    `quarantine_days`: the per-user spam policy (spam_policy.py, digest.py).
     """
     from poste.services.relay.metrics import watch_spool
 
@@ -179,6 +190,9 @@ def build_relay(
     ours = _self_addresses(listen_hosts, self_addresses or [])
     me = hostname or socket.getfqdn()
     keys = own_keys(domain, dkim_selectors, dkim_keys, arc_authserv_id or me)
+    schedule = Schedule.parse(quarantine_digest)
+    if not spam_label or not all(33 <= ord(c) <= 126 and c != ":" for c in spam_label):
+        raise ConfigError("spam-label", f"not a header field name: {spam_label!r}")
     if preflight is not None:
         preflight()
     try:
@@ -219,9 +233,17 @@ def build_relay(
     )
     seal = ForwardSeal(keys.sealer, router.is_local_domain) if keys.sealer else None
     watch_spool(spool.path)  # poste_spool_messages, poste_spool_oldest_age_seconds
+    try:
+        quarantine = Quarantine(spool.path)
+    except OSError as exc:
+        spool.unlock()
+        raise ConfigError(None, f"quarantine in {spool.path}: {exc}") from None
+    spam = SpamPolicy(lambda: watcher.db, router.is_local_domain, spam_label)
+    digest = Digest(quarantine, scheduler, router.dsn_targets, domain=domain, hostname=me,
+                    schedule=schedule, keep_days=quarantine_days)
     return RelayParts(
         stage=RelayStage(max_received, seal),
-        hop=QueueHop(router, scheduler),
+        hop=QueueHop(router, scheduler, spam, quarantine),
         scheduler=scheduler,
         watcher=watcher,
         router=router,
@@ -230,6 +252,7 @@ def build_relay(
         deliverer=deliverer,
         srs_db=srs_db,
         srs_max_age=srs.max_age_days,
+        digest=digest,
     )
 
 
@@ -315,6 +338,9 @@ def relay_of(values: Values, **more: Any) -> RelayParts:
         dkim_selectors=values["dkim-selector"],
         dkim_keys=values["dkim-key"],
         arc_authserv_id=values["arc-authserv-id"],
+        spam_label=str(values["spam-label"]),
+        quarantine_digest=str(values["quarantine-digest"]),
+        quarantine_days=int(values["quarantine-days"]),
         **more,
     )
 
