@@ -258,3 +258,42 @@ def test_digest_passes_opendkim_and_opendmarc_at_a_postfix_mx(
     assert "mx.example.org; dkim=pass" in results and "header.d=our.test" in results, results
     assert "mx.example.org; dmarc=pass (p=reject dis=none) header.from=our.test" in results, results
     assert "mx.example.org; spf=pass smtp.helo=relay.our.test" in results, results
+
+
+# -- durability and expiry -----------------------------------------------------
+
+
+def test_held_mail_survives_a_crash_and_expires_with_a_trace(tmp_path: Path, poste_bin: str) -> None:
+    """Held with fsync before the 250: a SIGKILLed relay still has it after restart;
+    expiry removes it only with a journal line and a log line."""
+    from poste.services.relay.quarantine import Quarantine
+
+    make_users(poste_bin, tmp_path / "users", {"dave": ["dave@example.org"]})
+    assert run_poste(["users", "spam", "dave", "quarantine", "--repo",
+                      str(tmp_path / "users")]).returncode == 0
+    spam = (b"X-Spamtacus: yes\r\nReceived: from mail by spamfilter; now\r\n"
+            + SPAM.format(to="dave@our.test", n=7).encode())
+    relay = Relay(poste_bin, tmp_path, "127.0.0.1:9", 9).start()
+    try:
+        with smtplib.SMTP(relay.host, relay.port, timeout=30) as s:
+            assert s.sendmail("deals@gmail.test", ["dave@our.test"], spam) == {}
+        relay.kill()  # SIGKILL right after the 250
+        relay.start()
+        out = _quarantine("list", "--spool", str(relay.spool))
+        assert "CHEAP PILLS 7" in out and "dave@our.test" in out, out
+        qid = out.split()[0]
+        shown = run_poste(["quarantine", "show", "--spool", str(relay.spool), "--body", qid])
+        assert shown.returncode == 0 and "Winner! Claim your prize now." in shown.stdout
+        missing = run_poste(["quarantine", "release", "--spool", str(relay.spool), "NOPE"])
+        assert missing.returncode == 1 and "no mail NOPE" in missing.stderr
+        assert "Traceback" not in missing.stderr
+    finally:
+        relay.stop()
+    q = Quarantine(relay.spool)
+    [held] = q.expire(30 * 86400, now=time.time() + 31 * 86400)
+    assert held.id == qid and q.ids() == []
+    events = [json.loads(x) for x in (q.path / "journal").read_text().splitlines()]
+    assert [(e["event"], e["id"]) for e in events] == [("held", qid), ("expired", qid)]
+    assert events[-1]["subject"] == "CHEAP PILLS 7"
+    nospool = run_poste(["quarantine", "list", "--spool", str(tmp_path / "none")])
+    assert nospool.returncode == 1 and "no spool folder" in nospool.stderr

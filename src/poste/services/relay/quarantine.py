@@ -209,7 +209,9 @@ class Quarantine:
         message = Message.open(self._eml(qid))
         try:
             entry = held.entry
+            # due now, and its lifetime in the queue counts from the release, not the arrival
             entry.next_attempt = 0.0
+            entry.created = time.time()
             try:
                 spool.put(entry, message)
             except SpoolError as exc:
