@@ -297,3 +297,21 @@ def test_held_mail_survives_a_crash_and_expires_with_a_trace(tmp_path: Path, pos
     assert events[-1]["subject"] == "CHEAP PILLS 7"
     nospool = run_poste(["quarantine", "list", "--spool", str(tmp_path / "none")])
     assert nospool.returncode == 1 and "no spool folder" in nospool.stderr
+
+
+def test_our_own_sending_path_is_never_held_or_split(tmp_path: Path, poste_bin: str) -> None:
+    """From a granted peer (our signer), a quarantine user beside a remote friend is one
+    transaction, and the mail is queued, not held: the sending path has no spamfilter."""
+    make_users(poste_bin, tmp_path / "users", {"dave": ["dave@example.org"]})
+    assert run_poste(["users", "spam", "dave", "quarantine", "--repo",
+                      str(tmp_path / "users")]).returncode == 0
+    mail = (b"X-Spamtacus: yes\r\nReceived: from submission by signer; now\r\n"
+            + SPAM.format(to="dave@our.test", n=8).encode())
+    relay = Relay(poste_bin, tmp_path, "127.0.0.1:9", 9, "--granted", "127.0.0.1/32").start()
+    try:
+        with smtplib.SMTP(relay.host, relay.port, timeout=30) as s:
+            assert s.sendmail("me@our.test", ["friend@example.org", "dave@our.test"], mail) == {}
+    finally:
+        relay.stop()
+    assert _quarantine("list", "--spool", str(relay.spool)).strip() == ""
+    assert "queued as" in relay.log()

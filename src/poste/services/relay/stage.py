@@ -97,14 +97,17 @@ class QueueTransaction:
         """
         router = self.hop.router
         env = self.env
-        policy = self.hop.spam.of(rcpt) if self.hop.spam else TAG
+        granted = env.own_hop or router.is_granted(env.peer_ip)
+        # Our own sending path has no spamfilter: its mail is never labelled, and a MUA
+        # must not see a 452 for writing to a quarantine user beside someone else.
+        policy = self.hop.spam.of(rcpt) if self.hop.spam and not granted else TAG
         if self.policy is not None and (
-            policy != self.policy or (policy == QUARANTINE and rcpt.lower() != self.policy_rcpt.lower())
+            policy != self.policy
+            or (policy == QUARANTINE and rcpt.lower() != self.policy_rcpt.lower())
         ):
             log.info("%s deferred rcpt=<%s>: spam policy %s, this transaction's is %s",
                      env.queue_id, rcpt, policy, self.policy)
             return MIXED  # one DATA reply for all: another transaction (spam_policy.py)
-        granted = env.own_hop or router.is_granted(env.peer_ip)
         got = await asyncio.to_thread(router.route, self.sender, rcpt, granted)
         if isinstance(got, Reply):
             log.info(
