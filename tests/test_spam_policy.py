@@ -315,3 +315,19 @@ def test_our_own_sending_path_is_never_held_or_split(tmp_path: Path, poste_bin: 
         relay.stop()
     assert _quarantine("list", "--spool", str(relay.spool)).strip() == ""
     assert "queued as" in relay.log()
+
+
+@pytest.mark.parametrize("flag, value, word", [
+    ("--quarantine-digest", "soon", "quarantine-digest"),
+    ("--quarantine-days", "0", "quarantine-days"),
+    ("--spam-label", "X Spam:", "spam-label"),
+])
+def test_a_bad_policy_setting_is_one_line(
+    tmp_path: Path, poste_bin: str, flag: str, value: str, word: str
+) -> None:
+    make_users(poste_bin, tmp_path / "users", {"dave": ["dave@example.org"]})
+    out = run_poste(["relay", "--domain", "our.test", "--postmaster", "admin@example.org",
+                     "--users", str(tmp_path / "users"), "--spool", str(tmp_path / "spool"),
+                     "--listen", "127.0.0.1:0", "--srs-secret", "s", flag, value])
+    assert out.returncode != 0 and out.stderr.count("\n") == 1, out.stderr
+    assert out.stderr.startswith("Error: ") and word in out.stderr, out.stderr

@@ -36,6 +36,7 @@ from poste.smtp.stage import new_queue_id
 log = logging.getLogger("poste.relay")
 
 DAY = 86400.0
+MAX_LISTED = 500
 _TIME_OF_DAY = re.compile(r"^\s*([01]?\d|2[0-3]):([0-5]\d)\s*$")
 
 
@@ -87,7 +88,12 @@ def make_digest(
         "your postmaster to run:  poste quarantine release ID",
         "",
     ]
-    for h in sorted(held, key=lambda x: x.held):
+    shown = sorted(held, key=lambda x: x.held)
+    if len(shown) > MAX_LISTED:  # a flood of spam must not make a digest no one can open
+        lines += [f"The {MAX_LISTED} newest of {len(shown)} are listed; "
+                  "your postmaster sees them all (poste quarantine list).", ""]
+        shown = shown[-MAX_LISTED:]
+    for h in shown:
         when = dt.datetime.fromtimestamp(h.held, dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
         lines += [
             f"ID {h.id}   held {when}   {h.entry.size} bytes",

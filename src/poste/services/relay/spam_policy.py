@@ -34,6 +34,8 @@ import logging
 import re
 from collections.abc import Callable
 
+from prometheus_client import Counter
+
 from poste.smtp.address import domain_of
 from poste.smtp.stage import Reply
 from poste.users.repo import DEFAULT_SPAM_POLICY, UsersDB
@@ -45,6 +47,9 @@ SPAM = "yes"
 
 MIXED = Reply(452, "4.5.3 Recipient of another spam policy: send it in a separate transaction")
 REFUSED = Reply(550, "5.7.1 Message refused as spam by the recipient's policy")
+
+ACTED = Counter("poste_spam_policy_mails",
+                "Mails labelled spam that a user's policy held or refused.", ["action"])
 
 _FIELD = re.compile(rb"^([!-9;-~]+)[ \t]*:(.*)$", re.DOTALL)
 

@@ -19,7 +19,15 @@ from poste.services.relay.quarantine import Quarantine
 from poste.services.relay.router import Delivery, Router
 from poste.services.relay.scheduler import Scheduler
 from poste.services.relay.settings import default
-from poste.services.relay.spam_policy import MIXED, QUARANTINE, REFUSED, REJECT, TAG, SpamPolicy
+from poste.services.relay.spam_policy import (
+    ACTED,
+    MIXED,
+    QUARANTINE,
+    REFUSED,
+    REJECT,
+    TAG,
+    SpamPolicy,
+)
 from poste.services.relay.spool import Entry, Recipient, SpoolError
 from poste.smtp.hop import Transaction
 from poste.smtp.message import Message
@@ -165,6 +173,7 @@ class QueueTransaction:
         if self.policy == REJECT or self.hop.quarantine is None:
             log.info("%s refused as spam from=<%s> to=<%s> size=%d (policy reject)",
                      entry.id, self.sender, self.policy_rcpt, message.size)
+            ACTED.labels("refused").inc()
             return REFUSED
         try:
             await asyncio.to_thread(self.hop.quarantine.hold, entry, message, self.policy_rcpt)
@@ -172,6 +181,7 @@ class QueueTransaction:
             return _queue_failed(entry, exc)
         log.info("%s quarantined from=<%s> to=<%s> size=%d",
                  entry.id, self.sender, self.policy_rcpt, message.size)
+        ACTED.labels("held").inc()
         return Reply(250, f"2.0.0 Ok: held as {entry.id}")
 
     async def abort(self) -> None:
