@@ -331,3 +331,18 @@ def test_a_bad_policy_setting_is_one_line(
                      "--listen", "127.0.0.1:0", "--srs-secret", "s", flag, value])
     assert out.returncode != 0 and out.stderr.count("\n") == 1, out.stderr
     assert out.stderr.startswith("Error: ") and word in out.stderr, out.stderr
+
+
+def test_poste_up_reads_the_label_under_the_spamfilters_name(tmp_path: Path) -> None:
+    from poste.stack.build import build
+    from poste.stack.config import load
+    from poste.stack.init import Layout, write_stack
+
+    d = tmp_path / "mail"
+    write_stack(d, Layout(domain="our.test", hostname="mail.our.test",
+                          postmaster="admin@elsewhere.test", mailbox="box"))
+    text = (d / "poste.toml").read_text()
+    (d / "poste.toml").write_text(text.replace("[spamfilter]",
+                                               '[spamfilter]\nheader-name = "X-Verdict"'))
+    stack = build(load(d / "poste.toml"), check=True)
+    assert stack.relay.hop.spam is not None and stack.relay.hop.spam.label_name == "X-Verdict"

@@ -64,8 +64,8 @@ SETTINGS = (
     Setting("max-received", INT, default=30, min=1, max=1000, show_default=True,
             help="More Received: fields than this is a loop (554)."),
     Setting("spam-label", default="X-Spamtacus", show_default=True, metavar="NAME",
-            help="The spamfilter's label field (its --header-name): a user's spam policy acts "
-                 "on mail it labelled `yes` (docs/users.md)."),
+            help="The spamfilter's label field (its --header-name; `poste up`: the "
+                 "[spamfilter]'s): a user's spam policy acts on mail it labelled `yes`."),
     Setting("quarantine-digest", default="06:00", show_default=True, metavar="HH:MM|DURATION",
             help="When each `quarantine` user gets the digest of held spam: a time of day "
                  "(UTC) or an interval (e.g. 12h)."),
