@@ -26,6 +26,7 @@ import contextlib
 import email.header
 import email.parser
 import email.policy
+import fcntl
 import json
 import os
 import secrets
@@ -189,12 +190,30 @@ class Quarantine:
         except FileNotFoundError:
             raise QuarantineError(f"message file of {qid} is missing") from None
 
+    @contextlib.contextmanager
+    def _locked(self, qid: str) -> Iterator[bool]:
+        """Hold the mail's lock (flock on ID.eml, as the spool's): False if it is gone.
+
+        The relay (marking a mail digested) and `poste quarantine` (release,
+        delete) each change a record only under it, so neither undoes the other.
+        """
+        try:
+            fd = os.open(self._eml(qid), os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            yield False
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield self._json(qid).exists()
+        finally:
+            os.close(fd)
+
     def update(self, held: Held) -> None:
         """Rewrite a record (the digest marks it); one released or deleted meanwhile stays gone."""
-        if not self._json(held.id).exists():
-            return
-        self._write_atomic(self._json(held.id), _dump(held))
-        _fsync_dir(self.path)
+        with self._locked(held.id) as there:
+            if there:
+                self._write_atomic(self._json(held.id), _dump(held))
+                _fsync_dir(self.path)
 
     def _remove(self, qid: str) -> None:
         with contextlib.suppress(FileNotFoundError):
@@ -205,27 +224,35 @@ class Quarantine:
 
     def release(self, qid: str, spool: Spool) -> Held:
         """Into the spool, unchanged (its next rescan delivers it), then out of here."""
-        held = self.load(qid)
-        message = Message.open(self._eml(qid))
-        try:
-            entry = held.entry
-            # due now, and its lifetime in the queue counts from the release, not the arrival
-            entry.next_attempt = 0.0
-            entry.created = time.time()
+        self.load(qid)
+        with self._locked(qid) as there:
+            if not there:
+                raise QuarantineError(f"no mail {qid} in the quarantine {self.path}")
+            held = self.load(qid)
+            message = Message.open(self._eml(qid))
             try:
-                spool.put(entry, message)
-            except SpoolError as exc:
-                raise QuarantineError(str(exc)) from None
-        finally:
-            message.close()
-        self.journal("released", held)
-        self._remove(qid)
+                entry = held.entry
+                # due now; its lifetime in the queue counts from the release, not the arrival
+                entry.next_attempt = 0.0
+                entry.created = time.time()
+                try:
+                    spool.put(entry, message)
+                except SpoolError as exc:
+                    raise QuarantineError(str(exc)) from None
+            finally:
+                message.close()
+            self.journal("released", held)
+            self._remove(qid)
         return held
 
     def delete(self, qid: str, why: str = "deleted") -> Held:
-        held = self.load(qid)
-        self.journal(why, held)
-        self._remove(qid)
+        self.load(qid)
+        with self._locked(qid) as there:
+            if not there:
+                raise QuarantineError(f"no mail {qid} in the quarantine {self.path}")
+            held = self.load(qid)
+            self.journal(why, held)
+            self._remove(qid)
         return held
 
     def expire(self, max_age: float, now: float | None = None) -> list[Held]:
@@ -234,7 +261,8 @@ class Quarantine:
         gone = []
         for held in list(self.entries()):
             if now - held.held >= max_age:
-                gone.append(self.delete(held.id, "expired"))
+                with contextlib.suppress(QuarantineError):  # released or deleted meanwhile
+                    gone.append(self.delete(held.id, "expired"))
         return gone
 
     def recover(self) -> list[str]:
