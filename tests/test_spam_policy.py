@@ -346,3 +346,65 @@ def test_poste_up_reads_the_label_under_the_spamfilters_name(tmp_path: Path) -> 
                                                '[spamfilter]\nheader-name = "X-Verdict"'))
     stack = build(load(d / "poste.toml"), check=True)
     assert stack.relay.hop.spam is not None and stack.relay.hop.spam.label_name == "X-Verdict"
+
+
+@pytest.mark.skipif(not mta.available(), reason="postfix, opendkim or opendmarc missing")
+def test_postfix_as_the_sender_splits_on_452_and_sees_the_550(tmp_path: Path, poste_bin: str) -> None:
+    """A real sending MTA in front of our chain (Postfix -> spamfilter -> relay): one mail to
+    a tag user and a reject user.  The relay answers 452 4.5.3 to the second RCPT of the
+    transaction; Postfix finishes the first (the reject user's, in its order: 550 5.7.1 at
+    the end of DATA, bounced to the sender), keeps the other and sends it in a transaction
+    of its own at its next queue run (flushed here), where it is forwarded labelled."""
+    import subprocess
+
+    from support.net import wait_port
+
+    make_users(poste_bin, tmp_path / "users", {"tina": ["tina@box.test"], "rex": ["rex@box.test"]})
+    assert run_poste(["users", "spam", "rex", "reject", "--repo",
+                      str(tmp_path / "users")]).returncode == 0
+    box_ip = "127.0.0.33"
+    zones = {"box.test": simple_zone("box.test", f"@ MX 10 mx.box.test.\nmx A {box_ip}\n")}
+    port = free_port(PFX_IP)
+    with knot_server(tmp_path / "knot", zones, host=opendkim.port53_host(), port=53) as ns, \
+            StandIns([box_ip]) as mx:
+        box = mx.start(box_ip, tmp_path / "box")
+        relay = Relay(poste_bin, tmp_path, ns.nameserver, mx.port).start()
+        sf_port = free_port("127.0.0.1")
+        with open(tmp_path / "spamfilter.log", "wb") as log:
+            spamfilter = subprocess.Popen(
+                [poste_bin, "spamfilter", "--listen", f"127.0.0.1:{sf_port}", "--destination",
+                 f"127.0.0.1:{relay.port}", "--ham-cutoff", "0", "--spam-cutoff", "0"],
+                stdout=log, stderr=log, start_new_session=True)
+        try:
+            wait_port("127.0.0.1", sf_port, timeout=20)
+            with mta.receiving_mta(tmp_path / "pfx", "our.test", PFX_IP, port,
+                                   ("127.0.0.1", sf_port), ns.host) as maillog:
+                with smtplib.SMTP(PFX_IP, port, timeout=30) as s:
+                    assert s.sendmail("deals@gmail.test", ["tina@our.test", "rex@our.test"],
+                                      SPAM.format(to="tina@our.test", n=5).encode()) == {}
+                # Postfix keeps the 452 recipient for a later queue run; flush makes it now
+                deadline = time.monotonic() + 60
+                text = ""
+                while not box.mails() and time.monotonic() < deadline:
+                    text = maillog.read_text(errors="replace")
+                    if "dsn=4.5.3, status=deferred" in text:
+                        subprocess.run(["postqueue", "-c", str(maillog.parent), "-f"],
+                                       capture_output=True, timeout=30)
+                    time.sleep(1)
+                text = maillog.read_text(errors="replace")
+                try:
+                    [tagged] = box.wait(1, timeout=5)
+                except TimeoutError:
+                    raise AssertionError(text[-3000:] + relay.log()) from None
+        finally:
+            spamfilter.terminate()
+            spamfilter.wait(15)
+            relay.stop()
+    assert fields(tagged, "X-Spamtacus") == ["yes", "no"]
+    assert fields(tagged, "Delivered-To") == ["tina@box.test"]
+    # Postfix's own words: one recipient deferred with 452 4.5.3 (the second of its
+    # transaction), the reject user's bounced with our 550 at the end of DATA
+    assert "dsn=4.5.3, status=deferred" in text, text[-3000:]
+    rex = [x for x in text.splitlines() if "to=<rex@our.test>" in x and "status=bounced" in x]
+    assert rex and "550 5.7.1 Message refused as spam" in rex[0], text[-3000:]
+    assert "sender non-delivery notification" in text

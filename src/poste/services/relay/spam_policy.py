@@ -10,8 +10,8 @@ One transaction, one policy.  The DATA reply is one for all recipients, so
 a transaction cannot both refuse (reject) and accept (tag) the same spam:
 a RCPT whose policy differs from the first accepted one is answered
 `452 4.5.3`, which RFC 5321 (3.3, 4.5.3.1.10) lets the client take as "send
-this one again in another transaction"; every MTA does (Postfix, swaks
-with one recipient per run, poste's own delivery).  A `quarantine` recipient
+this one again in another transaction": Postfix sends it at its next queue
+run (tests/test_spam_policy.py), poste's own delivery retries it.  A `quarantine` recipient
 is a class of its own (one per transaction), so each held mail belongs to
 one user, whose digest lists it and who alone decides its release.
 
