@@ -30,6 +30,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "queue": ("poste.services.relay.queue_cli:main", "Inspect and manage the relay's spool."),
     "tls-report": ("poste.services.relay.tls_report_cli:main",
                    "Send the TLS-RPT reports of outbound sessions (RFC 8460)."),
+    "quarantine": ("poste.services.relay.quarantine_cli:main",
+                   "Held spam: list, show, release, delete; digest --now."),
     # the services
     "forward": ("poste.services.forward.command:main", "Pass mail on to the next hop (adds Received:)."),
     "verifier": ("poste.services.verifier.command:main", "The public MX: SPF, DKIM, DMARC labels."),

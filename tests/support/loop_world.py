@@ -50,6 +50,10 @@ NAMES = {
 }
 
 
+# more settings per service name: [(key, TOML value)], e.g. ("spam-cutoff", "0.0")
+Extra = dict[str, list[tuple[str, str]]]
+
+
 def zones(dkim_txt: str) -> dict[str, str]:
     ours = "\n".join([
         f"@ MX 10 {NAMES['verifier']}.",
@@ -158,10 +162,14 @@ def make_world(tmp: Path, poste_bin: str) -> World:
                  cert, tls_key, mx=mx)
 
 
-def up_config(world: World, port: int, port_tls: int | None = None, top: str = "") -> Path:
+def up_config(world: World, port: int, port_tls: int | None = None, top: str = "",
+              extra: Extra | None = None) -> Path:
     """The article's stack as one `poste up` config: MX and submission on `port`
-    (implicit TLS on `port_tls` when given), `top` added to the top-level keys."""
+    (implicit TLS on `port_tls` when given), `top` added to the top-level keys,
+    `extra` to each service's section."""
     config = world.tmp / "poste.toml"
+    more = {name: "".join(f"{k} = {v}\n" for k, v in (extra or {}).get(name, []))
+            for name in HOSTS}
     sub_host = HOSTS["submission"]
     tls_line = f'listen-tls = "{sub_host}:{port_tls}"\n' if port_tls is not None else ""
     config.write_text(f"""
@@ -175,16 +183,16 @@ nameserver = ["{world.nameserver}"]
 [verifier]
 listen = "{HOSTS['verifier']}:{port}"
 hostname = "{NAMES['verifier']}"
-
+{more['verifier']}
 [spamfilter]
 hostname = "{NAMES['spamfilter']}"
-
+{more['spamfilter']}
 [relay]
 spool = "spool"
 hostname = "{NAMES['relay']}"
 smtp-port = {world.smtp_port}
 no-ipv6 = true
-
+{more['relay']}
 [submission]
 {tls_line}listen = "{HOSTS['submission']}:{port}"
 hostname = "{NAMES['submission']}"
@@ -207,13 +215,18 @@ def inbound(tmp: Path, poste_bin: str, topology: str) -> Iterator[tuple[World, t
         world.stop()
 
 
-def start_inbound(world: World, topology: str) -> tuple[str, int]:
+def start_inbound(world: World, topology: str, extra: Extra | None = None) -> tuple[str, int]:
     """The receiving path, as `poste up` ("up") or as verifier -> spamfilter -> relay
-    processes ("separate"), ready on the returned (address, port) of the verifier."""
+    processes ("separate"), ready on the returned (address, port) of the verifier.
+    `extra`: more settings per service, as (key, TOML value): `--key value` when separate."""
     h = HOSTS
+
+    def flags(name: str) -> list[str]:
+        return [a for k, v in (extra or {}).get(name, []) for a in (f"--{k}", v.strip('"'))]
+
     if topology == "up":
         port = common_port([h["verifier"], h["submission"]])
-        world.spawn("up", ["up", "--config", str(up_config(world, port))])
+        world.spawn("up", ["up", "--config", str(up_config(world, port, extra=extra))])
         waits = [h["verifier"]]
     else:
         port = common_port([h["verifier"], h["spamfilter"], h["relay"]])
@@ -222,15 +235,15 @@ def start_inbound(world: World, topology: str) -> tuple[str, int]:
             "--users", str(world.users), "--spool", str(world.tmp / "spool"),
             "--listen", f"{h['relay']}:{port}", "--nameserver", world.nameserver,
             "--smtp-port", str(world.smtp_port), "--no-ipv6",
-            "--hostname", NAMES["relay"]])
+            "--hostname", NAMES["relay"], *flags("relay")])
         world.spawn("spamfilter", ["spamfilter", "--listen", f"{h['spamfilter']}:{port}",
                                    "--destination", f"{h['relay']}:{port}",
-                                   "--hostname", NAMES["spamfilter"]])
+                                   "--hostname", NAMES["spamfilter"], *flags("spamfilter")])
         world.spawn("verifier", [
             "verifier", "--domain", DOMAIN, "--postmaster", f"hostmaster@{DOMAIN}",
             "--destination", f"{h['spamfilter']}:{port}",
             "--listen", f"{h['verifier']}:{port}", "--nameserver", world.nameserver,
-            "--hostname", NAMES["verifier"]])
+            "--hostname", NAMES["verifier"], *flags("verifier")])
         waits = [h["verifier"], h["relay"], h["spamfilter"]]
     try:
         for host in waits:

@@ -157,6 +157,10 @@ def _relay(cfg: StackConfig, check: bool) -> tuple[RelayParts, Path | None]:
     if not values["arc-authserv-id"] and verifier.enabled:
         # the seal carries the verifier's results, found by its name (as verifier.build_stage)
         values["arc-authserv-id"] = verifier.get("hostname") or socket.getfqdn()
+    spamfilter = cfg["spamfilter"]
+    if relay.get("spam-label") is None and spamfilter.enabled and spamfilter.get("header-name"):
+        # the spam policy acts on the label the spamfilter writes, under its name
+        values["spam-label"] = spamfilter.get("header-name")
     mailbox = values["mailbox"]
     try:
         parts = relay_of(

@@ -16,6 +16,8 @@ import click
 
 from poste.users import passwords, store
 from poste.users.repo import (
+    DEFAULT_SPAM_POLICY,
+    SPAM_POLICIES,
     User,
     UsersRepoError,
     entry_name_problem,
@@ -155,6 +157,8 @@ def _targets(values: tuple[str, ...]) -> list[str]:
 @click.option("--alias", "aliases", multiple=True, help="A further local address (repeatable).")
 @click.option("--insecure", is_flag=True, help="Set ptt's insecure flag.")
 @click.option("--no-password", is_flag=True, help="No login (a forward-only address).")
+@click.option("--spam", "spam", type=click.Choice(SPAM_POLICIES), default=DEFAULT_SPAM_POLICY,
+              show_default=True, help="What the relay does with mail labelled spam.")
 @password_stdin_option
 def add(
     name: str,
@@ -164,6 +168,7 @@ def add(
     aliases: tuple[str, ...],
     insecure: bool,
     no_password: bool,
+    spam: str,
     password_stdin: bool,
 ) -> None:
     """Add a user (creates the repository if it is missing)."""
@@ -180,6 +185,7 @@ def add(
                 "password": hashed,
                 "insecure": insecure,
                 "aliases": list(aliases),
+                "spam": spam,
             },
         )
     except ValueError as exc:
@@ -217,6 +223,8 @@ def list_users(repo: Path, domain: str | None) -> None:
         flags = [passwords.scheme(user.password) or "no-login"]
         if user.insecure:
             flags.append("insecure")
+        if user.spam != DEFAULT_SPAM_POLICY:
+            flags.append(f"spam={user.spam}")
         click.echo(f"{shown}\t{','.join(flags)}\t{' '.join(user.targets)}")
 
 
@@ -273,3 +281,22 @@ def targets(
     new_targets = [t for t in new_targets if t not in removing]
     new = dataclasses.replace(user, targets=new_targets)  # every other field kept
     _commit(repo, new, user.path, f"users: targets {_display(local, folder)}")
+
+
+@main.command()
+@click.argument("name")
+@click.argument("policy", required=False, type=click.Choice(SPAM_POLICIES))
+@repo_option
+@domain_option
+def spam(name: str, policy: str | None, repo: Path, domain: str | None) -> None:
+    """Show a user's spam policy, or set it: tag, quarantine or reject (docs/users.md)."""
+    local, folder = _locate(name, domain)
+    current = _current(repo, local, folder)
+    if current is None:
+        raise click.ClickException(f"no such user: {_display(local, folder)}")
+    user = current[0]
+    if policy is None:
+        click.echo(user.spam)
+        return
+    new = dataclasses.replace(user, spam=policy)  # every other field kept
+    _commit(repo, new, user.path, f"users: spam {_display(local, folder)} {policy}")

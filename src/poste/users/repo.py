@@ -7,7 +7,10 @@ domains live in a folder named after the domain, with the same files inside.
 poste adds an optional `"aliases": ["other", "x@another.domain"]` (more local
 addresses that reach, and may be sent from by, the same user) and an optional
 `"send-as": ["*@our.test"]` (header From/Sender addresses the user may also
-use in submission, granted by the operator).
+use in submission, granted by the operator) and an optional
+`"spam": "tag" | "quarantine" | "reject"` (what the relay does with a mail the
+spamfilter labelled `yes`; absent means `tag`, today's behaviour, so every
+older entry keeps meaning what it meant).
 
 Only the committed tree at HEAD counts, never the working directory: a commit
 is the unit of change, so an admin's half-edited file is never served.  A
@@ -67,6 +70,13 @@ _IGNORED = {"README", "README.md", "README.txt", "LICENSE"}
 _UNKNOWN_ROOT = "root.invalid"
 
 
+# What the relay does with a mail the spamfilter labelled `yes` (docs/users.md).
+# `tag` is the default: a new or older entry forwards as before, so turning the
+# policy on never holds or refuses a user's mail behind their back.
+SPAM_POLICIES = ("tag", "quarantine", "reject")
+DEFAULT_SPAM_POLICY = "tag"
+
+
 class UsersRepoError(Exception):
     """The repository is missing or a commit in it is not a valid users database."""
 
@@ -120,6 +130,7 @@ class User:
     path: str = ""  # where the entry lives in the repository tree
     # header From/Sender this user may also use in submission: `*@domain` or `local@domain`
     send_as: tuple[str, ...] = ()
+    spam: str = "tag"  # SPAM_POLICIES: what the relay does with mail labelled spam
 
     def __hash__(self) -> int:  # targets is a list: hash by identity in the repository
         return hash((self.path, self.local, self.domain))
@@ -190,7 +201,15 @@ def user_from_json(local: str, domain: str, obj: Mapping[str, Any], path: str = 
         aliases=tuple(aliases),
         path=path,
         send_as=parse_send_as(obj.get("send-as", [])),
+        spam=parse_spam_policy(obj.get("spam", DEFAULT_SPAM_POLICY)),
     )
+
+
+def parse_spam_policy(value: object) -> str:
+    """`spam`: one of SPAM_POLICIES (raises ValueError otherwise)."""
+    if not isinstance(value, str) or value not in SPAM_POLICIES:
+        raise ValueError(f"spam is not one of {', '.join(SPAM_POLICIES)}: {value!r}")
+    return value
 
 
 def parse_send_as(value: object) -> tuple[str, ...]:
@@ -231,6 +250,8 @@ def user_to_json(user: User) -> bytes:
         ]
     if user.send_as:
         obj["send-as"] = list(user.send_as)
+    if user.spam != DEFAULT_SPAM_POLICY:
+        obj["spam"] = user.spam
     return (json.dumps(obj, indent=2) + "\n").encode("utf-8")
 
 

@@ -20,11 +20,14 @@ from poste.runtime.hostport import parse_hostport
 from poste.runtime.run import Parts, StartError
 from poste.runtime.settings import ConfigError, Values
 from poste.services.relay.delivery import Deliverer
+from poste.services.relay.digest import Digest, Schedule
 from poste.services.relay.from_rewrite import Forwarding
 from poste.services.relay.fwd_token import FwdTokens
 from poste.services.relay.own_mail import ForwardSeal, own_keys
+from poste.services.relay.quarantine import Quarantine
 from poste.services.relay.router import Router, parse_networks
 from poste.services.relay.scheduler import DeliverFn, Policy, Scheduler
+from poste.services.relay.spam_policy import SpamPolicy
 from poste.services.relay.spool import Spool, SpoolError, SpoolLocked
 from poste.services.relay.srs import DAY, SRS, SRSDatabase, load_secrets
 from poste.services.relay.stage import MAX_RECEIVED, QueueHop, RelayStage
@@ -95,9 +98,12 @@ class RelayParts:
     srs_db: SRSDatabase
     srs_max_age: int
     reporter: Reporter | None = None  # TLS-RPT reports of the outbound sessions
+    digest: Digest | None = None
 
     async def start(self) -> None:
         self.scheduler.own_keys.say_what_is_missing()
+        if self.hop.quarantine is not None:
+            await asyncio.to_thread(self.hop.quarantine.recover)
         try:
             await self.scheduler.start()
         except SpoolLocked as exc:
@@ -119,6 +125,8 @@ class RelayParts:
         if self.reporter is not None:
             reporter = self.reporter
             jobs.append(lambda: daily(reporter))
+        if self.digest is not None:
+            jobs.append(self.digest.run)
         return jobs
 
     async def prune_srs_db(self) -> None:
@@ -164,6 +172,9 @@ def build_relay(
     dane: bool = True,
     mta_sts_port: int = 443,
     from_rewrite: bool = True,
+    spam_label: str = "X-Spamtacus",
+    quarantine_digest: str = "06:00",
+    quarantine_days: int = 30,
 ) -> RelayParts:
     """Check the settings and build the relay; bad input is a ConfigError.
 
@@ -178,7 +189,8 @@ def build_relay(
     results (default: our hostname).  `tls_ca_file`, `mta_sts`, `dane`,
     `mta_sts_port`: the outbound transport policy (`tls_policy/`).
     `from_rewrite`: the DMARC From rewrite of forwarded mail (from_rewrite.py)
-    may happen.
+    may happen.  `spam_label`, `quarantine_digest`, `quarantine_days`: the
+    per-user spam policy (spam_policy.py, digest.py).
     """
     from poste.services.relay.metrics import watch_spool
 
@@ -203,6 +215,9 @@ def build_relay(
         verifying_context(tls_ca_file)  # a CA file that cannot be used: one line, now
     except (OSError, ssl.SSLError) as exc:
         raise ConfigError("tls-ca-file", f"cannot use {tls_ca_file}: {exc}") from None
+    schedule = Schedule.parse(quarantine_digest)
+    if not spam_label or not all(33 <= ord(c) <= 126 and c != ":" for c in spam_label):
+        raise ConfigError("spam-label", f"not a header field name: {spam_label!r}")
     if preflight is not None:
         preflight()
     try:
@@ -255,9 +270,17 @@ def build_relay(
         targets=lambda rcpt: [address for address, _ in router.dsn_targets(rcpt)],
     )
     watch_spool(spool.path)  # poste_spool_messages, poste_spool_oldest_age_seconds
+    try:
+        quarantine = Quarantine(spool.path)
+    except OSError as exc:
+        spool.unlock()
+        raise ConfigError(None, f"quarantine in {spool.path}: {exc}") from None
+    spam = SpamPolicy(lambda: watcher.db, router.is_local_domain, spam_label)
+    digest = Digest(quarantine, scheduler, router.dsn_targets, domain=domain, hostname=me,
+                    schedule=schedule, keep_days=quarantine_days)
     return RelayParts(
         stage=RelayStage(max_received, seal, forwarding),
-        hop=QueueHop(router, scheduler),
+        hop=QueueHop(router, scheduler, spam, quarantine),
         scheduler=scheduler,
         watcher=watcher,
         router=router,
@@ -267,6 +290,7 @@ def build_relay(
         srs_db=srs_db,
         srs_max_age=srs.max_age_days,
         reporter=reporter if deliver is None else None,
+        digest=digest,
     )
 
 
@@ -357,6 +381,9 @@ def relay_of(values: Values, **more: Any) -> RelayParts:
         dane=not values["no-dane"],
         mta_sts_port=int(values["mta-sts-port"]),
         from_rewrite=not values["no-from-rewrite"],
+        spam_label=str(values["spam-label"]),
+        quarantine_digest=str(values["quarantine-digest"]),
+        quarantine_days=int(values["quarantine-days"]),
         **more,
     )
 

@@ -67,6 +67,14 @@ SETTINGS = (
             help="How often to check the users repository for a new commit."),
     Setting("max-received", INT, default=30, min=1, max=1000, show_default=True,
             help="More Received: fields than this is a loop (554)."),
+    Setting("spam-label", default="X-Spamtacus", show_default=True, metavar="NAME",
+            help="The spamfilter's label field (its --header-name; `poste up`: the "
+                 "[spamfilter]'s): a user's spam policy acts on mail it labelled `yes`."),
+    Setting("quarantine-digest", default="06:00", show_default=True, metavar="HH:MM|DURATION",
+            help="When each `quarantine` user gets the digest of held spam: a time of day "
+                 "(UTC) or an interval (e.g. 12h)."),
+    Setting("quarantine-days", INT, default=30, min=1, max=3650, show_default=True,
+            help="Held spam is deleted (journalled and logged) after this many days."),
     Setting("no-ipv6", FLAG, default=False, help="Deliver over IPv4 only."),
     Setting("tls-ca-file", FILE,
             help="CA bundle that certificates of MX hosts under an MTA-STS policy, MTA-STS "

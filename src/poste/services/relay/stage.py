@@ -16,9 +16,19 @@ import time
 
 from poste.services.relay.from_rewrite import Forwarding
 from poste.services.relay.own_mail import ForwardSeal
+from poste.services.relay.quarantine import Quarantine
 from poste.services.relay.router import Delivery, Router
 from poste.services.relay.scheduler import Scheduler
 from poste.services.relay.settings import default
+from poste.services.relay.spam_policy import (
+    ACTED,
+    MIXED,
+    QUARANTINE,
+    REFUSED,
+    REJECT,
+    TAG,
+    SpamPolicy,
+)
 from poste.services.relay.spool import Entry, Recipient, SpoolError
 from poste.smtp.hop import Transaction
 from poste.smtp.message import Message
@@ -66,9 +76,17 @@ class RelayStage(Stage):
 class QueueHop:
     """A Hop whose transaction ends in the spool."""
 
-    def __init__(self, router: Router, scheduler: Scheduler) -> None:
+    def __init__(
+        self,
+        router: Router,
+        scheduler: Scheduler,
+        spam: SpamPolicy | None = None,
+        quarantine: Quarantine | None = None,
+    ) -> None:
         self.router = router
         self.scheduler = scheduler
+        self.spam = spam  # per-user spam policy (spam_policy.py); None: every mail is `tag`
+        self.quarantine = quarantine
 
     async def open(self, env: Envelope) -> Transaction:
         return QueueTransaction(self, env)
@@ -80,6 +98,8 @@ class QueueTransaction:
         self.env = env
         self.sender = ""
         self.deliveries: list[Delivery] = []
+        self.policy: str | None = None  # the spam policy class of the accepted recipients
+        self.policy_rcpt = ""  # the first of them (whose mail the quarantine keeps)
 
     async def mail(self, sender: str, options: list[str]) -> Reply:
         self.sender = sender
@@ -93,6 +113,16 @@ class QueueTransaction:
         router = self.hop.router
         env = self.env
         granted = env.own_hop or router.is_granted(env.peer_ip)
+        # Our own sending path has no spamfilter: its mail is never labelled, and a MUA
+        # must not see a 452 for writing to a quarantine user beside someone else.
+        policy = self.hop.spam.of(rcpt) if self.hop.spam and not granted else TAG
+        if self.policy is not None and (
+            policy != self.policy
+            or (policy == QUARANTINE and rcpt.lower() != self.policy_rcpt.lower())
+        ):
+            log.info("%s deferred rcpt=<%s>: spam policy %s, this transaction's is %s",
+                     env.queue_id, rcpt, policy, self.policy)
+            return MIXED  # one DATA reply for all: another transaction (spam_policy.py)
         got = await asyncio.to_thread(router.route, self.sender, rcpt, granted)
         if isinstance(got, Reply):
             log.info(
@@ -101,6 +131,8 @@ class QueueTransaction:
             )
             return got
         self.deliveries.extend(got)
+        if self.policy is None:
+            self.policy, self.policy_rcpt = policy, rcpt
         return Reply(250, "2.1.5 Ok")
 
     async def data(self, message: Message) -> Reply:
@@ -122,6 +154,10 @@ class QueueTransaction:
             peer=self.env.peer_ip,
             helo=self.env.helo,
         )
+        if self.policy in (QUARANTINE, REJECT) and self.hop.spam and self.hop.spam.is_spam(
+            message.header()
+        ):
+            return await self._spam(entry, message)
         try:
             await self.hop.scheduler.enqueue(entry, message)
         except SpoolError:
@@ -139,8 +175,25 @@ class QueueTransaction:
             )
         return Reply(250, f"2.0.0 Ok: queued as {entry.id}")
 
+    async def _spam(self, entry: Entry, message: Message) -> Reply:
+        """Spam for a `reject` user is refused; for a `quarantine` user it is held, not queued."""
+        if self.policy == REJECT or self.hop.quarantine is None:
+            log.info("%s refused as spam from=<%s> to=<%s> size=%d (policy reject)",
+                     entry.id, self.sender, self.policy_rcpt, message.size)
+            ACTED.labels("refused").inc()
+            return REFUSED
+        try:
+            await asyncio.to_thread(self.hop.quarantine.hold, entry, message, self.policy_rcpt)
+        except Exception as exc:
+            return _queue_failed(entry, exc)
+        log.info("%s quarantined from=<%s> to=<%s> size=%d",
+                 entry.id, self.sender, self.policy_rcpt, message.size)
+        ACTED.labels("held").inc()
+        return Reply(250, f"2.0.0 Ok: held as {entry.id}")
+
     async def abort(self) -> None:
         self.deliveries = []
+        self.policy = None
         await asyncio.sleep(0)
 
 
