@@ -157,6 +157,10 @@ def _relay(cfg: StackConfig, check: bool) -> tuple[RelayParts, Path | None]:
     if not values["arc-authserv-id"] and verifier.enabled:
         # the seal carries the verifier's results, found by its name (as verifier.build_stage)
         values["arc-authserv-id"] = verifier.get("hostname") or socket.getfqdn()
+    spam = cfg["spamfilter"]
+    if not values["learn-db"] and spam.enabled and spam.get("db"):
+        # learn mails train the database the spamfilter reads (it sees each new file)
+        values["learn-db"] = spam.get("db")
     mailbox = values["mailbox"]
     try:
         parts = relay_of(

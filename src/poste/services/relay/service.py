@@ -19,6 +19,7 @@ from poste.runtime.hostport import parse_hostport
 from poste.runtime.run import Parts, StartError
 from poste.runtime.settings import ConfigError, Values
 from poste.services.relay.delivery import Deliverer
+from poste.services.relay.learn import Learning, check_learn_db
 from poste.services.relay.own_mail import ForwardSeal, own_keys
 from poste.services.relay.router import Router, parse_networks
 from poste.services.relay.scheduler import DeliverFn, Policy, Scheduler
@@ -148,6 +149,7 @@ def build_relay(
     dkim_selectors: Sequence[str] = (),
     dkim_keys: Sequence[str] = (),
     arc_authserv_id: str | None = None,
+    learn_db: str | None = None,
 ) -> RelayParts:
     """Check the settings and build the relay; bad input is a ConfigError.
 
@@ -159,7 +161,8 @@ def build_relay(
     `preflight` runs once the flags are checked, before any file is touched
     (`poste relay`: can --listen be bound?).  `dkim_selectors`/`dkim_keys`:
     the domain's keys, for DSNs and ARC seals over `arc_authserv_id`'s
-    results (default: our hostname).
+    results (default: our hostname).  `learn_db`: the spam database that
+    learn mails train (learn.py; None: learn addresses are not special).
     """
     from poste.services.relay.metrics import watch_spool
 
@@ -179,6 +182,8 @@ def build_relay(
     ours = _self_addresses(listen_hosts, self_addresses or [])
     me = hostname or socket.getfqdn()
     keys = own_keys(domain, dkim_selectors, dkim_keys, arc_authserv_id or me)
+    if learn_db:
+        check_learn_db(learn_db)
     if preflight is not None:
         preflight()
     try:
@@ -218,10 +223,14 @@ def build_relay(
         policy=policy or Policy(), expand=router.dsn_targets, own_keys=keys,
     )
     seal = ForwardSeal(keys.sealer, router.is_local_domain) if keys.sealer else None
+    learning = None
+    if learn_db:
+        learning = Learning(learn_db, arc_authserv_id or me, lambda: watcher.db,
+                            router.is_local_domain)
     watch_spool(spool.path)  # poste_spool_messages, poste_spool_oldest_age_seconds
     return RelayParts(
         stage=RelayStage(max_received, seal),
-        hop=QueueHop(router, scheduler),
+        hop=QueueHop(router, scheduler, learning),
         scheduler=scheduler,
         watcher=watcher,
         router=router,
@@ -315,6 +324,7 @@ def relay_of(values: Values, **more: Any) -> RelayParts:
         dkim_selectors=values["dkim-selector"],
         dkim_keys=values["dkim-key"],
         arc_authserv_id=values["arc-authserv-id"],
+        learn_db=values["learn-db"],
         **more,
     )
 

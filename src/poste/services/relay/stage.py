@@ -14,6 +14,7 @@ import logging
 import re
 import time
 
+from poste.services.relay.learn import ALONE, LEARN_BY_MX, Learning
 from poste.services.relay.own_mail import ForwardSeal
 from poste.services.relay.router import Delivery, Router
 from poste.services.relay.scheduler import Scheduler
@@ -59,9 +60,12 @@ class RelayStage(Stage):
 class QueueHop:
     """A Hop whose transaction ends in the spool."""
 
-    def __init__(self, router: Router, scheduler: Scheduler) -> None:
+    def __init__(
+        self, router: Router, scheduler: Scheduler, learning: Learning | None = None
+    ) -> None:
         self.router = router
         self.scheduler = scheduler
+        self.learning = learning  # learn-spam@ / learn-ham@ (learn.py), when configured
 
     async def open(self, env: Envelope) -> Transaction:
         return QueueTransaction(self, env)
@@ -73,6 +77,7 @@ class QueueTransaction:
         self.env = env
         self.sender = ""
         self.deliveries: list[Delivery] = []
+        self.learn: tuple[str, bool] | None = None  # (learn address, is_spam)
 
     async def mail(self, sender: str, options: list[str]) -> Reply:
         self.sender = sender
@@ -85,6 +90,15 @@ class QueueTransaction:
         """
         router = self.hop.router
         env = self.env
+        learning = self.hop.learning
+        kind = learning.kind(rcpt) if learning is not None else None
+        if kind is not None or self.learn is not None:  # a learn mail is alone
+            if env.own_hop:
+                return LEARN_BY_MX
+            if self.deliveries or (self.learn is not None and self.learn != (rcpt.lower(), kind)):
+                return ALONE
+            self.learn = (rcpt.lower(), bool(kind))
+            return Reply(250, "2.1.5 Ok")
         granted = env.own_hop or router.is_granted(env.peer_ip)
         got = await asyncio.to_thread(router.route, self.sender, rcpt, granted)
         if isinstance(got, Reply):
@@ -97,6 +111,8 @@ class QueueTransaction:
         return Reply(250, "2.1.5 Ok")
 
     async def data(self, message: Message) -> Reply:
+        if self.learn is not None and self.hop.learning is not None:
+            return await self.hop.learning.data(self.env, *self.learn, message)
         seen: set[tuple[str, str]] = set()
         rcpts: list[Recipient] = []
         for d in self.deliveries:
@@ -134,6 +150,7 @@ class QueueTransaction:
 
     async def abort(self) -> None:
         self.deliveries = []
+        self.learn = None
         await asyncio.sleep(0)
 
 

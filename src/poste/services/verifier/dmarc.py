@@ -12,7 +12,6 @@ from __future__ import annotations
 import email
 import email.policy
 import email.utils
-import functools
 import os
 import random
 from dataclasses import dataclass
@@ -24,14 +23,10 @@ import dns.resolver
 from publicsuffixlist import PublicSuffixList
 
 from poste.dkim.verify import DKIMResult
+from poste.dns.orgdomain import aligned, org_domain
 from poste.dns.resolver import SyncResolver
 from poste.services.verifier.spf import SPFResult
 from poste.smtp.address import domain_key
-
-
-@functools.cache
-def _psl() -> PublicSuffixList:
-    return PublicSuffixList()
 
 
 class PSLError(ValueError):
@@ -58,19 +53,6 @@ def load_psl(path: str | os.PathLike[str]) -> PublicSuffixList:
     if "===BEGIN ICANN DOMAINS===" not in text or not rules:
         raise PSLError(f"{os.fspath(path)!r} does not look like public_suffix_list.dat")
     return PublicSuffixList(text)
-
-
-def org_domain(domain: str, psl: PublicSuffixList | None = None) -> str:
-    """The organisational domain: the public suffix plus one label (RFC 7489 3.2)."""
-    domain = domain_key(domain)
-    return (psl or _psl()).privatesuffix(domain) or domain
-
-
-def aligned(a: str, b: str, mode: str, psl: PublicSuffixList | None = None) -> bool:
-    a, b = domain_key(a), domain_key(b)
-    if not a or not b:
-        return False
-    return a == b if mode == "s" else org_domain(a, psl) == org_domain(b, psl)
 
 
 @dataclass(frozen=True)
