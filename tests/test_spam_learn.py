@@ -289,3 +289,16 @@ def test_the_relay_learns_and_refuses_as_it_says(relay) -> None:  # type: ignore
     assert code == 250 and b"learned as ham" in msg, msg + r.log().encode()
     assert Database.load(db).nham == nham + 1
     assert "learned ham (inline" in r.log()
+
+
+def test_a_learn_db_that_cannot_be_used_stops_the_relay_in_one_line(tmp_path: Path) -> None:
+    for path, why in ((tmp_path / "missing.db", "cannot read"),
+                      (tmp_path / "junk.db", "not a poste spam database")):
+        if path.name == "junk.db":
+            path.write_bytes(b"junk")
+        ran = run_poste(["relay", "--domain", "our.test", "--postmaster", "a@our.test",
+                         "--users", str(tmp_path / "users"), "--spool", str(tmp_path / "spool"),
+                         "--listen", "127.0.0.1:0", "--learn-db", str(path)])
+        assert ran.returncode != 0 and "Traceback" not in ran.stderr
+        lines = ran.stderr.strip().splitlines()
+        assert len(lines) == 1 and "learn-db" in lines[0] and why in lines[0], ran.stderr
