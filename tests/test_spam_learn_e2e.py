@@ -125,3 +125,31 @@ def test_a_user_teaches_the_running_filter_and_a_forger_does_not(
         m = metrics(addr)
         assert sample(m, "poste_learn_mails_total", kind="spam", result="forged") == 1
         assert sample(m, "poste_learn_mails_total", kind="spam", result="learned") == 1
+
+
+def inline_forward(original: bytes) -> str:
+    """What Gmail's plain "Forward" makes: the original's text below its marker."""
+    head, _, body = original.decode("utf-8", "replace").partition("\r\n\r\n")
+    quoted = {k: v for k, _, v in (line.partition(": ") for line in head.split("\r\n"))}
+    return (
+        f"From: Login <{TARGET}>\r\nTo: learn-spam@{DOMAIN}\r\nSubject: Fwd: spam\r\n"
+        "Date: Tue, 01 Dec 2026 10:00:00 +0000\r\nMessage-ID: <fwd-2@gmail.test>\r\n"
+        "MIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\n\r\n"
+        "more of it\r\n\r\n---------- Forwarded message ---------\r\n"
+        f"From: {quoted['From']}\r\nDate: Tue, Dec 1, 2026 at 9:00 AM\r\n"
+        f"Subject: {quoted['Subject']}\r\nTo: <{USER}>\r\n\r\n" + body
+    )
+
+
+def test_an_inline_forward_teaches_too(tmp_path: Path, poste_bin: str) -> None:
+    """Gmail's plain Forward (no attachment): the quoted header and body are learnt."""
+    db = tmp_path / "spam.db.gz"
+    shutil.copy(default_db_file(), db)
+    with inbound(tmp_path, poste_bin, "separate", spam_db=db) as (world, verifier):
+        first = send_spam(world, verifier, 1)
+        assert fields(first, "X-Spamtacus") != ["yes"]
+        out = send_learn(world, verifier, inline_forward(first), GMAIL_IP, "inline")
+        assert "250 2.0.0 Ok: learned as spam" in out, out + world.logs()
+        assert "learned spam (inline" in world.logs()
+        second = send_spam(world, verifier, 2)
+        assert fields(second, "X-Spamtacus") == ["yes"], world.logs()
