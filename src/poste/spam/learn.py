@@ -22,8 +22,11 @@ taken out of the wrapper (`forwarded`):
 The wrapper itself (the user's own From, their client's signature) is never
 trained: it would teach the user's own address as spam.
 
-`learn_into` is the read-modify-write of a database file that both the relay
-(learn mails) and `poste spam train --update` use: under an exclusive
+A learn mail is trained again and again until its original scores past the
+goal (`teach`: one FTRL step barely moves a mail never seen).
+
+`learn_into` (the relay's learn mails) and `update_into` (`poste spam train
+--update`) are one read-modify-write of a database file: under an exclusive
 `flock` on `DB.lock` beside it (two learners never lose each other's step;
 the database itself is replaced by rename, so it cannot carry the lock),
 loaded fresh from disk (an operator's retraining is not undone by a stale
