@@ -163,10 +163,11 @@ def make_world(tmp: Path, poste_bin: str) -> World:
 
 
 def up_config(world: World, port: int, port_tls: int | None = None, top: str = "",
-              extra: Extra | None = None) -> Path:
+              extra: Extra | None = None, spam_db: Path | None = None) -> Path:
     """The article's stack as one `poste up` config: MX and submission on `port`
     (implicit TLS on `port_tls` when given), `top` added to the top-level keys,
-    `extra` to each service's section."""
+    `extra` to each service's section; `spam_db`: the spamfilter's database, which
+    learn mails then train."""
     config = world.tmp / "poste.toml"
     more = {name: "".join(f"{k} = {v}\n" for k, v in (extra or {}).get(name, []))
             for name in HOSTS}
@@ -187,6 +188,8 @@ hostname = "{NAMES['verifier']}"
 [spamfilter]
 hostname = "{NAMES['spamfilter']}"
 {more['spamfilter']}
+{f'db = "{spam_db}"' if spam_db else ""}
+
 [relay]
 spool = "spool"
 hostname = "{NAMES['relay']}"
@@ -206,19 +209,23 @@ private-key = ["{world.dkim_key}"]
 
 
 @contextlib.contextmanager
-def inbound(tmp: Path, poste_bin: str, topology: str) -> Iterator[tuple[World, tuple[str, int]]]:
+def inbound(tmp: Path, poste_bin: str, topology: str, spam_db: Path | None = None,
+            metrics: str | None = None) -> Iterator[tuple[World, tuple[str, int]]]:
     """A world and its receiving path in `topology` ("separate" or "up"), stopped after."""
     world = make_world(tmp, poste_bin)
     try:
-        yield world, start_inbound(world, topology)
+        yield world, start_inbound(world, topology, spam_db=spam_db, metrics=metrics)
     finally:
         world.stop()
 
 
-def start_inbound(world: World, topology: str, extra: Extra | None = None) -> tuple[str, int]:
+def start_inbound(world: World, topology: str, extra: Extra | None = None,
+                  spam_db: Path | None = None, metrics: str | None = None) -> tuple[str, int]:
     """The receiving path, as `poste up` ("up") or as verifier -> spamfilter -> relay
     processes ("separate"), ready on the returned (address, port) of the verifier.
-    `extra`: more settings per service, as (key, TOML value): `--key value` when separate."""
+    `extra`: more settings per service, as (key, TOML value): `--key value` when separate;
+    `spam_db`: the spamfilter's database, trained by learn mails at the relay;
+    `metrics`: where `poste up` (or the relay) serves its metrics."""
     h = HOSTS
 
     def flags(name: str) -> list[str]:
@@ -226,19 +233,25 @@ def start_inbound(world: World, topology: str, extra: Extra | None = None) -> tu
 
     if topology == "up":
         port = common_port([h["verifier"], h["submission"]])
-        world.spawn("up", ["up", "--config", str(up_config(world, port, extra=extra))])
+        top = f'metrics = "{metrics}"\n' if metrics else ""
+        world.spawn("up", ["up", "--config", str(up_config(world, port, top=top, extra=extra,
+                                                           spam_db=spam_db))])
         waits = [h["verifier"]]
     else:
         port = common_port([h["verifier"], h["spamfilter"], h["relay"]])
+        learn = (["--learn-db", str(spam_db), "--arc-authserv-id", NAMES["verifier"]]
+                 if spam_db else [])
         world.spawn("relay", [
             "relay", "--domain", DOMAIN, "--postmaster", f"hostmaster@{DOMAIN}",
             "--users", str(world.users), "--spool", str(world.tmp / "spool"),
             "--listen", f"{h['relay']}:{port}", "--nameserver", world.nameserver,
             "--smtp-port", str(world.smtp_port), "--no-ipv6",
-            "--hostname", NAMES["relay"], *flags("relay")])
+            "--hostname", NAMES["relay"], *learn, *flags("relay"),
+            *(["--metrics", metrics] if metrics else [])])
         world.spawn("spamfilter", ["spamfilter", "--listen", f"{h['spamfilter']}:{port}",
                                    "--destination", f"{h['relay']}:{port}",
-                                   "--hostname", NAMES["spamfilter"], *flags("spamfilter")])
+                                   "--hostname", NAMES["spamfilter"], *flags("spamfilter"),
+                                   *(["--db", str(spam_db)] if spam_db else [])])
         world.spawn("verifier", [
             "verifier", "--domain", DOMAIN, "--postmaster", f"hostmaster@{DOMAIN}",
             "--destination", f"{h['spamfilter']}:{port}",

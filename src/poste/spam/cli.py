@@ -167,6 +167,11 @@ def train(
     """Learn token weights from spam and ham mails into a database."""
     if not spam_paths and not ham_paths:
         raise click.UsageError("give at least one --spam or --ham PATH")
+    if update:  # locked against learn mails, loaded fresh, atomic (update_cli.py)
+        from poste.spam.update_cli import train_update
+
+        return train_update(spam_paths, ham_paths, output, epochs, min_count, drop_prefixes,
+                            sparse, note, compress, jobs)
     db = _load(output) if update and os.path.exists(output) else Database()
     jobs = jobs or default_jobs()
     work = [(True, p) for p in spam_paths] + [(False, p) for p in ham_paths]

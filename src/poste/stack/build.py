@@ -161,6 +161,9 @@ def _relay(cfg: StackConfig, check: bool) -> tuple[RelayParts, Path | None]:
     if relay.get("spam-label") is None and spamfilter.enabled and spamfilter.get("header-name"):
         # the spam policy acts on the label the spamfilter writes, under its name
         values["spam-label"] = spamfilter.get("header-name")
+    if not values["learn-db"] and spamfilter.enabled and spamfilter.get("db"):
+        # learn mails train the database the spamfilter reads (it sees each new file)
+        values["learn-db"] = spamfilter.get("db")
     mailbox = values["mailbox"]
     try:
         parts = relay_of(

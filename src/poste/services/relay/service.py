@@ -23,6 +23,7 @@ from poste.services.relay.delivery import Deliverer
 from poste.services.relay.digest import Digest, Schedule
 from poste.services.relay.from_rewrite import Forwarding
 from poste.services.relay.fwd_token import FwdTokens
+from poste.services.relay.learn import Learning, check_learn_db
 from poste.services.relay.own_mail import ForwardSeal, own_keys
 from poste.services.relay.quarantine import Quarantine
 from poste.services.relay.router import Router, parse_networks
@@ -175,6 +176,7 @@ def build_relay(
     spam_label: str = "X-Spamtacus",
     quarantine_digest: str = "06:00",
     quarantine_days: int = 30,
+    learn_db: str | None = None,
 ) -> RelayParts:
     """Check the settings and build the relay; bad input is a ConfigError.
 
@@ -191,6 +193,8 @@ def build_relay(
     `from_rewrite`: the DMARC From rewrite of forwarded mail (from_rewrite.py)
     may happen.  `spam_label`, `quarantine_digest`, `quarantine_days`: the
     per-user spam policy (spam_policy.py, digest.py).
+    `learn_db`: the spam database that learn mails train (learn.py; None:
+    learn addresses are not special).
     """
     from poste.services.relay.metrics import watch_spool
 
@@ -218,6 +222,8 @@ def build_relay(
     schedule = Schedule.parse(quarantine_digest)
     if not spam_label or not all(33 <= ord(c) <= 126 and c != ":" for c in spam_label):
         raise ConfigError("spam-label", f"not a header field name: {spam_label!r}")
+    if learn_db:
+        check_learn_db(learn_db)
     if preflight is not None:
         preflight()
     try:
@@ -269,6 +275,10 @@ def build_relay(
         signer=keys.signer, is_local=router.is_local_domain, enabled=from_rewrite,
         targets=lambda rcpt: [address for address, _ in router.dsn_targets(rcpt)],
     )
+    learning = None
+    if learn_db:
+        learning = Learning(learn_db, arc_authserv_id or me, lambda: watcher.db,
+                            router.is_local_domain)
     watch_spool(spool.path)  # poste_spool_messages, poste_spool_oldest_age_seconds
     try:
         quarantine = Quarantine(spool.path)
@@ -280,7 +290,7 @@ def build_relay(
                     schedule=schedule, keep_days=quarantine_days)
     return RelayParts(
         stage=RelayStage(max_received, seal, forwarding),
-        hop=QueueHop(router, scheduler, spam, quarantine),
+        hop=QueueHop(router, scheduler, spam, quarantine, learning),
         scheduler=scheduler,
         watcher=watcher,
         router=router,
@@ -384,6 +394,7 @@ def relay_of(values: Values, **more: Any) -> RelayParts:
         spam_label=str(values["spam-label"]),
         quarantine_digest=str(values["quarantine-digest"]),
         quarantine_days=int(values["quarantine-days"]),
+        learn_db=values["learn-db"],
         **more,
     )
 

@@ -47,11 +47,17 @@ SETTINGS = (
                  "[signer]'s)."),
     Setting("arc-authserv-id", STR, metavar="NAME",
             help="Our verifier's name in Authentication-Results, whose results a seal "
-                 "carries (default: --hostname; `poste up`: the [verifier]'s)."),
+                 "carries and learn mails are judged by (default: --hostname; `poste up`: "
+                 "the [verifier]'s)."),
     Setting("no-from-rewrite", FLAG, default=False,
             help="Never rewrite the From of a forwarded mail (by default, a mail whose "
                  "author's domain asks for DMARC reject or quarantine and whose DKIM did "
                  "not survive is sent From fwd+TOKEN@ our domain, signed with --dkim-key)."),
+    Setting("learn-db", FILE,
+            help="The spamfilter's --db: mail forwarded by a user from a target address to "
+                 "learn-spam@ or learn-ham@ a domain of ours trains it (trusted when SPF or "
+                 "DKIM passes aligned, in --arc-authserv-id's results; `poste up`: the "
+                 "[spamfilter]'s db) [default: no learning]."),
     Setting("retry-min", DURATION, default="5m", show_default=True,
             help="First retry delay; doubles each attempt."),
     Setting("retry-max", DURATION, default="4h", show_default=True, help="Longest retry delay."),

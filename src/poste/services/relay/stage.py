@@ -15,6 +15,7 @@ import re
 import time
 
 from poste.services.relay.from_rewrite import Forwarding
+from poste.services.relay.learn import ALONE, LEARN_BY_MX, Learning
 from poste.services.relay.own_mail import ForwardSeal
 from poste.services.relay.quarantine import Quarantine
 from poste.services.relay.router import Delivery, Router
@@ -82,11 +83,13 @@ class QueueHop:
         scheduler: Scheduler,
         spam: SpamPolicy | None = None,
         quarantine: Quarantine | None = None,
+        learning: Learning | None = None,
     ) -> None:
         self.router = router
         self.scheduler = scheduler
         self.spam = spam  # per-user spam policy (spam_policy.py); None: every mail is `tag`
         self.quarantine = quarantine
+        self.learning = learning  # learn-spam@ / learn-ham@ (learn.py), when configured
 
     async def open(self, env: Envelope) -> Transaction:
         return QueueTransaction(self, env)
@@ -100,6 +103,7 @@ class QueueTransaction:
         self.deliveries: list[Delivery] = []
         self.policy: str | None = None  # the spam policy class of the accepted recipients
         self.policy_rcpt = ""  # the first of them (whose mail the quarantine keeps)
+        self.learn: tuple[str, bool] | None = None  # (learn address, is_spam)
 
     async def mail(self, sender: str, options: list[str]) -> Reply:
         self.sender = sender
@@ -112,6 +116,15 @@ class QueueTransaction:
         """
         router = self.hop.router
         env = self.env
+        learning = self.hop.learning
+        kind = learning.kind(rcpt) if learning is not None else None
+        if kind is not None or self.learn is not None:  # a learn mail is alone
+            if env.own_hop:
+                return LEARN_BY_MX
+            if self.deliveries or (self.learn is not None and self.learn != (rcpt.lower(), kind)):
+                return ALONE
+            self.learn = (rcpt.lower(), bool(kind))
+            return Reply(250, "2.1.5 Ok")
         granted = env.own_hop or router.is_granted(env.peer_ip)
         # Our own sending path has no spamfilter: its mail is never labelled, and a MUA
         # must not see a 452 for writing to a quarantine user beside someone else.
@@ -136,6 +149,8 @@ class QueueTransaction:
         return Reply(250, "2.1.5 Ok")
 
     async def data(self, message: Message) -> Reply:
+        if self.learn is not None and self.hop.learning is not None:
+            return await self.hop.learning.data(self.env, *self.learn, message)
         seen: set[tuple[str, str]] = set()
         rcpts: list[Recipient] = []
         for d in self.deliveries:
@@ -194,6 +209,7 @@ class QueueTransaction:
     async def abort(self) -> None:
         self.deliveries = []
         self.policy = None
+        self.learn = None
         await asyncio.sleep(0)
 
 

@@ -5,8 +5,9 @@ worker thread so the event loop keeps serving other sessions while a big
 mail is judged, and its work is bounded (see poste.spam.mime).  A mail the
 classifier cannot make sense of is labelled from its raw words (or, if the
 classifier itself fails, `unknown`) and passed on byte-identical below the
-prepended fields.  SIGHUP reloads the database from --db, so a filter can be
-retrained without a restart.
+prepended fields.  A new --db file (written by the relay for a learn mail, or
+by `poste spam train --update`) is noticed before the next mail and swapped
+in; SIGHUP reloads it too.  So a filter is retrained without a restart.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from poste.smtp.server import SMTPService
 from poste.smtp.stage import Envelope, Stage, Verdict
 from poste.spam import UNKNOWN, default_db_file
 from poste.spam.database import Database, DatabaseError
+from poste.spam.learn import stamp
 from poste.spam.model import Classifier, Params
 
 log = logging.getLogger("poste.spamfilter")
@@ -59,6 +61,10 @@ class SpamfilterStage(Stage):
         self.header_name = header_name
         self.detail = detail
         self.db_path = db_path
+        # the file as last loaded: a new one (learn mail, `spam train --update`) is
+        # loaded before the next mail (follow)
+        self._stamp = stamp(db_path) if db_path is not None else None
+        self._following = asyncio.Lock()
         # build the f(w) table now, not on the first mail
         classifier.prepare()
 
@@ -83,6 +89,7 @@ class SpamfilterStage(Stage):
         # The first SCAN_BYTES decide: what a spammer puts past a megabyte no one reads
         # either, and a 24 MB attachment is not worth 24 MB of tokens (spamc stops at 500 KB).
         head = message.head(SCAN_BYTES)
+        await self.follow()
         label, score, detail = await asyncio.to_thread(self.judge, head)
         LABELS.labels(label).inc()
         log.info(
@@ -90,11 +97,29 @@ class SpamfilterStage(Stage):
         )
         return Verdict(prepend=self.fields(label, detail))
 
+    async def follow(self) -> None:
+        """Swap in a new --db before this mail is judged, if the file was replaced.
+
+        One stat per mail (microseconds, on the loop); the load runs in a thread
+        while other mails are judged by the old model, and the swap is one
+        assignment between two mails.  The relay writes the file atomically
+        (rename) and answers a learn mail only after that, so the next mail
+        after its 250 is judged by what it learnt.
+        """
+        if self.db_path is None or stamp(self.db_path) == self._stamp:
+            return
+        async with self._following:  # one load for the mails arriving meanwhile
+            if stamp(self.db_path) != self._stamp:
+                await self.reload()
+
     async def reload(self) -> None:
         """Load --db again (after retraining); a bad file keeps the old database."""
         path = self.db_path
         if path is None:
             return
+        # taken before the load: a file replaced during it is loaded again next time,
+        # a damaged one is not tried again for every mail
+        self._stamp = stamp(path)
         try:
             db = await asyncio.to_thread(Database.load, path)
             clf = Classifier(db, self.classifier.params)
