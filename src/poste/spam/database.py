@@ -243,10 +243,18 @@ class Database:
         x = scale(len(feats), p.length)
         # fsum: exact, so the step does not depend on the set's (hash-seeded) order
         g = (_sigmoid(x * math.fsum(ws.values())) - (1.0 if is_spam else 0.0)) * x
+        g_bias = g
         if not is_spam:
+            # the tokens of a ham learn ham_weight times as hard; the bias
+            # does not, so the prior stays what the mails say and a mail
+            # with no known token stays near the middle (unknown)
             g *= p.ham_weight
         g2 = g * g
         for t in feats:
+            if t == BIAS and g is not g_bias:
+                self._step(t, g_bias, ws.get(t, 0.0))
+                seen[t] = seen.get(t, 0) + 1
+                continue
             n = ns.get(t, 0.0)
             sigma = (math.sqrt(n + g2) - math.sqrt(n)) / alpha
             zs[t] = zs.get(t, 0.0) + g - sigma * ws.get(t, 0.0)
@@ -258,6 +266,14 @@ class Database:
         else:
             self.nham += 1
         self.generation += 1
+
+    def _step(self, t: str, g: float, w: float) -> None:
+        """The FTRL update of one token for gradient g."""
+        n = self.n.get(t, 0.0)
+        g2 = g * g
+        sigma = (math.sqrt(n + g2) - math.sqrt(n)) / self.learning.alpha
+        self.z[t] = self.z.get(t, 0.0) + g - sigma * w
+        self.n[t] = n + g2
 
     def fit(
         self, mails: Sequence[tuple[Iterable[str], bool]], epochs: int = 5, seed: int = 0

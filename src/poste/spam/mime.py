@@ -25,7 +25,10 @@ if TYPE_CHECKING:
 MAX_DEPTH = 16
 MAX_PARTS = 64
 MAX_HEAD = 64 * 1024  # a header block longer than this is cut there
-DEFAULT_MAX_BYTES = 256 * 1024
+# text decoded and tokenized per mail: on the time split of the dev corpus
+# 32 KB labels as 256 KB did (within a mail) and tokenizes ~9% faster, the
+# few long newsletters and digests being where the time went
+DEFAULT_MAX_BYTES = 32 * 1024
 
 _FOLD = re.compile(rb"\n[ \t]+")
 _FIELD_START = re.compile(rb"[!-9;-~]{1,76}[ \t]*:")
