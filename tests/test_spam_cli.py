@@ -231,3 +231,31 @@ def test_train_sparse_keeps_only_weighted_tokens_and_the_labels(
     small = poste(poste_bin, "spam", "classify", "--db", str(sparse), str(mails))
     assert full.stdout == small.stdout
     assert [line.split()[0] for line in full.stdout.splitlines()] == [b"yes"] * 4 + [b"no"] * 4
+
+
+def test_classify_fast_lane_agrees_with_the_click_command(
+    tmp_path: Path, poste_bin: str, trained: Path
+) -> None:
+    """`poste spam classify` skips click for speed; what it prints must not change."""
+    from poste.cli import main as click_main
+
+    rng = random.Random(321)
+    mbox = write_mbox(tmp_path / "t.mbox", [spammy(rng), hammy(rng), mail("odd", "zzqx\n")])
+    (tmp_path / "one.eml").write_bytes(hammy(rng))
+    paths = [str(mbox), str(tmp_path / "one.eml")]
+    for opts in (
+        ["--db", str(trained)],
+        [f"--db={trained}", "-j1", "--spam-cutoff", "0.6", "--ham-cutoff=0.4"],
+        ["-j", "2", "--db", str(trained), "--"],
+    ):
+        fast = poste(poste_bin, "spam", "classify", *opts, *paths)
+        assert fast.returncode == 0, fast.stderr
+        # the same command through click, in this process
+        import contextlib
+        import io
+
+        buf = io.StringIO()
+        with contextlib.redirect_stdout(buf), contextlib.suppress(SystemExit):
+            click_main(["spam", "classify", *[o for o in opts if o != "--"], *paths])
+        assert fast.stdout.decode() == buf.getvalue()
+        assert len(fast.stdout.splitlines()) == 4

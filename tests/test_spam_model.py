@@ -28,7 +28,9 @@ def test_mail_with_no_known_token_is_unknown() -> None:
     clf = Classifier(small_db())
     r = clf.classify(b"Subject: zzqx\r\n\r\nqwertyuiop asdfghjkl")
     assert r.label == "unknown"
-    assert r.tokens == []
+    # none of its words is known; only the content type every training mail
+    # had can weigh (ham's tokens learn twice as hard: Learning.ham_weight)
+    assert [t for t in r.tokens if not t.startswith("ct:")] == []
 
 
 def test_an_empty_database_says_one_half() -> None:

@@ -1,3 +1,3 @@
-from poste.cli import main
+from poste.launch_cli import main
 
 main()

@@ -16,13 +16,19 @@ import binascii
 import codecs
 import re
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass
-from typing import Any
+
+# typing only for the checker: its import costs a batch command ~5 ms of start-up
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 MAX_DEPTH = 16
 MAX_PARTS = 64
 MAX_HEAD = 64 * 1024  # a header block longer than this is cut there
-DEFAULT_MAX_BYTES = 256 * 1024
+# text decoded and tokenized per mail: on the time split of the dev corpus
+# 32 KB labels as 256 KB did (within a mail) and tokenizes ~9% faster, the
+# few long newsletters and digests being where the time went
+DEFAULT_MAX_BYTES = 32 * 1024
 
 _FOLD = re.compile(rb"\n[ \t]+")
 _FIELD_START = re.compile(rb"[!-9;-~]{1,76}[ \t]*:")
@@ -95,15 +101,23 @@ class Fields(Mapping[str, list[str]]):
         return len(self._raw)
 
 
-@dataclass
 class Part:
     """One leaf of the MIME tree: its content type, its fields, its text if it is text."""
 
-    content_type: str
-    headers: Fields
-    text: str = ""
-    filename: str = ""
-    depth: int = 0
+    # a plain class, not a dataclass: `import dataclasses` costs ~20 ms of a batch command's start-up
+    __slots__ = ("content_type", "depth", "filename", "headers", "text")
+
+    def __init__(
+        self, content_type: str, headers: Fields, text: str = "", filename: str = "", depth: int = 0
+    ) -> None:
+        self.content_type = content_type
+        self.headers = headers
+        self.text = text
+        self.filename = filename
+        self.depth = depth
+
+    def __repr__(self) -> str:
+        return f"Part({self.content_type!r}, depth={self.depth}, filename={self.filename!r})"
 
 
 def split_head(raw: bytes, start: int = 0, end: int = -1) -> tuple[bytes, int]:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 
 from poste.spam.database import BIAS, Database, _sigmoid, scale
 from poste.spam.mime import DEFAULT_MAX_BYTES
@@ -22,22 +21,61 @@ HAM = "no"
 UNKNOWN = "unknown"
 
 
-@dataclass(frozen=True)
 class Params:
-    """The cutoffs (chosen by time-split validation inside the training part) and limits."""
+    """The cutoffs (chosen by time-split validation inside the training part) and limits.
 
+    The class attributes are the defaults (`Params.spam_cutoff` for a flag's default).
+    """
+
+    # a plain class, not a dataclass: `import dataclasses` costs ~20 ms of a batch command's start-up
     ham_cutoff: float = 0.10  # score below: ham ("no")
     spam_cutoff: float = 0.90  # score at or above: spam ("yes"); between: "unknown"
     max_bytes: int = DEFAULT_MAX_BYTES  # text tokenized per message
     max_tokens: int = 150  # at most this many deciding tokens are listed in a detail
 
+    def __init__(
+        self,
+        ham_cutoff: float = 0.10,
+        spam_cutoff: float = 0.90,
+        max_bytes: int = DEFAULT_MAX_BYTES,
+        max_tokens: int = 150,
+    ) -> None:
+        self.ham_cutoff = ham_cutoff
+        self.spam_cutoff = spam_cutoff
+        self.max_bytes = max_bytes
+        self.max_tokens = max_tokens
 
-@dataclass
+    def _key(self) -> tuple[float, float, int, int]:
+        return (self.ham_cutoff, self.spam_cutoff, self.max_bytes, self.max_tokens)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Params) and self._key() == other._key()
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+    def __repr__(self) -> str:
+        h, s, b, t = self._key()
+        return f"Params(ham_cutoff={h}, spam_cutoff={s}, max_bytes={b}, max_tokens={t})"
+
+
 class Result:
-    score: float
-    label: str
-    # the tokens that decided (found only when asked: most callers want the label)
-    deciding: _Lazy | None = field(default=None, repr=False, compare=False)
+    """A mail's score and label; the tokens that decided are found only when asked."""
+
+    __slots__ = ("deciding", "label", "score")
+
+    def __init__(self, score: float, label: str, deciding: _Lazy | None = None) -> None:
+        self.score = score
+        self.label = label
+        self.deciding = deciding
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Result) and (self.score, self.label) == (other.score, other.label)
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"Result(score={self.score!r}, label={self.label!r})"
 
     @property
     def tokens(self) -> list[str]:

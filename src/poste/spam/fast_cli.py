@@ -1,0 +1,92 @@
+"""`poste spam classify` without click: the batch path that must start in milliseconds.
+
+Why a second parser: importing click (and what it pulls in: typing,
+inspect, enum, ...) costs 20-30 ms, more than classifying a few hundred
+mails; against spamoracle (an OCaml binary, a few ms to start) that
+start-up decides who is faster on an mbox of a thousand mails.  So the
+entry point (`poste.launch_cli`) hands `poste spam classify` here first.
+This handles only the plain form of the command: `--db`, `-j`/`--jobs`,
+`--ham-cutoff`, `--spam-cutoff` and PATHs.  For anything else, and for
+anything wrong (an unknown option, a bad value, a missing file, a damaged
+database), it returns None before writing a byte, and the click command in
+`poste.spam.cli` runs instead, with its help and its one-line errors: the
+command's meaning is defined there, once; this is only its fast lane.
+"""
+
+from __future__ import annotations
+
+import sys
+
+_VALUED = {"--db": "db", "-j": "jobs", "--jobs": "jobs", "--ham-cutoff": "ham", "--spam-cutoff": "spam"}
+
+
+def _parse(args: list[str]) -> tuple[dict[str, str], list[str]] | None:
+    """(options, paths) of a plain `classify` command line, None for anything else."""
+    opts: dict[str, str] = {}
+    paths: list[str] = []
+    i = 0
+    while i < len(args):
+        a = args[i]
+        i += 1
+        if a == "--":
+            paths.extend(args[i:])
+            break
+        if not a.startswith("-") or a == "-":
+            paths.append(a)
+            continue
+        name, eq, value = a.partition("=")
+        if not eq and a.startswith("-j") and len(a) > 2 and not a.startswith("--"):
+            name, value, eq = "-j", a[2:], "="
+        key = _VALUED.get(name)
+        if key is None or key in opts:
+            return None
+        if not eq:
+            if i >= len(args):
+                return None
+            value = args[i]
+            i += 1
+        opts[key] = value
+    return (opts, paths) if paths else None
+
+
+def classify(args: list[str]) -> int | None:
+    """Run `poste spam classify ARGS`; None when the click command must handle it."""
+    parsed = _parse(args)
+    if parsed is None:
+        return None
+    opts, paths = parsed
+    try:
+        jobs = int(opts["jobs"]) if "jobs" in opts else None
+        ham = float(opts.get("ham", "nan")) if "ham" in opts else None
+        spam = float(opts.get("spam", "nan")) if "spam" in opts else None
+    except ValueError:
+        return None
+    if jobs is not None and not 1 <= jobs <= 64:
+        return None
+    from poste.spam.model import Classifier, Params
+
+    ham = Params.ham_cutoff if ham is None else ham
+    spam = Params.spam_cutoff if spam is None else spam
+    if not (0.0 <= ham <= spam <= 1.0):
+        return None
+    from poste.spam import default_db_file
+    from poste.spam.batch import classify_many, default_jobs
+    from poste.spam.corpus import CorpusError, iter_messages
+    from poste.spam.database import Database, DatabaseError
+
+    try:
+        db = Database.load(opts.get("db") or default_db_file())
+        found = [m for path in paths for m in iter_messages(path)]
+    except (DatabaseError, CorpusError):
+        return None
+    clf = Classifier(db, Params(ham_cutoff=ham, spam_cutoff=spam))
+    names = [name for name, _ in found]
+    mails = [raw for _, raw in found]
+    del found
+    write = sys.stdout.write
+    for name, (score, label, _) in zip(
+        names, classify_many(clf, mails, jobs or default_jobs()), strict=True
+    ):
+        write(f"{label} {score:.4f} {name}\n")
+    sys.stdout.flush()
+    return 0
