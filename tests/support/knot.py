@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import signal
 import subprocess
 import tempfile
 import time
@@ -27,6 +26,7 @@ import dns.rcode
 import dns.rdatatype
 import pytest
 
+from support.daemon import Daemon
 from support.net import free_port
 
 KNOTD = shutil.which("knotd") or "/usr/sbin/knotd"
@@ -36,7 +36,9 @@ def _origin(name: str) -> str:
     return name.rstrip(".").lower()
 
 
-class KnotServer:
+class KnotServer(Daemon):
+    name = "knotd"
+
     """One knotd process serving `zones` (origin -> zone file text) on host:port."""
 
     def __init__(
@@ -55,8 +57,7 @@ class KnotServer:
         self.host = host
         self.port = port or free_port(host)
         self.tsig = tsig
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.log_path = self.workdir / "knotd.log"
+        super().__init__(self.workdir / "knotd.log")
         self._rundir: str | None = None  # short path: a UNIX socket path must fit in 108 bytes
 
     @property
@@ -142,9 +143,7 @@ class KnotServer:
         deadline = time.monotonic() + timeout
         pending = set(self.zones)
         while pending:
-            assert self.proc is not None
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"knotd exited ({self.proc.returncode}):\n{self.log()}")
+            self.check_alive()
             for origin in list(pending):
                 q = dns.message.make_query(origin + ".", dns.rdatatype.SOA)
                 try:
@@ -158,24 +157,8 @@ class KnotServer:
                     raise TimeoutError(f"knotd does not serve {sorted(pending)}:\n{self.log()}")
                 time.sleep(0.05)
 
-    def log(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
-
     def stop(self) -> None:
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.proc = None
+        super().stop()
         if self._rundir:
             shutil.rmtree(self._rundir, ignore_errors=True)
             self._rundir = None

@@ -19,7 +19,6 @@ import datetime
 import json
 import os
 import shutil
-import signal
 import ssl
 import subprocess
 import time
@@ -33,6 +32,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from support.daemon import Daemon
 from support.net import free_port
 
 PEBBLE = shutil.which("pebble") or "/usr/bin/pebble"
@@ -82,7 +82,9 @@ def _https_pair(folder: Path, host: str) -> tuple[Path, Path, Path]:
     return ca_path, cert_path, key_path
 
 
-class PebbleServer:
+class PebbleServer(Daemon):
+    name = "pebble"
+
     """One pebble process: ACME at `directory`, trusted through `https_ca`."""
 
     def __init__(self, workdir: Path, dns: str, host: str = "127.0.0.1") -> None:
@@ -92,8 +94,7 @@ class PebbleServer:
         self.port = free_port(host)
         self.mgmt_port = free_port(host)
         self.http_port = free_port(host)  # where pebble fetches HTTP-01 answers from
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.log_path = self.workdir / "pebble.log"
+        super().__init__(self.workdir / "pebble.log")
         self.https_ca = str(self.workdir / "https-ca.pem")
 
     @property
@@ -134,9 +135,7 @@ class PebbleServer:
     def _wait_ready(self, timeout: float = 20.0) -> None:
         deadline = time.monotonic() + timeout
         while True:
-            assert self.proc is not None
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"pebble exited ({self.proc.returncode}):\n{self.log()}")
+            self.check_alive()
             try:
                 self._get(self.directory)
                 self._get(f"https://{self.host}:{self.mgmt_port}/roots/0")
@@ -151,24 +150,6 @@ class PebbleServer:
         path.write_bytes(self._get(f"https://{self.host}:{self.mgmt_port}/roots/0"))
         return str(path)
 
-    def log(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
-
-    def stop(self) -> None:
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.proc = None
 
 
 @contextlib.contextmanager

@@ -14,8 +14,6 @@ nodefault` lifts unbound's RFC 6761 block of the .test names.
 from __future__ import annotations
 
 import contextlib
-import os
-import signal
 import subprocess
 import time
 from collections.abc import Iterable, Iterator
@@ -27,6 +25,7 @@ import dns.query
 import dns.rcode
 import dns.rdatatype
 
+from support.daemon import Daemon
 from support.knot import KnotServer
 from support.net import free_port
 
@@ -47,14 +46,15 @@ def trust_anchors(ns: KnotServer, zone: str) -> list[str]:
         time.sleep(0.1)
 
 
-class UnboundServer:
+class UnboundServer(Daemon):
+    name = "unbound"
+
     def __init__(self, workdir: Path, ns: KnotServer, *, signed: Iterable[str] = (),
                  host: str = "127.0.0.1") -> None:
         self.workdir, self.ns, self.host = Path(workdir), ns, host
         self.signed = [z.rstrip(".").lower() for z in signed]
         self.port = free_port(host)
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.log_path = self.workdir / "unbound.log"
+        super().__init__(self.workdir / "unbound.log")
 
     @property
     def nameserver(self) -> str:
@@ -111,9 +111,7 @@ class UnboundServer:
         q = dns.message.make_query(zone + ".", dns.rdatatype.SOA, want_dnssec=True)
         q.flags |= dns.flags.AD
         while True:
-            assert self.proc is not None
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"unbound exited ({self.proc.returncode}):\n{self.log()}")
+            self.check_alive()
             try:
                 r = dns.query.udp(q, self.host, port=self.port, timeout=0.5)
                 if r.rcode() == dns.rcode.NOERROR and (not self.signed or r.flags & dns.flags.AD):
@@ -124,24 +122,6 @@ class UnboundServer:
                 raise TimeoutError(f"unbound does not validate {zone}:\n{self.log()}")
             time.sleep(0.1)
 
-    def log(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
-
-    def stop(self) -> None:
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.proc = None
 
 
 @contextlib.contextmanager
