@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import sys
-from collections import Counter
 from collections.abc import Iterator
 
 import click
@@ -167,55 +165,41 @@ def train(
     """Learn token weights from spam and ham mails into a database."""
     if not spam_paths and not ham_paths:
         raise click.UsageError("give at least one --spam or --ham PATH")
-    if update:  # locked against learn mails, loaded fresh, atomic (update_cli.py)
-        from poste.spam.update_cli import train_update
-
-        return train_update(spam_paths, ham_paths, output, epochs, min_count, drop_prefixes,
-                            sparse, note, compress, jobs)
-    db = _load(output) if update and os.path.exists(output) else Database()
     jobs = jobs or default_jobs()
     work = [(True, p) for p in spam_paths] + [(False, p) for p in ham_paths]
     total = sum(count_messages(p) for _, p in work)
     mails: list[tuple[frozenset[str], bool]] = []
     show = sys.stderr.isatty()
+    # read and tokenized before any lock is taken (a big Maildir takes a while, and the
+    # users' learn mails must not wait for it); in chunks, so a big Maildir's raw mails
+    # are never all in memory
     with click.progressbar(length=total, label="reading", file=sys.stderr, hidden=not show) as bar:
         for is_spam, path in work:
-            # tokenized in chunks, so a big Maildir's raw mails are never all in memory
             for chunk in _chunks(raw for _, raw in _messages((path,))):
                 for tokens in tokenize_many(chunk, DEFAULT_MAX_BYTES, jobs):
                     mails.append((frozenset(tokens), is_spam))
                     bar.update(1)
     nspam = sum(1 for _, s in mails if s)
-    # left out before learning, so the other weights are learnt without them
-    if drop_prefixes or min_count > 1:
-        pre = tuple(drop_prefixes)
-        seen: Counter[str] = Counter()
-        if min_count > 1:
-            seen.update(db.seen)
-            for mail_tokens, _ in mails:
-                seen.update(mail_tokens)
-        mails = [
-            (
-                frozenset(
-                    t
-                    for t in mail_tokens
-                    if not (pre and t.startswith(pre)) and (min_count < 2 or seen[t] >= min_count)
-                ),
-                is_spam,
-            )
-            for mail_tokens, is_spam in mails
-        ]
-    db.fit(mails, epochs)
-    dropped = db.prune(min_count) if min_count > 1 else 0
-    dropped += db.drop_prefixes(drop_prefixes)
-    if sparse:
-        dropped += db.sparse()
-    if note is not None:
-        db.note = note
+    from poste.spam.learn import train_into, update_into
+
+    pre = tuple(drop_prefixes)
     try:
-        db.save(output, compress=compress)
+        if update:
+            # the learn mails' read-modify-write: locked, loaded as it is now on disk, saved
+            # atomically, so an operator's batch and the users' learn mails never undo each
+            # other; the spamfilter sees the new file before its next mail
+            db, dropped = update_into(output, mails, epochs, min_count=min_count,
+                                      drop_prefixes=pre, sparse=sparse, note=note,
+                                      compress=compress)
+        else:
+            db = Database()
+            dropped = train_into(db, mails, epochs, min_count=min_count, drop_prefixes=pre,
+                                 sparse=sparse, note=note)
+            db.save(output, compress=compress)
+    except DatabaseError as exc:
+        raise click.ClickException(str(exc)) from None
     except OSError as exc:
-        raise click.ClickException(f"cannot write {output}: {exc.strerror}") from None
+        raise click.ClickException(f"cannot write {output}: {exc.strerror or exc}") from None
     click.echo(
         f"trained {nspam} spam and {len(mails) - nspam} ham; {output}: {db.nspam} spam, "
         f"{db.nham} ham, {len(db)} tokens, {len(db.weights())} weighted"

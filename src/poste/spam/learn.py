@@ -334,24 +334,45 @@ def update_into(
         db = Database.load(path) if os.path.exists(path) else Database()
         if compress is None and os.path.exists(path):
             compress = _is_gzip(path) or None
-        if drop_prefixes or min_count > 1:
-            seen = dict(db.seen)
-            if min_count > 1:
-                for tokens, _ in mails:
-                    for t in tokens:
-                        seen[t] = seen.get(t, 0) + 1
-            pre = drop_prefixes
-            mails = [
-                (frozenset(t for t in tokens if not (pre and t.startswith(pre))
-                           and (min_count < 2 or seen.get(t, 0) >= min_count)), is_spam)
-                for tokens, is_spam in mails
-            ]
-        db.fit(mails, epochs)
-        dropped = db.prune(min_count) if min_count > 1 else 0
-        dropped += db.drop_prefixes(drop_prefixes)
-        if sparse:
-            dropped += db.sparse()
-        if note is not None:
-            db.note = note
+        dropped = train_into(db, mails, epochs, min_count=min_count,
+                             drop_prefixes=drop_prefixes, sparse=sparse, note=note)
         db.save(path, compress=compress)
     return db, dropped
+
+
+def train_into(
+    db: Database,
+    mails: list[tuple[frozenset[str], bool]],
+    epochs: int,
+    *,
+    min_count: int = 1,
+    drop_prefixes: tuple[str, ...] = (),
+    sparse: bool = False,
+    note: str | None = None,
+) -> int:
+    """Train `db` on tokenized mails (`poste spam train`, with or without --update).
+
+    Rare tokens (`min_count`) and `drop_prefixes` are left out before learning,
+    so the other weights are learnt without them.  Returns how many tokens were
+    dropped.
+    """
+    if drop_prefixes or min_count > 1:
+        seen = dict(db.seen)
+        if min_count > 1:
+            for tokens, _ in mails:
+                for t in tokens:
+                    seen[t] = seen.get(t, 0) + 1
+        pre = drop_prefixes
+        mails = [
+            (frozenset(t for t in tokens if not (pre and t.startswith(pre))
+                       and (min_count < 2 or seen.get(t, 0) >= min_count)), is_spam)
+            for tokens, is_spam in mails
+        ]
+    db.fit(mails, epochs)
+    dropped = db.prune(min_count) if min_count > 1 else 0
+    dropped += db.drop_prefixes(drop_prefixes)
+    if sparse:
+        dropped += db.sparse()
+    if note is not None:
+        db.note = note
+    return dropped
