@@ -171,6 +171,13 @@ class Scheduler:
                     await asyncio.wait_for(self._wake.wait(), wait)
 
     async def _rescan(self) -> None:
+        """Take in what `poste queue` changed on disk, and forget what it deleted.
+
+        The listing is read in a thread while mail keeps arriving: what was
+        scheduled or rescheduled during it (a new mail, an attempt's outcome) is
+        newer than the listing, so it is neither dropped nor overwritten by it.
+        """
+        before = dict(self._due)
         try:
             entries = await asyncio.to_thread(lambda: list(self.spool.entries()))
         except OSError as exc:
@@ -179,12 +186,12 @@ class Scheduler:
         seen = set()
         for entry in entries:
             seen.add(entry.id)
-            if entry.id in self._busy:
+            if entry.id in self._busy or self._due.get(entry.id) != before.get(entry.id):
                 continue
             if self._due.get(entry.id) != entry.next_attempt:
                 self._schedule(entry.id, entry.next_attempt)
-        for qid in list(self._due):
-            if qid not in seen and qid not in self._busy:
+        for qid, when in before.items():
+            if qid not in seen and qid not in self._busy and self._due.get(qid) == when:
                 del self._due[qid]
 
     # -- one message ---------------------------------------------------------
