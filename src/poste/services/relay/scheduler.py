@@ -42,6 +42,7 @@ from dataclasses import dataclass
 from poste.metrics import DELIVERIES, QUEUED
 from poste.services.relay.dsn import DELAYED, FAILED, make_dsn
 from poste.services.relay.own_mail import OwnKeys
+from poste.services.relay.pools import arriving, departing
 from poste.services.relay.settings import default
 from poste.services.relay.spool import DELIVERED, PENDING, Entry, Recipient, Spool, SpoolError
 from poste.smtp.message import Message
@@ -103,11 +104,11 @@ class Scheduler:
 
     async def start(self) -> None:
         """Own the spool (SpoolLocked if another relay does), then resume it."""
-        await asyncio.to_thread(self.spool.lock)
-        removed = await asyncio.to_thread(self.spool.recover)
+        await departing(self.spool.lock)
+        removed = await departing(self.spool.recover)
         if removed:
             log.info("spool: removed %d leftovers of interrupted writes", len(removed))
-        entries = await asyncio.to_thread(lambda: list(self.spool.entries()))
+        entries = await departing(lambda: list(self.spool.entries()))
         for entry in entries:
             self._schedule(entry.id, entry.next_attempt)
         log.info("spool %s: %d message(s) queued", self.spool.path, len(entries))
@@ -130,7 +131,7 @@ class Scheduler:
         self._schedule(entry.id, entry.next_attempt)
 
     async def enqueue(self, entry: Entry, message: Message) -> None:
-        await asyncio.to_thread(self.spool.put, entry, message)
+        await arriving(self.spool.put, entry, message)
         QUEUED.inc()
         self.submit(entry)
 
@@ -179,7 +180,7 @@ class Scheduler:
         """
         before = dict(self._due)
         try:
-            entries = await asyncio.to_thread(lambda: list(self.spool.entries()))
+            entries = await departing(lambda: list(self.spool.entries()))
         except OSError as exc:
             log.warning("spool rescan failed: %s", exc)
             return
@@ -210,17 +211,17 @@ class Scheduler:
 
     async def _attempt(self, qid: str) -> None:
         try:
-            entry = await asyncio.to_thread(self.spool.load, qid)
+            entry = await departing(self.spool.load, qid)
         except SpoolError as exc:
             log.info("%s: gone from the spool (%s)", qid, exc)
             return
         seen_next = entry.next_attempt
         try:
-            message = await asyncio.to_thread(self.spool.open_message, qid)
+            message = await departing(self.spool.open_message, qid)
         except SpoolError as exc:
             # Only an outside hand removes a message file under its envelope.
             log.error("%s: %s; dropping its envelope", qid, exc)
-            await asyncio.to_thread(self.spool.remove, qid)
+            await departing(self.spool.remove, qid)
             return
         try:
             await self._attempt_with(entry, seen_next, message)
@@ -286,7 +287,7 @@ class Scheduler:
             return entry
 
         try:
-            written = await asyncio.to_thread(self.spool.modify, qid, merge)
+            written = await departing(self.spool.modify, qid, merge)
         except SpoolError as exc:
             log.info("%s: %s during the attempt; not rewritten", qid, exc)
             return
