@@ -186,7 +186,7 @@ run_poste() {   # $1 topology, $2 round
     for k in $groups; do cpu0[$k]=$(cg_usec "$v-$k"); done
     local prof_pid=""
     if [ "${PROFILE:-0}" = 1 ] && [ "$topo" = up ] && [ -x "$ROOT/.venv/bin/py-spy" ]; then
-        "$ROOT/.venv/bin/py-spy" record --nonblocking -r 50 -f raw -o "$d/profile.txt" \
+        "$ROOT/.venv/bin/py-spy" record --gil -r 100 -f raw -o "$d/profile.txt" \
             -p "${PROCS[0]#*:}" > "$d/py-spy.out" 2>&1 &
         prof_pid=$!
     fi

@@ -26,8 +26,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import aiosmtpd.smtp
 from aiosmtpd.smtp import SMTP, AuthResult, TLSSetupException, syntax
 
+from poste.smtp import fast_init
 from poste.smtp import replies as R
 from poste.smtp.address import AddressError, parse_path
 from poste.smtp.admission import Admission, Fairness, Ticket
@@ -35,6 +37,8 @@ from poste.smtp.chain import StageTransaction
 from poste.smtp.hop import Hop
 from poste.smtp.message import SPILL_AT, BodyWriter, give_back_soon
 from poste.smtp.stage import Envelope, Reply, Stage
+
+fast_init.install(aiosmtpd.smtp)  # per-class introspection, not per connection
 
 log = logging.getLogger("poste.smtp")
 
