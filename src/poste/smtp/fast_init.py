@@ -6,7 +6,7 @@ the protocol object and of its handler with `inspect.getmembers` (to find
 of `poste up`'s CPU at 5 KB mails, one connection each (issue 16, the profile
 in docs/performance.md).  The answers depend on the classes only, so this module
 gives aiosmtpd's module an `inspect` whose two functions remember them per
-class; everything else is the real `inspect`.  No subclass of ours sets an
+class (`getmembers` returns only the `auth_*` members, all aiosmtpd keeps); everything else is the real `inspect`.  No subclass of ours sets an
 `auth_*` attribute on an instance, which the per-class list would not see.
 """
 
@@ -22,12 +22,12 @@ _signatures: dict[tuple[Any, type], inspect.Signature] = {}
 
 
 def getmembers(obj: object) -> list[tuple[str, Any]]:
-    """`inspect.getmembers(obj)` for the members aiosmtpd looks for (methods of the class)."""
+    """`inspect.getmembers(obj)` as aiosmtpd uses it: its `auth_*` members (of the class)."""
     cls = type(obj)
     names = _names.get(cls)
     if names is None:
-        names = _names[cls] = [name for name, _ in inspect.getmembers(obj)]
-    return [(name, getattr(obj, name)) for name in names if hasattr(obj, name)]
+        names = _names[cls] = [n for n, _ in inspect.getmembers(obj) if n.startswith("auth_")]
+    return [(name, getattr(obj, name)) for name in names]
 
 
 def signature(fn: Callable[..., Any]) -> inspect.Signature:
