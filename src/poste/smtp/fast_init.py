@@ -6,8 +6,9 @@ the protocol object and of its handler with `inspect.getmembers` (to find
 of `poste up`'s CPU at 5 KB mails, one connection each (issue 16, the profile
 in docs/performance.md).  The answers depend on the classes only, so this module
 gives aiosmtpd's module an `inspect` whose two functions remember them per
-class (`getmembers` returns only the `auth_*` members, all aiosmtpd keeps); everything else is the real `inspect`.  No subclass of ours sets an
-`auth_*` attribute on an instance, which the per-class list would not see.
+class (`getmembers` returns only the `auth_*` members, all aiosmtpd keeps);
+everything else is the real `inspect`.  No subclass of ours sets an `auth_*`
+attribute on an instance, which the per-class list would not see.
 """
 
 from __future__ import annotations
