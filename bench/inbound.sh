@@ -16,7 +16,8 @@
 # is a forward-only user whose target is rcpt@example.net (the sink), so each mail passes SPF
 # (ip4:127.0.0.0/8), DKIM (rsa-sha256, key in nsd), DMARC lookup, rDNS, the spam classifier,
 # SRS and the spool with fsync. Drained = no envelope left in the spool. CPU: one cgroup per
-# poste process (exited threads included), nsd apart; RSS: VmHWM of each poste process.
+# poste process (exited threads included), nsd apart; RSS: VmHWM of each poste process;
+# spool_peak: the most envelopes in the spool at once during the load (sampled at 5 Hz).
 #
 # Prints, per round and variant: delivered msg/s, CPU ms per mail per process, and the
 # ratios poste/Postfix of the same round; then median [min-max] over the rounds.
@@ -190,11 +191,23 @@ run_poste() {   # $1 topology, $2 round
             -p "${PROCS[0]#*:}" > "$d/py-spy.out" 2>&1 &
         prof_pid=$!
     fi
+    # the spool's largest backlog while mail comes in (envelopes, sampled 5 times a second)
+    echo 0 > "$d/spool.peak"
+    (
+        peak=0
+        while :; do
+            n=$(find "$d/spool" -maxdepth 1 -name '*.json' | wc -l)
+            if [ "$n" -gt "$peak" ]; then peak=$n; echo "$peak" > "$d/spool.peak"; fi
+            sleep 0.2
+        done
+    ) &
+    local sampler=$!; PIDS_TO_KILL+=("$sampler")
     t0=$(now)
     send_poste "$N" "$SESSIONS" "$v-source" >/dev/null || die "poste: smtp-source failed (mail refused?)"
     t1=$(now)
     wait_spool "$d/spool" "$(calc "$t1 + $DRAIN_TIMEOUT" 3)" || die "poste: spool did not drain"
     t2=$(now)
+    kill_pid "$sampler"; forget_pid "$sampler"
     [ -n "$prof_pid" ] && { kill -INT "$prof_pid" 2>/dev/null; wait "$prof_pid" 2>/dev/null || true; }
     for k in $groups; do
         c1=$(cg_usec "$v-$k"); cpu[$k]=""
@@ -213,7 +226,8 @@ run_poste() {   # $1 topology, $2 round
     local acc dlv
     acc=$(calc "$N / ($t1 - $t0)" 1); dlv=$(calc "$N / ($t2 - $t0)" 1)
     RESULTS+=("$r $v $dlv $(ms "$total") accept=$acc cpu_ms_per_msg: total=$(ms "$total")$per \
-smtp_source=$(ms "${cpu[source]}") smtp_sink=$(ms "${cpu[sink]}") rss_peak:$rss")
+smtp_source=$(ms "${cpu[source]}") smtp_sink=$(ms "${cpu[sink]}") spool_peak=$(cat "$d/spool.peak") \
+drain_after_load_s=$(calc "$t2 - $t1" 2) rss_peak:$rss")
     log "${RESULTS[-1]}"
 }
 

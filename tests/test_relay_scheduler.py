@@ -272,3 +272,45 @@ async def test_mail_queued_during_a_rescan_is_delivered_before_the_next(tmp_path
         await sched.stop()
     assert done == ["u@a.test"]
     assert spool.ids() == []
+
+
+async def test_arrivals_wait_for_a_lagging_delivery_once_on_disk(tmp_path: Path) -> None:
+    """Past the backlog, a queued mail's enqueue (its 250) waits until delivery catches up."""
+    spool = Spool(tmp_path)
+    release = asyncio.Event()
+    done: list[str] = []
+
+    async def deliver(domain: str, sender: str, rcpts: list[str], msg: bytes) -> dict[str, Reply]:
+        await release.wait()
+        done.extend(rcpts)
+        return {r: Reply(250, "2.0.0 Ok", "mx", remote=True) for r in rcpts}
+
+    sched = Scheduler(spool, deliver, hostname="relay.our.test", domain="our.test",
+                      policy=Policy(max_active=1, inflow_backlog=2, inflow_delay=3600,
+                                    rescan=3600, warn_after=0))
+    await sched.start()
+
+    def entry(qid: str) -> Entry:
+        return Entry(id=qid, return_path="", recipients=[Recipient(f"{qid}@a.test", "s@our.test")])
+
+    try:
+        await sched.enqueue(entry("M1"), MSG)  # in its attempt
+        await sched.enqueue(entry("M2"), MSG)  # waiting: the backlog is 2, not more
+        third = asyncio.create_task(sched.enqueue(entry("M3"), MSG))
+        for _ in range(200):
+            if "M3" in spool.ids():
+                break
+            await asyncio.sleep(0.01)
+        for _ in range(20):
+            await asyncio.sleep(0)
+        assert "M3" in spool.ids() and not third.done()  # on disk, its 250 held back
+        release.set()
+        await asyncio.wait_for(third, 30)
+        for _ in range(500):
+            if len(done) == 3 and not spool.ids():
+                break
+            await asyncio.sleep(0.02)
+    finally:
+        release.set()
+        await sched.stop()
+    assert sorted(done) == ["M1@a.test", "M2@a.test", "M3@a.test"]

@@ -65,6 +65,10 @@ class Policy:
     max_per_domain: int = int(default("domain-concurrency"))
     max_active: int = 50
     rescan: float = default("queue-rescan")
+    # Inflow pacing (Postfix's in_flow_delay): while more than `inflow_backlog` mails wait
+    # for or are in their attempt, a newly queued mail's 250 waits up to `inflow_delay` s.
+    inflow_backlog: int = 50
+    inflow_delay: float = 1.0
 
     def backoff(self, attempts: int) -> float:
         base = min(self.retry_min * (2 ** max(attempts - 1, 0)), self.retry_max)
@@ -93,6 +97,8 @@ class Scheduler:
         self._heap: list[tuple[float, str]] = []
         self._due: dict[str, float] = {}
         self._busy: set[str] = set()
+        self._new: set[str] = set()  # submitted, first attempt not begun
+        self._caught_up = asyncio.Event()  # set when the backlog falls to inflow_backlog
         self._wake = asyncio.Event()
         self._active = asyncio.Semaphore(self.policy.max_active)
         self._domains: dict[str, asyncio.Semaphore] = {}
@@ -128,12 +134,33 @@ class Scheduler:
 
     def submit(self, entry: Entry) -> None:
         """A message just written to the spool: try it now."""
+        self._new.add(entry.id)
         self._schedule(entry.id, entry.next_attempt)
 
-    async def enqueue(self, entry: Entry, message: Message) -> None:
+    async def enqueue(self, entry: Entry, message: Message, *, pace: bool = True) -> None:
+        """Write the mail to the spool (fsync) and schedule it; then, if delivery lags, wait.
+
+        Measured (issue 16): with 50 sessions sending into one process, receiving took
+        the loop and the spool grew to over a thousand mails before delivery caught up.
+        As Postfix's in_flow_delay, a mail queued while more than `inflow_backlog` mails
+        wait for or are in their attempt holds its 250 up to `inflow_delay` seconds: the
+        mail is on disk already (nothing is at risk), senders slow down, delivery gets
+        the CPU.  Our own DSNs (`pace=False`) never wait for delivery, which queues them.
+        """
         await arriving(self.spool.put, entry, message)
         QUEUED.inc()
         self.submit(entry)
+        if pace and self._backlog() > self.policy.inflow_backlog:
+            self._caught_up.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._caught_up.wait(), self.policy.inflow_delay)
+
+    def _backlog(self) -> int:
+        return len(self._new) + len(self._busy)
+
+    def _maybe_caught_up(self) -> None:
+        if self._backlog() <= self.policy.inflow_backlog:
+            self._caught_up.set()
 
     def _schedule(self, qid: str, when: float) -> None:
         self._due[qid] = when
@@ -160,6 +187,7 @@ class Scheduler:
                 del self._due[qid]
                 await self._active.acquire()
                 self._busy.add(qid)
+                self._new.discard(qid)
                 task = asyncio.create_task(self._process(qid), name=f"deliver-{qid}")
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
@@ -194,6 +222,8 @@ class Scheduler:
         for qid, when in before.items():
             if qid not in seen and qid not in self._busy and self._due.get(qid) == when:
                 del self._due[qid]
+                self._new.discard(qid)  # deleted by `poste queue delete`: no longer waiting
+        self._maybe_caught_up()
 
     # -- one message ---------------------------------------------------------
 
@@ -208,6 +238,7 @@ class Scheduler:
         finally:
             self._busy.discard(qid)
             self._active.release()
+            self._maybe_caught_up()
 
     async def _attempt(self, qid: str) -> None:
         try:
@@ -357,7 +388,7 @@ class Scheduler:
             ],
             is_dsn=True,
         )
-        await self.enqueue(new, Message.of(dsn))
+        await self.enqueue(new, Message.of(dsn), pace=False)
         log.info("%s: %s DSN to <%s> queued as %s", entry.id, action, entry.return_path, new.id)
 
 
