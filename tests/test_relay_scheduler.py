@@ -220,3 +220,97 @@ async def test_each_recipient_outcome_is_counted_once(tmp_path: Path) -> None:
     assert calls["b.test"] >= 2  # retried before its lifetime ran out
     # late@b.test: deferred on each attempt but its last, bounced on the last one.
     assert moved == {"queued": 1, "delivered": 1, "deferred": calls["b.test"] - 1, "bounced": 2}
+
+
+class _SlowListing(Spool):
+    """A spool whose listing (a rescan) can be held open, as a large spool's is."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        import threading
+
+        self.hold = False
+        self.listing = threading.Event()  # a held listing has begun
+        self.go_on = threading.Event()
+
+    def entries(self):  # type: ignore[no-untyped-def]
+        listed = list(super().entries())
+        if self.hold:
+            self.listing.set()
+            self.go_on.wait(30)
+        yield from listed
+
+
+async def test_mail_queued_during_a_rescan_is_delivered_before_the_next(tmp_path: Path) -> None:
+    """A mail written while the spool is being re-read is tried at once, not after `rescan`."""
+    spool = _SlowListing(tmp_path)
+    done: list[str] = []
+
+    async def deliver(domain: str, sender: str, rcpts: list[str], msg: bytes) -> dict[str, Reply]:
+        done.extend(rcpts)
+        return {r: Reply(250, "2.0.0 Ok", "mx", remote=True) for r in rcpts}
+
+    # The first re-read comes at once; while it is held, the interval becomes an hour, so the
+    # next one is an hour away (the scheduler reads the interval after each re-read).
+    policy = Policy(rescan=0.05, warn_after=0)
+    sched = Scheduler(spool, deliver, hostname="relay.our.test", domain="our.test",
+                      policy=policy)
+    await sched.start()
+    spool.hold = True
+    try:
+        await asyncio.to_thread(spool.listing.wait, 30)
+        policy.rescan = 3600
+        await sched.enqueue(Entry(id="N1", return_path="", recipients=[
+            Recipient("u@a.test", "s@our.test")]), MSG)
+        spool.go_on.set()
+        for _ in range(500):  # well before the next rescan, an hour away
+            if done and not spool.ids():
+                break
+            await asyncio.sleep(0.02)
+    finally:
+        spool.go_on.set()
+        await sched.stop()
+    assert done == ["u@a.test"]
+    assert spool.ids() == []
+
+
+async def test_arrivals_wait_for_a_lagging_delivery_once_on_disk(tmp_path: Path) -> None:
+    """Past the backlog, a queued mail's enqueue (its 250) waits until delivery catches up."""
+    spool = Spool(tmp_path)
+    release = asyncio.Event()
+    done: list[str] = []
+
+    async def deliver(domain: str, sender: str, rcpts: list[str], msg: bytes) -> dict[str, Reply]:
+        await release.wait()
+        done.extend(rcpts)
+        return {r: Reply(250, "2.0.0 Ok", "mx", remote=True) for r in rcpts}
+
+    sched = Scheduler(spool, deliver, hostname="relay.our.test", domain="our.test",
+                      policy=Policy(max_active=1, inflow_backlog=2, inflow_delay=3600,
+                                    rescan=3600, warn_after=0))
+    await sched.start()
+
+    def entry(qid: str) -> Entry:
+        return Entry(id=qid, return_path="", recipients=[Recipient(f"{qid}@a.test", "s@our.test")])
+
+    try:
+        await sched.enqueue(entry("M1"), MSG)  # in its attempt
+        await sched.enqueue(entry("M2"), MSG)  # waiting: the backlog is 2, not more
+        third = asyncio.create_task(sched.enqueue(entry("M3"), MSG))
+        for _ in range(200):
+            if "M3" in spool.ids():
+                break
+            await asyncio.sleep(0.01)
+        for _ in range(20):
+            await asyncio.sleep(0)
+        assert "M3" in spool.ids() and not third.done()  # on disk, its 250 held back
+        release.set()
+        await asyncio.wait_for(third, 30)
+        for _ in range(500):
+            if len(done) == 3 and not spool.ids():
+                break
+            await asyncio.sleep(0.02)
+    finally:
+        release.set()
+        await sched.stop()
+    assert sorted(done) == ["M1@a.test", "M2@a.test", "M3@a.test"]

@@ -282,3 +282,62 @@ async def test_checks_run_off_the_loop_with_bounded_concurrency(
     assert all(user is None for user, _ in results)
     assert peak == 3
     assert ticks > 1  # the loop kept running while passwords were checked
+
+
+async def test_a_success_is_remembered_until_the_hash_changes(tmp_path: Path) -> None:
+    """One password check for repeated logins; a new password in the repository ends it."""
+    repo = make_repo(tmp_path)
+    watcher = UsersWatcher(repo, "our.test")
+    auth = Authenticator(watcher, throttle=AuthBrake(base_delay=0.001), cache_ttl=60)
+    for _ in range(5):
+        user, reason = await auth.check("192.0.2.7", "bob", "pw-b")
+        assert user is not None and reason is None
+    assert auth.checks == 1
+    assert (await auth.check("192.0.2.7", "bob", "pw-x"))[1] == "invalid"  # failures: checked
+    assert auth.checks == 2
+    # Nothing the cache keeps is the password or contains it.
+    kept = repr(list(auth.cache._entries.items())).encode()
+    assert b"pw-b" not in kept
+    # The admin sets a new password: the old one no longer logs in.
+    body = {"targets": ["x@ext.test"], "password": passwords.hash_password("new-b")}
+    store.commit_file(repo, "bob", json.dumps(body).encode(), "bob: new password")
+    watcher.reload()
+    assert (await auth.check("192.0.2.7", "bob", "pw-b"))[1] == "invalid"
+    assert (await auth.check("192.0.2.7", "bob", "new-b"))[0] is not None
+    assert auth.checks == 4
+    assert len(auth.cache) == 1
+
+
+async def test_the_cache_expires(tmp_path: Path) -> None:
+    watcher = UsersWatcher(make_repo(tmp_path), "our.test")
+    auth = Authenticator(watcher, throttle=AuthBrake(base_delay=0.001), cache_ttl=60)
+    clock = Clock()
+    auth.cache.clock = clock
+    assert (await auth.check("192.0.2.7", "bob", "pw-b"))[0] is not None
+    clock.now += 61
+    assert (await auth.check("192.0.2.7", "bob", "pw-b"))[0] is not None
+    assert auth.checks == 2
+    off = Authenticator(watcher, throttle=AuthBrake(base_delay=0.001), cache_ttl=0)
+    for _ in range(2):
+        assert (await off.check("192.0.2.7", "bob", "pw-b"))[0] is not None
+    assert off.checks == 2
+
+
+async def test_an_old_64_mib_hash_still_logs_in_and_is_rewritten(tmp_path: Path) -> None:
+    """poste's earlier argon2id parameters (RFC 9106's 64 MiB, t=3, p=4) keep working."""
+    from argon2 import PasswordHasher
+
+    old = PasswordHasher(time_cost=3, memory_cost=64 * 1024, parallelism=4).hash("pw-o")
+    repo = make_repo(tmp_path)
+    body = {"targets": ["x@ext.test"], "password": old}
+    store.commit_file(repo, "olga", json.dumps(body).encode(), "olga", create=True)
+    watcher = UsersWatcher(repo, "our.test")
+    auth = Authenticator(watcher, throttle=AuthBrake(base_delay=0.001))
+    assert (await auth.check("192.0.2.8", "olga", "pw-o"))[0] is not None
+    await auth.drain()
+    assert auth.upgrades == 1
+    olga = watcher.db.lookup("olga")
+    assert olga is not None and olga.password is not None
+    assert "$m=19456,t=2,p=1$" in olga.password
+    assert (await auth.check("192.0.2.8", "olga", "pw-o"))[0] is not None
+    assert (await auth.check("192.0.2.8", "olga", "wrong"))[1] == "invalid"

@@ -16,7 +16,6 @@ import base64
 import binascii
 import collections
 import contextlib
-import enum
 import logging
 import os
 import re
@@ -26,15 +25,20 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import aiosmtpd.smtp
 from aiosmtpd.smtp import SMTP, AuthResult, TLSSetupException, syntax
 
+from poste.smtp import fast_init
 from poste.smtp import replies as R
 from poste.smtp.address import AddressError, parse_path
 from poste.smtp.admission import Admission, Fairness, Ticket
 from poste.smtp.chain import StageTransaction
+from poste.smtp.data_reader import DataState, DotReader
 from poste.smtp.hop import Hop
 from poste.smtp.message import SPILL_AT, BodyWriter, give_back_soon
 from poste.smtp.stage import Envelope, Reply, Stage
+
+fast_init.install(aiosmtpd.smtp)  # per-class introspection, not per connection
 
 log = logging.getLogger("poste.smtp")
 
@@ -65,12 +69,21 @@ class Limits:
     fairness: Fairness = field(default_factory=Fairness)
 
 
-class _DataState(enum.Enum):
-    NOMINAL = "ok"
-    TOO_LONG = "line too long"
-    TOO_MUCH = "too big"
-    BARE = "bare CR or LF"
-    NUL = "NUL byte"
+_READ_SIZE = 256 * 1024  # what one read of DATA may take from the socket's buffer
+
+
+def _unread(reader: asyncio.StreamReader, data: bytes) -> None:
+    """Give back bytes read past the end of data (a pipelined command) to the reader's front.
+
+    `read` took all the reader held, so nothing is in front of them; the
+    buffer is CPython's bytearray (3.11-3.13), else `feed_data` appends them
+    to the (then empty) buffer, which is the same place.
+    """
+    buffer = getattr(reader, "_buffer", None)
+    if isinstance(buffer, bytearray):
+        buffer[:0] = data
+    else:
+        reader.feed_data(data)
 
 
 _HAS_ENHANCED = re.compile(r"^\d{3}[ -][245]\.\d{1,3}\.\d{1,3}\b")
@@ -321,67 +334,39 @@ class _Connection(SMTP):
         await self.push(reply)
 
     async def _read_data(self, body: BodyWriter) -> str:
-        """Read to the end marker into `body`, then pass the mail on; the reply to give."""
-        size = 0
-        limit = self.limits.max_message_size
-        max_line = self.limits.max_text_line
+        """Read to the end marker into `body`, then pass the mail on; the reply to give.
+
+        The checks run over whatever the socket gave at once (data_reader.py), not per
+        line; what a pipelining client sent after the end of data goes back to the
+        reader for aiosmtpd's next command.
+        """
+        reader = DotReader(body, self.limits.max_message_size, self.limits.max_text_line)
         data_timeout = self.limits.data_timeout
-        state = _DataState.NOMINAL
-        fragment = False  # inside a line longer than the reader's buffer limit
         clock = self.loop.time
-        armed = 0.0  # when the timer was last set: once a second is enough, not every line
+        armed = 0.0  # when the timer was last set: once a second is enough, not every read
         while self.transport is not None:
             now = clock()
             if now - armed >= 1.0:
                 self._reset_timeout(data_timeout)
                 armed = now
-            try:
-                line = await self._reader.readuntil(b"\r\n")
-            except asyncio.LimitOverrunError as exc:
-                if state is _DataState.NOMINAL:
-                    state = _DataState.TOO_LONG
-                body.discard()
-                await self._reader.read(exc.consumed)
-                fragment = True
-                continue
-            if fragment:  # the tail of an overlong line, never an end marker
-                fragment = False
-                continue
-            if line == b".\r\n":
+            chunk = await self._reader.read(_READ_SIZE)
+            if not chunk:
+                raise asyncio.IncompleteReadError(b"", None)
+            after = reader.feed(chunk)
+            if after is not None:
+                if after:
+                    _unread(self._reader, after)
                 break
-            size += len(line)
-            if state is not _DataState.NOMINAL:
-                continue
-            if b"\r" in line[:-2] or b"\n" in line[:-2]:
-                state = _DataState.BARE
-                body.discard()
-                continue
-            if b"\x00" in line:
-                # RFC 5321 forbids NUL in text; a downstream MTA that strips it could
-                # see an end of data we never saw (`\r\n\x00.\r\n`): smuggling.
-                state = _DataState.NUL
-                body.discard()
-                continue
-            if size > limit:
-                state = _DataState.TOO_MUCH
-                body.discard()
-                continue
-            if line.startswith(b"."):
-                line = line[1:]
-            if len(line) > max_line:
-                state = _DataState.TOO_LONG
-                body.discard()
-                continue
-            body.write(line)
+        state = reader.state
         self._reset_timeout()
-        if state is not _DataState.NOMINAL:
+        if state is not DataState.NOMINAL:
             log.info("%s DATA refused: %s", self.poste_env.peer_ip, state.value)
             self._abort_txn()
-            if state is _DataState.TOO_LONG:
+            if state is DataState.TOO_LONG:
                 return str(R.LINE_TOO_LONG)
-            if state is _DataState.TOO_MUCH:
+            if state is DataState.TOO_MUCH:
                 return str(R.TOO_BIG)
-            if state is _DataState.NUL:
+            if state is DataState.NUL:
                 return str(R.NUL_IN_DATA)
             return str(R.BARE_CR_LF)
         message = body.finish()

@@ -42,6 +42,7 @@ from dataclasses import dataclass
 from poste.metrics import DELIVERIES, QUEUED
 from poste.services.relay.dsn import DELAYED, FAILED, make_dsn
 from poste.services.relay.own_mail import OwnKeys
+from poste.services.relay.pools import arriving, departing
 from poste.services.relay.settings import default
 from poste.services.relay.spool import DELIVERED, PENDING, Entry, Recipient, Spool, SpoolError
 from poste.smtp.message import Message
@@ -64,6 +65,10 @@ class Policy:
     max_per_domain: int = int(default("domain-concurrency"))
     max_active: int = 50
     rescan: float = default("queue-rescan")
+    # Inflow pacing (Postfix's in_flow_delay): while more than `inflow_backlog` mails wait
+    # for or are in their attempt, a newly queued mail's 250 waits up to `inflow_delay` s.
+    inflow_backlog: int = 50
+    inflow_delay: float = 1.0
 
     def backoff(self, attempts: int) -> float:
         base = min(self.retry_min * (2 ** max(attempts - 1, 0)), self.retry_max)
@@ -92,6 +97,8 @@ class Scheduler:
         self._heap: list[tuple[float, str]] = []
         self._due: dict[str, float] = {}
         self._busy: set[str] = set()
+        self._new: set[str] = set()  # submitted, first attempt not begun
+        self._caught_up = asyncio.Event()  # set when the backlog falls to inflow_backlog
         self._wake = asyncio.Event()
         self._active = asyncio.Semaphore(self.policy.max_active)
         self._domains: dict[str, asyncio.Semaphore] = {}
@@ -103,11 +110,11 @@ class Scheduler:
 
     async def start(self) -> None:
         """Own the spool (SpoolLocked if another relay does), then resume it."""
-        await asyncio.to_thread(self.spool.lock)
-        removed = await asyncio.to_thread(self.spool.recover)
+        await departing(self.spool.lock)
+        removed = await departing(self.spool.recover)
         if removed:
             log.info("spool: removed %d leftovers of interrupted writes", len(removed))
-        entries = await asyncio.to_thread(lambda: list(self.spool.entries()))
+        entries = await departing(lambda: list(self.spool.entries()))
         for entry in entries:
             self._schedule(entry.id, entry.next_attempt)
         log.info("spool %s: %d message(s) queued", self.spool.path, len(entries))
@@ -127,12 +134,33 @@ class Scheduler:
 
     def submit(self, entry: Entry) -> None:
         """A message just written to the spool: try it now."""
+        self._new.add(entry.id)
         self._schedule(entry.id, entry.next_attempt)
 
-    async def enqueue(self, entry: Entry, message: Message) -> None:
-        await asyncio.to_thread(self.spool.put, entry, message)
+    async def enqueue(self, entry: Entry, message: Message, *, pace: bool = True) -> None:
+        """Write the mail to the spool (fsync) and schedule it; then, if delivery lags, wait.
+
+        Measured (issue 16): with 50 sessions sending into one process, receiving took
+        the loop and the spool grew to over a thousand mails before delivery caught up.
+        As Postfix's in_flow_delay, a mail queued while more than `inflow_backlog` mails
+        wait for or are in their attempt holds its 250 up to `inflow_delay` seconds: the
+        mail is on disk already (nothing is at risk), senders slow down, delivery gets
+        the CPU.  Our own DSNs (`pace=False`) never wait for delivery, which queues them.
+        """
+        await arriving(self.spool.put, entry, message)
         QUEUED.inc()
         self.submit(entry)
+        if pace and self._backlog() > self.policy.inflow_backlog:
+            self._caught_up.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._caught_up.wait(), self.policy.inflow_delay)
+
+    def _backlog(self) -> int:
+        return len(self._new) + len(self._busy)
+
+    def _maybe_caught_up(self) -> None:
+        if self._backlog() <= self.policy.inflow_backlog:
+            self._caught_up.set()
 
     def _schedule(self, qid: str, when: float) -> None:
         self._due[qid] = when
@@ -159,6 +187,7 @@ class Scheduler:
                 del self._due[qid]
                 await self._active.acquire()
                 self._busy.add(qid)
+                self._new.discard(qid)
                 task = asyncio.create_task(self._process(qid), name=f"deliver-{qid}")
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
@@ -171,21 +200,30 @@ class Scheduler:
                     await asyncio.wait_for(self._wake.wait(), wait)
 
     async def _rescan(self) -> None:
+        """Take in what `poste queue` changed on disk, and forget what it deleted.
+
+        The listing is read in a thread while mail keeps arriving: what was
+        scheduled or rescheduled during it (a new mail, an attempt's outcome) is
+        newer than the listing, so it is neither dropped nor overwritten by it.
+        """
+        before = dict(self._due)
         try:
-            entries = await asyncio.to_thread(lambda: list(self.spool.entries()))
+            entries = await departing(lambda: list(self.spool.entries()))
         except OSError as exc:
             log.warning("spool rescan failed: %s", exc)
             return
         seen = set()
         for entry in entries:
             seen.add(entry.id)
-            if entry.id in self._busy:
+            if entry.id in self._busy or self._due.get(entry.id) != before.get(entry.id):
                 continue
             if self._due.get(entry.id) != entry.next_attempt:
                 self._schedule(entry.id, entry.next_attempt)
-        for qid in list(self._due):
-            if qid not in seen and qid not in self._busy:
+        for qid, when in before.items():
+            if qid not in seen and qid not in self._busy and self._due.get(qid) == when:
                 del self._due[qid]
+                self._new.discard(qid)  # deleted by `poste queue delete`: no longer waiting
+        self._maybe_caught_up()
 
     # -- one message ---------------------------------------------------------
 
@@ -200,20 +238,21 @@ class Scheduler:
         finally:
             self._busy.discard(qid)
             self._active.release()
+            self._maybe_caught_up()
 
     async def _attempt(self, qid: str) -> None:
         try:
-            entry = await asyncio.to_thread(self.spool.load, qid)
+            entry = await departing(self.spool.load, qid)
         except SpoolError as exc:
             log.info("%s: gone from the spool (%s)", qid, exc)
             return
         seen_next = entry.next_attempt
         try:
-            message = await asyncio.to_thread(self.spool.open_message, qid)
+            message = await departing(self.spool.open_message, qid)
         except SpoolError as exc:
             # Only an outside hand removes a message file under its envelope.
             log.error("%s: %s; dropping its envelope", qid, exc)
-            await asyncio.to_thread(self.spool.remove, qid)
+            await departing(self.spool.remove, qid)
             return
         try:
             await self._attempt_with(entry, seen_next, message)
@@ -279,7 +318,7 @@ class Scheduler:
             return entry
 
         try:
-            written = await asyncio.to_thread(self.spool.modify, qid, merge)
+            written = await departing(self.spool.modify, qid, merge)
         except SpoolError as exc:
             log.info("%s: %s during the attempt; not rewritten", qid, exc)
             return
@@ -349,7 +388,7 @@ class Scheduler:
             ],
             is_dsn=True,
         )
-        await self.enqueue(new, Message.of(dsn))
+        await self.enqueue(new, Message.of(dsn), pace=False)
         log.info("%s: %s DSN to <%s> queued as %s", entry.id, action, entry.return_path, new.id)
 
 

@@ -1,6 +1,6 @@
 """Checking logins against the users repository, for the submission server.
 
-The password check is slow on purpose (argon2id: ~64 MiB and hundreds of
+The password check is slow on purpose (argon2id: 19 MiB and tens of
 ms), so it runs in threads behind a semaphore: a burst of logins cannot
 stall the event loop or take all the memory.  What may be checked at all,
 and when a failure is answered, is the AUTH brake's business (brake.py).
@@ -8,7 +8,8 @@ Every check costs exactly one argon2id verification, whatever the account:
 a BLAKE2B account and an unknown login also verify against a dummy argon2id
 hash, so the time of a failure tells nothing.  A successful login with ptt's
 unsalted BLAKE2B hash rewrites it as argon2id in the repository, in the
-background.
+background.  A success is remembered for a short time (login_cache.py), so a
+client that logs in for each mail pays one check, not one per mail.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import logging
 import secrets
 
 from poste.services.submission.brake import AuthBrake, Refused
+from poste.services.submission.login_cache import LoginCache
 from poste.users import passwords, store
 from poste.users.repo import User, UsersDB, UsersRepoError, UsersWatcher
 
@@ -70,6 +72,7 @@ class Authenticator:
         throttle: AuthBrake | None = None,
         concurrency: int = 4,
         upgrade: bool = True,
+        cache_ttl: float = 60.0,
     ) -> None:
         self.watcher = watcher
         self.brake = throttle or AuthBrake()
@@ -82,6 +85,8 @@ class Authenticator:
         self._tasks: set[asyncio.Task[None]] = set()
         self.upgrades = 0
         self.checks = 0  # password checks run (tests, operators)
+        self.cache = LoginCache(cache_ttl)
+        self._cache_db: UsersDB | None = None  # the snapshot the cache was last checked against
 
     def _check_sync(self, stored: str | None, password: str) -> bool:
         """One argon2id verification whatever `stored` is, then the real answer."""
@@ -106,15 +111,24 @@ class Authenticator:
         A failure has already waited its delay when this returns.
         """
         db = self.watcher.db
+        if db is not self._cache_db:  # a new commit: drop what a changed hash made stale
+            self._cache_db = db
+            hashes = {u.path: u.password for u in db}
+            self.cache.forget(hashes.get)
         user = resolve_login(db, login)
         account = account_key(db, user, login)
         try:
             async with self.brake.gate(ip):
                 ticket = self.brake.admit(ip, account)
                 stored = user.password if user is not None else None
+                if user is not None and stored and self.cache.hit(user.path, stored, password):
+                    self.brake.success(ticket)
+                    log.info("auth ok ip=%s user=%s (remembered)", ip, user.address)
+                    return user, None
                 ok, began = await self._verify(stored, password)
                 if ok and user is not None and stored:
                     self.brake.success(ticket)
+                    self.cache.remember(user.path, stored, password)
                     log.info("auth ok ip=%s user=%s", ip, user.address)
                     if self.upgrade and passwords.needs_upgrade(stored):
                         self._start_upgrade(user, stored, password)

@@ -126,6 +126,7 @@ def build_stage(
     throttle: AuthBrake | None = None,
     concurrency: int = 4,
     watcher: UsersWatcher | None = None,
+    cache_ttl: float = 60.0,
 ) -> SubmissionStage:
     """The stage with its users watcher (for `poste submission` and `poste up`).
 
@@ -137,7 +138,8 @@ def build_stage(
     """
     if watcher is None:
         watcher = UsersWatcher(users, domains[0], poll_interval, extra_domains=tuple(domains[1:]))
-    authenticator = Authenticator(watcher, throttle=throttle, concurrency=concurrency)
+    authenticator = Authenticator(watcher, throttle=throttle, concurrency=concurrency,
+                                  cache_ttl=cache_ttl)
     return SubmissionStage(watcher, authenticator)
 
 
@@ -154,6 +156,7 @@ def stage(values: Values, watcher: UsersWatcher | None = None) -> SubmissionStag
         return build_stage(
             values["users"], tuple(values["domain"]), poll_interval=float(values["poll-interval"]),
             throttle=throttle, concurrency=int(values["auth-concurrency"]), watcher=watcher,
+            cache_ttl=float(values["auth-cache"]),
         )
     except (UsersRepoError, ValueError) as exc:
         raise ConfigError(None, str(exc)) from None
