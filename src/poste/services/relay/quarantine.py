@@ -29,7 +29,6 @@ import email.policy
 import fcntl
 import json
 import os
-import secrets
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -37,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from poste.runtime.logs import escape
-from poste.services.relay.spool import Entry, Spool, SpoolError
+from poste.services.relay.spool import Entry, Spool, SpoolError, fsync_dir, write_atomic
 from poste.smtp.message import Message
 
 FOLDER = "quarantine"
@@ -100,14 +99,6 @@ def summary_of(header: bytes) -> tuple[str, str, str]:
     return tuple(_oneline(str(msg.get(k, "") or "")) for k in ("From", "Subject", "Date"))  # type: ignore[return-value]
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class Quarantine:
     """Blocking file operations on SPOOL/quarantine (call them through asyncio.to_thread)."""
 
@@ -117,21 +108,7 @@ class Quarantine:
             self.path.mkdir(parents=True, exist_ok=True)
 
     def _write_atomic(self, target: Path, data: bytes | Message) -> None:
-        tmp = self.path / f".tmp-{target.name}-{secrets.token_hex(4)}"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            for piece in data.chunks() if isinstance(data, Message) else (data,):
-                view = memoryview(piece)
-                while view:
-                    view = view[os.write(fd, view):]
-            os.fsync(fd)
-        except BaseException:
-            os.close(fd)
-            with contextlib.suppress(OSError):
-                tmp.unlink()
-            raise
-        os.close(fd)
-        os.rename(tmp, target)
+        write_atomic(self.path, target, data)  # as the spool writes
 
     def journal(self, event: str, held: Held, **more: Any) -> None:
         """Append one event line, fsynced: the trace of every mail that leaves the quarantine."""
@@ -159,7 +136,7 @@ class Quarantine:
             raise QuarantineError(f"id {entry.id} already in the quarantine")
         self._write_atomic(self._eml(entry.id), message)
         self._write_atomic(self._json(entry.id), _dump(held))
-        _fsync_dir(self.path)
+        fsync_dir(self.path)
         self.journal("held", held)
         return held
 
@@ -213,14 +190,14 @@ class Quarantine:
         with self._locked(held.id) as there:
             if there:
                 self._write_atomic(self._json(held.id), _dump(held))
-                _fsync_dir(self.path)
+                fsync_dir(self.path)
 
     def _remove(self, qid: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             self._json(qid).unlink()  # the commit record first
         with contextlib.suppress(FileNotFoundError):
             self._eml(qid).unlink()
-        _fsync_dir(self.path)
+        fsync_dir(self.path)
 
     def release(self, qid: str, spool: Spool) -> Held:
         """Into the spool, unchanged (its next rescan delivers it), then out of here."""
@@ -282,7 +259,7 @@ class Quarantine:
 
     def request_digest(self) -> None:
         self._write_atomic(self.path / TRIGGER, b"")
-        _fsync_dir(self.path)
+        fsync_dir(self.path)
 
     def take_digest_request(self) -> bool:
         try:

@@ -109,7 +109,28 @@ class Entry:
         return cls(**known)
 
 
-def _fsync_dir(path: Path) -> None:
+def write_atomic(folder: Path, target: Path, data: bytes | Message) -> None:
+    """`data` at `target`, whole or not at all: written to a temporary file in `folder`
+    (the target's), fsynced, renamed over it.  The caller fsyncs the folder (once for
+    several files).  A Message is written piece by piece, never as one bytes object."""
+    tmp = folder / f".tmp-{target.name}-{secrets.token_hex(4)}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        for piece in data.chunks() if isinstance(data, Message) else (data,):
+            view = memoryview(piece)
+            while view:
+                view = view[os.write(fd, view):]
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    os.close(fd)
+    os.rename(tmp, target)
+
+
+def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
@@ -127,7 +148,7 @@ class Spool:
             version = self.path / "VERSION"
             if not version.exists():
                 self._write_atomic(version, (VERSION + "\n").encode())
-                _fsync_dir(self.path)
+                fsync_dir(self.path)
         elif not self.path.is_dir():
             raise SpoolError(f"no spool folder at {self.path}")
         version = self.path / "VERSION"
@@ -196,22 +217,7 @@ class Spool:
     # -- writing ---------------------------------------------------------
 
     def _write_atomic(self, target: Path, data: bytes | Message) -> None:
-        tmp = self.path / f".tmp-{target.name}-{secrets.token_hex(4)}"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            for piece in data.chunks() if isinstance(data, Message) else (data,):
-                view = memoryview(piece)
-                while view:
-                    n = os.write(fd, view)
-                    view = view[n:]
-            os.fsync(fd)
-        except BaseException:
-            os.close(fd)
-            with contextlib.suppress(OSError):
-                tmp.unlink()
-            raise
-        os.close(fd)
-        os.rename(tmp, target)
+        write_atomic(self.path, target, data)
 
     def put(self, entry: Entry, message: Message | bytes) -> None:
         """Store a new message durably; when this returns the mail survives a crash.
@@ -228,7 +234,7 @@ class Spool:
             raise SpoolError(f"queue id {entry.id} already in the spool")
         self._write_atomic(self.message_path(entry.id), message)
         self._write_atomic(self.envelope_path(entry.id), _dump(entry))
-        _fsync_dir(self.path)
+        fsync_dir(self.path)
 
     def update(self, entry: Entry) -> None:
         """Rewrite the envelope (delivery state) atomically, under the message lock.
@@ -254,7 +260,7 @@ class Spool:
                 self._remove_files(qid)
                 return None
             self._write_atomic(self.envelope_path(qid), _dump(new))
-            _fsync_dir(self.path)
+            fsync_dir(self.path)
             return new
 
     def remove(self, qid: str) -> None:
@@ -270,7 +276,7 @@ class Spool:
             self.envelope_path(qid).unlink()
         with contextlib.suppress(FileNotFoundError):
             self.message_path(qid).unlink()
-        _fsync_dir(self.path)
+        fsync_dir(self.path)
 
     # -- reading ---------------------------------------------------------
 
@@ -331,7 +337,7 @@ class Spool:
                 except FileNotFoundError:
                     continue
         if removed:
-            _fsync_dir(self.path)
+            fsync_dir(self.path)
         return removed
 
 
