@@ -22,7 +22,7 @@ from support import mta, opendkim
 from support.authkit import check, receiver, txt_func
 from support.dkimkit import dkim_zone_records, make_key
 from support.knot import KnotServer, knot_server, simple_zone
-from support.net import free_port
+from support.postfix_behind import assert_ours_and_aligned, relay_before_postfix
 from support.relay_env import Relay, header, make_users, mx_zones, return_path
 from support.standin import StandIns
 
@@ -31,7 +31,6 @@ HOSTS = [f"127.0.0.{i}" for i in range(21, 30)]  # the stand-in MX hosts of rela
 pytestmark = pytest.mark.skipif(not opendkim.available(), reason="opendkim-testmsg missing")
 
 RELAY_HELO = "relay.our.test"  # the relay's --hostname in support/relay_env.Relay
-PFX_IP, BEHIND_IP = "127.0.0.31", "127.0.0.32"  # the Postfix MX, the mailbox behind it
 _MAIL = (b"From: Bob <bob@example.org>\r\nTo: dave@our.test\r\nSubject: refused\r\n"
          b"Date: Mon, 01 Jan 2024 10:00:00 +0000\r\nMessage-ID: <refused@example.org>\r\n"
          b"\r\nHello.\r\n")
@@ -101,38 +100,10 @@ def test_dsn_passes_opendkim_and_opendmarc_at_a_postfix_mx(tmp_path: Path, poste
     Postfix, and what OpenDKIM and OpenDMARC concluded reaches the stand-in
     behind it in their Authentication-Results.
     """
-    key_path, key = make_key(tmp_path, "rsa", "poste")
-    ours = (
-        '@ TXT "v=spf1 mx -all"\n'
-        'relay TXT "v=spf1 ip4:127.0.0.1 -all"\n'
-        '_dmarc TXT "v=DMARC1; p=reject; rua=mailto:postmaster@our.test"\n'
-        + dkim_zone_records([("poste", key)])
-    )
-    zones = {
-        "our.test": simple_zone("our.test", ours),
-        "example.org": simple_zone("example.org", f"@ MX 10 mx.example.org.\nmx A {PFX_IP}\n"),
-        "nullmx.test": simple_zone("nullmx.test", "@ MX 0 .\n"),
-    }
     make_users(poste_bin, tmp_path / "users", {"dave": ["dave@nullmx.test"]})
-    port = free_port(PFX_IP)
-    with knot_server(tmp_path / "knot", zones, host=opendkim.port53_host(), port=53) as ns, \
-            StandIns([BEHIND_IP]) as behind:
-        box = behind.start(BEHIND_IP, tmp_path / "behind")
-        with mta.receiving_mta(tmp_path / "pfx", "example.org", PFX_IP, port,
-                               (BEHIND_IP, behind.port), ns.host) as maillog:
-            relay = Relay(poste_bin, tmp_path, ns.nameserver, port,
-                          "--dkim-selector", "poste", "--dkim-key", str(key_path)).start()
-            try:
-                with smtplib.SMTP(relay.host, relay.port, timeout=30) as s:
-                    assert s.sendmail("bob@example.org", ["dave@our.test"], _MAIL) == {}
-                try:
-                    [dsn] = box.wait(1)
-                except TimeoutError:
-                    raise AssertionError(maillog.read_text(errors="replace")[-3000:]) from None
-            finally:
-                relay.stop()
+    with relay_before_postfix(tmp_path, poste_bin, {"nullmx.test": simple_zone("nullmx.test", "@ MX 0 .\n")}) as w:
+        with smtplib.SMTP(w.relay.host, w.relay.port, timeout=30) as s:
+            assert s.sendmail("bob@example.org", ["dave@our.test"], _MAIL) == {}
+        dsn = w.wait_one()
     assert header(dsn, "From") == ["Mail Delivery System <MAILER-DAEMON@our.test>"]
-    results = " ".join(header(dsn, "Authentication-Results"))
-    assert "mx.example.org; dkim=pass" in results and "header.d=our.test" in results, results
-    assert "mx.example.org; dmarc=pass (p=reject dis=none) header.from=our.test" in results, results
-    assert "mx.example.org; spf=pass smtp.helo=relay.our.test" in results, results  # libspf2
+    assert_ours_and_aligned(dsn)  # spf: libspf2's, in Postfix

@@ -22,7 +22,6 @@ from poste.services.relay.spam_policy import trusted_label
 from poste.users.repo import UsersRepoError, parse_entry
 from support import mta, opendkim
 from support.cli import run_poste
-from support.dkimkit import dkim_zone_records, make_key
 from support.knot import knot_server, simple_zone
 from support.loop_world import (
     DOMAIN,
@@ -35,6 +34,7 @@ from support.loop_world import (
     swaks,
 )
 from support.net import free_port
+from support.postfix_behind import PFX_IP, assert_ours_and_aligned, relay_before_postfix
 from support.relay_env import Relay, header, make_users
 from support.standin import StandIns
 
@@ -201,9 +201,6 @@ def _dkim_passes(world: World, mail: bytes) -> None:
 
 # -- the digest at a real receiver: Postfix + OpenDKIM + OpenDMARC ---------------
 
-PFX_IP, BEHIND_IP = "127.0.0.31", "127.0.0.32"
-
-
 @pytest.mark.skipif(not mta.available(), reason="postfix, opendkim or opendmarc missing")
 def test_digest_passes_opendkim_and_opendmarc_at_a_postfix_mx(
     tmp_path: Path, poste_bin: str
@@ -214,50 +211,22 @@ def test_digest_passes_opendkim_and_opendmarc_at_a_postfix_mx(
     its Received:); the digest goes to dave@example.org through Postfix, and
     what OpenDKIM and OpenDMARC concluded reaches the stand-in behind it.
     """
-    key_path, key = make_key(tmp_path, "rsa", "poste")
-    ours = (
-        '@ TXT "v=spf1 mx -all"\n'
-        'relay TXT "v=spf1 ip4:127.0.0.1 -all"\n'
-        '_dmarc TXT "v=DMARC1; p=reject; rua=mailto:postmaster@our.test"\n'
-        + dkim_zone_records([("poste", key)])
-    )
-    zones = {
-        "our.test": simple_zone("our.test", ours),
-        "example.org": simple_zone("example.org", f"@ MX 10 mx.example.org.\nmx A {PFX_IP}\n"),
-    }
     make_users(poste_bin, tmp_path / "users", {"dave": ["dave@example.org"]})
     assert run_poste(["users", "spam", "dave", "quarantine", "--repo",
                       str(tmp_path / "users")]).returncode == 0
     spam = (b"X-Spamtacus: yes\r\nReceived: from mail.our.test by spamfilter.our.test; "
             b"Mon, 23 Nov 2026 10:00:00 +0000\r\n"
             + SPAM.format(to="dave@our.test", n=9).encode())
-    port = free_port(PFX_IP)
-    with knot_server(tmp_path / "knot", zones, host=opendkim.port53_host(), port=53) as ns, \
-            StandIns([BEHIND_IP]) as behind:
-        box = behind.start(BEHIND_IP, tmp_path / "behind")
-        with mta.receiving_mta(tmp_path / "pfx", "example.org", PFX_IP, port,
-                               (BEHIND_IP, behind.port), ns.host) as maillog:
-            relay = Relay(poste_bin, tmp_path, ns.nameserver, port,
-                          "--dkim-selector", "poste", "--dkim-key", str(key_path)).start()
-            try:
-                with smtplib.SMTP(relay.host, relay.port, timeout=30) as s:
-                    assert s.sendmail("deals@gmail.test", ["dave@our.test"], spam) == {}
-                time.sleep(0.5)
-                assert box.mails() == []  # held, not forwarded
-                _quarantine("digest", "--now", "--spool", str(relay.spool))
-                try:
-                    [digest] = box.wait(1)
-                except TimeoutError:
-                    raise AssertionError(maillog.read_text(errors="replace")[-3000:]
-                                         + relay.log()) from None
-            finally:
-                relay.stop()
+    with relay_before_postfix(tmp_path, poste_bin) as w:
+        with smtplib.SMTP(w.relay.host, w.relay.port, timeout=30) as s:
+            assert s.sendmail("deals@gmail.test", ["dave@our.test"], spam) == {}
+        time.sleep(0.5)
+        assert w.box.mails() == []  # held, not forwarded
+        _quarantine("digest", "--now", "--spool", str(w.relay.spool))
+        digest = w.wait_one()
     assert header(digest, "From") == ["poste quarantine <postmaster@our.test>"]
     assert b"CHEAP PILLS 9" in digest
-    results = " ".join(header(digest, "Authentication-Results"))
-    assert "mx.example.org; dkim=pass" in results and "header.d=our.test" in results, results
-    assert "mx.example.org; dmarc=pass (p=reject dis=none) header.from=our.test" in results, results
-    assert "mx.example.org; spf=pass smtp.helo=relay.our.test" in results, results
+    assert_ours_and_aligned(digest)
 
 
 # -- durability and expiry -----------------------------------------------------
