@@ -9,6 +9,7 @@ services talking SMTP to each other.
 from __future__ import annotations
 
 import logging
+import time
 
 from poste.metrics import MAILS, RECIPIENTS, outcome
 from poste.smtp import replies as R
@@ -90,6 +91,7 @@ class StageTransaction:
         down = self._down
         if down is None:
             return R.NEED_RCPT
+        start = time.monotonic()
         try:
             verdict = await self.stage.on_data(self.env, data)
         except BaseException as exc:
@@ -112,13 +114,17 @@ class StageTransaction:
             if not isinstance(exc, HopError):
                 raise
             reply = exc.reply
+        # The one INFO line of this service for this mail: who, what the stage found,
+        # how long from the end of DATA to the next hop's reply, and that reply.
         log.info(
-            "%s %s from=<%s> to=%s size=%d: %s",
+            "%s %s from=<%s> to=%s size=%d %sdelay=%.3f: %s",
             self.env.queue_id,
             self.stage.name,
             self.env.mail_from,
             ",".join(f"<{r}>" for r in self.env.rcpt_tos),
             data.size,
+            verdict.note + " " if verdict.note else "",
+            time.monotonic() - start,
             reply,
         )
         return reply

@@ -135,6 +135,10 @@ class Verdict:
     # The mail as the stage rewrote it, when it must (the relay's From rewrite for
     # DMARC, services/relay/from_rewrite.py): `prepend` goes on top of this instead.
     message: Message | None = None
+    # What the stage found, as `key=value` words (`spf=pass dkim=pass ...`): the core
+    # puts it in its one INFO line per mail per service, so no stage logs a line of
+    # its own per mail (issue 16: eight lines per mail were 6-8% of `poste up`'s CPU).
+    note: str = ""
 
 
 class Stage:

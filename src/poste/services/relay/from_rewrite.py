@@ -175,6 +175,7 @@ class Forwarded:
 
     prepend: bytes = b""
     message: Message | None = None
+    note: str = ""  # the plan, for the core's one log line of this mail (smtp/chain.py)
 
 
 class Forwarding:
@@ -223,11 +224,11 @@ class Forwarding:
                 log.exception("%s From rewrite failed", env.queue_id)
             if rewritten is None:
                 plan = Plan("unchanged", "not-rewritable", plan.author_domain, plan.policy)
-        log.info("%s forward plan=%s reason=%s author-domain=%s policy=%s%s", env.queue_id,
-                 plan.plan, plan.reason, plan.author_domain or "-", plan.policy or "-",
-                 f" ({plan.detail})" if plan.detail else "")
+        note = (f"forward plan={plan.plan} reason={plan.reason} "
+                f"author-domain={plan.author_domain or '-'} policy={plan.policy or '-'}"
+                + (f" ({plan.detail})" if plan.detail else ""))
         FORWARD_PLANS.labels(plan.plan, plan.reason).inc()
-        return Forwarded(top, rewritten)
+        return Forwarded(top, rewritten, note)
 
     def _forward_fields(self, forwarded: list[str]) -> bytes:
         pairs = [(r, t) for r in forwarded for t in self.targets(r)]

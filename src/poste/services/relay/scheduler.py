@@ -350,9 +350,10 @@ class Scheduler:
             else:
                 word = "deferred"
             if word != "bounced":
-                log.info(
-                    "%s: to=<%s> from=<%s> relay=%s status=%s (%s)",
-                    entry.id, r.address, sender, res.remote_mta or "none", word, res.record,
+                log.info(  # delay: since the mail came in, as Postfix's delay=
+                    "%s: to=<%s> from=<%s> relay=%s delay=%.3f status=%s (%s)",
+                    entry.id, r.address, sender, res.remote_mta or "none",
+                    now - entry.created, word, res.record,
                 )
 
     async def _notify(

@@ -35,7 +35,7 @@ import os
 import secrets
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -97,7 +97,11 @@ class Entry:
         return [r for r in self.recipients if r.state == PENDING]
 
     def to_json(self) -> dict[str, Any]:
-        data = asdict(self)
+        # The fields by hand, not dataclasses.asdict (a recursive deep copy): the same
+        # dict, written at least twice per mail (queued, then delivered or deferred).
+        data = {k: getattr(self, k) for k in _ENTRY_FIELDS}
+        data["recipients"] = [{k: getattr(r, k) for k in _RECIPIENT_FIELDS}
+                              for r in self.recipients]
         data["version"] = 1
         return data
 
@@ -107,6 +111,10 @@ class Entry:
         known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
         known["recipients"] = rcpts
         return cls(**known)
+
+
+_ENTRY_FIELDS = tuple(Entry.__dataclass_fields__)
+_RECIPIENT_FIELDS = tuple(Recipient.__dataclass_fields__)
 
 
 def write_atomic(folder: Path, target: Path, data: bytes | Message) -> None:
@@ -342,4 +350,7 @@ class Spool:
 
 
 def _dump(entry: Entry) -> bytes:
-    return (json.dumps(entry.to_json(), indent=1, sort_keys=True) + "\n").encode("utf-8")
+    """The envelope as one line of compact JSON (the same keys and values as ever, so
+    any reader of format 1 reads it; indenting it cost more than writing it)."""
+    return (json.dumps(entry.to_json(), separators=(",", ":"), sort_keys=True)
+            + "\n").encode("utf-8")

@@ -71,7 +71,7 @@ class RelayStage(Stage):
         out = fwd.message if fwd and fwd.message else message  # sealed as it goes on
         seal = await self.seal.fields(env, out) if self.seal else b""
         return Verdict(prepend=(fwd.prepend if fwd else b"") + seal,
-                       message=fwd.message if fwd else None)
+                       message=fwd.message if fwd else None, note=fwd.note if fwd else "")
 
 
 class QueueHop:
@@ -183,8 +183,8 @@ class QueueTransaction:
                 return _queue_failed(entry, exc)
         except OSError as exc:
             return _queue_failed(entry, exc)
-        for r in rcpts:
-            log.info(
+        for r in rcpts:  # the core's line says `queued as` at INFO; the expansion here
+            log.debug(
                 "%s queued from=<%s> to=<%s> (for <%s>) size=%d",
                 entry.id, r.sender, r.address, r.original, message.size,
             )

@@ -79,9 +79,7 @@ class VerifierStage(Stage):
 
     async def on_data(self, env: Envelope, message: Message) -> Verdict:
         report = await self.auth.check(env.peer_ip, env.mail_from, env.helo, message)
-        log.info(
-            "%s %s from=<%s> ip=%s", env.queue_id, report.summary(), env.mail_from, env.peer_ip
-        )
+        note = f"ip={env.peer_ip or '-'} {report.summary()}"  # in the core's line of this mail
         _count(report)
         if self.reject_failures:
             decisive = report.decisive_spf
@@ -89,11 +87,14 @@ class VerifierStage(Stage):
                 text = decisive.explanation or "SPF fail - not authorized"
                 if decisive.identity == "helo" and decisive.sender:
                     text = f"HELO {decisive.helo}: {text}"
-                return Verdict(reply=Reply(550, f"5.7.23 {_oneline(text)}"))
+                log.info("%s refused: %s from=<%s>", env.queue_id, note, env.mail_from)
+                return Verdict(reply=Reply(550, f"5.7.23 {_oneline(text)}"), note=note)
             if report.dmarc is not None and report.dmarc.wants_reject():
                 domain = report.dmarc.from_domain
-                return Verdict(reply=Reply(550, f"5.7.1 Rejected by the DMARC policy of {domain}"))
-        return Verdict(prepend=self.auth.fields(report, ip=env.peer_ip))
+                log.info("%s refused: %s from=<%s>", env.queue_id, note, env.mail_from)
+                return Verdict(reply=Reply(550, f"5.7.1 Rejected by the DMARC policy of {domain}"),
+                               note=note)
+        return Verdict(prepend=self.auth.fields(report, ip=env.peer_ip), note=note)
 
 
 def _count(report: Report) -> None:
