@@ -105,3 +105,62 @@ async def test_client_gone_mid_transaction_closes_onward(tmp_path: Path) -> None
             assert (await c.cmd("RCPT TO:<a@b.test>")).startswith("250")
             c.writer.transport.abort()  # no QUIT, no RSET: the line just drops
         assert await settle(lambda: len(nxt.connections)) == 0
+
+
+async def _one_mail(c: LineClient, i: int) -> str:
+    assert (await c.cmd(f"MAIL FROM:<s{i}@x.test>")).startswith("250")
+    assert (await c.cmd("RCPT TO:<a@b.test>")).startswith("250")
+    assert (await c.cmd("DATA")).startswith("354")
+    return await c.cmd(f"Subject: {i}\r\n\r\nmail {i}\r\n.")
+
+
+async def test_kept_sessions_are_reused_bounded_and_closed(tmp_path: Path) -> None:
+    """SMTPHop(keep=N): one session at the next hop carries mail after mail, an
+    abandoned transaction is RSET before its session is kept, no more than N stay
+    open, a session the next hop closed is replaced, and stopping closes them."""
+    box = tmp_path / "box"
+    async with running(NextHop(), sink(box)) as nxt:
+        hop = SMTPHop(*nxt.sockname, keep=2)
+        async with running(Front(), hop) as front:
+            def open_at_next() -> int:
+                return len(nxt.connections)
+
+            c = await LineClient.connect(*front.sockname)
+            assert (await c.reply()).startswith("220")
+            assert (await c.cmd("EHLO client.test")).startswith("250")
+            seen: set[object] = set()
+            for i in range(20):
+                assert (await _one_mail(c, i)).startswith("250")
+                seen |= set(nxt.connections)
+            assert len(seen) == 1  # one session at the next hop for all twenty
+            # abandoned transactions: RSET, kept, still one session
+            for i in range(20):
+                assert (await c.cmd(f"MAIL FROM:<r{i}@x.test>")).startswith("250")
+                assert (await c.cmd("RCPT TO:<a@b.test>")).startswith("250")
+                assert (await c.cmd("RSET")).startswith("250")
+            assert await settle(open_at_next, 1) == 1
+            # the next hop closes the kept session: the next mail takes a new one
+            for conn in list(nxt.connections):
+                assert conn.transport is not None
+                conn.transport.close()
+            assert await settle(open_at_next, 0) == 0
+            assert (await _one_mail(c, 100)).startswith("250")
+            # five clients at once: five sessions, then at most two kept
+            clients = [await LineClient.connect(*front.sockname) for _ in range(5)]
+            for k in clients:
+                await k.reply()
+                await k.cmd("EHLO client.test")
+            for k in clients:
+                assert (await k.cmd("MAIL FROM:<p@x.test>")).startswith("250")
+                assert (await k.cmd("RCPT TO:<a@b.test>")).startswith("250")
+            assert open_at_next() >= 5
+            for k in clients:
+                assert (await k.cmd("DATA")).startswith("354")
+                assert (await k.cmd("Subject: p\r\n\r\np\r\n.")).startswith("250")
+                await k.cmd("QUIT")
+                await k.close()
+            assert await settle(open_at_next, 2) == 2
+            await c.cmd("QUIT")
+            await c.close()
+        assert await settle(open_at_next, 0) == 0  # the front stopped: its sessions closed
+    assert len(list(box.glob("*"))) >= 26

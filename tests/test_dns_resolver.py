@@ -33,3 +33,33 @@ def test_ports_stay_per_server() -> None:
     assert r.use_tcp
     s = make_sync_resolver(["127.0.0.1:5301"], timeout=2)
     assert not s.use_tcp and s.lifetime == 2
+
+
+def test_resolve_cached_answers_from_the_cache_alone() -> None:
+    """What the event loop may ask (the relay's forward plan): the cache, never the network."""
+    from support.fakedns import Answer, fake_dns, rrset
+
+    from poste.dns.dmarc import find_policy
+    from poste.dns.resolver import NotCached
+
+    asked: list[str] = []
+
+    def lookup(qname: str, qtype: int) -> Answer | None:
+        asked.append(qname.rstrip(".").lower())
+        if qname.rstrip(".").lower() == "_dmarc.author.test":
+            return Answer([rrset("_dmarc.author.test.", "TXT", "v=DMARC1; p=reject", ttl=300)])
+        return Answer(rcode=3)
+
+    with fake_dns(lookup) as dns_server:
+        r = make_sync_resolver([dns_server.nameserver], timeout=5)
+        with pytest.raises(NotCached):
+            r.resolve_cached("_dmarc.author.test", "TXT")
+        with pytest.raises(NotCached):
+            find_policy(r, "author.test", cached_only=True)
+        assert asked == []  # nothing went out
+        policy = find_policy(r, "author.test")
+        assert policy is not None and policy.p == "reject"
+        n = len(asked)
+        again = find_policy(r, "author.test", cached_only=True)
+        assert again == policy and len(asked) == n  # from the cache, by its TTL
+        assert r.resolve_cached("_dmarc.author.test", "TXT").rrset is not None

@@ -53,11 +53,14 @@ class DNSTrouble(Exception):
     """The record could not be looked up (a temporary error: try later)."""
 
 
-def _txt(resolver: SyncResolver, name: str) -> list[str]:
+def _txt(resolver: SyncResolver, name: str, cached_only: bool = False) -> list[str]:
     try:
-        answer = resolver.resolve(  # type: ignore[no-untyped-call]
-            name, dns.rdatatype.TXT, raise_on_no_answer=False, search=False
-        )
+        if cached_only:  # NotCached goes up: it is no DNS trouble
+            answer = resolver.resolve_cached(name, dns.rdatatype.TXT, raise_on_no_answer=False)
+        else:
+            answer = resolver.resolve(  # type: ignore[no-untyped-call]
+                name, dns.rdatatype.TXT, raise_on_no_answer=False, search=False
+            )
     except dns.resolver.NXDOMAIN:
         return []
     except (dns.exception.DNSException, OSError) as exc:
@@ -96,14 +99,19 @@ def parse_record(text: str) -> Policy | None:
 
 
 def find_policy(
-    resolver: SyncResolver, domain: str, psl: PublicSuffixList | None = None
+    resolver: SyncResolver, domain: str, psl: PublicSuffixList | None = None,
+    *, cached_only: bool = False,
 ) -> Policy | None:
     """The policy that applies to mail From `domain`: its own record, else its
-    organisational domain's; None when there is none; DNSTrouble on DNS trouble."""
+    organisational domain's; None when there is none; DNSTrouble on DNS trouble.
+
+    `cached_only`: from the resolver's cache alone (for the event loop), NotCached
+    when a lookup would have to go out."""
     for where, org in ((domain, False), (org_domain(domain, psl), True)):
         if org and where == domain:
             break
-        records = [r for r in _txt(resolver, f"_dmarc.{where}") if r.lower().startswith("v=dmarc1")]
+        records = [r for r in _txt(resolver, f"_dmarc.{where}", cached_only)
+                   if r.lower().startswith("v=dmarc1")]
         if len(records) == 1:
             policy = parse_record(records[0])
             if policy is not None:

@@ -12,11 +12,17 @@ from dataclasses import dataclass
 
 import dns.asyncresolver
 import dns.nameserver
+import dns.rdataclass
+import dns.rdatatype
 import dns.resolver
 
 
 class NameserverError(ValueError):
     pass
+
+
+class NotCached(Exception):
+    """`SyncResolver.resolve_cached`: the answer is not in the cache (not a DNS error)."""
 
 
 @dataclass(frozen=True)
@@ -110,6 +116,26 @@ class SyncResolver(dns.resolver.Resolver):
     def resolve(self, *args, **kwargs):  # type: ignore[no-untyped-def, override]
         kwargs.setdefault("tcp", self.use_tcp)
         return super().resolve(*args, **kwargs)
+
+    def resolve_cached(
+        self, qname: str, rdtype: dns.rdatatype.RdataType | str, *,
+        raise_on_no_answer: bool = True,
+    ) -> dns.resolver.Answer:
+        """The answer `resolve` would give from the cache alone, never a network wait.
+
+        Raises NotCached when the cache does not have it (then ask `resolve`, off
+        the event loop), and NXDOMAIN/NoAnswer when the cache has those.  So a
+        caller on the event loop answers from the cache and takes the trip to a
+        thread only for what is not cached.  dnspython's own first step of
+        `resolve` (its `_Resolution`, pinned in the locks), without the rest.
+        """
+        resolution = dns.resolver._Resolution(
+            self, qname, rdtype, dns.rdataclass.IN, self.use_tcp, raise_on_no_answer, False
+        )
+        _request, answer = resolution.next_request()
+        if answer is None:
+            raise NotCached(f"{qname} {rdtype}")
+        return answer
 
 
 def make_resolver(specs: list[str] | tuple[str, ...], timeout: float = 5.0) -> Resolver:

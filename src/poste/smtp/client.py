@@ -13,6 +13,7 @@ import logging
 import re
 import socket
 import ssl
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -199,16 +200,32 @@ async def connect(
     return client
 
 
+# Idle sessions an own hop keeps open to its next service (`SMTPHop(keep=...)`).
+HOP_KEEP = 8
+# A kept session idle longer than this is closed, not used: well under the idle
+# timeout of a poste listener (300 s), so the other side never hangs up first.
+HOP_IDLE = 30.0
+# What says the kept session is gone: the next hop closed it meanwhile.
+_GONE = (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPConnectError, ConnectionError)
+
+
 class _SMTPTransaction:
-    def __init__(self, client: aiosmtplib.SMTP, queue_id: str) -> None:
+    def __init__(
+        self, client: aiosmtplib.SMTP, queue_id: str, hop: SMTPHop | None = None,
+        reused: bool = False,
+    ) -> None:
         self.client = client
         self.queue_id = queue_id
+        self.hop = hop
+        self.reused = reused  # a kept session: MAIL may find it closed by the other side
+        self._over = False
 
     async def _call(self, what: str, coro) -> Reply:  # type: ignore[no-untyped-def]
         try:
             response = await coro
         except aiosmtplib.SMTPResponseException as exc:
             if exc.code < 400:  # garbage from the hop: do not claim success
+                self.client.close()
                 raise HopError(R.HOP_UNAVAILABLE) from exc
             return _reply(exc.code, exc.message)
         except AddressError as exc:
@@ -225,6 +242,25 @@ class _SMTPTransaction:
             for o in options
             if o.upper().startswith(_PASSABLE) and self.client.supports_extension(o.split("=")[0])
         ]
+        if self.reused and self.hop is not None:
+            # A kept session the next hop closed meanwhile (its idle timeout, a restart):
+            # MAIL is the first command and changes nothing there, so a new session
+            # takes over.  Any other answer is the hop's own.
+            self.reused = False
+            try:
+                response = await mail_from(self.client, sender, opts)
+                return _reply(response.code, response.message)
+            except _GONE:
+                self.client.close()
+            except aiosmtplib.SMTPResponseException as exc:
+                if exc.code != 421:
+                    return await self._call("MAIL", _raise(exc))
+                self.client.close()
+            except AddressError as exc:
+                return Reply(exc.code, exc.text)
+            except (aiosmtplib.SMTPException, OSError):
+                self.client.close()
+            self.client = await self.hop.connect_new(self.queue_id)
         return await self._call("MAIL", mail_from(self.client, sender, opts))
 
     async def rcpt(self, rcpt: str, options: list[str]) -> Reply:
@@ -232,23 +268,55 @@ class _SMTPTransaction:
 
     async def data(self, message: Message) -> Reply:
         try:
-            return await self._call("DATA", send_data(self.client, message))
-        finally:
-            await self._quit()
+            reply = await self._call("DATA", send_data(self.client, message))
+        except BaseException:
+            await self._end(rset=False)
+            raise
+        # the next hop answered the end of data: its transaction is over, the session
+        # is ready for the next MAIL (RFC 5321 4.1.1.4)
+        await self._end(rset=False, reusable=True)
+        return reply
 
     async def abort(self) -> None:
-        await self._quit()
+        await self._end(rset=True, reusable=True)
 
-    async def _quit(self) -> None:
-        if self.client.is_connected:
+    async def _end(self, *, rset: bool, reusable: bool = False) -> None:
+        """Give the session back to the hop (after RSET when a transaction was open), or QUIT."""
+        if self._over:
+            return
+        self._over = True
+        client = self.client
+        if reusable and self.hop is not None and self.hop.keep > 0 and client.is_connected:
             try:
-                await self.client.quit()
+                if rset:
+                    await client.rset()
             except (aiosmtplib.SMTPException, OSError):
-                self.client.close()
+                client.close()
+                return
+            if self.hop.give_back(client):
+                return
+        if client.is_connected:
+            try:
+                await client.quit()
+            except (aiosmtplib.SMTPException, OSError):
+                client.close()
+
+
+async def _raise(exc: BaseException) -> None:
+    raise exc
 
 
 class SMTPHop:
-    """A hop to the next service or host over SMTP (one connection per transaction)."""
+    """A hop to the next service or host over SMTP.
+
+    One session per transaction, or, with `keep`, sessions kept open between
+    transactions (at most `keep` idle, each for at most HOP_IDLE seconds): the
+    next mail starts at MAIL, not at the TCP handshake, the greeting and EHLO,
+    and nothing ends with QUIT (issue 16: the three processes over unix sockets
+    spent four round trips per hop per mail on those).  A transaction the
+    client abandoned is ended with RSET before its session is kept; the reply
+    to DATA is still the next hop's own (cut-through does not change).
+    """
 
     def __init__(
         self,
@@ -259,6 +327,7 @@ class SMTPHop:
         starttls: bool = False,
         tls_context: ssl.SSLContext | None = None,
         timeout: float = 300.0,
+        keep: int = 0,
     ) -> None:
         self.host = host
         self.port = port
@@ -266,10 +335,19 @@ class SMTPHop:
         self.starttls = starttls
         self.tls_context = tls_context
         self.timeout = timeout
+        self.keep = keep
+        self._idle: list[tuple[aiosmtplib.SMTP, float]] = []  # newest last
 
     async def open(self, env: Envelope) -> _SMTPTransaction:
+        client = self._take()
+        if client is not None:
+            return _SMTPTransaction(client, env.queue_id, self, reused=True)
+        return _SMTPTransaction(await self.connect_new(env.queue_id), env.queue_id, self)
+
+    async def connect_new(self, queue_id: str) -> aiosmtplib.SMTP:
+        """A new session, greeted; HopError when the hop cannot be reached."""
         try:
-            client = await connect(
+            return await connect(
                 self.host,
                 self.port,
                 helo=self.helo,
@@ -279,10 +357,40 @@ class SMTPHop:
             )
         except (aiosmtplib.SMTPException, OSError) as exc:
             log.warning(
-                "%s next hop %s:%d unreachable: %s", env.queue_id, self.host, self.port, exc
+                "%s next hop %s:%d unreachable: %s", queue_id, self.host, self.port, exc
             )
             raise HopError(R.HOP_UNAVAILABLE) from exc
-        return _SMTPTransaction(client, env.queue_id)
+
+    def _take(self) -> aiosmtplib.SMTP | None:
+        """The most recently used kept session still open and not idle too long."""
+        now = time.monotonic()
+        while self._idle:
+            client, since = self._idle.pop()
+            if now - since < HOP_IDLE and client.is_connected:
+                return client
+            client.close()
+        return None
+
+    def give_back(self, client: aiosmtplib.SMTP) -> bool:
+        """Keep `client` for the next transaction; False when enough are kept already."""
+        now = time.monotonic()
+        fresh = []
+        for c, since in self._idle:  # the stale ones go now, not at the next take
+            if now - since < HOP_IDLE and c.is_connected:
+                fresh.append((c, since))
+            else:
+                c.close()
+        self._idle = fresh
+        if len(self._idle) >= self.keep:
+            return False
+        self._idle.append((client, now))
+        return True
+
+    def close_idle(self) -> None:
+        """Close every kept session (a stopping service)."""
+        idle, self._idle = self._idle, []
+        for client, _ in idle:
+            client.close()
 
 
 class ProbeError(Exception):

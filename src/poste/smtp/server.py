@@ -691,6 +691,9 @@ class SMTPService:
                     conn.transport.close()
             await self._server.wait_closed()
             self._server = None
+            close_idle = getattr(self.hop, "close_idle", None)
+            if close_idle is not None:  # sessions an SMTPHop kept open to the next hop
+                close_idle()
             if self.unix:
                 with contextlib.suppress(OSError):
                     os.unlink(self.host)

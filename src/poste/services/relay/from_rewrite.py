@@ -39,7 +39,7 @@ import authres
 from poste.dkim.arc import authserv_id as ar_authserv_id
 from poste.dkim.sign import Signer, sign_or_pass
 from poste.dns.dmarc import DNSTrouble, Policy, aligned, find_policy
-from poste.dns.resolver import SyncResolver
+from poste.dns.resolver import NotCached, SyncResolver
 from poste.metrics import FORWARD_PLANS
 from poste.services.relay.fwd_token import FwdTokens
 from poste.services.relay.srs import SRSError
@@ -208,10 +208,16 @@ class Forwarding:
             return Forwarded()  # not forwarded: our users' own mail out
         header = message.header()
         try:
-            plan = await asyncio.to_thread(
-                decide, header, server=self.server, is_local=self.is_local,
-                policy_of=lambda d: find_policy(self.resolver, d), enabled=self.enabled,
-            )
+            try:  # on the loop when the author domain's DMARC answer is cached (most mail)
+                plan = decide(
+                    header, server=self.server, is_local=self.is_local, enabled=self.enabled,
+                    policy_of=lambda d: find_policy(self.resolver, d, cached_only=True),
+                )
+            except NotCached:  # else in a thread, which may wait on the DNS
+                plan = await asyncio.to_thread(
+                    decide, header, server=self.server, is_local=self.is_local,
+                    policy_of=lambda d: find_policy(self.resolver, d), enabled=self.enabled,
+                )
         except Exception:  # a surprise of ours must not cost the mail: it goes on as it came
             log.exception("%s forward plan failed", env.queue_id)
             plan = Plan("unchanged", "error")

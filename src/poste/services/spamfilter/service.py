@@ -21,7 +21,7 @@ from poste.runtime.hostport import parse_hostport
 from poste.runtime.run import Job, Parts
 from poste.runtime.settings import ConfigError, Values
 from poste.runtime.tls import tls_files
-from poste.smtp.client import SMTPHop
+from poste.smtp.client import HOP_KEEP, SMTPHop
 from poste.smtp.message import Message
 from poste.smtp.server import SMTPService
 from poste.smtp.stage import Envelope, Stage, Verdict
@@ -179,7 +179,8 @@ def build(values: Values) -> Parts:
     tls = tls_files(values)
     st = stage(values)
     service = SMTPService(
-        st, SMTPHop(dest_host, dest_port, helo=values["hostname"]), host=host, port=port,
+        st, SMTPHop(dest_host, dest_port, helo=values["hostname"], keep=HOP_KEEP),
+        host=host, port=port,
         hostname=values["hostname"], tls_context=tls.ctx if tls else None,
     )
     reloads: list[tuple[str, Job]] = [("spam database", st.reload)]

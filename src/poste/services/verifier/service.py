@@ -30,7 +30,7 @@ from poste.services.verifier.authenticate import Authenticator, Report
 from poste.services.verifier.dmarc import PSLError, load_psl
 from poste.services.verifier.mta_sts import PolicyServer
 from poste.services.verifier.spf import resolver_for
-from poste.smtp.client import SMTPHop
+from poste.smtp.client import HOP_KEEP, SMTPHop
 from poste.smtp.hop import Hop
 from poste.smtp.message import Message
 from poste.smtp.server import SMTPService
@@ -216,4 +216,6 @@ def build(values: Values) -> Parts:
     parse_hostport(values["listen"], 25, "listen")
     st = stage(values)
     tls = tls_of(values)
-    return listener(values, st, SMTPHop(dest_host, dest_port, helo=st.auth.hostname), tls)
+    # sessions to the next hop kept open between mails (smtp/client.py, issue 16)
+    hop = SMTPHop(dest_host, dest_port, helo=st.auth.hostname, keep=HOP_KEEP)
+    return listener(values, st, hop, tls)
