@@ -150,3 +150,15 @@ def test_database_prune(tmp_path: Path) -> None:
     assert db.prune(22 * 86400) == 0
     os.utime(entry, (NOW - 23 * 86400, NOW - 23 * 86400))
     assert db.prune(22 * 86400) == 1 and list(tmp_path.iterdir()) == []
+
+
+def test_needs_db_says_when_forward_writes_the_database(tmp_path: Path) -> None:
+    """The relay routes a recipient on the event loop only when no database file is touched."""
+    srs = make(db=SRSDatabase(tmp_path / "db"))
+    assert not srs.needs_db("bob@example.org")
+    assert not srs.needs_db("") and not srs.needs_db("someone@our.test")
+    assert srs.needs_db(LONG)
+    assert not list((tmp_path / "db").iterdir())  # asking wrote nothing
+    srs.forward("bob@example.org", now=NOW)
+    assert not list((tmp_path / "db").iterdir())  # as said: the short form writes nothing
+    assert not make().needs_db(LONG)  # no database: the long form stays long

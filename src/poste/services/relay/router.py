@@ -77,6 +77,18 @@ class Router:
         db = self.users()
         return db is not None and db.is_local_domain(domain)
 
+    def routes_inline(self, sender: str, rcpt: str) -> bool:
+        """Whether `route` may run on the event loop: no SRS database file to read or
+        write (a database-form SRS or `fwd+` recipient, a forwarded sender too long for
+        plain SRS).  Everything else it does is in memory (the users snapshot, HMACs),
+        cheaper than the trip to a thread (issue 16)."""
+        if self.srs.db is None:
+            return True
+        address = rcpt.strip()
+        if is_srs(address) or is_fwd(address):
+            return False
+        return not self.srs.needs_db(sender)
+
     def sender_for_forward(self, sender: str) -> str:
         """The envelope sender for mail we forward: SRS unless null or ours."""
         if not sender or "@" not in sender or self.is_local_domain(domain_of(sender)):

@@ -196,6 +196,12 @@ class SRS:
             return f"SRS0={hh}={ts}={token}@{self.domain}"
         return out
 
+    def needs_db(self, sender: str) -> bool:
+        """Whether `forward(sender)` writes the database (then it must not run on the loop)."""
+        if self.db is None or not sender or "@" not in sender or domain_of(sender) == self.domain:
+            return False
+        return len(self._forward(sender, None).rpartition("@")[0].encode("utf-8")) > MAX_LOCAL
+
     def _forward(self, sender: str, now: float | None) -> str:
         """The SRS form of `sender`, its local part quoted when it must be (RFC 5321).
 

@@ -110,9 +110,10 @@ class QueueTransaction:
         return Reply(250, "2.1.0 Ok")
 
     async def rcpt(self, rcpt: str, options: list[str]) -> Reply:
-        """Route the recipient (the only place it is routed) off the event loop.
+        """Route the recipient (the only place it is routed).
 
-        The router may write the SRS database with fsync: a thread, not the loop.
+        On the loop when the router needs no SRS database file (`routes_inline`);
+        it may write that database with fsync: then a thread, not the loop.
         """
         router = self.hop.router
         env = self.env
@@ -136,7 +137,10 @@ class QueueTransaction:
             log.info("%s deferred rcpt=<%s>: spam policy %s, this transaction's is %s",
                      env.queue_id, rcpt, policy, self.policy)
             return MIXED  # one DATA reply for all: another transaction (spam_policy.py)
-        got = await asyncio.to_thread(router.route, self.sender, rcpt, granted)
+        if router.routes_inline(self.sender, rcpt):
+            got = router.route(self.sender, rcpt, granted)
+        else:  # the SRS database is read or written (fsync): a thread, not the loop
+            got = await asyncio.to_thread(router.route, self.sender, rcpt, granted)
         if isinstance(got, Reply):
             log.info(
                 "%s refused rcpt=<%s> from=<%s> peer=%s: %s",
