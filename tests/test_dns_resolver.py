@@ -37,10 +37,9 @@ def test_ports_stay_per_server() -> None:
 
 def test_resolve_cached_answers_from_the_cache_alone() -> None:
     """What the event loop may ask (the relay's forward plan): the cache, never the network."""
-    from support.fakedns import Answer, fake_dns, rrset
-
     from poste.dns.dmarc import find_policy
     from poste.dns.resolver import NotCached
+    from support.fakedns import Answer, fake_dns, rrset
 
     asked: list[str] = []
 
