@@ -22,6 +22,7 @@ import re
 import socket
 import ssl
 import time
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -214,9 +215,9 @@ class _Connection(SMTP):
             task.add_done_callback(self.service.background.discard)
 
     def _timeout_cb(self) -> None:
-        if self.transport is not None and isinstance(self.transport, asyncio.WriteTransport):
+        if self.transport is not None and hasattr(self.transport, "write"):
             try:
-                self.transport.write(R.TIMEOUT.wire())
+                self.transport.write(R.TIMEOUT.wire())  # type: ignore[attr-defined]
             except Exception:
                 pass
         super()._timeout_cb()  # type: ignore[no-untyped-call]
@@ -448,7 +449,8 @@ class _Gate(asyncio.Protocol):
         self.conn: _Connection | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+        # duck-typed: another event loop's transports (uvloop's) are not asyncio's classes
+        transport = typing.cast(asyncio.Transport, transport)
         peer = transport.get_extra_info("peername") or ("", 0)
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
@@ -490,7 +492,6 @@ class _Gate(asyncio.Protocol):
         if tls is None or raw.is_closing():
             self._release()
             return
-        assert isinstance(tls, asyncio.Transport)
         self._hand_off(tls)
 
     def _hand_off(self, transport: asyncio.Transport) -> None:
