@@ -64,6 +64,12 @@ _SEEN_FIELDS = frozenset(
     }
 )
 
+# str.translate tables deleting the ASCII letters, the ASCII capitals
+_NOT_LETTERS = dict.fromkeys(range(ord("A"), ord("Z") + 1)) | dict.fromkeys(
+    range(ord("a"), ord("z") + 1)
+)
+_NOT_UPPER = dict.fromkeys(range(ord("A"), ord("Z") + 1))
+
 _SEEN_TOKENS = {name: f"header:{name}" for name in _SEEN_FIELDS}
 
 
@@ -78,11 +84,11 @@ def words(text: str) -> set[str]:
     return out
 
 
-def add_words(text: str, out: set[str]) -> None:
+def add_words(text: str, out: set[str], _punct: str = _PUNCT) -> None:
     """words(text), added to `out` directly (no set of its own to build and merge)."""
     add = out.add
     for w in set(text.lower().split()):
-        w = w.strip(_PUNCT)
+        w = w.strip(_punct)
         n = len(w)
         if n < MIN_LEN:
             continue
@@ -233,8 +239,13 @@ def _header_tokens(part: Part, out: set[str]) -> None:
     subjects = h.get("subject")
     if subjects:
         s = subjects[0]
-        letters = "".join(filter(str.isalpha, s))
-        if len(letters) >= 6 and sum(map(str.isupper, letters)) > 0.7 * len(letters):
+        if s.isascii():  # letters are A-Z and a-z: counted by deleting them (C loops)
+            nletters = len(s) - len(s.translate(_NOT_LETTERS))
+            nupper = len(s) - len(s.translate(_NOT_UPPER))
+        else:
+            letters = "".join(filter(str.isalpha, s))
+            nletters, nupper = len(letters), sum(map(str.isupper, letters))
+        if nletters >= 6 and nupper > 0.7 * nletters:
             out.add("subject:shouting")
         if "!" in s:
             out.add("subject:bang")
@@ -320,7 +331,10 @@ def _tokenize(raw: bytes, max_bytes: int, out: set[str]) -> None:
             continue
         text_seen = True
         if part.content_type == "text/html" or (
-            part.content_type == "text/plain" and "<html" in text[:2000].lower()
+            # only "<" lowers to "<": most plain text is never lowered here
+            part.content_type == "text/plain"
+            and "<" in text[:2000]
+            and "<html" in text[:2000].lower()
         ):
             text = html_to_text(text, out)
         if "://" in text:
