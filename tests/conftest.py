@@ -16,6 +16,20 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
+# `poste spam classify` keeps weight tables in $XDG_CACHE_HOME/poste (spam/weights_cache.py):
+# the tests' commands write theirs in a folder of this session, never in the user's home
+_OWN_CACHE = ""
+if "POSTE_TEST_CACHE" not in os.environ:  # xdist workers inherit the controller's
+    import tempfile
+
+    _OWN_CACHE = tempfile.mkdtemp(prefix="poste-test-cache.")
+    os.environ["POSTE_TEST_CACHE"] = os.environ["XDG_CACHE_HOME"] = _OWN_CACHE
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if _OWN_CACHE:
+        shutil.rmtree(_OWN_CACHE, ignore_errors=True)
+
 _PR_SET_CHILD_SUBREAPER = 36
 
 

@@ -35,9 +35,35 @@ class CorpusError(Exception):
 
 
 def split_mbox(data: bytes) -> Iterator[bytes]:
-    """The messages of an mbox, From_ lines removed, ">From " unquoted once."""
-    for _, msg in split_mbox_raw(data):
-        yield unquote_mbox(msg)
+    """The messages of an mbox, From_ lines removed, ">From " unquoted once.
+
+    The same messages as unquote_mbox over split_mbox_raw, but each is
+    copied out of `data` once (its blank last line cut by offset) and the
+    whole mbox is searched once for ">From " instead of once per message:
+    reading an mbox was a tenth of `poste spam classify`'s own time.
+    """
+    starts = [0] if data.startswith(b"From ") else []
+    find = data.find
+    i = find(b"\nFrom ")
+    while i >= 0:
+        starts.append(i + 1)
+        i = find(b"\nFrom ", i + 6)
+    starts.append(len(data))
+    quoted = find(b">From ")  # the next one at or after the current message
+    for k in range(len(starts) - 1):
+        s, end = starts[k], starts[k + 1]
+        eol = find(b"\n", s, end)
+        cut = end if eol < 0 else eol + 1
+        if data.endswith(b"\r\n\r\n", cut, end):
+            end -= 2
+        elif data.endswith(b"\n\n", cut, end):
+            end -= 1
+        if 0 <= quoted < cut:
+            quoted = find(b">From ", cut)
+        msg = data[cut:end]
+        if 0 <= quoted and quoted + 6 <= end:
+            msg = _QUOTED_FROM.sub(rb"\1", msg)
+        yield msg
 
 
 def _is_mbox_name(name: str) -> bool:

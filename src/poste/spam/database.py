@@ -63,7 +63,6 @@ renamed over the old file, so a reader never sees half a database.
 from __future__ import annotations
 
 import array
-import json
 import math
 import os
 import struct
@@ -163,8 +162,27 @@ class Database:
         self.generation = 0
         self._weights: dict[str, float] | None = None
         self._weights_generation = -1
+        # (path, stat stamp) of the file a scoring-only table came from
+        # (poste.spam.weights_cache): the token state is read from it on first use
+        self._source: tuple[str, tuple[int, int, int, int, int]] | None = None
+
+    def _from_table(
+        self, weights: dict[str, float], path: str, stamp: tuple[int, int, int, int, int]
+    ) -> None:
+        """Hold a ready weight table; the rest of the file's state is loaded when asked for."""
+        self._weights = weights
+        self._weights_generation = self.generation
+        self._source = (path, stamp)
 
     def _unpack(self) -> None:
+        if self._source is not None:
+            path, stamp = self._source
+            self._source = None
+            with open(path, "rb") as f:
+                st = os.fstat(f.fileno())
+                if (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns) != stamp:
+                    raise DatabaseError(f"{path} changed since its weights were loaded")
+                self._packed = Database.from_bytes(f.read())._packed
         if self._packed is not None:
             blob, z, n, seen, _ = self._packed
             tokens = blob.split("\n") if len(z) else []
@@ -194,6 +212,8 @@ class Database:
         self._seen = value
 
     def __len__(self) -> int:
+        if self._source is not None:
+            self._unpack()
         if self._packed is not None:
             return len(self._packed[1])
         return len(self._z)
@@ -344,6 +364,8 @@ class Database:
         weighted = sorted(t for t in usable if w(self.z[t], self.n[t]) != 0.0)
         rest = sorted(t for t in usable if w(self.z[t], self.n[t]) == 0.0)
         tokens = weighted + rest
+        import json  # not at module level: a cached classifier table needs none
+
         p = self.learning
         header = json.dumps(
             {
@@ -405,6 +427,8 @@ class Database:
             if version != VERSION:
                 raise DatabaseError(f"unsupported database version {version}")
             (hlen,) = _U32.unpack_from(data, 12)
+            import json
+
             header = json.loads(data[16 : 16 + hlen])
             pos = 16 + hlen
             (blen,) = _U32.unpack_from(data, pos)

@@ -15,6 +15,7 @@ command's meaning is defined there, once; this is only its fast lane.
 
 from __future__ import annotations
 
+import gc
 import sys
 
 _VALUED = {"--db": "db", "-j": "jobs", "--jobs": "jobs", "--ham-cutoff": "ham", "--spam-cutoff": "spam"}
@@ -54,7 +55,16 @@ def classify(args: list[str]) -> int | None:
     parsed = _parse(args)
     if parsed is None:
         return None
-    opts, paths = parsed
+    # Nothing this command makes has reference cycles, and the collector's
+    # passes over what the imports and the mails allocate cost ~2% of a run.
+    gc.disable()
+    try:
+        return _classify(*parsed)
+    finally:
+        gc.enable()
+
+
+def _classify(opts: dict[str, str], paths: list[str]) -> int | None:
     try:
         jobs = int(opts["jobs"]) if "jobs" in opts else None
         ham = float(opts.get("ham", "nan")) if "ham" in opts else None
@@ -72,10 +82,12 @@ def classify(args: list[str]) -> int | None:
     from poste.spam import default_db_file
     from poste.spam.batch import classify_many, default_jobs
     from poste.spam.corpus import CorpusError, iter_messages
-    from poste.spam.database import Database, DatabaseError
+    from poste.spam.database import DatabaseError
+    from poste.spam.weights_cache import load
 
     try:
-        db = Database.load(opts.get("db") or default_db_file())
+        # the weight table from the user's cache when the file is unchanged
+        db = load(opts.get("db") or default_db_file())
         found = [m for path in paths for m in iter_messages(path)]
     except (DatabaseError, CorpusError):
         return None
@@ -83,10 +95,13 @@ def classify(args: list[str]) -> int | None:
     names = [name for name, _ in found]
     mails = [raw for _, raw in found]
     del found
-    write = sys.stdout.write
-    for name, (score, label, _) in zip(
-        names, classify_many(clf, mails, jobs or default_jobs()), strict=True
-    ):
-        write(f"{label} {score:.4f} {name}\n")
+    lines = [
+        f"{label} {score:.4f} {name}\n"
+        for name, (score, label, _) in zip(
+            names, classify_many(clf, mails, jobs or default_jobs()), strict=True
+        )
+    ]
+    # one write: the output of an mbox of 10,000 mails is ~1 MB, fine to hold
+    sys.stdout.write("".join(lines))
     sys.stdout.flush()
     return 0

@@ -30,6 +30,10 @@ MAX_HEAD = 64 * 1024  # a header block longer than this is cut there
 # few long newsletters and digests being where the time went
 DEFAULT_MAX_BYTES = 32 * 1024
 
+_ASCII = frozenset({"us-ascii", "ascii"})
+# charsets bytes.decode knows without a codecs lookup (its C fast paths)
+_BUILTIN = frozenset({"utf-8", "utf8", "iso-8859-1", "latin-1", "latin1", "iso8859-1"})
+
 _FOLD = re.compile(rb"\n[ \t]+")
 _FIELD_START = re.compile(rb"[!-9;-~]{1,76}[ \t]*:")
 # matched after a newline (the text gets one in front): a literal first
@@ -40,7 +44,9 @@ _FIELD = re.compile(rb"\n([!-9;-~]{1,76})[ \t]*:[ \t]*([^\n]*)")
 DECODED_FIELDS = frozenset(
     {"subject", "from", "reply-to", "to", "cc", "organization", "x-mailer", "user-agent"}
 )
-_PARAM = re.compile(r"""(?:^|;)\s*([a-z0-9*._-]+)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^;\s]*))""", re.I)
+# matched on latin-1 text: [a-zA-Z] is what re.I made of [a-z] there (re.I also
+# takes U+0130, U+0131, U+017F, U+212A, never in latin-1), and compiles 6x faster
+_PARAM = re.compile(r"""(?:^|;)\s*([a-zA-Z0-9*._-]+)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^;\s]*))""")
 _ENCODED_WORD = re.compile(rb"=\?([^?\s]{1,40})\?([bBqQ])\?([^?\s]*)\?=")
 _ENCODED_GAP = re.compile(rb"(\?=)[ \t\r\n]+(=\?)")
 
@@ -151,11 +157,15 @@ def split_head(raw: bytes, start: int = 0, end: int = -1) -> tuple[bytes, int]:
 def to_text(data: bytes, charset: str = "") -> str:
     """Bytes to str: the declared charset if Python knows it, else UTF-8, else cp1252."""
     if charset:
-        try:
-            codecs.lookup(charset)
-        except (LookupError, ValueError):
+        low = charset.lower()
+        if low in _ASCII:  # Python knows them: no lookup (nor its module import) needed
             charset = ""
-    if charset and charset.lower() not in ("us-ascii", "ascii"):
+        elif low not in _BUILTIN:
+            try:
+                codecs.lookup(charset)
+            except (LookupError, ValueError):
+                charset = ""
+    if charset:
         try:
             return data.decode(charset, "replace")
         except Exception:  # exotic codecs can fail in odd ways; fall through
