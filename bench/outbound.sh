@@ -190,6 +190,9 @@ smtp_tls_security_level = none
 smtpd_tls_cert_file = $BASE/msg/tls.crt
 smtpd_tls_key_file = $BASE/msg/tls.key
 smtpd_tls_auth_only = yes
+# no PTR lookup of the client (127.0.1.x are not in /etc/hosts: each would go to the
+# machine's resolver, off the machine, and some stalled 5 s); poste's submission does none
+smtpd_peername_lookup = no
 smtpd_sasl_type = cyrus
 smtpd_sasl_path = smtpd
 cyrus_sasl_config_path = $d/conf/sasl
