@@ -1,4 +1,5 @@
-"""Where poste's CPU goes: a py-spy raw profile (`bench/inbound.sh` with PROFILE=1) by area.
+"""Where poste's CPU goes: a py-spy raw profile (`bench/inbound.sh` or `bench/outbound.sh`
+with PROFILE=1) by area.
 
 Run by hand: `.venv/bin/python bench/profile_areas.py PROFILE.txt [--top 15]`.
 Each sample is charged to the area of its innermost frame that belongs to one (so a
@@ -23,6 +24,8 @@ AREAS = [
     ("DMARC", r"services/verifier/dmarc|authheaders|publicsuffix"),
     ("verifier other", r"services/verifier/"),
     ("spam", r"poste/spam/|services/spamfilter/"),
+    ("submission AUTH/senders", r"services/submission/|argon2|poste/users/passwords"),
+    ("signer other", r"services/signer/"),
     ("spool", r"services/relay/spool\.py|services/relay/pools\.py"),
     ("relay stage/router/SRS", r"services/relay/(stage|router|srs|scheduler)\.py|poste/users/"),
     ("relay outgoing SMTP", r"services/relay/delivery\.py|aiosmtplib/|poste/smtp/client\.py"),
