@@ -205,8 +205,6 @@ HOP_KEEP = 8
 # A kept session idle longer than this is closed, not used: well under the idle
 # timeout of a poste listener (300 s), so the other side never hangs up first.
 HOP_IDLE = 30.0
-# What says the kept session is gone: the next hop closed it meanwhile.
-_GONE = (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPConnectError, ConnectionError)
 
 
 class _SMTPTransaction:
@@ -223,18 +221,22 @@ class _SMTPTransaction:
     async def _call(self, what: str, coro) -> Reply:  # type: ignore[no-untyped-def]
         try:
             response = await coro
-        except aiosmtplib.SMTPResponseException as exc:
+        except (aiosmtplib.SMTPException, OSError, AddressError) as exc:
+            return self._failed(what, exc)
+        return _reply(response.code, response.message)
+
+    def _failed(self, what: str, exc: aiosmtplib.SMTPException | OSError | AddressError) -> Reply:
+        """The reply for a command that raised: the hop's own refusal, or HopError."""
+        if isinstance(exc, aiosmtplib.SMTPResponseException):
             if exc.code < 400:  # garbage from the hop: do not claim success
                 self.client.close()
                 raise HopError(R.HOP_UNAVAILABLE) from exc
             return _reply(exc.code, exc.message)
-        except AddressError as exc:
+        if isinstance(exc, AddressError):
             return Reply(exc.code, exc.text)
-        except (aiosmtplib.SMTPException, OSError) as exc:
-            log.warning("%s next hop failed at %s: %s", self.queue_id, what, exc)
-            self.client.close()
-            raise HopError(R.HOP_UNAVAILABLE) from exc
-        return _reply(response.code, response.message)
+        log.warning("%s next hop failed at %s: %s", self.queue_id, what, exc)
+        self.client.close()
+        raise HopError(R.HOP_UNAVAILABLE) from exc
 
     async def mail(self, sender: str, options: list[str]) -> Reply:
         opts = [
@@ -249,17 +251,16 @@ class _SMTPTransaction:
             self.reused = False
             try:
                 response = await mail_from(self.client, sender, opts)
-                return _reply(response.code, response.message)
-            except _GONE:
-                self.client.close()
-            except aiosmtplib.SMTPResponseException as exc:
-                if exc.code != 421:
-                    return await self._call("MAIL", _raise(exc))
-                self.client.close()
             except AddressError as exc:
-                return Reply(exc.code, exc.text)
+                return self._failed("MAIL", exc)
+            except aiosmtplib.SMTPResponseException as exc:
+                if exc.code != 421:  # the hop's own answer
+                    return self._failed("MAIL", exc)
+                self.client.close()  # 421: the hop is closing the kept session
             except (aiosmtplib.SMTPException, OSError):
-                self.client.close()
+                self.client.close()  # the kept session is gone
+            else:
+                return _reply(response.code, response.message)
             self.client = await self.hop.connect_new(self.queue_id)
         return await self._call("MAIL", mail_from(self.client, sender, opts))
 
@@ -300,10 +301,6 @@ class _SMTPTransaction:
                 await client.quit()
             except (aiosmtplib.SMTPException, OSError):
                 client.close()
-
-
-async def _raise(exc: BaseException) -> None:
-    raise exc
 
 
 class SMTPHop:
