@@ -42,13 +42,9 @@ def split_mbox(data: bytes) -> Iterator[bytes]:
     whole mbox is searched once for ">From " instead of once per message:
     reading an mbox was a tenth of `poste spam classify`'s own time.
     """
-    starts = [0] if data.startswith(b"From ") else []
-    find = data.find
-    i = find(b"\nFrom ")
-    while i >= 0:
-        starts.append(i + 1)
-        i = find(b"\nFrom ", i + 6)
+    starts = _starts(data)
     starts.append(len(data))
+    find = data.find
     quoted = find(b">From ")  # the next one at or after the current message
     for k in range(len(starts) - 1):
         s, end = starts[k], starts[k + 1]
@@ -182,17 +178,20 @@ def _iter_tar(archive: str, folder: str) -> Iterator[tuple[str, bytes]]:
         raise CorpusError(f"cannot read archive {archive}: {exc}") from None
 
 
-def split_mbox_raw(data: bytes) -> Iterator[tuple[bytes, bytes]]:
-    """(From_ line, message as stored) pairs, for rewriting an mbox as it was.
-
-    A message starts at each line beginning with "From " (bytes.find, not a
-    regex: this runs over whole mailboxes).
-    """
+def _starts(data: bytes) -> list[int]:
+    """Where each message of an mbox begins: at each line starting with "From "
+    (bytes.find, not a regex: this runs over whole mailboxes)."""
     starts = [0] if data.startswith(b"From ") else []
     i = data.find(b"\nFrom ")
     while i >= 0:
         starts.append(i + 1)
         i = data.find(b"\nFrom ", i + 6)
+    return starts
+
+
+def split_mbox_raw(data: bytes) -> Iterator[tuple[bytes, bytes]]:
+    """(From_ line, message as stored) pairs, for rewriting an mbox as it was."""
+    starts = _starts(data)
     for k, s in enumerate(starts):
         end = starts[k + 1] if k + 1 < len(starts) else len(data)
         eol = data.find(b"\n", s, end)

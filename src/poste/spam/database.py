@@ -142,6 +142,12 @@ def _sigmoid(x: float) -> float:
     return e / (1.0 + e)
 
 
+def file_stamp(st: os.stat_result) -> tuple[int, int, int, int, int]:
+    """What says a database file is the one a weight table was made from: device,
+    inode, size and both times (the weights cache and the lazy load compare it)."""
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
 class Database:
     """FTRL state per token; trained one mail at a time, saved and loaded atomically."""
 
@@ -179,8 +185,7 @@ class Database:
             path, stamp = self._source
             self._source = None
             with open(path, "rb") as f:
-                st = os.fstat(f.fileno())
-                if (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns) != stamp:
+                if file_stamp(os.fstat(f.fileno())) != stamp:
                     raise DatabaseError(f"{path} changed since its weights were loaded")
                 self._packed = Database.from_bytes(f.read())._packed
         if self._packed is not None:

@@ -27,7 +27,7 @@ import os
 import struct
 import sys
 
-from poste.spam.database import Database, DatabaseError, Learning
+from poste.spam.database import Database, DatabaseError, Learning, file_stamp
 
 _MAGIC = b"POSTEWC1"
 # magic, dev, ino, size, mtime_ns, ctime_ns, alpha, beta, l1, l2, ham_weight,
@@ -59,8 +59,7 @@ def load(path: str) -> Database:
     cache = cache_file(real)
     try:
         with open(path, "rb") as f:
-            st = os.fstat(f.fileno())
-            stamp = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+            stamp = file_stamp(os.fstat(f.fileno()))
             if cache is not None:
                 db = _read(cache, real, stamp)
                 if db is not None:
