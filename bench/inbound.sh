@@ -66,15 +66,8 @@ export N SESSIONS SIZE WARMUP KEEP SMTPD_PORT SINK_PORT DNS_PORT MILTER_PORT
 # The reference's definitions, settings, checks and EXIT trap, without its main part.
 # shellcheck disable=SC1090
 source <(sed '/^# -* main$/,$d' "$REF")
-# the reference's forget_pid returns the last comparison's status (set -e then stops the
-# script when the PID was not the last one started): the same, returning 0
-forget_pid() {
-    local p=$1 i
-    for i in "${!PIDS_TO_KILL[@]}"; do
-        if [ "${PIDS_TO_KILL[$i]}" = "$p" ]; then unset 'PIDS_TO_KILL[i]'; fi
-    done
-    return 0
-}
+# shellcheck source=bench/poste_procs.sh
+source "$ROOT/bench/poste_procs.sh"
 
 POSTE_HOST=127.0.0.2
 PDOMAIN=example.org    # ours
@@ -82,33 +75,6 @@ send_poste() {   # $1 count, $2 sessions, $3 cgroup: the reference's load, to ou
     ( cg_join "$3"; exec smtp-source -s "$2" -m "$1" -F "$BASE/msg/msg.eml" -M "$HELO" \
           -f "$SENDER" -t "$RCPT" "$POSTE_HOST:$SMTPD_PORT" )
 }
-spool_busy() { [ -n "$(find "$1" -maxdepth 1 -name '*.json' -print -quit 2>/dev/null)" ]; }
-wait_spool() {   # $1 spool, $2 deadline
-    while spool_busy "$1"; do
-        awk "BEGIN{exit !($(now) > $2)}" && { log "spool drain timeout"; return 1; }
-        sleep 0.05
-    done
-}
-wait_listen() {   # $1 what ss prints (addr:port or socket path)
-    local i
-    for i in $(seq 300); do
-        ss -ltnx 2>/dev/null | grep -qF "$1 " && return 0; sleep 0.1
-    done
-    return 1
-}
-
-PROCS=()   # name:pid of the running poste processes
-start_poste() {   # $1 name, $2 cgroup, $3 log, args...
-    local name=$1 cg=$2 out=$3; shift 3
-    ( cg_join "$cg"; exec "$POSTE" "$@" ) > "$out" 2>&1 &
-    PIDS_TO_KILL+=("$!"); PROCS+=("$name:$!")
-}
-stop_poste() {
-    local e
-    for e in "${PROCS[@]}"; do kill_pid "${e#*:}"; forget_pid "${e#*:}"; done
-    PROCS=()
-}
-hwm_mb() { awk '/^VmHWM/{ printf "%.0f", $2/1024 }' "/proc/$1/status" 2>/dev/null || echo n/a; }
 
 setup_poste() {   # $1 dir, $2 topology: starts the processes, waits until they listen
     local d=$1 topo=$2 v=poste-$2

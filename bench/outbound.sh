@@ -88,13 +88,8 @@ export N SESSIONS SIZE WARMUP KEEP SMTPD_PORT SINK_PORT DNS_PORT MILTER_PORT LOA
 # The reference's definitions, settings, checks and EXIT trap, without its main part.
 # shellcheck disable=SC1090
 source <(sed '/^# -* main$/,$d' "$REF")
-forget_pid() {   # as the reference's, returning 0 (see inbound.sh)
-    local p=$1 i
-    for i in "${!PIDS_TO_KILL[@]}"; do
-        if [ "${PIDS_TO_KILL[$i]}" = "$p" ]; then unset 'PIDS_TO_KILL[i]'; fi
-    done
-    return 0
-}
+# shellcheck source=bench/poste_procs.sh
+source "$ROOT/bench/poste_procs.sh"
 
 HOST=127.0.0.2                 # both MTAs' submission listener
 ODOMAIN=out.example.net        # the sending domain (a subzone of the reference's example.net)
@@ -142,13 +137,6 @@ check_dump() {   # $1 dir with sinkdump/: the check mail is there and its signat
     cat "$1"/sinkdump/dump* > "$1/sink.dump" 2>/dev/null || true
     "$PY" "$ROOT/bench/dkim_check.py" --nameserver "127.0.0.1:$DNS_PORT" --domain "$ODOMAIN" \
         "$1/sink.dump" || { head -40 "$1/sink.dump" >&2; die "$2: the check mail's DKIM signature"; }
-}
-wait_listen() {   # $1 what ss prints (addr:port or socket path)
-    local i
-    for i in $(seq 300); do
-        ss -ltnx 2>/dev/null | grep -qF "$1 " && return 0; sleep 0.1
-    done
-    return 1
 }
 ms() { [ -n "$1" ] && calc "$1 / 1000 / $N" 3 || echo n/a; }
 
@@ -328,25 +316,6 @@ drain_after_load_s=$(calc "$t2 - $t1" 2) cores_busy=$(calc "$total / 1000000 / (
 }
 
 # ---------------------------------------------------------------- poste
-PROCS=()   # name:pid of the running poste processes
-start_poste() {   # $1 name, $2 cgroup, $3 log, args...
-    local name=$1 cg=$2 out=$3; shift 3
-    ( cg_join "$cg"; exec "$POSTE" "$@" ) > "$out" 2>&1 &
-    PIDS_TO_KILL+=("$!"); PROCS+=("$name:$!")
-}
-stop_poste() {
-    local e
-    for e in "${PROCS[@]}"; do kill_pid "${e#*:}"; forget_pid "${e#*:}"; done
-    PROCS=()
-}
-hwm_mb() { awk '/^VmHWM/{ printf "%.0f", $2/1024 }' "/proc/$1/status" 2>/dev/null || echo n/a; }
-spool_busy() { [ -n "$(find "$1" -maxdepth 1 -name '*.json' -print -quit 2>/dev/null)" ]; }
-wait_spool() {   # $1 spool, $2 deadline
-    while spool_busy "$1"; do
-        awk "BEGIN{exit !($(now) > $2)}" && { log "spool drain timeout"; return 1; }
-        sleep 0.05
-    done
-}
 
 setup_poste() {   # $1 dir, $2 topology (up, up-nocache, separate)
     local d=$1 topo=$2 v=po-$2 cache=60 listen_key=listen ns="127.0.0.1:$DNS_PORT"
