@@ -33,7 +33,8 @@ def demo(tmp_path_factory: pytest.TempPathFactory, poste_bin: str):
     cwd = tmp_path / "cwd"
     home.mkdir()
     cwd.mkdir()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("POSTE_", "XDG_"))}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("POSTE_", "XDG_"))
+           or k == "POSTE_WORKERS"}
     env["HOME"] = str(home)
     host = "127.0.0.1"
     ports = _free_ports(host, 3)

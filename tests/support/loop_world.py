@@ -101,7 +101,8 @@ class World:
     def spawn(self, name: str, args: list[str], env: dict[str, str] | None = None
               ) -> subprocess.Popen[bytes]:
         log = open(self.tmp / f"{name}.log", "ab")
-        full_env = {k: v for k, v in os.environ.items() if not k.startswith("POSTE_")}
+        full_env = {k: v for k, v in os.environ.items() if not k.startswith("POSTE_")
+                    or k == "POSTE_WORKERS"}
         full_env.update(env or {})
         proc = subprocess.Popen([self.poste_bin, *args], stdout=log, stderr=log, env=full_env,
                                 start_new_session=True)

@@ -17,12 +17,13 @@ from typing import Any
 
 import click
 
-from poste.runtime import logs
+from poste.runtime import logs, workers
 from poste.runtime import settings as s
 from poste.runtime.hostport import parse_hostport
 from poste.runtime.metrics_http import serve_or_fail
 from poste.runtime.run import Parts, StartError, run
 from poste.runtime.settings import ConfigError, Setting
+from poste.smtp import listen
 from poste.smtp.message import ALLOCATOR_ENV
 
 
@@ -38,6 +39,19 @@ class Duration(click.ParamType):  # type: ignore[type-arg]
             self.fail(str(exc), param, ctx)
 
 
+class Workers(click.ParamType):  # type: ignore[type-arg]
+    """`N` or `auto` (runtime.settings.parse_workers); kept as written, counted at start."""
+
+    name = "workers"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        try:
+            s.parse_workers(value)
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
+        return value
+
+
 def _type(setting: Setting) -> Any:
     kind = setting.kind
     if kind in (s.INT, s.FLOAT) and (setting.min is not None or setting.max is not None):
@@ -50,7 +64,7 @@ def _type(setting: Setting) -> Any:
     return {
         s.INT: int, s.FLOAT: float, s.PATH: click.Path(), s.FILE: click.Path(dir_okay=False),
         s.FILES: click.Path(dir_okay=False), s.DIR: click.Path(file_okay=False),
-        s.DURATION: Duration(),
+        s.DURATION: Duration(), s.PROCS: Workers(),
     }.get(kind, click.Choice(list(setting.choices)) if kind == s.CHOICE else None)
 
 
@@ -146,11 +160,30 @@ def with_allocator_settings() -> None:
     os.execv(program, sys.argv)
 
 
-def serve(values: s.Values, build: Callable[[], Parts]) -> None:
-    """A service command's life: logging, the builder, `--metrics`, then the run loop."""
+def workers_of(value: Any, refusal: str | None) -> int:
+    """How many workers to start here: 0 in a worker or with one (run the command itself),
+    else N (be their parent).  `refusal`: why this command cannot have several yet."""
+    if listen.worker() is not None:
+        return 0
+    try:
+        n = s.parse_workers(value if value is not None else "auto")
+    except ValueError as exc:
+        raise ConfigError("workers", str(exc)) from None
+    if n > 1 and refusal:
+        raise ConfigError("workers", f"{n} workers: {refusal} (use --workers 1)")
+    return n if n > 1 else 0
+
+
+def serve(values: s.Values, build: Callable[[], Parts],
+          refusal: Callable[[s.Values], str | None] = workers.refusal) -> None:
+    """A service command's life: logging, the builder, `--metrics`, then the run loop;
+    with `--workers N` (N > 1), the parent of N such processes (runtime/workers.py)."""
     with_allocator_settings()
     with flag_errors():
         logs.setup(values.get("log-format") or "plain", values.get("verbose") or 0)
+        n = workers_of(values.get("workers"), refusal(values))
+        if n:
+            sys.exit(workers.run(n))
         parts = build()
         serve_or_fail(values.get("metrics"))  # after the build: the relay registers gauges
         run(parts)

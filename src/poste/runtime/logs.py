@@ -16,6 +16,8 @@ import sys
 import time
 from typing import Any
 
+from poste.smtp import listen
+
 _QUEUE_ID = re.compile(r"^(?P<qid>[0-9A-F]{12,20})\b")
 _SERVICES = ("verifier", "spamfilter", "relay", "submission", "signer", "forward")
 _PAIR = re.compile(r"\b(?P<k>[a-z][a-z0-9_-]*)=(?P<v><[^>]*>(?:,<[^>]*>)*|\S+)")
@@ -77,17 +79,39 @@ class JSONFormatter(logging.Formatter):
         }
         for key, value in _fields(message).items():
             obj.setdefault(key, value)
+        worker = getattr(record, "worker", None)
+        if worker is not None:
+            obj["worker"] = worker
         if record.exc_info:
             obj["exc"] = self.formatException(record.exc_info)
         return json.dumps(obj, ensure_ascii=False, default=str)
+
+
+class _Worker(logging.Filter):
+    """The JSON lines of a worker carry `"worker": K`."""
+
+    def __init__(self, k: int) -> None:
+        super().__init__()
+        self.k = k
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.worker = self.k
+        return True
 
 
 def setup(log_format: str = "plain", verbose: int = 0) -> None:
     """Configure the root logger once (replacing handlers set before)."""
     level = logging.DEBUG if verbose > 1 else logging.INFO
     handler = logging.StreamHandler(sys.stderr)
+    found = listen.worker()
+    worker = str(found[0]) if found else ""
     if log_format == "json":
         handler.setFormatter(JSONFormatter())
+        if worker.isdigit():
+            handler.addFilter(_Worker(int(worker)))
+    elif worker.isdigit():  # which worker process said it: `poste.relay[w1] INFO ...`
+        handler.setFormatter(PlainFormatter(PLAIN_FORMAT.replace(
+            "%(name)s", f"%(name)s[w{int(worker)}]")))
     else:
         handler.setFormatter(PlainFormatter(PLAIN_FORMAT))
     root = logging.getLogger()

@@ -17,6 +17,7 @@ from prometheus_client import start_http_server
 from poste.runtime.hostport import parse_hostport
 from poste.runtime.run import StartError
 from poste.runtime.settings import ConfigError
+from poste.smtp import listen
 
 log = logging.getLogger("poste")
 
@@ -57,6 +58,10 @@ def serve_or_fail(spec: str | None) -> None:
     if not spec:
         return
     try:
+        k = listen.index()
+        if k:  # worker K serves its own counters on PORT+K
+            host, port = parse_addr(spec)
+            spec = f"[{host}]:{port + k}" if ":" in host else f"{host}:{port + k}"
         serve(spec)
     except ValueError as exc:
         raise ConfigError("metrics", str(exc)) from None

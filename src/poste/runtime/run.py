@@ -18,6 +18,7 @@ import signal
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
+from poste.smtp import listen
 from poste.smtp.server import SMTPService
 
 log = logging.getLogger("poste")
@@ -118,6 +119,7 @@ class Runtime:
             await self.start()
             if ready is not None:
                 ready()
+            listen.tell_ready()  # a worker: the parent may start the next one
             await stop.wait()
             log.info("stopping")
             await asyncio.gather(*hups, return_exceptions=True)

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 from typing import Any
 
 # kinds: how a value is written and what the builder gets
-STR, STRS, PATH, FILE, DIR, FILES, INT, FLOAT, FLAG, DURATION, CHOICE, COUNT = (
+STR, STRS, PATH, FILE, DIR, FILES, INT, FLOAT, FLAG, DURATION, CHOICE, COUNT, PROCS = (
     "str", "strs", "path", "file", "dir", "files", "int", "float", "flag", "duration",
-    "choice", "count",
+    "choice", "count", "procs",
 )
 MULTIPLE = (STRS, FILES)
 PATHS = (PATH, FILE, DIR, FILES)
@@ -143,6 +143,27 @@ def parse_duration(value: object) -> float:
     return float(m.group(1)) * _UNITS[m.group(2) or "s"]
 
 
+MAX_WORKERS = 64
+
+
+def parse_workers(value: object) -> int:
+    """A number of worker processes from `N` or `auto` (one per core this process may
+    use); ValueError with a one-line reason."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        import os
+
+        return max(1, len(os.sched_getaffinity(0)))
+    if isinstance(value, bool):
+        raise ValueError(f"expected a number of workers or auto, got {value!r}")
+    try:
+        n = int(str(value).strip()) if isinstance(value, str) else int(value)  # type: ignore[call-overload]
+    except (TypeError, ValueError):
+        raise ValueError(f"expected a number of workers or auto, got {value!r}") from None
+    if not 1 <= n <= MAX_WORKERS:
+        raise ValueError(f"{n} is not in the range 1<=x<={MAX_WORKERS}.")
+    return n
+
+
 # -- settings every service spells the same way -----------------------------
 
 LISTEN = Setting(
@@ -195,5 +216,12 @@ METRICS = Setting(
     "metrics", metavar="ADDR:PORT", envvar="POSTE_METRICS",
     help="Serve Prometheus metrics at http://ADDR:PORT/metrics.",
 )
+WORKERS = Setting(
+    "workers", PROCS, default="auto", metavar="N|auto", envvar="POSTE_WORKERS",
+    show_default=True,
+    help="Worker processes sharing the listening sockets (auto: one per core;"
+         " docs/architecture.md).",
+)
 # What every service command ends with; `poste up` has them once, at the top of its file.
-OPERATIONS = (VERBOSE.but(stack=False), LOG_FORMAT.but(stack=False), METRICS.but(stack=False))
+OPERATIONS = (VERBOSE.but(stack=False), LOG_FORMAT.but(stack=False), METRICS.but(stack=False),
+              WORKERS.but(stack=False))

@@ -29,7 +29,7 @@ from typing import Any
 import aiosmtpd.smtp
 from aiosmtpd.smtp import SMTP, AuthResult, TLSSetupException, syntax
 
-from poste.smtp import fast_init
+from poste.smtp import fast_init, listen
 from poste.smtp import replies as R
 from poste.smtp.address import AddressError, parse_path
 from poste.smtp.admission import Admission, Fairness, Ticket
@@ -637,6 +637,7 @@ class SMTPService:
         self.connections: set[_Connection] = set()
         self.background: set[asyncio.Task[None]] = set()
         self._server: asyncio.Server | None = None
+        self._more: list[asyncio.Server] = []  # a worker's further shared sockets (v4 and v6)
         self.sockname: tuple[str, int] = (host, port)
 
     def should_log_refusal(self, reason: str) -> bool:
@@ -652,6 +653,10 @@ class SMTPService:
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
+        shared = listen.inherited(self.host, self.port)  # a worker: the parent's sockets
+        if shared is not None:
+            await self._start_shared(loop, shared)
+            return
         if self.unix:
             await self._start_unix(loop)
             return
@@ -661,7 +666,7 @@ class SMTPService:
             port=self.port,
             # A flood of refused connections must not fill the accept queue, or a
             # legitimate SYN is dropped and waits a second for its retransmit.
-            backlog=512,
+            backlog=listen.BACKLOG,
             reuse_address=True,
         )
         name = self._server.sockets[0].getsockname()
@@ -673,13 +678,32 @@ class SMTPService:
             " (implicit TLS)" if self.implicit_tls else "",
         )
 
+    async def _start_shared(self, loop: asyncio.AbstractEventLoop,
+                            socks: list[socket.socket]) -> None:
+        """Accept on sockets the parent bound (smtp/listen.py), as every worker does."""
+        servers = []
+        for sock in socks:
+            if self.unix:
+                servers.append(await loop.create_unix_server(lambda: _Gate(self), sock=sock))
+            else:
+                servers.append(await loop.create_server(lambda: _Gate(self), sock=sock))
+        self._server, self._more = servers[0], servers[1:]
+        if self.unix:
+            log.info("%s listening on unix:%s (shared)", self.stage.name, self.host)
+            return
+        name = self._server.sockets[0].getsockname()
+        self.sockname = (str(name[0]), int(name[1]))
+        log.info("%s listening on %s:%d%s (shared)", self.stage.name, *self.sockname,
+                 " (implicit TLS)" if self.implicit_tls else "")
+
     async def _start_unix(self, loop: asyncio.AbstractEventLoop) -> None:
         """Listen on a unix socket, mode 0660: its owner and group (our services) may
         connect; the folder it is in is what keeps everyone else out."""
         path = self.host  # asyncio replaces a socket file left by a process that died
-        old = os.umask(0o117)
+        old = os.umask(listen.UNIX_UMASK)
         try:
-            self._server = await loop.create_unix_server(lambda: _Gate(self), path, backlog=512)
+            self._server = await loop.create_unix_server(lambda: _Gate(self), path,
+                                                          backlog=listen.BACKLOG)
         finally:
             os.umask(old)
         log.info("%s listening on unix:%s", self.stage.name, path)
@@ -687,15 +711,19 @@ class SMTPService:
     async def stop(self) -> None:
         if self._server is not None:
             self._server.close()
+            for more in self._more:
+                more.close()
             for conn in list(self.connections):
                 if conn.transport is not None:
                     conn.transport.close()
             await self._server.wait_closed()
-            self._server = None
+            for more in self._more:
+                await more.wait_closed()
+            self._server, self._more = None, []
             close_idle = getattr(self.hop, "close_idle", None)
             if close_idle is not None:  # sessions an SMTPHop kept open to the next hop
                 close_idle()
-            if self.unix:
+            if self.unix and listen.worker() is None:  # a worker's parent owns the file
                 with contextlib.suppress(OSError):
                     os.unlink(self.host)
         if self.background:

@@ -28,6 +28,7 @@ from poste.runtime.run import Job, Parts, Runtime
 from poste.runtime.settings import ConfigError
 from poste.runtime.tls import TLSFiles
 from poste.services.relay.service import RelayParts
+from poste.smtp import listen
 from poste.smtp.chain import StageHop
 from poste.smtp.hop import Hop
 from poste.smtp.message import Message
@@ -193,8 +194,10 @@ def _assemble(cfg: StackConfig, relay: RelayParts, mailbox: Path | None) -> Stac
     stack = Stack(cfg, relay, mailbox=mailbox)
     domains = [d.lower().rstrip(".") for d in cfg["relay"].need("domain")]
     postmaster = cfg["relay"].get("postmaster") or f"postmaster@{domains[0]}"
-    entries = [_receiving(stack, domains, postmaster), _sending(stack, domains),
-               _relay_listener(stack)]
+    # Submission (and the signer behind it) runs in worker 0 only: the AUTH brake's
+    # counters are one process's (runtime/workers.py); the other workers receive.
+    sending = _sending(stack, domains) if listen.first() else Parts()
+    entries = [_receiving(stack, domains, postmaster), sending, _relay_listener(stack)]
     # As `poste relay`, and the signer's keys published first; on SIGHUP the users,
     # then the config (which may move the certificates), the certificates, the rest.
     parts = stack.parts
@@ -207,7 +210,7 @@ def _assemble(cfg: StackConfig, relay: RelayParts, mailbox: Path | None) -> Stac
     parts.reloads.append(("config", stack.reread_config))
     reloads = [r for e in entries for r in e.reloads]
     parts.reloads += sorted(reloads, key=lambda r: r[0] != "certificate")
-    if not parts.listeners:
+    if not parts.listeners and listen.first():
         raise ConfigError(
             None, "nothing to listen on: enable [verifier], [submission] or [relay] listen")
     return stack

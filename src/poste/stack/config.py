@@ -39,6 +39,7 @@ TOP: tuple[Setting, ...] = (
     *st.ACME,
     Setting("users", st.PATH, help="The Git users repository."),
     st.METRICS,
+    st.WORKERS.but(envvar=None),  # POSTE_WORKERS is `poste up --workers`'s
     st.LOG_FORMAT,
     Setting("verbose", st.INT, default=0, help="More logging (2: debug)."),
 )
@@ -135,6 +136,12 @@ def _convert(setting: Setting, value: Any, where: str, base: Path) -> Any:
         if not isinstance(value, str) or not value:
             raise bad("a path")
         return str(base / Path(value).expanduser())
+    if kind == st.PROCS:
+        try:
+            st.parse_workers(value)
+        except ValueError as exc:
+            raise ConfigError(None, f"{where}: {exc}") from None
+        return value
     if kind in (st.INT, st.COUNT):
         if isinstance(value, bool) or not isinstance(value, int):
             raise bad("an integer")

@@ -15,7 +15,7 @@ from poste.stack.config import COMMON, SECTIONS, TOP
 _KINDS = {
     st.STR: "text", st.STRS: "list", st.PATH: "path", st.FILE: "file", st.DIR: "folder",
     st.FILES: "list of files", st.INT: "integer", st.FLOAT: "number", st.FLAG: "true/false",
-    st.DURATION: "duration", st.CHOICE: "choice", st.COUNT: "count",
+    st.DURATION: "duration", st.CHOICE: "choice", st.COUNT: "count", st.PROCS: "integer or auto",
 }
 
 

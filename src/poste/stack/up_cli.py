@@ -8,18 +8,33 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 from pathlib import Path
 
 import click
 
 from poste.runtime import logs
-from poste.runtime.command import flag_errors, with_allocator_settings
+from poste.runtime.command import flag_errors, option, with_allocator_settings, workers_of
 from poste.runtime.metrics_http import serve_or_fail
+from poste.runtime.settings import WORKERS
+from poste.runtime.workers import refusal
+from poste.runtime.workers import run as run_workers
+from poste.smtp import listen
 from poste.stack.build import build
-from poste.stack.config import ConfigError, load
+from poste.stack.config import ConfigError, StackConfig, load
 from poste.stack.up import DEMO_PORTS, demo_banner, demo_dir, prepare_demo
 
 log = logging.getLogger("poste.up")
+
+
+def _refusal(cfg: StackConfig) -> str | None:
+    """What in the config cannot be shared by several workers yet (runtime/workers.py)."""
+    for name, section in cfg.sections.items():
+        if section.enabled:
+            why = refusal(section.values)
+            if why:
+                return f"[{name}] {why}"
+    return None
 
 
 def _parse_ports(text: str) -> tuple[int, int, int]:
@@ -46,6 +61,9 @@ def _parse_ports(text: str) -> tuple[int, int, int]:
               help="Demo only: the loopback address to listen on.")
 @click.option("--demo-ports", default=",".join(map(str, DEMO_PORTS)), show_default=True,
               metavar="V,TLS,STARTTLS", help="Demo only: verifier and submission ports.")
+@option(WORKERS.but(default=None, show_default=False,
+                   help="Worker processes sharing the listening sockets: N or auto, one per"
+                        " core (overrides the config's `workers`; default auto)."))
 @click.option("--check", is_flag=True, help="Check the config and exit.")
 @click.option("-v", "--verbose", count=True, help="More logging (-vv: debug).")
 def main(
@@ -55,6 +73,7 @@ def main(
     demo_folder: str | None,
     demo_host: str,
     demo_ports: str,
+    workers: str | None,
     check: bool,
     verbose: int,
 ) -> None:
@@ -80,6 +99,14 @@ def main(
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from None
     logs.setup(log_format or cfg.log_format, verbose or int(cfg.top.get("verbose", 0)))
+    if not check:
+        with flag_errors():
+            n = workers_of(workers if workers is not None else cfg.top.get("workers"),
+                           _refusal(cfg))
+        if n:
+            if banner:
+                click.echo(banner, err=True)
+            sys.exit(run_workers(n))
     try:
         stack = build(cfg, check=check)
     except ConfigError as exc:
@@ -89,7 +116,7 @@ def main(
         return
 
     def ready() -> None:
-        if banner:
+        if banner and listen.worker() is None:  # with workers, the parent printed it
             click.echo(banner, err=True)
         log.info("poste up: ready (config %s)", cfg.path)
 

@@ -242,15 +242,19 @@ class Quarantine:
                     gone.append(self.delete(held.id, "expired"))
         return gone
 
-    def recover(self) -> list[str]:
-        """Remove what an interrupted hold left (temporary files, a message without record)."""
+    def recover(self, grace: float = 0.0) -> list[str]:
+        """Remove what an interrupted hold left (temporary files, a message without record);
+        `grace` spares files younger than that (other relay workers hold mail here too)."""
         removed: list[str] = []
         if not self.path.is_dir():
             return removed
+        now = time.time()
         records = {p.name[:-5] for p in self.path.glob("*.json")}
         for p in self.path.iterdir():
             if p.name.startswith(".tmp-") or (p.suffix == ".eml" and p.name[:-4] not in records):
                 with contextlib.suppress(FileNotFoundError):
+                    if grace and now - p.stat().st_mtime < grace:
+                        continue
                     p.unlink()
                     removed.append(p.name)
         return removed

@@ -28,6 +28,7 @@ from poste.services.relay.own_mail import ForwardSeal, own_keys
 from poste.services.relay.quarantine import Quarantine
 from poste.services.relay.router import Router, parse_networks
 from poste.services.relay.scheduler import DeliverFn, Policy, Scheduler
+from poste.services.relay.shards import adopt, shard_path
 from poste.services.relay.spam_policy import SpamPolicy
 from poste.services.relay.spool import Spool, SpoolError, SpoolLocked
 from poste.services.relay.srs import DAY, SRS, SRSDatabase, load_secrets
@@ -35,6 +36,7 @@ from poste.services.relay.stage import MAX_RECEIVED, QueueHop, RelayStage
 from poste.services.relay.tls_policy.policy import TransportPolicy, verifying_context
 from poste.services.relay.tls_policy.reports import daily, spool_mail
 from poste.services.relay.tls_policy.tlsrpt import Reporter
+from poste.smtp import listen
 from poste.smtp.server import SMTPService
 from poste.users.repo import UsersRepoError, UsersWatcher
 
@@ -64,12 +66,21 @@ def _own_secret(spool: Path) -> list[bytes]:
     path = spool / "srs-secret"
     try:
         if not path.exists():
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            # written aside and linked into place: a worker starting beside us reads
+            # the whole secret or none, and only one of two made at once is kept
+            tmp = spool / f".tmp-srs-secret-{os.getpid()}"
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             with os.fdopen(fd, "w") as fh:
                 fh.write(secrets.token_hex(32) + "\n")
                 fh.flush()
                 os.fsync(fh.fileno())
-            log.info("no --srs-secret given: generated %s", path)
+            try:
+                os.link(tmp, path)
+                log.info("no --srs-secret given: generated %s", path)
+            except FileExistsError:
+                pass
+            finally:
+                tmp.unlink()
         found = load_secrets(None, str(path))
     except (OSError, ValueError) as exc:
         raise ConfigError(None, f"SRS secret {path}: {exc}") from None
@@ -104,7 +115,12 @@ class RelayParts:
     async def start(self) -> None:
         self.scheduler.own_keys.say_what_is_missing()
         if self.hop.quarantine is not None:
-            await asyncio.to_thread(self.hop.quarantine.recover)
+            # beside other workers, spare what one of them may be writing now
+            grace = 3600.0 if listen.worker() else 0.0
+            await asyncio.to_thread(self.hop.quarantine.recover, grace)
+        if listen.first():  # worker 0 takes in the shards of a run with more workers
+            found = listen.worker()
+            await asyncio.to_thread(adopt, self.spool, found[1] if found else 1)
         try:
             await self.scheduler.start()
         except SpoolLocked as exc:
@@ -122,7 +138,10 @@ class RelayParts:
         )
 
     def background(self) -> list[Callable[[], Coroutine[Any, Any, None]]]:
-        jobs = [self.watcher.run, self.prune_srs_db]
+        jobs: list[Callable[[], Coroutine[Any, Any, None]]] = [self.watcher.run]
+        if not listen.first():
+            return jobs  # the jobs that must run once are worker 0's
+        jobs.append(self.prune_srs_db)
         if self.reporter is not None:
             reporter = self.reporter
             jobs.append(lambda: daily(reporter))
@@ -226,8 +245,10 @@ def build_relay(
         check_learn_db(learn_db)
     if preflight is not None:
         preflight()
+    root = Path(spool_dir)  # what is not mail (SRS, TLS, quarantine) stays here, shared
     try:
-        spool = Spool(spool_dir)
+        Spool(root) if listen.index() else None  # worker 0 may not have made it yet
+        spool = Spool(shard_path(root, listen.index()))  # this worker's own (shards.py)
         # One relay per spool: refuse now, before anything else is read or written.
         if lock:
             spool.lock()
@@ -240,9 +261,9 @@ def build_relay(
         # loading logs a line: a refused start prints its one error line alone.
         secrets_ = _given_secrets(srs_secret, srs_secret_file)
         try:
-            srs_db = SRSDatabase(spool.path / "srs-db")
+            srs_db = SRSDatabase(root / "srs-db")
         except OSError as exc:
-            raise ConfigError(None, f"SRS database in {spool.path}: {exc}") from None
+            raise ConfigError(None, f"SRS database in {root}: {exc}") from None
         more = tuple(
             d for d in dict.fromkeys(x.lower().rstrip(".") for x in [*domains[1:], *extra_domains])
             if d != domain
@@ -251,14 +272,14 @@ def build_relay(
             watcher = UsersWatcher(users_repo, domain, poll_interval=users_poll, extra_domains=more)
         except UsersRepoError as exc:
             raise ConfigError(None, f"users repository: {exc}") from None
-        secrets_ = secrets_ or _own_secret(spool.path)
+        secrets_ = secrets_ or _own_secret(root)
     except BaseException:
         spool.unlock()  # a relay that does not run must not keep the spool
         raise
     srs = SRS(domain, secrets_, db=srs_db)
     tokens = FwdTokens(srs)
     router = Router(domains, postmaster, srs, lambda: watcher.db, nets, tokens)
-    transport = TransportPolicy(resolver, spool.path / "tls", ca_file=tls_ca_file,
+    transport = TransportPolicy(resolver, root / "tls", ca_file=tls_ca_file,
                                 mta_sts_port=mta_sts_port, mta_sts=mta_sts, dane=dane)
     deliverer = Deliverer(resolver, helo=me, port=smtp_port, ipv6=ipv6, self_addresses=ours,
                           transport=transport)
@@ -281,10 +302,10 @@ def build_relay(
                             router.is_local_domain)
     watch_spool(spool.path)  # poste_spool_messages, poste_spool_oldest_age_seconds
     try:
-        quarantine = Quarantine(spool.path)
+        quarantine = Quarantine(root)
     except OSError as exc:
         spool.unlock()
-        raise ConfigError(None, f"quarantine in {spool.path}: {exc}") from None
+        raise ConfigError(None, f"quarantine in {root}: {exc}") from None
     spam = SpamPolicy(lambda: watcher.db, router.is_local_domain, spam_label)
     digest = Digest(quarantine, scheduler, router.dsn_targets, domain=domain, hostname=me,
                     schedule=schedule, keep_days=quarantine_days)
@@ -312,21 +333,17 @@ def _check_bindable(host: str, port: int) -> None:
     is the one line of a refused start.  (A port taken in between still
     fails cleanly, at the listener.)
     """
+    if listen.worker() is not None:
+        return  # the parent binds it once for every worker (smtp/listen.py)
     try:
-        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
-                                   flags=socket.AI_PASSIVE)
+        socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except OSError as exc:
         raise ConfigError("listen", f"cannot resolve {host!r}: {exc}") from None
-    for family, kind, proto, _, addr in infos:
-        with socket.socket(family, kind, proto) as sock:
-            # As asyncio's create_server binds: reuse, and v6 sockets v6-only.
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if family == socket.AF_INET6:
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            try:
-                sock.bind(addr)
-            except OSError as exc:
-                raise StartError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    try:
+        for sock in listen.bind_tcp(host, port):  # as the listener will bind
+            sock.close()
+    except OSError as exc:
+        raise StartError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
 
 
 def _self_addresses(listen_hosts: Sequence[str], extra: list[str]) -> list[str]:
@@ -337,8 +354,8 @@ def _self_addresses(listen_hosts: Sequence[str], extra: list[str]) -> list[str]:
             found.append(str(ipaddress.ip_address(text.strip())))
         except ValueError:
             raise ConfigError("self-address", f"{text!r} is not an IP address") from None
-    for listen in listen_hosts:
-        host = listen.strip("[]")
+    for where in listen_hosts:
+        host = where.strip("[]")
         if not host:
             continue
         try:
