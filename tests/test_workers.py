@@ -1,0 +1,271 @@
+"""`--workers N`: one parent owns the sockets, N worker processes serve them (runtime/workers.py).
+
+Real processes throughout: `poste relay --workers 2` and `poste up --workers 2` on loopback,
+mail sent with smtplib, one session per mail (so the shared accept queue hands sessions to
+both workers), counted by Message-ID at a stand-in MX.  A mail that got 250 must arrive
+exactly once: after a worker is SIGKILLed (the destination held down meanwhile, so no
+delivery is in flight to be repeated), after SIGTERM, after a restart with fewer workers.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import smtplib
+import subprocess
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from poste.services.relay.spool import Entry, Recipient, Spool
+from support.knot import KnotServer, knot_factory  # noqa: F401
+from support.loop_world import GMAIL_IP, HOSTS, LOGIN, World, make_world, up_config
+from support.net import wait_port
+from support.relay_env import MX, Relay, common_port, make_users, mx_zones
+from support.standin import StandIns
+
+pytestmark = pytest.mark.slow
+
+RELAY_ARGS = ("--retry-min", "0.3s", "--retry-max", "1s", "--workers", "2")
+READY = re.compile(r"workers: (\d+) ready \(pids ([\d ]+)\)")
+
+
+def msgid(tag: str, n: int) -> str:
+    return f"<w-{tag}-{n}@example.org>"
+
+
+def count_ids(mails: list[bytes], tag: str) -> Counter[int]:
+    found = re.compile(rb"^Message-ID: <w-" + tag.encode() + rb"-(\d+)@example\.org>",
+                       re.MULTILINE | re.IGNORECASE)
+    return Counter(int(m.group(1)) for mail in mails if (m := found.search(mail)))
+
+
+def send(host: str, port: int, numbers: range, rcpt: str, tag: str, *, sessions: int = 6,
+         source: str | None = None, each: Callable[[int], None] | None = None) -> set[int]:
+    """One SMTP session per mail from `sessions` threads; the numbers that got 250."""
+    lock = threading.Lock()
+    todo = iter(numbers)
+    acked: set[int] = set()
+
+    def sender() -> None:
+        while True:
+            with lock:
+                n = next(todo, None)
+            if n is None:
+                return
+            body = (f"From: bob@example.org\r\nTo: {rcpt}\r\nSubject: w {n}\r\n"
+                    f"Message-ID: {msgid(tag, n)}\r\n\r\nmail number {n}\r\n").encode()
+            try:
+                with smtplib.SMTP(host, port, timeout=30,
+                                  source_address=(source, 0) if source else None) as s:
+                    s.ehlo("client.test")
+                    s.sendmail("bob@example.org", [rcpt], body)
+            except (smtplib.SMTPException, OSError):
+                continue  # not acknowledged: it may or may not arrive, once at most
+            with lock:
+                acked.add(n)
+            if each is not None:
+                each(len(acked))
+
+    threads = [threading.Thread(target=sender) for _ in range(sessions)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(180)
+    return acked
+
+
+def wait_log(read: Callable[[], str], pattern: re.Pattern[str], alive: Callable[[], bool],
+             timeout: float = 60.0) -> re.Match[str]:
+    """Wait for a line of the log (a bound to give up on, not a timed assertion)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = pattern.search(read())
+        if found:
+            return found
+        if not alive() or time.monotonic() > deadline:
+            raise AssertionError(f"never logged {pattern.pattern!r}:\n{read()[-4000:]}")
+        time.sleep(0.05)
+
+
+def wait_delivered(folder_mails: Callable[[], list[bytes]], tag: str, want: set[int],
+                   spool: Path, timeout: float = 120.0) -> Counter[int]:
+    deadline = time.monotonic() + timeout
+    while True:
+        got = count_ids(folder_mails(), tag)
+        queued = list(spool.glob("*.json")) + list(spool.glob("worker-*/*.json"))
+        if want <= set(got) and not queued:
+            time.sleep(0.5)  # anything delivered twice would be arriving now
+            return count_ids(folder_mails(), tag)
+        if time.monotonic() > deadline:
+            return got
+        time.sleep(0.2)
+
+
+def gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    stat = Path(f"/proc/{pid}/stat")
+    try:
+        return stat.read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return True
+
+
+# -- `poste relay --workers 2` ------------------------------------------------
+
+
+@pytest.fixture
+def relay_world(poste_bin: str, tmp_path: Path,
+                knot_factory: Callable[..., KnotServer]  # noqa: F811
+                ) -> Iterator[tuple[Relay, StandIns]]:
+    ns = knot_factory(mx_zones())
+    mx = StandIns([MX["late.test"]])  # held (bound, not listening) until started
+    make_users(poste_bin, tmp_path / "users", {"carol": ["carol@late.test"]})
+    relay = Relay(poste_bin, tmp_path, ns.nameserver, mx.port, *RELAY_ARGS)
+    try:
+        yield relay, mx
+    finally:
+        relay.stop()
+        mx.close()
+
+
+def test_relay_sigkill_of_a_worker_loses_and_doubles_nothing(
+        relay_world: tuple[Relay, StandIns], tmp_path: Path) -> None:
+    relay, mx = relay_world
+    relay.start()
+    assert relay.proc is not None
+    ready = wait_log(relay.log, READY, lambda: relay.proc is not None and relay.proc.poll() is None)
+    pids = [int(p) for p in ready.group(2).split()]
+    assert len(pids) == 2
+    killed = threading.Event()
+
+    def kill_worker_1(acked: int) -> None:
+        if acked >= 60 and not killed.is_set():
+            killed.set()
+            os.kill(pids[1], signal.SIGKILL)
+
+    acked = send(relay.host, relay.port, range(300), "carol@our.test", "kill",
+                 each=kill_worker_1)
+    assert killed.is_set()
+    restarted = re.compile(rf"worker 1 \(pid {pids[1]}\) was killed by SIGKILL; starting it again")
+    wait_log(relay.log, restarted, lambda: relay.proc is not None and relay.proc.poll() is None)
+    # both served (one line per mail each; `[wK]` names the worker)
+    log = relay.log()
+    assert re.search(r"\[w0\] INFO [0-9A-F]+ relay from=", log), log[-3000:]
+    assert re.search(r"\[w1\] INFO [0-9A-F]+ relay from=", log), log[-3000:]
+    assert (tmp_path / "spool" / "worker-1").is_dir()
+
+    dest = mx.start(MX["late.test"], tmp_path / "late")
+    got = wait_delivered(dest.mails, "kill", acked, tmp_path / "spool")
+    lost = sorted(acked - set(got))
+    doubled = sorted(n for n, c in got.items() if c > 1)
+    assert not lost, f"got 250, never delivered: {lost[:20]}\n{relay.log()[-3000:]}"
+    assert not doubled, f"delivered twice: {doubled[:20]}"
+    assert len(acked) >= 60
+
+    # SIGTERM to the parent: every worker stops, the parent exits 0.
+    workers_now = [int(p) for p in READY.findall(relay.log())[-1][1].split()]
+    relay.proc.terminate()
+    assert relay.proc.wait(30) == 0, relay.log()[-3000:]
+    assert all(gone(pid) for pid in workers_now + pids)
+    relay.proc = None
+
+
+def test_shards_of_more_workers_are_adopted_once(
+        relay_world: tuple[Relay, StandIns], tmp_path: Path) -> None:
+    relay, mx = relay_world
+    # A run with 3 workers stopped with mail in worker-2's shard (written as its relay
+    # writes: the spool's own put), and one half-moved by an adoption cut short: linked
+    # into the spool, its envelope not yet renamed.
+    root = tmp_path / "spool"
+    Spool(root)
+    shard = Spool(root / "worker-2")
+    for n in range(5):
+        entry = Entry(id=f"ABCDEF{n:06d}", return_path="bob@example.org",
+                      recipients=[Recipient("carol@late.test", "bob@example.org",
+                                            "carol@our.test")])
+        shard.put(entry, (f"From: bob@example.org\r\nMessage-ID: {msgid('adopt', n)}\r\n"
+                          f"Subject: left {n}\r\n\r\nleft behind\r\n").encode())
+    os.link(shard.message_path("ABCDEF000000"), root / "ABCDEF000000.eml")
+    relay.args = [a for a in relay.args if a not in ("--workers", "2")] + ["--workers", "1"]
+    relay.start()
+    dest = mx.start(MX["late.test"], tmp_path / "late")
+    got = wait_delivered(dest.mails, "adopt", set(range(5)), root)
+    assert got == Counter(range(5)), (got, relay.log()[-3000:])
+    assert not (root / "worker-2").exists()
+    assert "spool shard" in relay.log() and "5 message(s) adopted" in relay.log()
+
+
+def test_refused_with_several_workers(poste_bin: str, tmp_path: Path) -> None:
+    """What has one owner and no hand-over yet is refused in one line, before anything runs."""
+    (tmp_path / "users").mkdir()
+    cases = [
+        ["submission", "--listen", "127.0.0.1:0", "--destination", "127.0.0.1:1",
+         "--users", str(tmp_path / "users"), "--domain", "our.test", "--workers", "2"],
+        ["signer", "--listen", "127.0.0.1:0", "--destination", "127.0.0.1:1",
+         "--domain", "our.test", "--key-dir", str(tmp_path / "keys"), "--workers", "2"],
+    ]
+    config = tmp_path / "poste.toml"
+    config.write_text(f"""
+domain = ["our.test"]
+users = "{tmp_path / 'users'}"
+acme-directory = "https://acme.invalid/dir"
+[relay]
+spool = "spool"
+""")
+    cases.append(["up", "--config", str(config), "--workers", "2"])
+    for argv in cases:
+        r = subprocess.run([poste_bin, *argv], capture_output=True, text=True, timeout=60)
+        lines = [line for line in r.stderr.splitlines() if line.strip()]
+        assert r.returncode != 0, (argv, r.stderr)
+        assert "one process" in r.stderr and "--workers 1" in r.stderr, (argv, r.stderr)
+        assert "Traceback" not in r.stderr and len(lines) <= 3, (argv, r.stderr)
+    assert not (tmp_path / "spool").exists()  # refused before the relay took a spool
+
+
+# -- `poste up --workers 2` ----------------------------------------------------
+
+
+@pytest.fixture
+def world(tmp_path: Path, poste_bin: str) -> Iterator[World]:
+    w = make_world(tmp_path, poste_bin)
+    try:
+        yield w
+    finally:
+        w.stop()
+
+
+def test_up_with_two_workers_delivers_every_mail_once(world: World) -> None:
+    port = common_port([HOSTS["verifier"], HOSTS["submission"]])
+    config = up_config(world, port)
+    proc = world.spawn("up", ["up", "--config", str(config), "--workers", "2"])
+    log = world.tmp / "up.log"
+
+    def read() -> str:
+        return log.read_text(errors="replace")
+
+    ready = wait_log(read, READY, lambda: proc.poll() is None)
+    assert ready.group(1) == "2"
+    wait_port(HOSTS["verifier"], port, timeout=30)
+    acked = send(HOSTS["verifier"], port, range(120), LOGIN, "up", source=GMAIL_IP)
+    assert len(acked) == 120, read()[-3000:]
+    got = wait_delivered(world.gmail.mails, "up", acked, world.tmp / "spool")
+    assert set(got) == acked and all(c == 1 for c in got.values()), read()[-3000:]
+    text = read()
+    for k in (0, 1):  # each worker took sessions from the one shared socket
+        assert re.search(rf"\[w{k}\] INFO [0-9A-F]+ verifier from=", text), text[-3000:]
+    # worker 0 alone runs submission (the AUTH brake is one process's)
+    assert re.search(r"\[w0\] INFO submission listening", text), text[-3000:]
+    assert not re.search(r"\[w1\] INFO submission listening", text), text[-3000:]
+    pids = [int(p) for p in ready.group(2).split()]
+    proc.terminate()
+    assert proc.wait(30) == 0, read()[-3000:]
+    assert all(gone(pid) for pid in pids)
