@@ -23,7 +23,8 @@
 # ratios poste/Postfix of the same round; then median [min-max] over the rounds.
 #
 # Usage: bash bench/inbound.sh [--size 5k|100k|1m|BYTES] [--sessions S] [-n N] [--rounds R]
-#                              [--variants "postfix up separate"] [--keep]
+#                              [--variants "postfix up separate"] [--workers N|auto] [--keep]
+#   --workers: each poste command's worker processes (default 1, as before the option existed)
 # Env (as postfix_ref.sh): WARMUP SMTPD_PORT SINK_PORT DNS_PORT POSTE=path/to/poste
 #     POSTFIX_REF=path/to/postfix_ref.sh PROFILE=1 (py-spy record the `up` variant, if
 #     .venv/bin/py-spy exists; the flame graph goes beside the logs, which are kept then)
@@ -34,6 +35,7 @@ REF=${POSTFIX_REF:-$ROOT/../shared/bench/postfix_ref.sh}
 POSTE=${POSTE:-$ROOT/.venv/bin/poste}
 ROUNDS=3
 POSTE_VARIANTS="postfix up separate"
+WORKERS=1
 size_of() {
     case "$1" in
         *[kK]) echo $(( ${1%[kK]} * 1000 )) ;;
@@ -49,6 +51,7 @@ while [ $# -gt 0 ]; do
         -n) N=$2; shift 2 ;;
         --rounds) ROUNDS=$2; shift 2 ;;
         --variants) POSTE_VARIANTS=$2; shift 2 ;;
+        --workers) WORKERS=$2; shift 2 ;;
         --keep) KEEP=1; shift ;;
         -h|--help) sed -n '2,28p' "${BASH_SOURCE[0]}"; exit 0 ;;
         *) echo "unknown option $1 (see --help)" >&2; exit 2 ;;
@@ -104,18 +107,18 @@ enabled = false
 [signer]
 enabled = false
 EOF
-        start_poste up "$v-up" "$d/up.log" up --config "$d/poste.toml"
+        start_poste up "$v-up" "$d/up.log" up --config "$d/poste.toml" --workers "$WORKERS"
     else
         start_poste relay "$v-relay" "$d/relay.log" relay --domain "$PDOMAIN" \
             --postmaster "postmaster@$PDOMAIN" --users "$d/users" --spool "$d/spool" \
             --listen "unix:$d/relay.sock" --nameserver "$ns" --smtp-port "$SINK_PORT" \
-            --no-ipv6 --hostname "relay.$PDOMAIN"
+            --no-ipv6 --hostname "relay.$PDOMAIN" --workers "$WORKERS"
         start_poste spamfilter "$v-spamfilter" "$d/spamfilter.log" spamfilter \
             --listen "unix:$d/spam.sock" --destination "unix:$d/relay.sock" \
-            --hostname "spamfilter.$PDOMAIN"
+            --hostname "spamfilter.$PDOMAIN" --workers "$WORKERS"
         start_poste verifier "$v-verifier" "$d/verifier.log" verifier --domain "$PDOMAIN" \
             --postmaster "postmaster@$PDOMAIN" --destination "unix:$d/spam.sock" \
-            --listen "$POSTE_HOST:$SMTPD_PORT" --nameserver "$ns" --hostname "$MYHOST"
+            --listen "$POSTE_HOST:$SMTPD_PORT" --nameserver "$ns" --hostname "$MYHOST" --workers "$WORKERS"
         wait_listen "$d/relay.sock" && wait_listen "$d/spam.sock" \
             || { tail -5 "$d"/*.log >&2; die "poste $topo did not start"; }
     fi
@@ -162,7 +165,7 @@ run_poste() {   # $1 topology, $2 round
     (
         peak=0
         while :; do
-            n=$(find "$d/spool" -maxdepth 1 -name '*.json' | wc -l)
+            n=$(spool_count "$d/spool")
             if [ "$n" -gt "$peak" ]; then peak=$n; echo "$peak" > "$d/spool.peak"; fi
             sleep 0.2
         done
@@ -227,7 +230,7 @@ for r in $(seq "$ROUNDS"); do
     done
 done
 
-echo "# inbound: N=$N sessions=$SESSIONS size=$SIZE rounds=$ROUNDS warmup=$WARMUP, $(nproc) cpus," \
+echo "# inbound: N=$N sessions=$SESSIONS size=$SIZE rounds=$ROUNDS warmup=$WARMUP workers=$WORKERS, $(nproc) cpus," \
      "poste $("$POSTE" --version 2>/dev/null | awk '{print $NF}'), $(postconf -d -h mail_version 2>/dev/null | sed 's/^/postfix /')"
 echo "# per round: round variant delivered_msg_s cpu_ms_per_mail(total) details"
 printf '%s\n' "${RESULTS[@]}"

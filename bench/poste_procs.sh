@@ -34,7 +34,10 @@ stop_poste() {
 }
 hwm_mb() { awk '/^VmHWM/{ printf "%.0f", $2/1024 }' "/proc/$1/status" 2>/dev/null || echo n/a; }
 
-spool_busy() { [ -n "$(find "$1" -maxdepth 1 -name '*.json' -print -quit 2>/dev/null)" ]; }
+# envelopes in a spool and its workers' shards (worker-K/), not the quarantine's or the TLS cache's
+spool_jsons() { find "$1" -maxdepth 2 -name '*.json' \( -path "$1/worker-*" -o ! -path "$1/*/*" \) "${@:2}" 2>/dev/null; }
+spool_busy() { [ -n "$(spool_jsons "$1" -print -quit)" ]; }
+spool_count() { spool_jsons "$1" | wc -l; }
 wait_spool() {   # $1 spool, $2 deadline
     while spool_busy "$1"; do
         awk "BEGIN{exit !($(now) > $2)}" && { log "spool drain timeout"; return 1; }

@@ -9,6 +9,7 @@ delivery is in flight to be repeated), after SIGTERM, after a restart with fewer
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -23,6 +24,7 @@ from pathlib import Path
 import pytest
 
 from poste.services.relay.spool import Entry, Recipient, Spool
+from support.cli import run_poste
 from support.knot import KnotServer, knot_factory  # noqa: F401
 from support.loop_world import GMAIL_IP, HOSTS, LOGIN, World, make_world, up_config
 from support.net import wait_port
@@ -195,6 +197,13 @@ def test_shards_of_more_workers_are_adopted_once(
         shard.put(entry, (f"From: bob@example.org\r\nMessage-ID: {msgid('adopt', n)}\r\n"
                           f"Subject: left {n}\r\n\r\nleft behind\r\n").encode())
     os.link(shard.message_path("ABCDEF000000"), root / "ABCDEF000000.eml")
+    # `poste queue` sees the mail of every shard, and acts on it where it is
+    listed = run_poste(["queue", "list", "--spool", str(root), "--json"])
+    assert listed.returncode == 0, listed.stderr
+    assert sorted(json.loads(line)["id"] for line in listed.stdout.splitlines()) == [
+        f"ABCDEF{n:06d}" for n in range(5)]
+    retried = run_poste(["queue", "retry", "--spool", str(root), "ABCDEF000003"])
+    assert retried.returncode == 0 and "retry now" in retried.stdout, retried.stderr
     relay.args = [a for a in relay.args if a not in ("--workers", "2")] + ["--workers", "1"]
     relay.start()
     dest = mx.start(MX["late.test"], tmp_path / "late")

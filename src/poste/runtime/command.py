@@ -9,6 +9,7 @@ one-line error (exit status 1) when no flag is at fault.
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -25,6 +26,8 @@ from poste.runtime.run import Parts, StartError, run
 from poste.runtime.settings import ConfigError, Setting
 from poste.smtp import listen
 from poste.smtp.message import ALLOCATOR_ENV
+
+log = logging.getLogger("poste.workers")
 
 
 class Duration(click.ParamType):  # type: ignore[type-arg]
@@ -170,6 +173,10 @@ def workers_of(value: Any, refusal: str | None) -> int:
     except ValueError as exc:
         raise ConfigError("workers", str(exc)) from None
     if n > 1 and refusal:
+        if str(value if value is not None else "auto").strip().lower() == "auto":
+            # the default must not stop a deployment that cannot share yet: one process
+            log.info("workers: 1, not %d: %s", n, refusal)
+            return 0
         raise ConfigError("workers", f"{n} workers: {refusal} (use --workers 1)")
     return n if n > 1 else 0
 

@@ -18,6 +18,7 @@ import click
 
 from poste.runtime.logs import escape
 from poste.services.relay.audit import OVERDUE_SLACK, audit
+from poste.services.relay.shards import spools
 from poste.services.relay.spool import PENDING, Entry, Spool, SpoolError
 
 spool_option = click.option(
@@ -29,11 +30,21 @@ spool_option = click.option(
 )
 
 
-def _open(spool_dir: str) -> Spool:
+def _open(spool_dir: str) -> list[Spool]:
+    """The spool and the shards of its relay workers (shards.py): every queued mail."""
     try:
-        return Spool(spool_dir, create=False)
+        return spools(spool_dir)
     except SpoolError as exc:
         raise click.ClickException(str(exc)) from None
+
+
+def _ids(found: list[Spool]) -> list[str]:
+    return sorted(qid for spool in found for qid in spool.ids())
+
+
+def _find(found: list[Spool], qid: str) -> Spool:
+    """The folder whose envelope `qid` is (the spool itself when none: it says so)."""
+    return next((s for s in found if s.envelope_path(qid).exists()), found[0])
 
 
 def _when(ts: float | None) -> str:
@@ -57,9 +68,8 @@ def main() -> None:
 @click.option("--json", "as_json", is_flag=True, help="One JSON envelope per line.")
 def list_cmd(spool_dir: str, as_json: bool) -> None:
     """List queued messages: id, arrival, size, sender, pending recipients."""
-    spool = _open(spool_dir)
     count = 0
-    for entry in spool.entries():
+    for entry in (e for spool in _open(spool_dir) for e in spool.entries()):
         count += 1
         if as_json:
             click.echo(json.dumps(entry.to_json(), sort_keys=True))
@@ -83,7 +93,7 @@ def list_cmd(spool_dir: str, as_json: bool) -> None:
 @click.option("--body", is_flag=True, help="Also print the message itself.")
 def show(spool_dir: str, queue_id: str, body: bool) -> None:
     """Show a message's envelope and delivery state (and the message with --body)."""
-    spool = _open(spool_dir)
+    spool = _find(_open(spool_dir), queue_id)
     try:
         entry = spool.load(queue_id)
     except SpoolError as exc:
@@ -114,8 +124,8 @@ def show(spool_dir: str, queue_id: str, body: bool) -> None:
 @click.option("--all", "everything", is_flag=True, help="Every queued message.")
 def retry(spool_dir: str, queue_ids: tuple[str, ...], everything: bool) -> None:
     """Make messages due now (a running relay picks them up at its next rescan)."""
-    spool = _open(spool_dir)
-    ids = spool.ids() if everything else list(queue_ids)
+    found = _open(spool_dir)
+    ids = _ids(found) if everything else list(queue_ids)
     if not ids:
         raise click.UsageError("give queue ids or --all")
     def due_now(entry: Entry) -> Entry:
@@ -123,6 +133,7 @@ def retry(spool_dir: str, queue_ids: tuple[str, ...], everything: bool) -> None:
         return entry
 
     for qid in ids:
+        spool = _find(found, qid)
         try:
             entry = spool.modify(qid, due_now)
         except SpoolError as exc:
@@ -141,11 +152,12 @@ def retry(spool_dir: str, queue_ids: tuple[str, ...], everything: bool) -> None:
 @click.option("--all", "everything", is_flag=True, help="Every queued message.")
 def delete(spool_dir: str, queue_ids: tuple[str, ...], everything: bool) -> None:
     """Remove messages from the queue, without any DSN."""
-    spool = _open(spool_dir)
-    ids = spool.ids() if everything else list(queue_ids)
+    found = _open(spool_dir)
+    ids = _ids(found) if everything else list(queue_ids)
     if not ids:
         raise click.UsageError("give queue ids or --all")
     for qid in ids:
+        spool = _find(found, qid)
         if not spool.envelope_path(qid).exists():
             if everything:
                 continue
@@ -166,11 +178,11 @@ def check(spool_dir: str, slack: float) -> None:
 
     Exits 1 when something is wrong (one line per finding), 0 when all is well.
     """
-    spool = _open(spool_dir)
-    findings = audit(spool, slack=slack)
+    found = _open(spool_dir)
+    findings = [f for spool in found for f in audit(spool, slack=slack)]
     for f in findings:
         _echo(f"{f.qid}: {f.problem}: {f.detail}")
-    n = len(spool.ids())
+    n = len(_ids(found))
     click.echo(f"-- {n} message(s) checked, {len(findings)} problem(s)", err=True)
     if findings:
         sys.exit(1)

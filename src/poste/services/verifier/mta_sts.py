@@ -15,6 +15,7 @@ import logging
 import ssl
 
 from poste.runtime.run import StartError
+from poste.smtp import listen
 
 log = logging.getLogger("poste.verifier.mta_sts")
 
@@ -40,9 +41,16 @@ class PolicyServer:
 
     async def start(self) -> None:
         try:
-            self._server = await asyncio.start_server(
-                self._serve, self.host or None, self.port, ssl=self.ctx,
-                ssl_handshake_timeout=_TIMEOUT)
+            shared = listen.inherited(self.host, self.port)  # a worker: the parent's socket
+            if shared:
+                self._server = await asyncio.start_server(
+                    self._serve, sock=shared[0], ssl=self.ctx, ssl_handshake_timeout=_TIMEOUT)
+                for extra in shared[1:]:  # one address is what mta-sts-listen names
+                    extra.close()
+            else:
+                self._server = await asyncio.start_server(
+                    self._serve, self.host or None, self.port, ssl=self.ctx,
+                    ssl_handshake_timeout=_TIMEOUT)
         except OSError as exc:
             raise StartError(f"MTA-STS policy server: cannot listen on {self.host}:{self.port}: "
                              f"{exc.strerror or exc}") from None
