@@ -6,7 +6,6 @@ command (runtime/run.py), with `poste up`'s parts.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import click
 from poste.runtime import logs
 from poste.runtime.command import flag_errors, with_allocator_settings
 from poste.runtime.metrics_http import serve_or_fail
+from poste.runtime.run import on_loop
 from poste.stack.build import build
 from poste.stack.config import ConfigError, load
 from poste.stack.up import DEMO_PORTS, demo_banner, demo_dir, prepare_demo
@@ -95,4 +95,4 @@ def main(
 
     with flag_errors():
         serve_or_fail(metrics or cfg.metrics)  # the relay registered its spool gauges
-        asyncio.run(stack.runtime.serve(ready))
+        on_loop(stack.runtime.serve(ready))
