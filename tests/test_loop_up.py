@@ -37,13 +37,15 @@ def world(tmp_path: Path, poste_bin: str) -> Iterator[World]:
         w.stop()
 
 
-def test_loop_through_poste_up(world: World) -> None:
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_loop_through_poste_up(world: World, loop: str) -> None:
+    """The whole scenario on asyncio's loop and on uvloop (POSTE_EVENT_LOOP)."""
     port = common_port([HOSTS["verifier"], HOSTS["submission"]])
     port_tls = free_port(HOSTS["submission"])
     metrics_addr = f"127.0.0.1:{free_port('127.0.0.1')}"
     config = up_config(world, port, port_tls,
                        top=f'metrics = "{metrics_addr}"\nlog-format = "json"\n')
-    proc = world.spawn("up", ["up", "--config", str(config)])
+    proc = world.spawn("up", ["up", "--config", str(config)], env={"POSTE_EVENT_LOOP": loop})
     for host, p in ((HOSTS["verifier"], port), (HOSTS["submission"], port),
                     (HOSTS["submission"], port_tls)):
         try:
@@ -51,6 +53,9 @@ def test_loop_through_poste_up(world: World) -> None:
         except TimeoutError:
             raise AssertionError(world.logs()) from None
     assert proc.poll() is None
+    # the loop asked for is the one running: uvloop's extension is mapped only when used
+    maps = Path(f"/proc/{proc.pid}/maps").read_text()
+    assert ("uvloop/loop." in maps) == (loop == "uvloop"), loop
     before = metrics(metrics_addr)
 
     confirmation, sent = run_scenario(
@@ -92,3 +97,13 @@ def test_loop_through_poste_up(world: World) -> None:
                 and obj.get("code") == 250]
     assert {o["service"] for o in per_mail} >= {
         "verifier", "spamfilter", "relay", "submission", "signer"}
+
+
+def test_unknown_event_loop_is_one_line(world: World) -> None:
+    config = up_config(world, free_port(HOSTS["verifier"]), free_port(HOSTS["submission"]))
+    proc = world.spawn("bad-loop", ["up", "--config", str(config)],
+                       env={"POSTE_EVENT_LOOP": "tokio"})
+    assert proc.wait(timeout=60) == 1
+    err = (world.tmp / "bad-loop.log").read_text()
+    assert "POSTE_EVENT_LOOP='tokio': choose one of asyncio, uvloop" in err, err
+    assert "Traceback" not in err

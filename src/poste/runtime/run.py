@@ -15,9 +15,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
+from typing import Any
 
+from poste.runtime import event_loop
 from poste.smtp import listen
 from poste.smtp.server import SMTPService
 
@@ -131,4 +133,12 @@ class Runtime:
 
 def run(parts: Parts, ready: Callable[[], None] | None = None) -> None:
     """Serve `parts` in a new event loop until a stop signal; StartError when it cannot start."""
-    asyncio.run(Runtime(parts).serve(ready))
+    on_loop(Runtime(parts).serve(ready))
+
+
+def on_loop(main: Coroutine[Any, Any, None]) -> None:
+    """Run a process's serving coroutine on the event loop POSTE_EVENT_LOOP chooses."""
+    try:
+        event_loop.run(main)
+    except event_loop.EventLoopError as exc:
+        raise StartError(str(exc)) from None

@@ -6,7 +6,6 @@ command (runtime/run.py), with `poste up`'s parts.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import sys
 from pathlib import Path
@@ -16,6 +15,7 @@ import click
 from poste.runtime import logs
 from poste.runtime.command import flag_errors, option, with_allocator_settings, workers_of
 from poste.runtime.metrics_http import serve_or_fail
+from poste.runtime.run import on_loop
 from poste.runtime.settings import WORKERS
 from poste.runtime.workers import refusal
 from poste.runtime.workers import run as run_workers
@@ -122,4 +122,4 @@ def main(
 
     with flag_errors():
         serve_or_fail(metrics or cfg.metrics)  # the relay registered its spool gauges
-        asyncio.run(stack.runtime.serve(ready))
+        on_loop(stack.runtime.serve(ready))
