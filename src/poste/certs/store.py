@@ -65,7 +65,8 @@ def cert_info(pem: bytes) -> CertInfo:
         raise StoreError(f"not a PEM certificate: {exc}") from None
     try:
         san = cert.extensions.get_extension_for_oid(ExtensionOID.SUBJECT_ALTERNATIVE_NAME)
-        names = tuple(san.value.get_values_for_type(x509.DNSName))  # type: ignore[attr-defined]
+        # sorted: a CA may list the names in any order (pebble does), logs and `show` should not
+        names = tuple(sorted(san.value.get_values_for_type(x509.DNSName)))  # type: ignore[attr-defined]
     except x509.ExtensionNotFound:
         names = ()
     return CertInfo(names, cert.not_valid_before_utc, cert.not_valid_after_utc,
