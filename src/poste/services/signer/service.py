@@ -33,7 +33,7 @@ from poste.services.signer.rotation import (
     due_for_rotation,
     rotate,
 )
-from poste.smtp.client import SMTPHop
+from poste.smtp.client import HOP_KEEP, SMTPHop
 from poste.smtp.message import Message
 from poste.smtp.server import SMTPService
 from poste.smtp.stage import Envelope, Stage, Verdict
@@ -195,7 +195,7 @@ def build(values: Values) -> Parts:
     dest_host, dest_port = parse_hostport(values["destination"], 25, "destination")
     stage = SignerStage(signer)
     service = SMTPService(
-        stage, SMTPHop(dest_host, dest_port, helo=values["hostname"]),
+        stage, SMTPHop(dest_host, dest_port, helo=values["hostname"], keep=HOP_KEEP),
         host=host, port=port, hostname=values["hostname"],
     )
     return Parts([service], before=publisher(values, signer), background=rotation(values, stage))
