@@ -39,7 +39,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from poste.metrics import DELIVERIES, QUEUED
+from poste.metrics import DELIVERIES, QUEUED, labelled
 from poste.services.relay.dsn import DELAYED, FAILED, make_dsn
 from poste.services.relay.own_mail import OwnKeys
 from poste.services.relay.pools import arriving, departing
@@ -330,11 +330,11 @@ class Scheduler:
                 log.info("%s: to=<%s> status=bounced (%s)", qid, r.address, r.last_reply)
         for r in tried:
             if r.state == DELIVERED:
-                DELIVERIES.labels("delivered").inc()
+                labelled(DELIVERIES, "delivered").inc()
             elif r.state == PENDING:
-                DELIVERIES.labels("deferred").inc()
+                labelled(DELIVERIES, "deferred").inc()
             else:
-                DELIVERIES.labels("bounced").inc()
+                labelled(DELIVERIES, "bounced").inc()
         entry.attempts += 1
         if failed:
             await self._notify(entry, failed, FAILED, message)

@@ -23,6 +23,7 @@ from prometheus_client import Counter
 
 from poste.dkim.sign import DEFAULT_HEADERS, DEFAULT_OVERSIGN, Signer, SigningKey, sign_or_pass
 from poste.dns.resolver import Nameserver, NameserverError, parse_nameserver
+from poste.metrics import labelled
 from poste.runtime.hostport import parse_hostport
 from poste.runtime.run import Job, Parts, StartError
 from poste.runtime.settings import ConfigError, Values
@@ -80,7 +81,7 @@ class SignerStage(Stage):
                 fields = sign_or_pass(signer, data, env.queue_id)
             else:
                 fields = await asyncio.to_thread(sign_or_pass, signer, data, env.queue_id)
-        SIGNED.labels("signed" if fields else "unsigned").inc()
+        labelled(SIGNED, "signed" if fields else "unsigned").inc()
         if fields and log.isEnabledFor(logging.DEBUG):
             algs = ",".join(k.key.signature_algorithm.decode() for k in signer.keys)
             log.debug("%s: signed d=%s a=%s", env.queue_id, signer.keys[0].domain, algs)
