@@ -5,7 +5,8 @@ Run by hand: `.venv/bin/python bench/profile_areas.py PROFILE.txt [--top 15]`.
 Each sample is charged to the area of its innermost frame that belongs to one (so a
 log call made by the SMTP server counts as logging, a DNS query made by SPF as DNS);
 samples with no such frame are the event loop and the rest.  `--top` also lists the
-functions with the most samples of their own (leaf frames).
+functions with the most samples of their own (leaf frames), `--inclusive` those on the
+stack of the most samples (a function's line numbers merged).
 """
 
 from __future__ import annotations
@@ -49,9 +50,13 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("profile")
     ap.add_argument("--top", type=int, default=0)
+    ap.add_argument("--inclusive", type=int, default=0, metavar="N",
+                    help="also the N functions on the stack of the most samples (callees"
+                         " included): where a cost starts, not only where it ends")
     args = ap.parse_args()
     areas: collections.Counter[str] = collections.Counter()
     leaves: collections.Counter[str] = collections.Counter()
+    inclusive: collections.Counter[str] = collections.Counter()
     total = 0
     with open(args.profile) as f:
         for line in f:
@@ -62,6 +67,8 @@ def main() -> None:
             frames = stack.split(";")
             areas[area_of(frames)] += n
             leaves[frames[-1]] += n
+            for frame in set(re.sub(r":\d+\)$", ")", f) for f in frames):
+                inclusive[frame] += n
             total += n
     print(f"| area | share of the CPU ({total} samples) |")
     print("|---|---|")
@@ -70,6 +77,10 @@ def main() -> None:
     if args.top:
         print("\n| function (own samples) | share |\n|---|---|")
         for frame, n in leaves.most_common(args.top):
+            print(f"| `{frame}` | {100 * n / total:.1f}% |")
+    if args.inclusive:
+        print("\n| function (samples with it on the stack) | share |\n|---|---|")
+        for frame, n in inclusive.most_common(args.inclusive):
             print(f"| `{frame}` | {100 * n / total:.1f}% |")
 
 

@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import poste.dkim  # noqa: F401  (installs the fast split)
-from poste.dkim import fast_parse
+from poste.dkim import fast_canon, fast_parse
 
 PIECES = st.sampled_from([
     b"From: a@b.test\r\n", b"Subject: x\r\n", b" folded\r\n", b"\r\n", b"\n", b"\r",
@@ -34,3 +34,25 @@ def test_same_split_as_dkimpy(pieces: list[bytes]) -> None:
 
 def test_installed_for_dkimpy() -> None:
     assert dkim.rfc822_parse is fast_parse.rfc822_parse
+
+
+# -- the canonicalisation passes (fast_canon): dkimpy's own result every time ----------
+
+BLANKS = st.lists(st.sampled_from([b"a", b"b c", b" ", b"  ", b"\t", b"\r\n", b"\n", b"\r",
+                                   b" \r\n", b"\t\r\n"]), max_size=40).map(b"".join)
+
+
+@settings(max_examples=1000, deadline=None)
+@given(BLANKS)
+def test_canonicalisation_passes_as_dkimpy(content: bytes) -> None:
+    assert fast_canon.compress_whitespace(content) == fast_canon._compress(content)
+    assert fast_canon.strip_trailing_whitespace(content) == fast_canon._strip(content)
+    assert fast_canon.unfold_header_value(content) == fast_canon._unfold(content)
+
+
+def test_canonicalisation_installed_for_dkimpy() -> None:
+    from dkim import canonicalization
+
+    assert canonicalization.compress_whitespace is fast_canon.compress_whitespace
+    body = b"a  b\t\r\nc \r\n\r\n\r\n"
+    assert canonicalization.Relaxed.canonicalize_body(body) == b"a b\r\nc\r\n"

@@ -10,9 +10,21 @@ from pathlib import Path
 import dkim
 import pytest
 from cryptography.hazmat.primitives import serialization
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from poste.dkim import keys
-from poste.dkim.sign import DEFAULT_HEADERS, Signer, SigningKey, Unsignable, sign_or_pass
+from poste.dkim.sign import (
+    DEFAULT_HEADERS,
+    SIMPLE_ADDRESSES,
+    SIMPLE_MSG_ID,
+    Signer,
+    SigningKey,
+    Unsignable,
+    check_parsable,
+    sign_or_pass,
+    strict_parse,
+)
 from support.dkimkit import DOMAIN, mail
 
 
@@ -182,3 +194,24 @@ def test_cli_keeps_bare_lf_files_in_lf(
     assert r.returncode == 0, r.stderr
     assert b"\r" not in r.stdout and r.stdout.endswith(lf_mail)
     assert dkim.DKIM(r.stdout).verify(0, dnsfunc=dns_of(("e", ed_key)))
+
+
+@settings(max_examples=400, deadline=None)
+@given(value=st.from_regex(SIMPLE_ADDRESSES, fullmatch=True),
+       name=st.sampled_from(["From", "To", "Cc", "Reply-To", "Sender"]))
+def test_every_simple_address_field_the_parser_accepts_too(name: str, value: str) -> None:
+    """The shapes check_parsable lets pass unparsed: the strict parser never rejects one."""
+    strict_parse(name, value)
+
+
+@settings(max_examples=200, deadline=None)
+@given(value=st.from_regex(SIMPLE_MSG_ID, fullmatch=True))
+def test_every_simple_message_id_the_parser_accepts_too(value: str) -> None:
+    strict_parse("Message-ID", value)
+
+
+@pytest.mark.parametrize("value", ["<", "a@", "Alice <a@>", "<@>", "a@b <"])
+def test_what_the_parser_rejects_is_not_simple(value: str) -> None:
+    assert not SIMPLE_ADDRESSES.fullmatch(value)
+    with pytest.raises(Unsignable):
+        check_parsable([(b"From", value.encode())], ["From"])

@@ -314,3 +314,44 @@ async def test_arrivals_wait_for_a_lagging_delivery_once_on_disk(tmp_path: Path)
         release.set()
         await sched.stop()
     assert sorted(done) == ["M1@a.test", "M2@a.test", "M3@a.test"]
+
+
+async def test_first_attempt_from_memory_same_bytes_and_delete_kept(tmp_path: Path) -> None:
+    """A mail just queued is first tried with the envelope and bytes it was queued with
+    (no reading back): the same bytes as its spool file; a big one is read from the spool;
+    one deleted right after its 250 is not delivered."""
+    from poste.services.relay import scheduler as sched_mod
+    from poste.smtp.message import Message
+
+    spool = Spool(tmp_path)
+    got: dict[str, bytes] = {}
+
+    async def deliver(domain: str, sender: str, rcpts: list[str], msg: Message) -> dict[str, Reply]:
+        got[rcpts[0]] = b"".join(msg.chunks())
+        return {r: Reply(250, "2.0.0 Ok", "mx", remote=True) for r in rcpts}
+
+    sched = Scheduler(spool, deliver, hostname="relay.our.test", domain="our.test",
+                      policy=Policy(rescan=3600))
+    await sched.start()
+    big = b"Subject: big\r\n\r\n" + (b"z" * 78 + b"\r\n") * 4000
+    assert len(big) > sched_mod.FRESH_MAIL
+    try:
+        small = Message.of(b"Subject: small\r\n\r\nbody\r\n").prepend(b"Received: x\r\n")
+        await sched.enqueue(Entry(id="S1", return_path="", recipients=[
+            Recipient("s@a.test", "s@our.test")]), small)
+        assert "S1" in sched._fresh  # no await since: its attempt has not begun
+        await sched.enqueue(Entry(id="B1", return_path="", recipients=[
+            Recipient("b@a.test", "s@our.test")]), Message.of(big))
+        assert "B1" not in sched._fresh  # too big to keep: read back from the spool
+        # a third one, deleted before its attempt begins (the scheduler's loop has not run)
+        await sched.enqueue(Entry(id="D1", return_path="", recipients=[
+            Recipient("d@a.test", "s@our.test")]), Message.of(b"Subject: d\r\n\r\nd\r\n"))
+        spool.remove("D1")
+        for _ in range(200):
+            if len(got) >= 2 and not spool.ids():
+                break
+            await asyncio.sleep(0.02)
+    finally:
+        await sched.stop()
+    assert got == {"s@a.test": b"Received: x\r\nSubject: small\r\n\r\nbody\r\n", "b@a.test": big}
+    assert spool.ids() == [] and sched._fresh == {} and sched._fresh_bytes == 0

@@ -9,7 +9,7 @@ import dkim
 
 from poste.dkim import keys
 from poste.dkim.sign import Signer, SigningKey
-from poste.services.signer.service import SignerStage
+from poste.services.signer.service import INLINE_BYTES, SignerStage, signs_inline
 from poste.smtp.chain import StageHop
 from poste.smtp.client import send_message
 from poste.smtp.stage import Stage
@@ -66,3 +66,22 @@ async def test_chained_behind_another_stage(tmp_path: Path) -> None:
     # the signer's fields sit above its Received:, above the front stage's Received:
     assert names[:3] == [b"DKIM-Signature", b"Received", b"Received"]
     assert dkim.DKIM(stored).verify(0, dnsfunc=lookup_for(("e", ed_key)))
+
+
+async def test_small_mails_signed_on_the_loop_big_ones_in_a_thread(tmp_path: Path) -> None:
+    """Both ways give signatures that verify; which way is the size's and the keys' call."""
+    rsa_key = keys.generate("rsa")
+    signer = Signer([SigningKey(DOMAIN, "r", rsa_key)])
+    assert signs_inline(signer, 5000) and not signs_inline(signer, INLINE_BYTES + 1)
+    big = Signer([SigningKey(DOMAIN, "b", keys.generate("rsa", 3072))])
+    assert not signs_inline(big, 5000)
+    box = Mailbox(str(tmp_path) + "/", 0, with_data=False)
+    async with running(SignerStage(signer), MailboxHop(box)) as svc:
+        for body in ("small\r\n", ("y" * 78 + "\r\n") * 600):
+            r = await send_message(*svc.sockname, f"a@{DOMAIN}", ["b@remote.test"],
+                                   mail("size", body))
+            assert r.data_reply is not None and r.data_reply.ok
+    stored = stored_mails(tmp_path)
+    assert sorted(len(m) > INLINE_BYTES for m in stored) == [False, True]
+    for m in stored:
+        assert dkim.DKIM(m).verify(0, dnsfunc=lookup_for(("r", rsa_key)))

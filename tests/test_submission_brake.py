@@ -288,3 +288,30 @@ def test_counters_survive_a_crash(base: Path, poste_bin: str) -> None:
     finally:
         again.stop()
     assert again.proc.returncode == 0
+
+
+async def test_state_rewritten_only_when_it_changes(tmp_path: Path) -> None:
+    """A login of a known pair charges and refunds in one moment: the file stays as it is;
+    a first login and a failure are written."""
+    from poste.services.submission.brake import AuthBrake
+
+    state = tmp_path / "auth.json"
+    brake = AuthBrake(state_file=state)
+
+    async def login(ok: bool) -> None:
+        async with brake.gate("192.0.2.7"):
+            ticket = brake.admit("192.0.2.7", "alice")
+            if ok:
+                brake.success(ticket)
+            else:
+                brake.failure(ticket)
+        await brake.flush()
+
+    await login(True)
+    first = state.read_bytes()  # with its "saved" time: any rewrite changes it
+    for _ in range(5):
+        await login(True)
+    assert state.read_bytes() == first
+    await login(False)
+    assert state.read_bytes() != first
+    assert json.loads(state.read_bytes())["address"]

@@ -18,7 +18,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from poste.services.submission import sender_policy
 from poste.services.submission.sender_policy import check_header
 from poste.smtp.tls import self_signed
 from poste.stack.build import build
@@ -315,3 +318,13 @@ async def test_poste_up_refuses_and_signs_nothing(tmp_path: Path) -> None:
     finally:
         await stack.stop()
     assert (d / "submission-auth.json").exists()  # the AUTH counters' file, beside the spool
+
+
+# -- the fast lane of field_addresses: the parser's own answer, for the shapes it takes --
+
+@settings(max_examples=1000, deadline=None)
+@given(st.from_regex(sender_policy._SIMPLE, fullmatch=True)
+       | st.from_regex(r"[ \t]*[A-Za-z=?@ ]{0,6}<?[a-z=?.]{1,4}@[a-z.]{1,4}>?[ \t]*",
+                       fullmatch=True))
+def test_simple_from_values_read_as_the_parser_reads_them(value: str) -> None:
+    assert sender_policy.field_addresses(value) == sender_policy.parsed_addresses(value)

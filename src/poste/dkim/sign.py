@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import email.policy
 import logging
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from email.headerregistry import AddressHeader, MessageIDHeader
@@ -142,6 +143,23 @@ def _strict_classes() -> dict[str, Any]:
 
 _STRICT = _strict_classes()
 
+# Shapes the strict parser always reads without complaint: `addr@dom`, `Name <addr@dom>`,
+# `"Any, Name" <addr@dom>`, lists of them, `<id@host>`.  Nearly every From, To and
+# Message-ID a mail client writes is one of them, and a regex match is some 30 times
+# cheaper than the parser (issue 16: the strict parse was 6% of `poste up`'s CPU per
+# sent mail).  Anything else (comments, groups, encoded words in quotes, obsolete
+# forms, 8-bit) still goes through the parser.  tests/test_dkim_sign.py checks that
+# every value these accept, the parser accepts too.
+_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]"
+_DOT_ATOM = rf"{_ATEXT}+(?:\.{_ATEXT}+)*"
+_ADDR = rf"{_DOT_ATOM}@{_DOT_ATOM}"
+_NAME = rf'(?:{_ATEXT}+(?: {_ATEXT}+)*|"[\x20\x21\x23-\x5b\x5d-\x7e]*")'
+_MAILBOX = rf"(?:{_ADDR}|(?:{_NAME} ?)?<{_ADDR}>)"
+SIMPLE_ADDRESSES = re.compile(rf"{_MAILBOX}(?: ?, ?{_MAILBOX})*")
+SIMPLE_MSG_ID = re.compile(rf"<{_DOT_ATOM}@{_DOT_ATOM}>")
+_SIMPLE = {name: SIMPLE_MSG_ID if issubclass(cls, MessageIDHeader) else SIMPLE_ADDRESSES
+           for name, cls in _STRICT.items()}
+
 
 def check_parsable(headers: Sequence[tuple[bytes, bytes]], fields: Sequence[str]) -> None:
     """Raise Unsignable when Python's mail parser rejects a field we would sign.
@@ -155,22 +173,27 @@ def check_parsable(headers: Sequence[tuple[bytes, bytes]], fields: Sequence[str]
     wanted = {f.lower() for f in fields}
     for raw_name, raw_value in headers:
         name = raw_name.decode("ascii", "surrogateescape")
-        cls = _STRICT.get(name.lower())
-        if cls is None or name.lower() not in wanted:
+        if name.lower() not in _STRICT or name.lower() not in wanted:
             continue
         value = raw_value.decode("ascii", "surrogateescape")
         value = "".join(value.splitlines()).strip()
-        try:
-            parsed = cls(name, value)
-            str(parsed)
-        except Exception as exc:  # the parser's errors are IndexError, HeaderParseError...
-            reason = f"rejected by the mail parser ({type(exc).__name__})"
-            raise Unsignable(f"{name}: {reason}") from None
-        # Python 3.13 no longer raises on an unparsable address (`From: <`): it records this
-        # defect and reads it as `<>`, where 3.11 raised IndexError.
-        for defect in getattr(parsed, "defects", ()):
-            if "invalid address in address-list" in str(defect):
-                raise Unsignable(f"{name}: rejected by the mail parser ({defect})")
+        if not _SIMPLE[name.lower()].fullmatch(value):
+            strict_parse(name, value)
+
+
+def strict_parse(name: str, value: str) -> None:
+    """The strict parser's judgement of one field (unfolded value); Unsignable if it rejects."""
+    try:
+        parsed = _STRICT[name.lower()](name, value)
+        str(parsed)
+    except Exception as exc:  # the parser's errors are IndexError, HeaderParseError...
+        reason = f"rejected by the mail parser ({type(exc).__name__})"
+        raise Unsignable(f"{name}: {reason}") from None
+    # Python 3.13 no longer raises on an unparsable address (`From: <`): it records this
+    # defect and reads it as `<>`, where 3.11 raised IndexError.
+    for defect in getattr(parsed, "defects", ()):
+        if "invalid address in address-list" in str(defect):
+            raise Unsignable(f"{name}: rejected by the mail parser ({defect})")
 
 
 class Signer:

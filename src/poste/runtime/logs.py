@@ -35,9 +35,23 @@ def escape(text: str) -> str:
 class PlainFormatter(logging.Formatter):
     """The plain format, with the message escaped (a traceback keeps its own lines)."""
 
+    _second = -1
+    _stamp = ""
+
     def formatMessage(self, record: logging.LogRecord) -> str:
         record.message = escape(record.message)
         return super().formatMessage(record)
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        """logging's own stamp, its strftime made once a second (four lines per sent mail:
+        1-2% of `poste up`'s CPU)."""
+        if datefmt is not None:
+            return super().formatTime(record, datefmt)
+        second = int(record.created)
+        if second != self._second:
+            self._stamp = time.strftime(self.default_time_format, self.converter(second))
+            self._second = second
+        return f"{self._stamp},{int(record.msecs):03d}"  # logging's default_msec_format
 
 
 def _fields(message: str) -> dict[str, Any]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 
-from poste.metrics import MAILS, RECIPIENTS, outcome
+from poste.metrics import MAILS, RECIPIENTS, labelled, outcome
 from poste.smtp import replies as R
 from poste.smtp.hop import Hop, HopError, Transaction
 from poste.smtp.message import Message
@@ -41,7 +41,7 @@ class StageTransaction:
 
     async def rcpt(self, rcpt: str, options: list[str]) -> Reply:
         reply = await self._rcpt(rcpt, options)
-        RECIPIENTS.labels(self.stage.name, outcome(reply.code)).inc()
+        labelled(RECIPIENTS, self.stage.name, outcome(reply.code)).inc()
         return reply
 
     async def _rcpt(self, rcpt: str, options: list[str]) -> Reply:
@@ -84,7 +84,7 @@ class StageTransaction:
 
     async def data(self, data: Message) -> Reply:
         reply = await self._data(data)
-        MAILS.labels(self.stage.name, outcome(reply.code)).inc()
+        labelled(MAILS, self.stage.name, outcome(reply.code)).inc()
         return reply
 
     async def _data(self, data: Message) -> Reply:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import time
 from email.utils import formatdate
 
 from poste.smtp.stage import Envelope
@@ -14,6 +15,19 @@ def _clean(text: str, limit: int = 255) -> str:
     """HELO names and rDNS come from strangers: keep them printable and inert."""
     cleaned = _UNSAFE.sub("_", text)[:limit]
     return cleaned or "unknown"
+
+
+_date: tuple[int, str] = (0, "")
+
+
+def _now() -> str:
+    """The RFC 5322 date of this second, made once a second (three fields per sent mail
+    in `poste up` each formatted it: 1-2% of the CPU)."""
+    global _date
+    second = int(time.time())
+    if _date[0] != second:
+        _date = (second, formatdate(second, localtime=False, usegmt=True).replace("GMT", "+0000"))
+    return _date[1]
 
 
 def _literal(ip: str) -> str:
@@ -48,7 +62,7 @@ def received_field(env: Envelope, hostname: str, date: str | None = None) -> byt
         lines.append(f"\t(using {_clean(env.tls_version)}{cipher})")
     via = f" via {_clean(env.via)}" if env.via and not env.peer_ip else ""
     lines.append(f"\tby {_clean(hostname)} (poste){via} with {env.protocol} id {env.queue_id}")
-    when = date or formatdate(localtime=False, usegmt=True).replace("GMT", "+0000")
+    when = date or _now()
     if len(env.rcpt_tos) == 1:
         lines.append(f"\tfor <{_clean(env.rcpt_tos[0], 320)}>; {when}")
     else:

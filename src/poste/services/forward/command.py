@@ -15,7 +15,7 @@ from poste.runtime.run import Parts
 from poste.runtime.settings import Values
 from poste.runtime.tls import tls_files
 from poste.services.forward.settings import SETTINGS
-from poste.smtp.client import SMTPHop
+from poste.smtp.client import HOP_KEEP, SMTPHop
 from poste.smtp.server import SMTPService
 from poste.smtp.stage import Stage
 
@@ -25,7 +25,8 @@ def build(values: Values) -> Parts:
     dest_host, dest_port = parse_hostport(values["destination"], 25, "destination")
     tls = tls_files(values)
     service = SMTPService(
-        Stage(), SMTPHop(dest_host, dest_port, helo=values["hostname"]), host=host, port=port,
+        Stage(), SMTPHop(dest_host, dest_port, helo=values["hostname"], keep=HOP_KEEP),
+        host=host, port=port,
         hostname=values["hostname"], tls_context=tls.ctx if tls else None,
         require_tls=bool(values["require-tls"]),
     )

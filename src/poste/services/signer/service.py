@@ -1,9 +1,11 @@
 """`poste signer`: DKIM-sign everything that leaves (ptt's nec, without its drops).
 
 One `DKIM-Signature:` per `--selector`/`--private-key` pair (rsa-sha256 and/or
-ed25519-sha256), relaxed/relaxed.  Signing runs in a worker thread so the
-event loop never waits on it.  A mail that cannot be signed is passed on
-unsigned and byte-identical, with a log line: the signer never drops mail.
+ed25519-sha256), relaxed/relaxed.  A mail of up to 32 KB signed with RSA-2048
+or ed25519 keys is signed on the event loop (under a millisecond: less than a
+trip to a thread); anything else in a worker thread, so the loop never waits
+long on it.  A mail that cannot be signed is passed on unsigned and
+byte-identical, with a log line: the signer never drops mail.
 With `--dns-server`/`--dns-key` the public keys are published at start-up
 (RFC 2136 + TSIG), only when the served record is missing or different.
 With `--key-dir` the keys rotate (rotation.py): the active key of each series
@@ -21,6 +23,7 @@ from prometheus_client import Counter
 
 from poste.dkim.sign import DEFAULT_HEADERS, DEFAULT_OVERSIGN, Signer, SigningKey, sign_or_pass
 from poste.dns.resolver import Nameserver, NameserverError, parse_nameserver
+from poste.metrics import labelled
 from poste.runtime.hostport import parse_hostport
 from poste.runtime.run import Job, Parts, StartError
 from poste.runtime.settings import ConfigError, Values
@@ -33,7 +36,7 @@ from poste.services.signer.rotation import (
     due_for_rotation,
     rotate,
 )
-from poste.smtp.client import SMTPHop
+from poste.smtp.client import HOP_KEEP, SMTPHop
 from poste.smtp.message import Message
 from poste.smtp.server import SMTPService
 from poste.smtp.stage import Envelope, Stage, Verdict
@@ -47,6 +50,22 @@ SIGNED = Counter(
 )
 
 
+# Mails up to this size are signed on the event loop when every key is RSA-2048 or
+# ed25519 (about 0.6 ms a mail at 5 KB, bench/dkim_sign.py); larger mails or keys in a
+# thread.  Measured (issue 16, docs/performance.md's Outbound part): the hand-off to a
+# thread and back cost `poste up` about as much CPU as the signature, as it did for
+# the spam judge (services/spamfilter/service.py); under the GIL the thread would not
+# have run beside the loop anyway.
+INLINE_BYTES = 32 * 1024
+INLINE_RSA_BITS = 2048
+
+
+def signs_inline(signer: Signer, size: int) -> bool:
+    """Whether a mail of `size` bytes is cheap enough to sign on the event loop."""
+    return size <= INLINE_BYTES and all(
+        k.key.algorithm != "rsa" or k.key.bits <= INLINE_RSA_BITS for k in signer.keys)
+
+
 class SignerStage(Stage):
     """Accepts everything; at the end of DATA, prepends the signatures."""
 
@@ -57,11 +76,15 @@ class SignerStage(Stage):
 
     async def on_data(self, env: Envelope, message: Message) -> Verdict:
         async with message.whole() as data:  # dkimpy hashes one bytes: a big mail waits its turn
-            fields = await asyncio.to_thread(sign_or_pass, self.signer, data, env.queue_id)
-        SIGNED.labels("signed" if fields else "unsigned").inc()
-        if fields:
-            algs = ",".join(k.key.signature_algorithm.decode() for k in self.signer.keys)
-            log.debug("%s: signed d=%s a=%s", env.queue_id, self.signer.keys[0].domain, algs)
+            signer = self.signer  # rotation may swap it: this mail keeps the one it began with
+            if signs_inline(signer, len(data)):
+                fields = sign_or_pass(signer, data, env.queue_id)
+            else:
+                fields = await asyncio.to_thread(sign_or_pass, signer, data, env.queue_id)
+        labelled(SIGNED, "signed" if fields else "unsigned").inc()
+        if fields and log.isEnabledFor(logging.DEBUG):
+            algs = ",".join(k.key.signature_algorithm.decode() for k in signer.keys)
+            log.debug("%s: signed d=%s a=%s", env.queue_id, signer.keys[0].domain, algs)
         return Verdict(prepend=fields)
 
 
@@ -195,7 +218,7 @@ def build(values: Values) -> Parts:
     dest_host, dest_port = parse_hostport(values["destination"], 25, "destination")
     stage = SignerStage(signer)
     service = SMTPService(
-        stage, SMTPHop(dest_host, dest_port, helo=values["hostname"]),
+        stage, SMTPHop(dest_host, dest_port, helo=values["hostname"], keep=HOP_KEEP),
         host=host, port=port, hostname=values["hostname"],
     )
     return Parts([service], before=publisher(values, signer), background=rotation(values, stage))

@@ -25,7 +25,7 @@ from poste.runtime.tls import TLSFiles
 from poste.services.submission.brake import AuthBrake
 from poste.services.submission.logins import Authenticator, may_send_as, resolve_login
 from poste.services.submission.sender_policy import check_header
-from poste.smtp.client import SMTPHop
+from poste.smtp.client import HOP_KEEP, SMTPHop
 from poste.smtp.hop import Hop
 from poste.smtp.message import Message
 from poste.smtp.server import SMTPService
@@ -201,7 +201,9 @@ def build(values: Values) -> Parts:
         if values[key] is not None:                            # the users are read
             parse_hostport(values[key], port, key)
     st = stage(values)
-    parts = listeners(values, st, SMTPHop(dest_host, dest_port, helo=values["hostname"]), tls)
+    # kept sessions to the signer: the next mail starts at MAIL (issue 16, item 5)
+    hop = SMTPHop(dest_host, dest_port, helo=values["hostname"], keep=HOP_KEEP)
+    parts = listeners(values, st, hop, tls)
     parts.background.append(st.watcher.run)
     parts.reloads.insert(0, ("users", reloads.users(st.watcher)))
     parts.after.append(st.authenticator.brake.flush)  # the AUTH counters on disk
