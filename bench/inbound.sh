@@ -127,7 +127,7 @@ EOF
 
 RESULTS=()   # "round variant delivered cpu_total detail"
 run_poste() {   # $1 topology, $2 round
-    local topo=$1 r=$2 v=poste-$1 d=$BASE/poste-$1-$2 k t0 t1 t2 c1 e names groups
+    local topo=$1 r=$2 v=poste-$1 d=$BASE/poste-$1-$2 k t0 t1 t2 names groups
     log "=== poste $topo (round $r): N=$N sessions=$SESSIONS size=$SIZE"
     if [ "$topo" = up ]; then names="up"; else names="verifier spamfilter relay"; fi
     groups="$names nsd source sink"
@@ -153,7 +153,7 @@ run_poste() {   # $1 topology, $2 round
     fi
     sleep 1
     declare -A cpu0 cpu
-    for k in $groups; do cpu0[$k]=$(cg_usec "$v-$k"); done
+    cpu_mark "$v" $groups
     local prof_pid=""
     if [ "${PROFILE:-0}" = 1 ] && [ "$topo" = up ] && [ -x "$ROOT/.venv/bin/py-spy" ]; then
         "$ROOT/.venv/bin/py-spy" record --gil -r 100 -f raw -o "$d/profile.txt" \
@@ -178,18 +178,12 @@ run_poste() {   # $1 topology, $2 round
     t2=$(now)
     kill_pid "$sampler"; forget_pid "$sampler"
     [ -n "$prof_pid" ] && { kill -INT "$prof_pid" 2>/dev/null; wait "$prof_pid" 2>/dev/null || true; }
-    for k in $groups; do
-        c1=$(cg_usec "$v-$k"); cpu[$k]=""
-        [ -n "$c1" ] && [ -n "${cpu0[$k]}" ] && cpu[$k]=$((c1 - ${cpu0[$k]}))
-    done
-    local rss=""
-    for e in "${PROCS[@]}"; do rss+=" ${e%%:*}=$(hwm_mb "${e#*:}")MB"; done
+    cpu_spent "$v" $groups
+    local rss
+    rss=$(procs_rss)
     stop_sink; stop_poste; kill_pid "$NSD_PID"; forget_pid "$NSD_PID"
-    local sent
-    sent=$(cat "$d"/*.log | grep -c 'status=sent' || true)
-    [ "$sent" -ge "$N" ] || log "WARNING: poste logs show $sent status=sent, expected >= $N"
+    check_sent "$d" "$N"
 
-    ms() { [ -n "$1" ] && calc "$1 / 1000 / $N" 3 || echo n/a; }
     local total=0 per=""
     for k in $names nsd; do total=$((total + ${cpu[$k]:-0})); per+=" $k=$(ms "${cpu[$k]}")"; done
     local acc dlv

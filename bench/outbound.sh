@@ -138,7 +138,6 @@ check_dump() {   # $1 dir with sinkdump/: the check mail is there and its signat
     "$PY" "$ROOT/bench/dkim_check.py" --nameserver "127.0.0.1:$DNS_PORT" --domain "$ODOMAIN" \
         "$1/sink.dump" || { head -40 "$1/sink.dump" >&2; die "$2: the check mail's DKIM signature"; }
 }
-ms() { [ -n "$1" ] && calc "$1 / 1000 / $N" 3 || echo n/a; }
 
 RESULTS=()   # "round variant/M delivered cpu_total detail"
 
@@ -262,7 +261,7 @@ start_postfix_out() {   # $1 instance dir, $2 cgroup
 }
 
 run_postfix() {   # $1 round, $2 mails per session
-    local r=$1 m=$2 v=pf-out d=$BASE/postfix-$1-$2 k t0 t1 t2 c1 sent0 sent1 i out
+    local r=$1 m=$2 v=pf-out d=$BASE/postfix-$1-$2 k t0 t1 t2 sent0 sent1 i out
     local groups="postfix opendkim nsd source sink"
     log "=== postfix (round $r, $m per session): N=$N sessions=$SESSIONS size=$SIZE tls=$TLS_MODE"
     for k in $groups; do cg_make "$v-$k"; done
@@ -289,16 +288,13 @@ run_postfix() {   # $1 round, $2 mails per session
     sleep 1
     sent0=$(sent_count "$d")
     declare -A cpu0 cpu
-    for k in $groups; do cpu0[$k]=$(cg_usec "$v-$k"); done
+    cpu_mark "$v" $groups
     t0=$(now)
     out=$(load "$N" "$SESSIONS" "$m" "$v-source") || die "postfix: mail refused ($out)"
     t1=$(now)
     wait_drained "$d" "$(calc "$t1 + $DRAIN_TIMEOUT" 3)" || die "postfix: queue did not drain"
     t2=$(now)
-    for k in $groups; do
-        c1=$(cg_usec "$v-$k"); cpu[$k]=""
-        [ -n "$c1" ] && [ -n "${cpu0[$k]}" ] && cpu[$k]=$((c1 - ${cpu0[$k]}))
-    done
+    cpu_spent "$v" $groups
     for i in $(seq 50); do   # postlogd writes asynchronously
         sent1=$(sent_count "$d"); [ $((sent1 - sent0)) -ge "$N" ] && break; sleep 0.1
     done
@@ -378,7 +374,7 @@ EOF
 }
 
 run_poste() {   # $1 topology, $2 round, $3 mails per session
-    local topo=$1 r=$2 m=$3 v=po-$1 d=$BASE/poste-$1-$2-$3 k t0 t1 t2 c1 e names groups out
+    local topo=$1 r=$2 m=$3 v=po-$1 d=$BASE/poste-$1-$2-$3 k t0 t1 t2 names groups out
     log "=== poste $topo (round $r, $m per session): N=$N sessions=$SESSIONS size=$SIZE tls=$TLS_MODE"
     if [ "$topo" = separate ]; then names="submission signer relay"; else names="up"; fi
     groups="$names nsd source sink"
@@ -399,7 +395,7 @@ run_poste() {   # $1 topology, $2 round, $3 mails per session
     fi
     sleep 1
     declare -A cpu0 cpu
-    for k in $groups; do cpu0[$k]=$(cg_usec "$v-$k"); done
+    cpu_mark "$v" $groups
     local prof_pid=""
     if [ "${PROFILE:-0}" = 1 ] && [ "$topo" = up ] && [ -x "$ROOT/.venv/bin/py-spy" ]; then
         "$ROOT/.venv/bin/py-spy" record --gil -r 100 -f raw -o "$d/profile.txt" \
@@ -412,16 +408,11 @@ run_poste() {   # $1 topology, $2 round, $3 mails per session
     wait_spool "$d/spool" "$(calc "$t1 + $DRAIN_TIMEOUT" 3)" || die "poste: spool did not drain"
     t2=$(now)
     [ -n "$prof_pid" ] && { kill -INT "$prof_pid" 2>/dev/null; wait "$prof_pid" 2>/dev/null || true; }
-    for k in $groups; do
-        c1=$(cg_usec "$v-$k"); cpu[$k]=""
-        [ -n "$c1" ] && [ -n "${cpu0[$k]}" ] && cpu[$k]=$((c1 - ${cpu0[$k]}))
-    done
-    local rss=""
-    for e in "${PROCS[@]}"; do rss+=" ${e%%:*}=$(hwm_mb "${e#*:}")MB"; done
+    cpu_spent "$v" $groups
+    local rss
+    rss=$(procs_rss)
     stop_sink; stop_poste; kill_pid "$NSD_PID"; forget_pid "$NSD_PID"
-    local sent
-    sent=$(cat "$d"/*.log | grep -c 'status=sent' || true)
-    [ "$sent" -ge "$N" ] || log "WARNING: poste logs show $sent status=sent, expected >= $N"
+    check_sent "$d" "$N"
 
     local total=0 per="" client
     for k in $names nsd; do total=$((total + ${cpu[$k]:-0})); per+=" $k=$(ms "${cpu[$k]}")"; done

@@ -1,6 +1,6 @@
 # Helpers that bench/inbound.sh and bench/outbound.sh share for poste's side: starting and
 # stopping poste processes in a cgroup, waiting for a listener and for an empty spool, and
-# a process's peak RSS. Sourced after ../shared/bench/postfix_ref.sh (its main part left
+# a process's peak RSS, CPU per cgroup and per mail. Sourced after ../shared/bench/postfix_ref.sh (its main part left
 # out), whose cg_join, kill_pid, now, log and PIDS_TO_KILL they use.
 
 # the reference's forget_pid returns the last comparison's status (set -e then stops the
@@ -43,4 +43,32 @@ wait_spool() {   # $1 spool, $2 deadline
         awk "BEGIN{exit !($(now) > $2)}" && { log "spool drain timeout"; return 1; }
         sleep 0.05
     done
+}
+
+# CPU of each cgroup "$v-$k" of a variant: cpu_mark before the load, cpu_spent after it. They
+# fill the caller's associative arrays cpu0 and cpu (declare -A cpu0 cpu; bash's dynamic scope)
+# in microseconds, empty when a cgroup was not readable.
+cpu_mark() {   # $1 variant, then the groups
+    local v=$1 k; shift
+    for k in "$@"; do cpu0[$k]=$(cg_usec "$v-$k"); done
+}
+cpu_spent() {   # $1 variant, then the groups
+    local v=$1 k c1; shift
+    for k in "$@"; do
+        c1=$(cg_usec "$v-$k"); cpu[$k]=""
+        [ -n "$c1" ] && [ -n "${cpu0[$k]}" ] && cpu[$k]=$((c1 - ${cpu0[$k]}))
+    done
+    return 0
+}
+ms() { [ -n "$1" ] && calc "$1 / 1000 / $N" 3 || echo n/a; }   # microseconds to ms per mail
+
+procs_rss() {   # " name=NMB" for each running poste process
+    local e out=""
+    for e in "${PROCS[@]}"; do out+=" ${e%%:*}=$(hwm_mb "${e#*:}")MB"; done
+    printf '%s' "$out"
+}
+check_sent() {   # $1 the folder of the poste logs, $2 the mails sent: warn if fewer were delivered
+    local sent
+    sent=$(cat "$1"/*.log | grep -c 'status=sent' || true)
+    [ "$sent" -ge "$2" ] || log "WARNING: poste logs show $sent status=sent, expected >= $2"
 }
