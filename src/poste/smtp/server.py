@@ -669,14 +669,19 @@ class SMTPService:
             backlog=listen.BACKLOG,
             reuse_address=True,
         )
+        self._listening()
+
+    def _listening(self, shared: bool = False) -> None:
+        """Say where the service listens, once it does (admins and tests read the port)."""
+        tail = " (shared)" if shared else ""
+        if self.unix:
+            log.info("%s listening on unix:%s%s", self.stage.name, self.host, tail)
+            return
+        assert self._server is not None
         name = self._server.sockets[0].getsockname()
         self.sockname = (str(name[0]), int(name[1]))
-        log.info(
-            "%s listening on %s:%d%s",
-            self.stage.name,
-            *self.sockname,
-            " (implicit TLS)" if self.implicit_tls else "",
-        )
+        log.info("%s listening on %s:%d%s%s", self.stage.name, *self.sockname,
+                 " (implicit TLS)" if self.implicit_tls else "", tail)
 
     async def _start_shared(self, loop: asyncio.AbstractEventLoop,
                             socks: list[socket.socket]) -> None:
@@ -688,13 +693,7 @@ class SMTPService:
             else:
                 servers.append(await loop.create_server(lambda: _Gate(self), sock=sock))
         self._server, self._more = servers[0], servers[1:]
-        if self.unix:
-            log.info("%s listening on unix:%s (shared)", self.stage.name, self.host)
-            return
-        name = self._server.sockets[0].getsockname()
-        self.sockname = (str(name[0]), int(name[1]))
-        log.info("%s listening on %s:%d%s (shared)", self.stage.name, *self.sockname,
-                 " (implicit TLS)" if self.implicit_tls else "")
+        self._listening(shared=True)
 
     async def _start_unix(self, loop: asyncio.AbstractEventLoop) -> None:
         """Listen on a unix socket, mode 0660: its owner and group (our services) may
@@ -706,7 +705,7 @@ class SMTPService:
                                                           backlog=listen.BACKLOG)
         finally:
             os.umask(old)
-        log.info("%s listening on unix:%s", self.stage.name, path)
+        self._listening()
 
     async def stop(self) -> None:
         if self._server is not None:
