@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,11 +18,11 @@ from support.loop_world import (
     check_confirmation,
     check_sealed,
     check_sent,
-    make_world,
     metrics,
     run_scenario,
     sample,
     total,
+    world,  # noqa: F401
 )
 from support.net import free_port, wait_port, wait_socket
 from support.relay_env import common_port
@@ -31,17 +30,7 @@ from support.relay_env import common_port
 pytestmark = pytest.mark.slow
 
 
-
-@pytest.fixture
-def world(tmp_path: Path, poste_bin: str) -> Iterator[World]:
-    w = make_world(tmp_path, poste_bin)
-    try:
-        yield w
-    finally:
-        w.stop()
-
-
-def test_loop_separate_services(world: World) -> None:
+def test_loop_separate_services(world: World) -> None:  # noqa: F811
     port = common_port(list(HOSTS.values()))  # one port for all, as port 25 in the article
     port_tls = free_port(HOSTS["submission"])
     h = HOSTS

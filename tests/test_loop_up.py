@@ -3,7 +3,6 @@ headers as with separate services, all five chained in memory in one process."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,12 +14,12 @@ from support.loop_world import (
     check_confirmation,
     check_sealed,
     check_sent,
-    make_world,
     metrics,
     run_scenario,
     sample,
     total,
     up_config,
+    world,  # noqa: F401
 )
 from support.net import free_port, wait_port
 from support.relay_env import common_port
@@ -28,17 +27,8 @@ from support.relay_env import common_port
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture
-def world(tmp_path: Path, poste_bin: str) -> Iterator[World]:
-    w = make_world(tmp_path, poste_bin)
-    try:
-        yield w
-    finally:
-        w.stop()
-
-
 @pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
-def test_loop_through_poste_up(world: World, loop: str) -> None:
+def test_loop_through_poste_up(world: World, loop: str) -> None:  # noqa: F811
     """The whole scenario on asyncio's loop and on uvloop (POSTE_EVENT_LOOP)."""
     port = common_port([HOSTS["verifier"], HOSTS["submission"]])
     port_tls = free_port(HOSTS["submission"])
@@ -99,7 +89,7 @@ def test_loop_through_poste_up(world: World, loop: str) -> None:
         "verifier", "spamfilter", "relay", "submission", "signer"}
 
 
-def test_unknown_event_loop_is_one_line(world: World) -> None:
+def test_unknown_event_loop_is_one_line(world: World) -> None:  # noqa: F811
     config = up_config(world, free_port(HOSTS["verifier"]), free_port(HOSTS["submission"]))
     proc = world.spawn("bad-loop", ["up", "--config", str(config)],
                        env={"POSTE_EVENT_LOOP": "tokio"})

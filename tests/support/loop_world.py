@@ -20,6 +20,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pytest
+
 from poste.dkim.keys import generate, write_key
 from poste.dns.records import split_txt, zone_txt
 from support import opendkim
@@ -161,6 +163,19 @@ def make_world(tmp: Path, poste_bin: str) -> World:
         assert ran.returncode == 0, ran.stderr
     return World(tmp, poste_bin, knot, ns_host, gmail, outlook, smtp_port, users, dkim_key,
                  cert, tls_key, mx=mx)
+
+
+@pytest.fixture
+def world(tmp_path: Path, poste_bin: str) -> Iterator[World]:
+    """Fixture: the world of `make_world`, stopped at teardown.
+
+    Use it with `from support.loop_world import world  # noqa: F401` in a test module.
+    """
+    w = make_world(tmp_path, poste_bin)
+    try:
+        yield w
+    finally:
+        w.stop()
 
 
 def up_config(world: World, port: int, port_tls: int | None = None, top: str = "",
