@@ -9,6 +9,7 @@ delivery is in flight to be repeated), after SIGTERM, after a restart with fewer
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
@@ -21,12 +22,15 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import dns.message
+import dns.query
 import pytest
 
 from poste.services.relay.spool import Entry, Recipient, Spool
 from support.cli import run_poste
-from support.knot import KnotServer, knot_factory  # noqa: F401
-from support.loop_world import GMAIL_IP, HOSTS, LOGIN, World, make_world, up_config
+from support.dkimkit import DOMAIN, make_key
+from support.knot import KnotServer, knot_factory, simple_zone  # noqa: F401
+from support.loop_world import GMAIL_IP, HOSTS, LOGIN, World, up_config, world  # noqa: F401
 from support.net import wait_port
 from support.relay_env import MX, Relay, common_port, make_users, mx_zones
 from support.standin import StandIns
@@ -243,16 +247,7 @@ spool = "spool"
 # -- `poste up --workers 2` ----------------------------------------------------
 
 
-@pytest.fixture
-def world(tmp_path: Path, poste_bin: str) -> Iterator[World]:
-    w = make_world(tmp_path, poste_bin)
-    try:
-        yield w
-    finally:
-        w.stop()
-
-
-def test_up_with_two_workers_delivers_every_mail_once(world: World) -> None:
+def test_up_with_two_workers_delivers_every_mail_once(world: World) -> None:  # noqa: F811
     port = common_port([HOSTS["verifier"], HOSTS["submission"]])
     config = up_config(world, port)
     proc = world.spawn("up", ["up", "--config", str(config), "--workers", "2"])
@@ -278,3 +273,44 @@ def test_up_with_two_workers_delivers_every_mail_once(world: World) -> None:
     proc.terminate()
     assert proc.wait(30) == 0, read()[-3000:]
     assert all(gone(pid) for pid in pids)
+
+
+# -- `poste signer --workers 2` -------------------------------------------------
+
+
+def test_signer_workers_publish_the_keys_once(
+        poste_bin: str, tmp_path: Path,
+        knot_factory: Callable[..., KnotServer]  # noqa: F811
+        ) -> None:
+    """Worker 0 alone publishes (before the others start); worker 1 asks DNS nothing."""
+    secret = base64.b64encode(os.urandom(32)).decode()
+    key_path, key = make_key(tmp_path, "ed25519", "s1")
+    ns = knot_factory({DOMAIN: simple_zone(DOMAIN)},
+                      tsig=("update.example.test", "hmac-sha256", secret))
+    log = tmp_path / "signer.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [poste_bin, "signer", "--domain", DOMAIN, "--selector", "s1", "--private-key",
+             str(key_path), "--destination", "127.0.0.1:9", "--listen", "127.0.0.1:0",
+             "--dns-server", ns.nameserver, "--dns-key", f"update.example.test:sha256:{secret}",
+             "--workers", "2"], stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        def read() -> str:
+            return log.read_text(errors="replace")
+
+        ready = wait_log(read, READY, lambda: proc.poll() is None)
+        assert ready.group(1) == "2"
+        text = read()
+        assert re.search(r"\[w0\] INFO dns published: s1\._domainkey\.example\.test\. TXT",
+                         text), text
+        assert not re.search(r"\[w1\] INFO dns ", text), text
+        assert re.search(r"\[w1\] INFO .*listening", text), text
+        assert ns.log().count("DDNS, processing") == 1, ns.log()[-2000:]
+        r = dns.query.udp(dns.message.make_query(f"s1._domainkey.{DOMAIN}.", "TXT"), ns.host,
+                          port=ns.port, timeout=3)
+        assert [b"".join(rd.strings) for rrset in r.answer for rd in rrset] == [
+            key.txt_value().encode()]
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+        assert proc.wait(30) == 0, log.read_text(errors="replace")[-3000:]

@@ -36,6 +36,7 @@ from poste.services.signer.rotation import (
     due_for_rotation,
     rotate,
 )
+from poste.smtp import listen
 from poste.smtp.client import HOP_KEEP, SMTPHop
 from poste.smtp.message import Message
 from poste.smtp.server import SMTPService
@@ -197,11 +198,19 @@ def _dns_pair(values: Values) -> tuple[str | None, str | None]:
 
 
 def publisher(values: Values, signer: Signer) -> list[Job]:
-    """With dns-server and dns-key: publish the keys before the listener opens."""
+    """With dns-server and dns-key: publish the keys before the listener opens.
+
+    With `--workers N` worker 0 alone publishes, before the others start
+    (runtime/workers.py): the others would only find the records up to date,
+    at the price of a TSIG query each, and a primary out of reach when one of
+    them restarts would keep it from serving.
+    """
     server, key = _dns_pair(values)
     if not server or not key:
         return []
     primary, tsig = dns_target(server, key)  # a typo is an error before anything starts
+    if not listen.first():
+        return []
     zone = values["zone"] or values["domain"]
 
     async def publish() -> None:
