@@ -30,7 +30,15 @@ from poste.services.relay.spool import Entry, Recipient, Spool
 from support.cli import run_poste
 from support.dkimkit import DOMAIN, make_key
 from support.knot import KnotServer, knot_factory, simple_zone  # noqa: F401
-from support.loop_world import GMAIL_IP, HOSTS, LOGIN, World, up_config, world  # noqa: F401
+from support.loop_world import (  # noqa: F401
+    GMAIL_IP,
+    HOSTS,
+    LOGIN,
+    PASSWORD,
+    World,
+    up_config,
+    world,
+)
 from support.net import wait_port
 from support.relay_env import MX, Relay, common_port, make_users, mx_zones
 from support.standin import StandIns
@@ -314,3 +322,84 @@ def test_signer_workers_publish_the_keys_once(
         if proc.poll() is None:
             proc.terminate()
         assert proc.wait(30) == 0, log.read_text(errors="replace")[-3000:]
+
+
+def start_up(w: World, *, top: str = "", flags: tuple[str, ...] = ("--workers", "2"),
+             extra: list[tuple[str, str]] | None = None
+             ) -> tuple[subprocess.Popen[bytes], Callable[[], str], re.Match[str], int]:
+    """`poste up` of the world, its relay retrying fast: (process, log reader, ready, port)."""
+    port = common_port([HOSTS["verifier"], HOSTS["submission"]])
+    relay = [("retry-min", '"0.3s"'), ("retry-max", '"1s"'), *(extra or [])]
+    config = up_config(w, port, top=top, extra={"relay": relay})
+    proc = w.spawn("up", ["up", "--config", str(config), *flags])
+    log = w.tmp / "up.log"
+
+    def read() -> str:
+        return log.read_text(errors="replace")
+
+    ready = wait_log(read, READY, lambda: proc.poll() is None)
+    wait_port(HOSTS["verifier"], port, timeout=30)
+    return proc, read, ready, port
+
+
+def submit(w: World, port: int, tag: str, n: int) -> None:
+    """One mail from LOGIN to friend@outlook.test through submission (STARTTLS, AUTH)."""
+    mail = (f"From: {LOGIN}\r\nTo: friend@outlook.test\r\nSubject: sent {n}\r\n"
+            f"Message-ID: {msgid(tag, n)}\r\n\r\nsent through submission\r\n")
+    r = subprocess.run(
+        [w.poste_bin, "submit", "-", f"{HOSTS['submission']}:{port}", "-s", LOGIN, "-r",
+         "friend@outlook.test", "-u", LOGIN, "-p", PASSWORD, "--tls-verify", str(w.cert)],
+        input=mail.encode(), capture_output=True, timeout=60)
+    assert r.returncode == 0, r.stderr.decode() + w.logs()
+
+
+def test_up_worker_0_restarted_takes_its_duties_back(world: World) -> None:  # noqa: F811
+    """SIGKILL of worker 0 while worker 1 serves: it comes back with submission, the signer,
+    the SRS prune and the digest job, and no acknowledged mail is lost or doubled."""
+    srs_db = world.tmp / "spool" / "srs-db"
+    srs_db.mkdir(parents=True)
+    (srs_db / "OLDTOKEN1").write_text("old@example.org")  # unused for ages: pruned at start
+    os.utime(srs_db / "OLDTOKEN1", (0, 0))
+    proc, read, ready, port = start_up(world)
+    alive = lambda: proc.poll() is None  # noqa: E731
+    pruned = re.compile(r"\[w0\] INFO SRS database: 1 expired entry removed")
+    wait_log(read, pruned, alive)  # worker 0's prune ran, and now sleeps an hour
+    (srs_db / "OLDTOKEN2").write_text("old@example.org")
+    os.utime(srs_db / "OLDTOKEN2", (0, 0))
+    submit(world, port, "sub", 0)
+    pids = [int(p) for p in ready.group(2).split()]
+    world.gmail.stop()  # held down: no delivery in flight when worker 0 dies
+    killed = threading.Event()
+
+    def kill_worker_0(acked: int) -> None:
+        if acked >= 40 and not killed.is_set():
+            killed.set()
+            os.kill(pids[0], signal.SIGKILL)
+
+    acked = send(HOSTS["verifier"], port, range(150), LOGIN, "w0", source=GMAIL_IP,
+                 each=kill_worker_0)
+    assert killed.is_set() and len(acked) >= 40
+    wait_log(read, re.compile(rf"worker 0 \(pid {pids[0]}\) was killed by SIGKILL; "
+                              "starting it again"), alive)
+    # its duties are back: submission and the signer behind it ...
+    submit(world, port, "sub", 1)
+    sent = world.outlook.wait(2, timeout=60)
+    assert Counter(count_ids(sent, "sub")) == Counter({0: 1, 1: 1}), read()[-3000:]
+    assert all(b"DKIM-Signature:" in m for m in sent)
+    assert len(re.findall(r"\[w0\] INFO submission listening", read())) == 2, read()[-3000:]
+    # ... the SRS prune (the first worker 0 slept an hour: this is the new one) ...
+    text = wait_log(read, re.compile(rf"(?s){pruned.pattern}.*{pruned.pattern}"), alive)
+    assert text and not (srs_db / "OLDTOKEN2").exists()
+    # ... and the quarantine digest job (worker 1 has none: only a worker 0 takes it)
+    asked = run_poste(["quarantine", "digest", "--now", "--spool", str(world.tmp / "spool"),
+                       "--wait", "60"])
+    assert asked.returncode == 0 and "taken by the relay" in asked.stdout, asked.stderr
+    dest = world.mx.start(GMAIL_IP, world.tmp / "gmail") if world.mx else world.gmail
+    got = wait_delivered(dest.mails, "w0", acked, world.tmp / "spool")
+    lost = sorted(acked - set(got))
+    doubled = sorted(n for n, c in got.items() if c > 1)
+    assert not lost, f"got 250, never delivered: {lost[:20]}\n{read()[-3000:]}"
+    assert not doubled, f"delivered twice: {doubled[:20]}"
+    assert re.search(r"\[w1\] INFO [0-9A-F]+ verifier from=", read())
+    proc.terminate()
+    assert proc.wait(30) == 0, read()[-3000:]
