@@ -30,6 +30,7 @@ from poste.services.relay.spool import Entry, Recipient, Spool
 from support.cli import run_poste
 from support.dkimkit import DOMAIN, make_key
 from support.knot import KnotServer, knot_factory, simple_zone  # noqa: F401
+from support.loop_world import DOMAIN as DOMAIN_OURS
 from support.loop_world import (  # noqa: F401
     GMAIL_IP,
     HOSTS,
@@ -325,13 +326,13 @@ def test_signer_workers_publish_the_keys_once(
 
 
 def start_up(w: World, *, top: str = "", flags: tuple[str, ...] = ("--workers", "2"),
-             extra: list[tuple[str, str]] | None = None
+             extra: list[tuple[str, str]] | None = None, env: dict[str, str] | None = None
              ) -> tuple[subprocess.Popen[bytes], Callable[[], str], re.Match[str], int]:
     """`poste up` of the world, its relay retrying fast: (process, log reader, ready, port)."""
     port = common_port([HOSTS["verifier"], HOSTS["submission"]])
     relay = [("retry-min", '"0.3s"'), ("retry-max", '"1s"'), *(extra or [])]
     config = up_config(w, port, top=top, extra={"relay": relay})
-    proc = w.spawn("up", ["up", "--config", str(config), *flags])
+    proc = w.spawn("up", ["up", "--config", str(config), *flags], env=env)
     log = w.tmp / "up.log"
 
     def read() -> str:
@@ -401,5 +402,45 @@ def test_up_worker_0_restarted_takes_its_duties_back(world: World) -> None:  # n
     assert not lost, f"got 250, never delivered: {lost[:20]}\n{read()[-3000:]}"
     assert not doubled, f"delivered twice: {doubled[:20]}"
     assert re.search(r"\[w1\] INFO [0-9A-F]+ verifier from=", read())
+    proc.terminate()
+    assert proc.wait(30) == 0, read()[-3000:]
+
+
+def test_up_sighup_reloads_every_worker(world: World) -> None:  # noqa: F811
+    """A user added to the repository, then SIGHUP to the parent: every worker takes mail
+    for the user (the poll is an hour away: only the reload can have told them)."""
+    proc, read, _, port = start_up(world, extra=[("users-poll", '"1h"')])
+    rcpt = f"newbie@{DOMAIN_OURS}"
+    assert not send(HOSTS["verifier"], port, range(20), rcpt, "early", source=GMAIL_IP)
+    make_users(world.poste_bin, world.users, {"newbie": ["newbie@gmail.test"]})
+    os.kill(proc.pid, signal.SIGHUP)
+    alive = lambda: proc.poll() is None  # noqa: E731
+    for k in (0, 1):
+        wait_log(read, re.compile(rf"\[w{k}\] INFO reload: users reloaded"), alive)
+    after = len(read())
+    acked = send(HOSTS["verifier"], port, range(80), rcpt, "hup", source=GMAIL_IP)
+    assert acked == set(range(80)), read()[-3000:]
+    got = wait_delivered(world.gmail.mails, "hup", acked, world.tmp / "spool")
+    assert got == Counter(range(80)), read()[-3000:]
+    text = read()[after:]
+    for k in (0, 1):  # both took sessions for the new user
+        assert re.search(rf"\[w{k}\] INFO [0-9A-F]+ verifier from=", text), text[-3000:]
+    assert "workers: SIGHUP to 2" in read()
+    assert "was killed" not in read()
+    proc.terminate()
+    assert proc.wait(30) == 0, read()[-3000:]
+
+
+def test_up_workers_key_of_the_config(world: World) -> None:  # noqa: F811
+    """`workers = 2` at the top of the config, no flag (nor POSTE_WORKERS): two workers."""
+    proc, read, ready, port = start_up(world, top="workers = 2\n", flags=(),
+                                       env={"POSTE_WORKERS": ""})
+    assert ready.group(1) == "2"
+    acked = send(HOSTS["verifier"], port, range(60), LOGIN, "key", source=GMAIL_IP)
+    assert acked == set(range(60)), read()[-3000:]
+    got = wait_delivered(world.gmail.mails, "key", acked, world.tmp / "spool")
+    assert got == Counter(range(60)), read()[-3000:]
+    for k in (0, 1):
+        assert re.search(rf"\[w{k}\] INFO [0-9A-F]+ verifier from=", read()), read()[-3000:]
     proc.terminate()
     assert proc.wait(30) == 0, read()[-3000:]

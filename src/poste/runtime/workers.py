@@ -13,7 +13,9 @@ the same sockets to every worker, and:
 - restarts a worker that dies (a signal or a non-zero exit) after a back-off
   (0.5 s, doubling up to 30 s, back to 0.5 s once it ran a minute), each time
   one log line; connections queued on a socket meanwhile wait for the others;
-- forwards SIGHUP (reload) to every worker; on SIGTERM/SIGINT closes its
+- forwards SIGHUP (reload) to every worker; one still starting gets it once
+  it is ready (before, SIGHUP would end it: its handler is not installed,
+  and what it read may predate the change); on SIGTERM/SIGINT closes its
   sockets, forwards SIGTERM and exits once every worker stopped.
 
 A worker that exits with status 0 stopped because it was told to (systemd
@@ -66,6 +68,7 @@ class Parent:
         self.sockets: dict[tuple[str, int], list[socket.socket]] = {}
         self.procs: dict[int, asyncio.subprocess.Process] = {}
         self.ready: dict[int, asyncio.Event] = {}
+        self.hup_pending: set[int] = set()  # told to reload while starting
         self.stopping = asyncio.Event()
 
     # -- the control sockets ---------------------------------------------
@@ -106,6 +109,9 @@ class Parent:
     def _answer(self, k: int, request: dict[str, Any]) -> tuple[dict[str, Any], list[int]]:
         if request.get("ready"):
             self.ready[k].set()
+            if k in self.hup_pending:
+                self.hup_pending.discard(k)
+                self._signal(k, signal.SIGHUP)
             return {"ok": True}, []
         host, port = request["listen"]
         key = (str(host), int(port))
@@ -161,11 +167,15 @@ class Parent:
             started = loop.time()
             await self.spawn(k)
 
+    def _signal(self, k: int, sig: int) -> None:
+        proc = self.procs.get(k)
+        if proc is not None and proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(sig)
+
     def _signal_all(self, sig: int) -> None:
-        for proc in self.procs.values():
-            if proc.returncode is None:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.send_signal(sig)
+        for k in self.procs:
+            self._signal(k, sig)
 
     def _stop(self) -> None:
         if self.stopping.is_set():
@@ -179,7 +189,11 @@ class Parent:
 
     def _hup(self) -> None:
         log.info("workers: SIGHUP to %d", self.n)
-        self._signal_all(signal.SIGHUP)
+        for k in self.procs:
+            if self.ready[k].is_set():
+                self._signal(k, signal.SIGHUP)
+            else:  # its reload comes once it can take it
+                self.hup_pending.add(k)
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
