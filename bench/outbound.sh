@@ -43,7 +43,11 @@
 #
 # Usage: bash bench/outbound.sh [-n N] [--sessions S] [--per-session "1 20"] [--rounds R]
 #                               [--tls starttls|implicit] [--size BYTES]
-#                               [--variants "postfix up separate up-nocache"] [--keep]
+#                               [--variants "postfix up separate up-nocache"] [--workers N|auto]
+#                               [--keep]
+#   --workers: worker processes of `poste up`, and of the separate relay and signer (default 1,
+#   as before the option existed). Submission is one process in both (its AUTH brake is one
+#   process's): in `up` it runs in worker 0, and the other workers' relays get nothing to send.
 # Env: WARMUP (mails, default 50) SUB_PORT SINK_PORT DNS_PORT POSTE=path/to/poste
 #      POSTFIX_REF=path/to/postfix_ref.sh PROFILE=1 (py-spy record the `up` variant, if
 #      .venv/bin/py-spy exists; the raw profile goes beside the logs, which are kept then)
@@ -57,6 +61,7 @@ ROUNDS=3
 PER_SESSION="1 20"
 TLS_MODE=starttls
 POSTE_VARIANTS="postfix up separate up-nocache"
+WORKERS=1
 while [ $# -gt 0 ]; do
     case "$1" in
         -n) N=$2; shift 2 ;;
@@ -66,8 +71,9 @@ while [ $# -gt 0 ]; do
         --tls) TLS_MODE=$2; shift 2 ;;
         --size) SIZE=$2; shift 2 ;;
         --variants) POSTE_VARIANTS=$2; shift 2 ;;
+        --workers) WORKERS=$2; shift 2 ;;
         --keep) KEEP=1; shift ;;
-        -h|--help) sed -n '2,49p' "${BASH_SOURCE[0]}"; exit 0 ;;
+        -h|--help) sed -n '2,54p' "${BASH_SOURCE[0]}"; exit 0 ;;
         *) echo "unknown option $1 (see --help)" >&2; exit 2 ;;
     esac
 done
@@ -347,7 +353,7 @@ hostname = "signer.$ODOMAIN"
 selector = ["$SELECTOR"]
 private-key = ["$BASE/msg/dkim.pem"]
 EOF
-        start_poste up "$v-up" "$d/up.log" up --config "$d/poste.toml"
+        start_poste up "$v-up" "$d/up.log" up --config "$d/poste.toml" --workers "$WORKERS"
     else
         # the relay's TCP listener would default to 127.0.0.1:2525, and the sink's address
         # would then be ours (a loop): the relay listens on a socket, the signer uses its
@@ -356,19 +362,19 @@ EOF
             --postmaster "postmaster@$ODOMAIN" --users "$d/users" --spool "$d/spool" \
             --listen "unix:$d/relay.sock" --local-socket "$d/local.sock" --nameserver "$ns" \
             --smtp-port "$SINK_PORT" --no-ipv6 --hostname "relay.$ODOMAIN" \
-            --dkim-selector "$SELECTOR" --dkim-key "$BASE/msg/dkim.pem"
+            --dkim-selector "$SELECTOR" --dkim-key "$BASE/msg/dkim.pem" --workers "$WORKERS"
         wait_listen "$d/local.sock" || { tail -5 "$d"/*.log >&2; die "poste relay did not start"; }
         start_poste signer "$v-signer" "$d/signer.log" signer --domain "$ODOMAIN" \
             --selector "$SELECTOR" --private-key "$BASE/msg/dkim.pem" \
             --listen "unix:$d/signer.sock" --destination "unix:$d/local.sock" \
-            --hostname "signer.$ODOMAIN"
+            --hostname "signer.$ODOMAIN" --workers "$WORKERS"
         wait_listen "$d/signer.sock" || { tail -5 "$d"/*.log >&2; die "poste signer did not start"; }
         # the same auth-state file poste up keeps by default (its writes are part of a login)
         start_poste submission "$v-submission" "$d/submission.log" submission \
             --domain "$ODOMAIN" --users "$d/users" --destination "unix:$d/signer.sock" \
             --tls-cert "$BASE/msg/tls.crt" --tls-key "$BASE/msg/tls.key" \
             "--$listen_key" "$HOST:$SUB_PORT" --hostname "$SUBHOST" --auth-cache "$cache" \
-            --auth-state "$d/submission-auth.json"
+            --auth-state "$d/submission-auth.json" --workers 1
     fi
     wait_listen "$HOST:$SUB_PORT" || { tail -5 "$d"/*.log >&2; die "poste $topo did not start"; }
 }
@@ -446,7 +452,7 @@ for r in $(seq "$ROUNDS"); do
 done
 
 echo "# outbound: N=$N sessions=$SESSIONS per_session=\"$PER_SESSION\" size=$SIZE tls=$TLS_MODE" \
-     "rounds=$ROUNDS warmup=$WARMUP, $(nproc) cpus, poste $("$POSTE" --version 2>/dev/null | awk '{print $NF}')," \
+     "workers=$WORKERS rounds=$ROUNDS warmup=$WARMUP, $(nproc) cpus, poste $("$POSTE" --version 2>/dev/null | awk '{print $NF}')," \
      "$(postconf -d -h mail_version 2>/dev/null | sed 's/^/postfix /')"
 echo "# per round: round variant/per_session delivered_msg_s cpu_ms_per_mail(total) details"
 printf '%s\n' "${RESULTS[@]}"

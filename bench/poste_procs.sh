@@ -1,7 +1,8 @@
 # Helpers that bench/inbound.sh and bench/outbound.sh share for poste's side: starting and
-# stopping poste processes in a cgroup, waiting for a listener and for an empty spool, and
-# a process's peak RSS, CPU per cgroup and per mail. Sourced after ../shared/bench/postfix_ref.sh (its main part left
-# out), whose cg_join, kill_pid, now, log and PIDS_TO_KILL they use.
+# stopping poste processes in a cgroup, waiting for a listener and for an empty spool, the
+# peak RSS of each poste process (a parent and each of its workers), CPU per cgroup and per
+# mail. Sourced after ../shared/bench/postfix_ref.sh (its main part left out), whose
+# cg_join, kill_pid, now, log and PIDS_TO_KILL they use.
 
 # the reference's forget_pid returns the last comparison's status (set -e then stops the
 # script when the PID was not the last one started): the same, returning 0
@@ -62,9 +63,21 @@ cpu_spent() {   # $1 variant, then the groups
 }
 ms() { [ -n "$1" ] && calc "$1 / 1000 / $N" 3 || echo n/a; }   # microseconds to ms per mail
 
-procs_rss() {   # " name=NMB" for each running poste process
-    local e out=""
-    for e in "${PROCS[@]}"; do out+=" ${e%%:*}=$(hwm_mb "${e#*:}")MB"; done
+worker_of() {   # $1 pid: K of its POSTE_WORKER=K/N (runtime/workers.py), ? when unreadable
+    local k
+    k=$(tr '\0' '\n' < "/proc/$1/environ" 2>/dev/null | sed -n 's,^POSTE_WORKER=\([0-9]*\)/.*,\1,p')
+    printf '%s' "${k:-?}"
+}
+procs_rss() {   # " name=NMB" for each running poste process, " name.wK=NMB" for each of its workers
+    local e pid c out=""
+    for e in "${PROCS[@]}"; do
+        pid=${e#*:}
+        out+=" ${e%%:*}=$(hwm_mb "$pid")MB"
+        # with --workers N the started process is the parent; its children are the workers
+        for c in $(pgrep -P "$pid" 2>/dev/null || true); do
+            out+=" ${e%%:*}.w$(worker_of "$c")=$(hwm_mb "$c")MB"
+        done
+    done
     printf '%s' "$out"
 }
 check_sent() {   # $1 the folder of the poste logs, $2 the mails sent: warn if fewer were delivered
