@@ -113,3 +113,59 @@ def test_sigkill_loses_no_accepted_mail(
     finally:
         relay.stop()
         mx.close()
+
+
+def test_concurrent_sessions_are_each_acknowledged_and_kept(
+    poste_bin: str, tmp_path: Path, knot_factory: Callable[..., KnotServer]  # noqa: F811
+) -> None:
+    """40 sessions at once, 5 mails each (their folder fsyncs shared, spool/folder_sync.py):
+    every mail gets its 250, every one is in the spool after a SIGKILL, and each is
+    delivered once after the restart."""
+    ns = knot_factory(mx_zones())
+    mx = StandIns([MX["late.test"]])  # held down until the restart: nothing leaves before
+    make_users(poste_bin, tmp_path / "users", {"carol": ["carol@late.test"]})
+    relay_args = ("--retry-min", "0.3s", "--retry-max", "1s")
+    relay = Relay(poste_bin, tmp_path, ns.nameserver, mx.port, *relay_args).start()
+    sessions, each = 40, 5
+    start = threading.Barrier(sessions)
+    lock = threading.Lock()
+    acked: set[int] = set()
+
+    def session(k: int) -> None:
+        start.wait()
+        with smtplib.SMTP(relay.host, relay.port, timeout=60) as s:
+            s.ehlo("client.test")
+            for j in range(each):
+                n = k * each + j
+                s.sendmail("bob@example.org", ["carol@our.test"], (
+                    f"From: bob@example.org\r\nTo: carol@our.test\r\nSubject: many {n}\r\n"
+                    f"Message-ID: <crash-{n}@example.org>\r\n\r\nmail number {n}\r\n"
+                ).encode())
+                with lock:
+                    acked.add(n)
+
+    try:
+        threads = [threading.Thread(target=session, args=(k,)) for k in range(sessions)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert acked == set(range(sessions * each)), relay.log()[-3000:]
+        relay.kill()
+        queued = {p.name[:-5] for p in (tmp_path / "spool").glob("*.json")}
+        assert len(queued) == sessions * each
+        assert all((tmp_path / "spool" / f"{qid}.eml").stat().st_size > 0 for qid in queued)
+        relay = Relay(poste_bin, tmp_path, ns.nameserver, mx.port, *relay_args).start()
+        dest = mx.start(MX["late.test"], tmp_path / "late")
+        deadline = time.monotonic() + 120
+        while True:
+            delivered = [int(m.group(1)) for mail in dest.mails()
+                         if (m := MSGID.search(mail))]
+            done = not list((tmp_path / "spool").glob("*.json"))
+            if (done and set(delivered) >= acked) or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        assert sorted(delivered) == sorted(acked), relay.log()[-3000:]
+    finally:
+        relay.stop()
+        mx.close()

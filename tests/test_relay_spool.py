@@ -6,6 +6,7 @@ import email
 import email.policy
 import json
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -166,3 +167,43 @@ def test_dsn_status_of_local_failures() -> None:
     assert status_of("556 5.1.10 null MX", "5.0.0") == "5.1.10"
     assert status_of("554 Spam", "5.0.0") == "5.0.0"
     assert status_of("connection refused", "4.0.0") == "4.0.0"
+
+
+def test_concurrent_puts_are_each_durable_and_share_folder_fsyncs(tmp_path: Path) -> None:
+    """Many mails stored at once (threads, as the relay's arrivals pool): every put returns,
+    every mail reads back whole from a fresh Spool, and the folder fsyncs are at most one
+    per mail (group commit, folder_sync.py: concurrent puts share them)."""
+    spool = Spool(tmp_path / "q")
+    n = 64
+    start = threading.Barrier(n)
+    errors: list[BaseException] = []
+
+    def put(i: int) -> None:
+        body = MSG + f"mail {i}\r\n".encode() * (i + 1)
+        start.wait()
+        try:
+            spool.put(entry(f"CONC{i:04d}"), body)
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=put, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors and not any(t.is_alive() for t in threads)
+    again = Spool(tmp_path / "q")
+    assert again.ids() == [f"CONC{i:04d}" for i in range(n)]
+    for i in range(n):
+        assert again.read_message(f"CONC{i:04d}") == MSG + f"mail {i}\r\n".encode() * (i + 1)
+        assert again.load(f"CONC{i:04d}").recipients == entry().recipients
+    assert spool.folder_sync.asked == n
+    assert 1 <= spool.folder_sync.syncs <= n
+    # updates and removals go through the same shared fsync
+    removers = [threading.Thread(target=spool.remove, args=(f"CONC{i:04d}",)) for i in range(n)]
+    for t in removers:
+        t.start()
+    for t in removers:
+        t.join(60)
+    assert Spool(tmp_path / "q").ids() == []
+    assert spool.folder_sync.asked == 2 * n and spool.folder_sync.syncs <= 2 * n

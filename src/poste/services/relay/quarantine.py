@@ -36,7 +36,8 @@ from pathlib import Path
 from typing import Any
 
 from poste.runtime.logs import escape
-from poste.services.relay.spool import Entry, Spool, SpoolError, fsync_dir, write_atomic
+from poste.services.relay.folder_sync import fsync_dir
+from poste.services.relay.spool import Entry, Spool, SpoolError, write_atomic
 from poste.smtp.message import Message
 
 FOLDER = "quarantine"

@@ -129,6 +129,10 @@ class RelayParts:
     async def stop(self) -> None:
         await self.scheduler.stop()  # also releases the spool lock
         await self.deliverer.aclose()
+        sync = self.spool.folder_sync
+        if sync.asked:  # how much the group commit shared (folder_sync.py)
+            log.info("spool %s: %d folder fsyncs for %d writes", self.spool.path, sync.syncs,
+                     sync.asked)
 
     def runtime(self, listeners: list[SMTPService]) -> Parts:
         """The relay's jobs around `listeners`: spool resumed before them, stopped after."""

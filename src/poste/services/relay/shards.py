@@ -27,7 +27,8 @@ import os
 import re
 from pathlib import Path
 
-from poste.services.relay.spool import Spool, SpoolError, SpoolLocked, fsync_dir
+from poste.services.relay.folder_sync import fsync_dir
+from poste.services.relay.spool import Spool, SpoolError, SpoolLocked
 
 log = logging.getLogger("poste.relay")
 

@@ -18,7 +18,8 @@ delivering (see `Spool.modify`).
 
 The envelope is the commit record.  `put` writes the message, then the
 envelope, each to a temporary file that is fsynced and renamed into place,
-then fsyncs the folder; only after that does the relay answer 250.  A message
+then fsyncs the folder (one fsync shared by the mails arriving meanwhile,
+folder_sync.py); only after that does the relay answer 250.  A message
 file without an envelope is an interrupted write and is removed on start; an
 envelope is always complete (rename is atomic).  Updates rewrite the envelope
 the same way, so after a crash the state is the last one written: at worst a
@@ -39,6 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from poste.services.relay.folder_sync import FolderSync, fsync_dir
 from poste.smtp.address import domain_of
 from poste.smtp.message import Message
 from poste.smtp.stage import new_queue_id
@@ -138,14 +140,6 @@ def write_atomic(folder: Path, target: Path, data: bytes | Message) -> None:
     os.rename(tmp, target)
 
 
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class Spool:
     """Blocking file operations on a spool folder (call them through asyncio.to_thread)."""
 
@@ -163,6 +157,8 @@ class Spool:
         if version.exists() and version.read_text().strip() != VERSION:
             raise SpoolError(f"{version}: unknown spool format {version.read_text().strip()!r}")
         self._owner_fd: int | None = None
+        # the folder fsync after a put, update or removal: shared by concurrent ones
+        self.folder_sync = FolderSync(self.path)
 
     # -- ownership -------------------------------------------------------
 
@@ -242,7 +238,7 @@ class Spool:
             raise SpoolError(f"queue id {entry.id} already in the spool")
         self._write_atomic(self.message_path(entry.id), message)
         self._write_atomic(self.envelope_path(entry.id), _dump(entry))
-        fsync_dir(self.path)
+        self.folder_sync.sync()  # one folder fsync for the mails arriving meanwhile
 
     def update(self, entry: Entry) -> None:
         """Rewrite the envelope (delivery state) atomically, under the message lock.
@@ -268,7 +264,7 @@ class Spool:
                 self._remove_files(qid)
                 return None
             self._write_atomic(self.envelope_path(qid), _dump(new))
-            fsync_dir(self.path)
+            self.folder_sync.sync()
             return new
 
     def remove(self, qid: str) -> None:
@@ -284,7 +280,7 @@ class Spool:
             self.envelope_path(qid).unlink()
         with contextlib.suppress(FileNotFoundError):
             self.message_path(qid).unlink()
-        fsync_dir(self.path)
+        self.folder_sync.sync()
 
     # -- reading ---------------------------------------------------------
 
