@@ -444,3 +444,39 @@ def test_up_workers_key_of_the_config(world: World) -> None:  # noqa: F811
         assert re.search(rf"\[w{k}\] INFO [0-9A-F]+ verifier from=", read()), read()[-3000:]
     proc.terminate()
     assert proc.wait(30) == 0, read()[-3000:]
+
+
+def children(pid: int) -> set[int]:
+    """The live child processes of `pid` (read from /proc)."""
+    found = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if fields[0] != "Z" and int(fields[1]) == pid:
+            found.add(int(stat.parent.name))
+    return found
+
+
+def test_relay_sighup_to_a_starting_worker_waits_until_it_is_ready(
+        relay_world: tuple[Relay, StandIns]) -> None:
+    """SIGHUP while a worker starts again (its handler not installed yet) must not end it:
+    the parent holds the reload back until that worker is ready, then sends it."""
+    relay, _ = relay_world
+    relay.start()
+    assert relay.proc is not None
+    parent = relay.proc.pid
+    alive = lambda: relay.proc is not None and relay.proc.poll() is None  # noqa: E731
+    ready = wait_log(relay.log, READY, alive)
+    pids = [int(p) for p in ready.group(2).split()]
+    os.kill(pids[1], signal.SIGKILL)
+    deadline = time.monotonic() + 60
+    while not (fresh := children(parent) - set(pids)):  # worker 1 again, as it starts
+        assert alive() and time.monotonic() < deadline, relay.log()[-3000:]
+        time.sleep(0.005)
+    os.kill(parent, signal.SIGHUP)  # most likely still importing (a second or so)
+    wait_log(relay.log, re.compile(r"\[w1\] INFO SIGHUP: reloading"), alive)
+    wait_log(relay.log, re.compile(r"\[w1\] INFO reload: users"), alive)
+    assert "killed by SIGHUP" not in relay.log(), relay.log()[-3000:]
+    assert children(parent) >= fresh  # the new worker 1 runs on
