@@ -89,7 +89,7 @@ if TYPE_CHECKING:
 MAGIC = b"POSTESPM"
 VERSION = 4
 # members of a new database: chosen on the inner time split (docs/spamfilter.md)
-MEMBERS = 5
+MEMBERS = 8
 _U32 = struct.Struct("<I")
 BIAS = "*bias*"
 
@@ -118,7 +118,7 @@ class Learning:
 
     def __init__(
         self,
-        alpha: float = 0.3,
+        alpha: float = 1.0,
         beta: float = 1.0,
         l1: float = 0.5,
         l2: float = 1.0,

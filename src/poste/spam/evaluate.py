@@ -252,7 +252,7 @@ def holdout(
     return reports
 
 
-SWEEP = [0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.98, 0.99, 0.995, 0.999]
+SWEEP = [0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.93, 0.95, 0.96, 0.97, 0.98, 0.99, 0.995, 0.999]
 
 
 def sweep_lines(report: SplitReport, ham_cutoff: float, cutoffs: Sequence[float] = SWEEP) -> list[str]:

@@ -54,7 +54,7 @@ from poste.spam.mime import DEFAULT_MAX_BYTES
 from poste.spam.tokenizer import tokenize
 
 # One learn mail moves the shared model until its original scores past these
-# (beyond the default cutoffs 0.90 / 0.10, with room for the next copy's
+# (beyond the default cutoffs 0.97 / 0.10, with room for the next copy's
 # different Received: and A-R fields), in at most MAX_STEPS FTRL steps (a
 # 40-token spam the shipped database scores 0.58 needs 24).  One plain FTRL
 # step barely moves a mail the model has never seen (a new token's first |z|
