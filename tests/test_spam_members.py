@@ -14,7 +14,7 @@ import subprocess
 from pathlib import Path
 
 from poste.spam import Classifier, Database
-from poste.spam.database import BIAS, MAGIC, MEMBERS
+from poste.spam.database import BIAS, MAGIC, MEMBERS, Learning
 from poste.spam.learn import teach, update_into
 from poste.spam.tokenizer import tokenize
 from support.spamkit import corpus, spammy, write_folder
@@ -81,7 +81,7 @@ def test_update_trains_every_member_of_the_file(tmp_path: Path) -> None:
 
 
 def test_a_learn_mail_moves_every_member_and_each_bias_once() -> None:
-    db = Database(members=3)
+    db = Database(Learning(alpha=0.3), members=3)  # a slow learner: several steps
     db.fit(mails())
     once = Database.from_bytes(db.to_bytes())
     tokens = tokenize(spammy(random.Random(99)))  # scored spam: the user says it is not
