@@ -143,3 +143,24 @@ def test_train_and_eval_inner_commands(tmp_path: Path, poste_bin: str) -> None:
     )
     assert r.returncode != 0 and b"--inner goes with --split" in r.stderr
     assert b"Traceback" not in r.stderr
+
+
+def test_merged_members_are_one_model_with_the_same_weights(tmp_path: Path) -> None:
+    db = Database(members=4)
+    db.fit(mails())
+    want = db.weights().copy()
+    spam, ham = corpus(seed=31, count=10)
+    before = [Classifier(db).classify(r).score for r in spam + ham]
+    db.save(tmp_path / "four.db")
+    db.merge()
+    assert db.members == 1
+    got = db.weights()
+    assert set(got) == set(want)
+    assert all(abs(got[t] - w) <= 1e-12 * max(1.0, abs(w)) for t, w in want.items())
+    after = [Classifier(db).classify(r).score for r in spam + ham]
+    assert all(abs(a - b) < 1e-12 for a, b in zip(after, before, strict=True))
+    db.save(tmp_path / "one.db")
+    assert (tmp_path / "one.db").stat().st_size < (tmp_path / "four.db").stat().st_size / 2
+    again = Database.load(tmp_path / "one.db")
+    assert again.members == 1 and again.weights() == got
+    again.train(tokenize(spam[0]), True)  # and it learns on as one model

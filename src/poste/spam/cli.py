@@ -159,6 +159,12 @@ def main() -> None:
     is_flag=True,
     help="Keep only tokens whose weight is not zero (a small file to ship; same scores).",
 )
+@click.option(
+    "--merge",
+    is_flag=True,
+    help="Save the members as one model with the same weights (a small file to ship; "
+    "--update from it learns as one model).",
+)
 @click.option("--note", default=None, help="A line saying what the database was trained on.")
 @click.option(
     "--compress/--no-compress",
@@ -177,6 +183,7 @@ def train(
     min_count: int,
     drop_prefixes: tuple[str, ...],
     sparse: bool,
+    merge: bool,
     note: str | None,
     compress: bool | None,
     members: int,
@@ -211,11 +218,12 @@ def train(
             # other; the spamfilter sees the new file before its next mail
             db, dropped = update_into(output, mails, epochs, min_count=min_count,
                                       drop_prefixes=pre, sparse=sparse, note=note,
-                                      compress=compress, members=members, seed=seed)
+                                      compress=compress, members=members, seed=seed,
+                                      merge=merge)
         else:
             db = Database(members=members)
             dropped = train_into(db, mails, epochs, min_count=min_count, drop_prefixes=pre,
-                                 sparse=sparse, note=note, seed=seed)
+                                 sparse=sparse, note=note, seed=seed, merge=merge)
             db.save(output, compress=compress)
     except DatabaseError as exc:
         raise click.ClickException(str(exc)) from None

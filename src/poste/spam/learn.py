@@ -324,6 +324,7 @@ def update_into(
     compress: bool | None = None,
     members: int = MEMBERS,
     seed: int = 0,
+    merge: bool = False,
 ) -> tuple[Database, int]:
     """`poste spam train --update`: go on learning the file at `path` from tokenized mails.
 
@@ -338,7 +339,8 @@ def update_into(
         if compress is None and os.path.exists(path):
             compress = _is_gzip(path) or None
         dropped = train_into(db, mails, epochs, min_count=min_count,
-                             drop_prefixes=drop_prefixes, sparse=sparse, note=note, seed=seed)
+                             drop_prefixes=drop_prefixes, sparse=sparse, note=note, seed=seed,
+                             merge=merge)
         db.save(path, compress=compress)
     return db, dropped
 
@@ -353,6 +355,7 @@ def train_into(
     sparse: bool = False,
     note: str | None = None,
     seed: int = 0,
+    merge: bool = False,
 ) -> int:
     """Train `db` on tokenized mails (`poste spam train`, with or without --update).
 
@@ -377,6 +380,8 @@ def train_into(
     dropped += db.drop_prefixes(drop_prefixes)
     if sparse:
         dropped += db.sparse()
+    if merge:
+        db.merge()
     if note is not None:
         db.note = note
     return dropped
