@@ -23,15 +23,18 @@ Bayes token is judged alone, so a word common in old spam keeps its weight
 even when ham uses it too, where here weights are learnt together and a
 token that other tokens already explain stays small.
 
-Averaged members.  A database holds K (`members`) such models, each with
-its own z and n per token, trained on the same mails in K different
-seeded orders; a token's weight is the mean of its K weights, so the
-classifier still holds one table and scores a mail at the same cost.  Why:
-on the inner time split (see evaluate) the training order alone moves the
-spam caught by about 4 of 94 and decides whether a newsletter crosses the
-spam cutoff; the mean of several orders keeps what they agree on (bagging
-over orders).  Every later step (`--update`, a learn mail) trains every
-member, so the file goes on learning exactly as the one in memory would.
+Averaged members.  A database holds M (`members`, 8 by default) such
+models, each with its own z and n per token, trained on the same mails in
+M different seeded orders; a token's weight is the mean of its M weights,
+so the classifier still holds one table and scores a mail at the same
+cost.  Why: on the inner time split (see evaluate) the training order
+alone moves one model's spam caught by about 4 of 94 and decides whether
+a newsletter crosses the spam cutoff; the mean of several orders keeps
+what they agree on (bagging over orders), which let a larger alpha (more
+confident scores) be chosen.  Every later step (`--update`, a learn mail)
+trains every member, so the file goes on learning exactly as the one in
+memory would.  `merge` turns the members into one model with the same
+weights, for a small file to ship.
 
 File format, version 4 (all integers little-endian), optionally
 gzip-compressed as a whole (detected by the gzip magic on load):
