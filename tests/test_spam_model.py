@@ -112,10 +112,10 @@ def test_file_format_header(tmp_path: Path) -> None:
     db.save(tmp_path / "x.db")
     data = (tmp_path / "x.db").read_bytes()
     assert data[:8] == b"POSTESPM"
-    assert struct.unpack_from("<I", data, 8)[0] == VERSION == 3
+    assert struct.unpack_from("<I", data, 8)[0] == VERSION == 4
     (hlen,) = struct.unpack_from("<I", data, 12)
     header = json.loads(data[16 : 16 + hlen])
-    assert header["model"] == "ftrl"
+    assert header["model"] == "ftrl" and header["members"] == db.members
     assert header["weighted"] == len(db.weights()) < header["tokens"] == len(db)
     assert Database.load(tmp_path / "x.db").note == "synthetic"
 

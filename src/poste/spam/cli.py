@@ -16,7 +16,7 @@ from poste.spam.corpus import (
     split_mbox_raw,
     unquote_mbox,
 )
-from poste.spam.database import Database, DatabaseError
+from poste.spam.database import MEMBERS, Database, DatabaseError
 from poste.spam.mime import DEFAULT_MAX_BYTES
 from poste.spam.model import Classifier, Params
 
@@ -51,6 +51,23 @@ jobs_option = click.option(
     type=click.IntRange(1, 64),
     default=None,
     help="Worker processes for batches (default: one per core, up to 8).",
+)
+
+
+members_option = click.option(
+    "--members",
+    type=click.IntRange(1, 64),
+    default=MEMBERS,
+    show_default=True,
+    help="Models trained in different seeded orders, their weights averaged "
+    "(with --update: only for a new file; an existing one keeps its own).",
+)
+seed_option = click.option(
+    "--seed",
+    type=click.IntRange(0),
+    default=0,
+    show_default=True,
+    help="Seed of the training orders (the same mails and seed give the same file).",
 )
 
 
@@ -142,12 +159,20 @@ def main() -> None:
     is_flag=True,
     help="Keep only tokens whose weight is not zero (a small file to ship; same scores).",
 )
+@click.option(
+    "--merge",
+    is_flag=True,
+    help="Save the members as one model with the same weights (a small file to ship; "
+    "--update from it learns as one model).",
+)
 @click.option("--note", default=None, help="A line saying what the database was trained on.")
 @click.option(
     "--compress/--no-compress",
     default=None,
     help="gzip the file (default: when the name ends in .gz).",
 )
+@members_option
+@seed_option
 @jobs_option
 def train(
     spam_paths: tuple[str, ...],
@@ -158,8 +183,11 @@ def train(
     min_count: int,
     drop_prefixes: tuple[str, ...],
     sparse: bool,
+    merge: bool,
     note: str | None,
     compress: bool | None,
+    members: int,
+    seed: int,
     jobs: int | None,
 ) -> None:
     """Learn token weights from spam and ham mails into a database."""
@@ -190,11 +218,12 @@ def train(
             # other; the spamfilter sees the new file before its next mail
             db, dropped = update_into(output, mails, epochs, min_count=min_count,
                                       drop_prefixes=pre, sparse=sparse, note=note,
-                                      compress=compress)
+                                      compress=compress, members=members, seed=seed,
+                                      merge=merge)
         else:
-            db = Database()
+            db = Database(members=members)
             dropped = train_into(db, mails, epochs, min_count=min_count, drop_prefixes=pre,
-                                 sparse=sparse, note=note)
+                                 sparse=sparse, note=note, seed=seed, merge=merge)
             db.save(output, compress=compress)
     except DatabaseError as exc:
         raise click.ClickException(str(exc)) from None
@@ -335,6 +364,22 @@ def _fields(
     show_default=True,
     help="With --split: the part of each PATH that is test mail.",
 )
+@click.option(
+    "--inner",
+    is_flag=True,
+    help="With --split: only the inner time split, the time split of the time split's "
+    "training part (its newest part as validation; the test part is never used). "
+    "The one to tune on.",
+)
+@click.option(
+    "--epochs",
+    type=click.IntRange(1, 100),
+    default=5,
+    show_default=True,
+    help="Passes over the training mails.",
+)
+@members_option
+@seed_option
 @jobs_option
 def evaluate(
     spam_paths: tuple[str, ...],
@@ -345,6 +390,10 @@ def evaluate(
     sweep: bool,
     split: bool,
     test_fraction: float,
+    inner: bool,
+    epochs: int,
+    members: int,
+    seed: int,
     jobs: int | None,
 ) -> None:
     """k-fold cross-validation, or (--split) held-out random and time splits.
@@ -357,14 +406,17 @@ def evaluate(
 
     params = _params(ham_cutoff, spam_cutoff)
     j = jobs or default_jobs()
+    if inner and not split:
+        raise click.UsageError("--inner goes with --split")
     if split:
-        _holdout(spam_paths, ham_paths, test_fraction, params, j)
+        _holdout(spam_paths, ham_paths, test_fraction, params, j,
+                 inner=inner, sweep=sweep, epochs=epochs, members=members, seed=seed)
         return
     spam = list(tokenize_many([raw for _, raw in _messages(spam_paths)], params.max_bytes, j))
     ham = list(tokenize_many([raw for _, raw in _messages(ham_paths)], params.max_bytes, j))
     if len(spam) < folds or len(ham) < folds:
         raise click.ClickException(f"need at least {folds} spam and {folds} ham mails")
-    report = cross_validate(spam, ham, folds, params)
+    report = cross_validate(spam, ham, folds, params, epochs, members=members, seed=seed)
     click.echo("\n".join(report.lines()))
     if sweep:
         click.echo("")
@@ -378,9 +430,15 @@ def _holdout(
     fraction: float,
     params: Params,
     jobs: int,
+    *,
+    inner: bool,
+    sweep: bool,
+    epochs: int,
+    members: int,
+    seed: int,
 ) -> None:
     from poste.spam.corpus import mail_time
-    from poste.spam.evaluate import Folder, holdout, holdout_lines
+    from poste.spam.evaluate import Folder, holdout, holdout_lines, sweep_lines
 
     folders = []
     for is_spam, path in [(True, p) for p in spam_paths] + [(False, p) for p in ham_paths]:
@@ -390,4 +448,12 @@ def _holdout(
         name = path.rstrip("/").rpartition(":")[2].rpartition("/")[2] or path
         tokens = list(tokenize_many(raws, params.max_bytes, jobs))
         folders.append(Folder(name, is_spam, raws, tokens, [mail_time(r) for r in raws]))
-    click.echo("\n".join(holdout_lines(holdout(folders, fraction, params), fraction)))
+    reports = holdout(
+        folders, fraction, params, epochs, inner=inner, members=members, seed=seed
+    )
+    lines = holdout_lines(reports, fraction)
+    lines[0] += f"; {members} member(s), seed {seed}, {epochs} epochs"
+    if sweep:
+        for r in reports:
+            lines += ["", *sweep_lines(r, params.ham_cutoff)]
+    click.echo("\n".join(lines))

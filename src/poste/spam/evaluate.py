@@ -14,6 +14,10 @@ Two ways to ask:
   later.  Each folder is split on its own, so both splits keep the mix of
   spam and ham (in the SpamAssassin corpus the spam stops weeks before the
   ham does: one cut over all mail would leave a handful of test spam).
+- the *inner* time split (`holdout(..., inner=True)`, `poste spam eval
+  --split --inner`): the time split of the time split's training part,
+  its newest quarter as validation.  This is where the knobs are tuned:
+  it never sees the outer test part, which is looked at once, to report.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from poste.spam.database import Database
+from poste.spam.database import MEMBERS, Database
 from poste.spam.model import HAM, SPAM, UNKNOWN, Classifier, Params
 
 
@@ -86,15 +90,18 @@ def cross_validate(
     k: int,
     params: Params | None = None,
     epochs: int = 5,
+    *,
+    members: int = MEMBERS,
+    seed: int = 0,
 ) -> Report:
     if k < 2:
         raise ValueError("k must be at least 2")
     report = Report(k)
     for fold in range(k):
-        db = Database()
+        db = Database(members=members)
         train = [(t, True) for i, t in enumerate(spam) if i % k != fold]
         train += [(t, False) for i, t in enumerate(ham) if i % k != fold]
-        db.fit(train, epochs)
+        db.fit(train, epochs, seed)
         clf = Classifier(db, params)
         held = [(True, t) for i, t in enumerate(spam) if i % k == fold]
         held += [(False, t) for i, t in enumerate(ham) if i % k == fold]
@@ -151,6 +158,8 @@ class SplitReport:
     labels: dict[str, dict[str, int]] = field(default_factory=dict)
     spam_folders: set[str] = field(default_factory=set)
     seconds: float = 0.0  # tokenizing and scoring the test mails, one core
+    # (is_spam, score) of every test mail, for the cutoff sweep
+    scores: list[tuple[bool, float]] = field(default_factory=list)
 
     def total(self, label: str, spam: bool | None = None) -> int:
         return sum(
@@ -176,17 +185,49 @@ class SplitReport:
         return self.ntest / self.seconds if self.seconds > 0 else 0.0
 
 
+def training_part(folders: Sequence[Folder], fraction: float) -> list[Folder]:
+    """Each folder without its time split's test part: what the inner split splits again."""
+    out = []
+    for f in folders:
+        keep = [not t for t in time_split(f.times, fraction)]
+        out.append(
+            Folder(
+                f.name,
+                f.is_spam,
+                [x for x, k in zip(f.raws, keep, strict=True) if k],
+                [x for x, k in zip(f.tokens, keep, strict=True) if k],
+                [x for x, k in zip(f.times, keep, strict=True) if k],
+            )
+        )
+    return out
+
+
 def holdout(
-    folders: Sequence[Folder], fraction: float, params: Params | None = None, epochs: int = 5
+    folders: Sequence[Folder],
+    fraction: float,
+    params: Params | None = None,
+    epochs: int = 5,
+    *,
+    inner: bool = False,
+    members: int = MEMBERS,
+    seed: int = 0,
 ) -> list[SplitReport]:
-    """Train on the rest and label the test part, for the random split and the time split."""
-    masks = {
-        "random": [interleaved_split(len(f.raws), fraction) for f in folders],
-        "time": [time_split(f.times, fraction) for f in folders],
-    }
+    """Train on the rest and label the test part, for the random split and the time split.
+
+    inner: only the inner time split (the time split of the time split's
+    training part), for tuning without looking at the test part.
+    """
+    if inner:
+        folders = training_part(folders, fraction)
+        masks = {"inner time": [time_split(f.times, fraction) for f in folders]}
+    else:
+        masks = {
+            "random": [interleaved_split(len(f.raws), fraction) for f in folders],
+            "time": [time_split(f.times, fraction) for f in folders],
+        }
     reports = []
     for name, mask in masks.items():
-        db = Database()
+        db = Database(members=members)
         report = SplitReport(name, spam_folders={f.name for f in folders if f.is_spam})
         train = [
             (tokens, folder.is_spam)
@@ -194,7 +235,7 @@ def holdout(
             for tokens, is_test in zip(folder.tokens, test, strict=True)
             if not is_test
         ]
-        db.fit(train, epochs)
+        db.fit(train, epochs, seed)
         report.ntrain_spam, report.ntrain_ham = db.nspam, db.nham
         clf = Classifier(db, params)
         clf.prepare()
@@ -202,12 +243,31 @@ def holdout(
             counts = report.labels.setdefault(folder.name, {})
             raws = [raw for raw, is_test in zip(folder.raws, test, strict=True) if is_test]
             t0 = time.perf_counter()
-            labels = [clf.classify(raw).label for raw in raws]
+            results = [clf.classify(raw) for raw in raws]
             report.seconds += time.perf_counter() - t0
-            for label in labels:
-                counts[label] = counts.get(label, 0) + 1
+            for r in results:
+                counts[r.label] = counts.get(r.label, 0) + 1
+                report.scores.append((folder.is_spam, r.score))
         reports.append(report)
     return reports
+
+
+SWEEP = [0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.93, 0.95, 0.96, 0.97, 0.98, 0.99, 0.995, 0.999]
+
+
+def sweep_lines(report: SplitReport, ham_cutoff: float, cutoffs: Sequence[float] = SWEEP) -> list[str]:
+    """Spam caught, ham labelled spam and unknown mail of one split for several spam cutoffs."""
+    out = [
+        f"{report.name} split, by spam cutoff (ham cutoff {ham_cutoff:g}); "
+        f"highest ham score {max((s for sp, s in report.scores if not sp), default=0.0):.4f}",
+        f"  {'spam-cutoff':>11}{'spam caught':>13}{'ham as spam':>13}{'unknown':>9}",
+    ]
+    for c in cutoffs:
+        caught = sum(1 for sp, s in report.scores if sp and s >= c)
+        fp = sum(1 for sp, s in report.scores if not sp and s >= c)
+        unknown = sum(1 for _, s in report.scores if ham_cutoff <= s < c)
+        out.append(f"  {c:>11.3f}{caught:>13}{fp:>13}{unknown:>9}")
+    return out
 
 
 def holdout_lines(reports: Sequence[SplitReport], fraction: float) -> list[str]:

@@ -49,14 +49,14 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from email.message import Message as EmailMessage
 
-from poste.spam.database import BIAS, Database, _sigmoid, scale
+from poste.spam.database import BIAS, MEMBERS, Database, _sigmoid, scale
 from poste.spam.mime import DEFAULT_MAX_BYTES
 from poste.spam.tokenizer import tokenize
 
 # One learn mail moves the shared model until its original scores past these
-# (beyond the default cutoffs 0.90 / 0.10, with room for the next copy's
-# different Received: and A-R fields), in at most MAX_STEPS FTRL steps (a
-# 40-token spam the shipped database scores 0.58 needs 24).  One plain FTRL
+# (beyond the default cutoffs 0.97 / 0.10, with room for the next copy's
+# different Received: and A-R fields), in at most MAX_STEPS FTRL steps (with the
+# one-model shipped database of alpha 0.3, a 40-token spam scored 0.58 needed 24).  One plain FTRL
 # step barely moves a mail the model has never seen (a new token's first |z|
 # is at most 1, often under l1, so its weight stays 0): a user who took the
 # trouble to forward a spam expects the next copy to be caught.
@@ -228,17 +228,17 @@ def teach(db: Database, tokens: Iterable[str], is_spam: bool) -> Learnt:
     feats = frozenset(tokens)
     before = score = _score(db, feats)
     steps = 0
-    bias: tuple[float, float] | None = None
+    bias: list[tuple[float, float]] | None = None
     while steps < MAX_STEPS and (score < SPAM_GOAL if is_spam else score > HAM_GOAL):
-        db.train(feats, is_spam)
+        db.train(feats, is_spam)  # a step of every member
         steps += 1
         if bias is None:
-            bias = (db.z[BIAS], db.n[BIAS])
+            bias = db.bias_state()
         else:
             # Steps after the first move the mail's own tokens, not the bias: the
             # bias is in every mail, and 32 steps of one spam on it would push
             # every mail's score towards spam.
-            db.z[BIAS], db.n[BIAS] = bias
+            db.set_bias_state(bias)
         score = _score(db, feats)
     if steps > 1:  # the mail counts once, in the counts and in its tokens' mail counts
         if is_spam:
@@ -322,20 +322,25 @@ def update_into(
     sparse: bool = False,
     note: str | None = None,
     compress: bool | None = None,
+    members: int = MEMBERS,
+    seed: int = 0,
+    merge: bool = False,
 ) -> tuple[Database, int]:
     """`poste spam train --update`: go on learning the file at `path` from tokenized mails.
 
     The same read-modify-write as a learn mail (locked, loaded fresh, saved
     atomically), so an operator's batch and the users' learn mails never
-    undo each other.  A missing file starts from an empty database.
+    undo each other.  A missing file starts from an empty database of
+    `members` members; an existing one keeps its own members, each trained on.
     Returns the database written and how many tokens were dropped.
     """
     with locked(path):
-        db = Database.load(path) if os.path.exists(path) else Database()
+        db = Database.load(path) if os.path.exists(path) else Database(members=members)
         if compress is None and os.path.exists(path):
             compress = _is_gzip(path) or None
         dropped = train_into(db, mails, epochs, min_count=min_count,
-                             drop_prefixes=drop_prefixes, sparse=sparse, note=note)
+                             drop_prefixes=drop_prefixes, sparse=sparse, note=note, seed=seed,
+                             merge=merge)
         db.save(path, compress=compress)
     return db, dropped
 
@@ -349,6 +354,8 @@ def train_into(
     drop_prefixes: tuple[str, ...] = (),
     sparse: bool = False,
     note: str | None = None,
+    seed: int = 0,
+    merge: bool = False,
 ) -> int:
     """Train `db` on tokenized mails (`poste spam train`, with or without --update).
 
@@ -368,11 +375,13 @@ def train_into(
                        and (min_count < 2 or seen.get(t, 0) >= min_count)), is_spam)
             for tokens, is_spam in mails
         ]
-    db.fit(mails, epochs)
+    db.fit(mails, epochs, seed)
     dropped = db.prune(min_count) if min_count > 1 else 0
     dropped += db.drop_prefixes(drop_prefixes)
     if sparse:
         dropped += db.sparse()
+    if merge:
+        db.merge()
     if note is not None:
         db.note = note
     return dropped

@@ -29,14 +29,14 @@ class Params:
 
     # a plain class, not a dataclass: `import dataclasses` costs ~20 ms of a batch command's start-up
     ham_cutoff: float = 0.10  # score below: ham ("no")
-    spam_cutoff: float = 0.90  # score at or above: spam ("yes"); between: "unknown"
+    spam_cutoff: float = 0.97  # score at or above: spam ("yes"); between: "unknown"
     max_bytes: int = DEFAULT_MAX_BYTES  # text tokenized per message
     max_tokens: int = 150  # at most this many deciding tokens are listed in a detail
 
     def __init__(
         self,
         ham_cutoff: float = 0.10,
-        spam_cutoff: float = 0.90,
+        spam_cutoff: float = 0.97,
         max_bytes: int = DEFAULT_MAX_BYTES,
         max_tokens: int = 150,
     ) -> None:
