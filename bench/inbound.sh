@@ -26,8 +26,9 @@
 #                              [--variants "postfix up separate"] [--workers N|auto] [--keep]
 #   --workers: each poste command's worker processes (default 1, as before the option existed)
 # Env (as postfix_ref.sh): WARMUP SMTPD_PORT SINK_PORT DNS_PORT POSTE=path/to/poste
-#     POSTFIX_REF=path/to/postfix_ref.sh PROFILE=1 (py-spy record the `up` variant, if
-#     .venv/bin/py-spy exists; the flame graph goes beside the logs, which are kept then)
+#     POSTFIX_REF=path/to/postfix_ref.sh PROFILE=1 (py-spy record each poste process, if
+#     .venv/bin/py-spy exists: profile.txt for `up`, profile-verifier.txt etc. for separate,
+#     beside the logs, which are kept then)
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -154,11 +155,16 @@ run_poste() {   # $1 topology, $2 round
     sleep 1
     declare -A cpu0 cpu
     cpu_mark "$v" $groups
-    local prof_pid=""
-    if [ "${PROFILE:-0}" = 1 ] && [ "$topo" = up ] && [ -x "$ROOT/.venv/bin/py-spy" ]; then
-        "$ROOT/.venv/bin/py-spy" record --gil -r 100 -f raw -o "$d/profile.txt" \
-            -p "${PROCS[0]#*:}" > "$d/py-spy.out" 2>&1 &
-        prof_pid=$!
+    local prof_pids=() e
+    if [ "${PROFILE:-0}" = 1 ] && [ -x "$ROOT/.venv/bin/py-spy" ]; then
+        # one profile per poste process (profile-verifier.txt ...; `up`: profile.txt)
+        for e in "${PROCS[@]}"; do
+            local pf="$d/profile-${e%%:*}.txt"
+            [ "$topo" = up ] && pf="$d/profile.txt"
+            "$ROOT/.venv/bin/py-spy" record --gil --subprocesses -r 100 -f raw -o "$pf" \
+                -p "${e#*:}" > "$d/py-spy-${e%%:*}.out" 2>&1 &
+            prof_pids+=("$!")
+        done
     fi
     # the spool's largest backlog while mail comes in (envelopes, sampled 5 times a second)
     echo 0 > "$d/spool.peak"
@@ -177,7 +183,7 @@ run_poste() {   # $1 topology, $2 round
     wait_spool "$d/spool" "$(calc "$t1 + $DRAIN_TIMEOUT" 3)" || die "poste: spool did not drain"
     t2=$(now)
     kill_pid "$sampler"; forget_pid "$sampler"
-    [ -n "$prof_pid" ] && { kill -INT "$prof_pid" 2>/dev/null; wait "$prof_pid" 2>/dev/null || true; }
+    for e in "${prof_pids[@]}"; do kill -INT "$e" 2>/dev/null; wait "$e" 2>/dev/null || true; done
     cpu_spent "$v" $groups
     local rss
     rss=$(procs_rss)

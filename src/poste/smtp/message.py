@@ -21,6 +21,7 @@ import contextlib
 import ctypes
 import functools
 import os
+import re
 import tempfile
 import weakref
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -35,13 +36,17 @@ WHOLE_BUDGET = 32 * 1024 * 1024  # bytes of file-backed mails held whole at once
 class _Body:
     """The received bytes, in memory or in a file, shared by every prepended view."""
 
-    __slots__ = ("__weakref__", "_ascii", "data", "fd", "size")
+    __slots__ = ("__weakref__", "_ascii", "data", "fd", "size", "wire_clean")
 
-    def __init__(self, data: bytes | None, fd: int | None, size: int) -> None:
+    def __init__(self, data: bytes | None, fd: int | None, size: int,
+                 wire_clean: bool = False) -> None:
         self.data = data
         self.fd = fd
         self.size = size
         self._ascii: bool | None = None
+        # only CRLF line ends, complete lines, none starting with a dot: DATA carries
+        # these bytes as they are (the DATA reader knows; anything else is scanned)
+        self.wire_clean = wire_clean
 
     def isascii(self) -> bool:
         if self._ascii is None:
@@ -97,6 +102,12 @@ class Message:
     @property
     def size(self) -> int:
         return len(self.prefix) + self._body.size - self._skip
+
+    @property
+    def wire_clean(self) -> bool:
+        """The body goes to DATA as it is (the DATA reader vouched for it); the prefix
+        is always scanned."""
+        return self._body.wire_clean
 
     @property
     def in_memory(self) -> bool:
@@ -171,6 +182,25 @@ class Message:
         when the mail has one (so a piece never starts inside a line)."""
         if self.prefix:
             yield self.prefix
+        yield from self._body_chunks(size)
+
+    def wire_chunks(self, size: int = CHUNK) -> Iterator[bytes]:
+        """The mail as DATA carries it (`to_wire`), in pieces: CRLF line ends, leading
+        dots doubled, the end marker not included.
+
+        A body the DATA reader vouched for (`wire_clean`) goes as it is: the four scans
+        of `to_wire` cost ~4 ms per megabyte per hop here (issue 16), and on the three
+        processes' topology each mail is sent three times.
+        """
+        if self.prefix:
+            yield to_wire(self.prefix)
+        if self._body.wire_clean:
+            yield from self._body_chunks(size)
+        else:
+            for piece in self._body_chunks(size):
+                yield to_wire(piece)
+
+    def _body_chunks(self, size: int) -> Iterator[bytes]:
         body = self._body
         if body.data is not None:
             yield from _line_pieces(body.data[self._skip:] if self._skip else body.data, size)
@@ -265,6 +295,24 @@ def _malloc_trim() -> Callable[[int], int] | None:
 _TRIMS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.TimerHandle] = (
     weakref.WeakKeyDictionary()
 )
+
+
+_LINE_ENDS = re.compile(rb"\r\n|\n|\r(?!\n)")
+_LEADING_DOT = re.compile(rb"(?m)^\.")
+
+
+def to_wire(piece: bytes) -> bytes:
+    """One piece of a mail (starting at a line start) as DATA carries it: CRLF line
+    ends, leading dots doubled.
+
+    The scans that find nothing to change are C loops over the bytes, so a
+    clean piece costs no regex pass.
+    """
+    if piece.count(b"\n") != piece.count(b"\r\n") or piece.count(b"\r") != piece.count(b"\r\n"):
+        piece = _LINE_ENDS.sub(b"\r\n", piece)
+    if piece.startswith(b".") or b"\n." in piece:
+        piece = _LEADING_DOT.sub(b"..", piece)
+    return piece
 
 
 def _field_start(header: bytes, name: bytes) -> int:
@@ -392,15 +440,17 @@ class BodyWriter:
         if fd is not None:
             os.close(fd)
 
-    def finish(self) -> Message:
+    def finish(self, wire_clean: bool = False) -> Message:
+        """The body written; `wire_clean`: the writer vouches for its line ends and dots
+        (only CRLF, complete lines, no line starting with `.`: the DATA reader's check)."""
         if self._fd is None:
             data = bytes(self._buf)
             self._buf.clear()
-            return Message(_Body(data, None, len(data)))
+            return Message(_Body(data, None, len(data), wire_clean))
         if self._buf:
             self._flush()
         fd, self._fd = self._fd, None
-        return Message(_Body(None, fd, self.size))
+        return Message(_Body(None, fd, self.size, wire_clean))
 
 
 def _anonymous_file(folder: str | None) -> int:
