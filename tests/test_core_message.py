@@ -175,7 +175,7 @@ async def test_a_clean_body_goes_on_unscanned_and_unchanged(tmp_path: Path) -> N
     memory and spilled."""
     plain = [b"From: a@sender.test\r\n", b"Subject: big\r\n", b"\r\n"] + [
         b"QUJDREVGR0hJSktMTU5PUFFSU1RVVldYWVo%06d\r\n" % i for i in range(30000)]
-    dotted = plain[:-1] + [b".a dot at the very end\r\n"]
+    dotted = [*plain[:-1], b".a dot at the very end\r\n"]
     spill = tmp_path / "spill"
     spill.mkdir()
     limits = Limits(spill_at=256 * 1024, spill_dir=str(spill))

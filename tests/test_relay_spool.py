@@ -166,3 +166,28 @@ def test_dsn_status_of_local_failures() -> None:
     assert status_of("556 5.1.10 null MX", "5.0.0") == "5.1.10"
     assert status_of("554 Spam", "5.0.0") == "5.0.0"
     assert status_of("connection refused", "4.0.0") == "4.0.0"
+
+
+def test_the_envelope_says_whether_the_file_goes_out_unscanned(tmp_path: Path) -> None:
+    """A body the DATA reader vouched for, below our own fields, is noted wire-clean, and
+    the file opened for delivery says so; a prefix line that needs stuffing, or a mail
+    nobody vouched for, is scanned as it is sent."""
+    from poste.smtp.message import BodyWriter
+
+    spool = Spool(tmp_path / "q")
+    cases = {"CLEAN1": (b"X-Top: 1\r\n", True), "DOTTED": (b"X-Top: 1\r\n.x\r\n", False),
+             "BARELF": (b"X-Top: 1\n", False)}
+    for qid, (prefix, want) in cases.items():
+        body = BodyWriter()
+        body.write(MSG)
+        spool.put(entry(qid), body.finish(wire_clean=True).prepend(prefix))
+        assert spool.load(qid).wire_clean is want
+        sent = spool.open_message(qid, spool.load(qid).wire_clean)
+        assert sent.wire_clean is want
+        assert b"".join(sent.wire_chunks()).endswith(MSG)
+        sent.close()
+    spool.put(entry("PLAIN1"), MSG)
+    assert spool.load("PLAIN1").wire_clean is False
+    old = json.loads((tmp_path / "q" / "PLAIN1.json").read_text())
+    del old["wire_clean"]  # an envelope written before the field existed
+    assert Entry.from_json(old).wire_clean is False

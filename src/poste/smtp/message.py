@@ -94,10 +94,12 @@ class Message:
         return cls(_Body(bytes(data), None, len(data)))
 
     @classmethod
-    def open(cls, path: str | os.PathLike[str]) -> Message:
-        """A message read from a file (the relay's spool) as it is sent; close() it after."""
+    def open(cls, path: str | os.PathLike[str], wire_clean: bool = False) -> Message:
+        """A message read from a file (the relay's spool) as it is sent; close() it after.
+
+        `wire_clean`: the file was written from a mail whose `wire_ready()` was true."""
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        return cls(_Body(None, fd, os.fstat(fd).st_size))
+        return cls(_Body(None, fd, os.fstat(fd).st_size, wire_clean))
 
     @property
     def size(self) -> int:
@@ -108,6 +110,14 @@ class Message:
         """The body goes to DATA as it is (the DATA reader vouched for it); the prefix
         is always scanned."""
         return self._body.wire_clean
+
+    def wire_ready(self) -> bool:
+        """The whole mail, prefix too, goes to DATA as it is: what the spool notes of the
+        file it writes (`chunks()`), so a later send of that file needs no scan either.
+        The prefix is scanned here (a few hundred bytes of our own fields)."""
+        prefix = self.prefix
+        return self._body.wire_clean and (
+            not prefix or (prefix.endswith(b"\r\n") and to_wire(prefix) == prefix))
 
     @property
     def in_memory(self) -> bool:
