@@ -264,9 +264,13 @@ class Message:
 # glibc's malloc, set for every long-running poste process (runtime/command.py
 # and `poste up` start themselves again with these when they are missing; the
 # systemd units set them): a buffer over 1 MB gets a mapping of its own, and a
-# heap gives back what is free at its top past 128 KB, instead of glibc raising
-# both thresholds to 32 and 64 MB after the first big free.
-ALLOCATOR_ENV = {"MALLOC_MMAP_THRESHOLD_": "1048576", "MALLOC_TRIM_THRESHOLD_": "131072"}
+# heap gives back what is free at its top past 512 KB, instead of glibc raising
+# both thresholds to 32 and 64 MB after the first big free.  Not less than 512 KB:
+# asyncio reads a socket into a fresh 256 KB buffer (its transports' max_size) and
+# shrinks it to what came; with 128 KB every read gave the top of the heap back and
+# the next one took it again (two brk calls and page faults: 19-37 us a read on a
+# socketpair here, 4-7 us at 512 KB; a mail is ~30 reads across the three processes).
+ALLOCATOR_ENV = {"MALLOC_MMAP_THRESHOLD_": "1048576", "MALLOC_TRIM_THRESHOLD_": "524288"}
 TRIM_AFTER = 3.0  # seconds without a big mail before the heaps are trimmed
 
 
