@@ -25,9 +25,12 @@
 # Usage: bash bench/inbound.sh [--size 5k|100k|1m|BYTES] [--sessions S] [-n N] [--rounds R]
 #                              [--variants "postfix up separate"] [--workers N|auto] [--keep]
 #   --workers: each poste command's worker processes (default 1, as before the option existed)
-# Env (as postfix_ref.sh): WARMUP SMTPD_PORT SINK_PORT DNS_PORT POSTE=path/to/poste
-#     POSTFIX_REF=path/to/postfix_ref.sh PROFILE=1 (py-spy record the `up` variant, if
-#     .venv/bin/py-spy exists; the flame graph goes beside the logs, which are kept then)
+#   up-base, separate-base: the same with POSTE_BASE (another poste, e.g. a wrapper that puts
+#     main's src first on PYTHONPATH), so a before/after comparison shares the rounds
+# Env (as postfix_ref.sh): WARMUP SMTPD_PORT SINK_PORT DNS_PORT POSTE=path/to/poste POSTE_BASE
+#     POSTFIX_REF=path/to/postfix_ref.sh PROFILE=1 (py-spy record each poste process, if
+#     .venv/bin/py-spy exists: profile.txt for `up`, profile-verifier.txt etc. for separate,
+#     beside the logs, which are kept then)
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -53,7 +56,7 @@ while [ $# -gt 0 ]; do
         --variants) POSTE_VARIANTS=$2; shift 2 ;;
         --workers) WORKERS=$2; shift 2 ;;
         --keep) KEEP=1; shift ;;
-        -h|--help) sed -n '2,28p' "${BASH_SOURCE[0]}"; exit 0 ;;
+        -h|--help) sed -n '2,33p' "${BASH_SOURCE[0]}"; exit 0 ;;
         *) echo "unknown option $1 (see --help)" >&2; exit 2 ;;
     esac
 done
@@ -79,8 +82,8 @@ send_poste() {   # $1 count, $2 sessions, $3 cgroup: the reference's load, to ou
           -f "$SENDER" -t "$RCPT" "$POSTE_HOST:$SMTPD_PORT" )
 }
 
-setup_poste() {   # $1 dir, $2 topology: starts the processes, waits until they listen
-    local d=$1 topo=$2 v=poste-$2
+setup_poste() {   # $1 dir, $2 topology, $3 variant: starts the processes, waits until they listen
+    local d=$1 topo=$2 v=$3
     mkdir -p "$d"
     "$POSTE" users add rcpt --repo "$d/users" --target "$SENDER_SINK" --no-password >/dev/null
     "$POSTE" users add postmaster --repo "$d/users" --target "postmaster@example.net" \
@@ -126,9 +129,12 @@ EOF
 }
 
 RESULTS=()   # "round variant delivered cpu_total detail"
-run_poste() {   # $1 topology, $2 round
-    local topo=$1 r=$2 v=poste-$1 d=$BASE/poste-$1-$2 k t0 t1 t2 names groups
-    log "=== poste $topo (round $r): N=$N sessions=$SESSIONS size=$SIZE"
+run_poste() {   # $1 variant (up, separate, up-base, separate-base), $2 round
+    local topo=${1%-base} r=$2 v=poste-$1 d=$BASE/poste-$1-$2 k t0 t1 t2 names groups
+    # the -base variants run POSTE_BASE: start_poste and setup_poste see this POSTE
+    local POSTE=$POSTE
+    if [ "$1" != "$topo" ]; then POSTE=${POSTE_BASE:?set POSTE_BASE for the -base variants}; fi
+    log "=== poste $1 (round $r): N=$N sessions=$SESSIONS size=$SIZE"
     if [ "$topo" = up ]; then names="up"; else names="verifier spamfilter relay"; fi
     groups="$names nsd source sink"
     for k in $groups; do cg_make "$v-$k"; done
@@ -136,7 +142,7 @@ run_poste() {   # $1 topology, $2 round
 
     # functional check: one mail, dumped by the sink, with SPF and DKIM passed
     start_sink "$d" "$v-sink" "$d/sinkdump"
-    setup_poste "$d" "$topo"
+    setup_poste "$d" "$topo" "$v"
     send_poste 1 1 "$v-source" >/dev/null || die "poste: check message refused"
     wait_spool "$d/spool" "$(calc "$(now) + 60" 3)" || die "poste: check message not delivered"
     stop_sink
@@ -154,11 +160,16 @@ run_poste() {   # $1 topology, $2 round
     sleep 1
     declare -A cpu0 cpu
     cpu_mark "$v" $groups
-    local prof_pid=""
-    if [ "${PROFILE:-0}" = 1 ] && [ "$topo" = up ] && [ -x "$ROOT/.venv/bin/py-spy" ]; then
-        "$ROOT/.venv/bin/py-spy" record --gil -r 100 -f raw -o "$d/profile.txt" \
-            -p "${PROCS[0]#*:}" > "$d/py-spy.out" 2>&1 &
-        prof_pid=$!
+    local prof_pids=() e
+    if [ "${PROFILE:-0}" = 1 ] && [ -x "$ROOT/.venv/bin/py-spy" ]; then
+        # one profile per poste process (profile-verifier.txt ...; `up`: profile.txt)
+        for e in "${PROCS[@]}"; do
+            local pf="$d/profile-${e%%:*}.txt"
+            [ "$topo" = up ] && pf="$d/profile.txt"
+            "$ROOT/.venv/bin/py-spy" record --gil --subprocesses -r 100 -f raw -o "$pf" \
+                -p "${e#*:}" > "$d/py-spy-${e%%:*}.out" 2>&1 &
+            prof_pids+=("$!")
+        done
     fi
     # the spool's largest backlog while mail comes in (envelopes, sampled 5 times a second)
     echo 0 > "$d/spool.peak"
@@ -177,7 +188,7 @@ run_poste() {   # $1 topology, $2 round
     wait_spool "$d/spool" "$(calc "$t1 + $DRAIN_TIMEOUT" 3)" || die "poste: spool did not drain"
     t2=$(now)
     kill_pid "$sampler"; forget_pid "$sampler"
-    [ -n "$prof_pid" ] && { kill -INT "$prof_pid" 2>/dev/null; wait "$prof_pid" 2>/dev/null || true; }
+    for e in "${prof_pids[@]}"; do kill -INT "$e" 2>/dev/null; wait "$e" 2>/dev/null || true; done
     cpu_spent "$v" $groups
     local rss
     rss=$(procs_rss)
@@ -218,7 +229,7 @@ for r in $(seq "$ROUNDS"); do
     for v in $POSTE_VARIANTS; do
         case "$v" in
             postfix) run_postfix "$r" ;;
-            up|separate) run_poste "$v" "$r" ;;
+            up|separate|up-base|separate-base) run_poste "$v" "$r" ;;
             *) die "unknown variant $v" ;;
         esac
     done

@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from poste.smtp.data_reader import DataState, DotReader
+from poste.smtp.data_reader import DataState, DotReader, lines_fit
 
 LIMIT, MAX_LINE = 3000, 100
 
@@ -84,6 +84,16 @@ def test_same_answer_as_the_per_line_rules(pieces: list[bytes], cuts: list[int],
     rest = got_after + stream[pos:]
     got_body = bytes(body.data) if reader.state is DataState.NOMINAL else b""
     assert (reader.state, got_body, rest) == want
+    if reader.state is DataState.NOMINAL:  # a body sent on unscanned has no line to stuff
+        lines = stream[:len(stream) - len(rest)].split(b"\r\n")
+        assert reader.dotted == any(line.startswith(b".") for line in lines[:-2])
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.integers(0, 40), min_size=1, max_size=50), st.integers(1, 45))
+def test_lines_fit_as_the_split_says(lengths: list[int], max_line: int) -> None:
+    region = b"".join(b"x" * n + b"\r\n" for n in lengths)
+    assert lines_fit(region, max_line) == (max(lengths) + 2 <= max_line)
 
 
 def test_an_endless_line_holds_no_more_than_a_line() -> None:

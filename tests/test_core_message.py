@@ -9,7 +9,7 @@ from pathlib import Path
 from poste.smtp.client import SMTPHop
 from poste.smtp.message import BodyWriter, Budget, Message
 from poste.smtp.server import Limits
-from poste.smtp.stage import Stage
+from poste.smtp.stage import Envelope, Stage, Verdict
 from support.smtp import LineClient, mailbox_server, running
 
 
@@ -156,3 +156,56 @@ def test_replace_field_refuses_what_is_not_there() -> None:
         Message.of(b"Subject: s\r\n\r\nFrom: x\r\n").replace_field(b"From", b"From: y\r\n")
     with pytest.raises(KeyError):  # no end of the header: nothing can be replaced safely
         Message.of(b"From: x\r\nSubject: s\r\n").replace_field(b"From", b"From: y\r\n")
+
+
+class _Seen(Stage):
+    """A stage that notes whether the DATA reader vouched for each body."""
+
+    def __init__(self) -> None:
+        self.clean: list[bool] = []
+
+    async def on_data(self, env: Envelope, message: Message) -> Verdict:
+        self.clean.append(message.wire_clean)
+        return Verdict()
+
+
+async def test_a_clean_body_goes_on_unscanned_and_unchanged(tmp_path: Path) -> None:
+    """Two poste hops and a mailbox: a body without a dot-stuffed line is passed on as
+    it came (no scan), one with dots is stuffed again; both arrive byte for byte, in
+    memory and spilled."""
+    plain = [b"From: a@sender.test\r\n", b"Subject: big\r\n", b"\r\n"] + [
+        b"QUJDREVGR0hJSktMTU5PUFFSU1RVVldYWVo%06d\r\n" % i for i in range(30000)]
+    dotted = [*plain[:-1], b".a dot at the very end\r\n"]
+    spill = tmp_path / "spill"
+    spill.mkdir()
+    limits = Limits(spill_at=256 * 1024, spill_dir=str(spill))
+    first, second = _Seen(), _Seen()
+    sent = []
+    async with mailbox_server(tmp_path / "box") as (dest, _):
+        async with running(second, SMTPHop(*dest.sockname, keep=2), limits=limits) as middle, \
+                running(first, SMTPHop(*middle.sockname, keep=2)) as front:
+            for lines in (plain, dotted, plain[:40], dotted[:40] + dotted[-1:]):
+                c = await LineClient.connect(*front.sockname)
+                assert (await c.reply()).startswith("220")
+                await c.cmd("EHLO client.test")
+                assert (await c.cmd("MAIL FROM:<a@sender.test>")).startswith("250")
+                assert (await c.cmd("RCPT TO:<b@our.test>")).startswith("250")
+                assert (await c.cmd("DATA")).startswith("354")
+                await c.send(b"".join(b"." + line if line.startswith(b".") else line
+                                      for line in lines) + b".\r\n")
+                reply = await c.reply(timeout=60)
+                assert reply.startswith("250"), reply
+                await c.cmd("QUIT")
+                await c.close()
+                sent.append(b"".join(lines))
+    assert first.clean == second.clean == [True, False, True, False]
+    for i, body in enumerate(sent, 1):
+        stored = (tmp_path / "box" / f"{i}.eml").read_bytes()
+        assert stored.endswith(body)
+        assert stored.count(b"\r\n") == stored.count(b"\n")
+
+
+def test_wire_chunks_stuff_what_is_not_vouched_for() -> None:
+    m = Message.of(b"a\r\n.b\r\nbare\nlf\r\n").prepend(b"X-Top: .1\r\n")
+    assert not m.wire_clean
+    assert b"".join(m.wire_chunks()) == b"X-Top: .1\r\na\r\n..b\r\nbare\r\nlf\r\n"

@@ -207,3 +207,28 @@ def test_concurrent_puts_are_each_durable_and_share_folder_fsyncs(tmp_path: Path
         t.join(60)
     assert Spool(tmp_path / "q").ids() == []
     assert spool.folder_sync.asked == 2 * n and spool.folder_sync.syncs <= 2 * n
+
+
+def test_the_envelope_says_whether_the_file_goes_out_unscanned(tmp_path: Path) -> None:
+    """A body the DATA reader vouched for, below our own fields, is noted wire-clean, and
+    the file opened for delivery says so; a prefix line that needs stuffing, or a mail
+    nobody vouched for, is scanned as it is sent."""
+    from poste.smtp.message import BodyWriter
+
+    spool = Spool(tmp_path / "q")
+    cases = {"CLEAN1": (b"X-Top: 1\r\n", True), "DOTTED": (b"X-Top: 1\r\n.x\r\n", False),
+             "BARELF": (b"X-Top: 1\n", False)}
+    for qid, (prefix, want) in cases.items():
+        body = BodyWriter()
+        body.write(MSG)
+        spool.put(entry(qid), body.finish(wire_clean=True).prepend(prefix))
+        assert spool.load(qid).wire_clean is want
+        sent = spool.open_message(qid, spool.load(qid).wire_clean)
+        assert sent.wire_clean is want
+        assert b"".join(sent.wire_chunks()).endswith(MSG)
+        sent.close()
+    spool.put(entry("PLAIN1"), MSG)
+    assert spool.load("PLAIN1").wire_clean is False
+    old = json.loads((tmp_path / "q" / "PLAIN1.json").read_text())
+    del old["wire_clean"]  # an envelope written before the field existed
+    assert Entry.from_json(old).wire_clean is False

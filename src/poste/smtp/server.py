@@ -370,7 +370,9 @@ class _Connection(SMTP):
             if state is DataState.NUL:
                 return str(R.NUL_IN_DATA)
             return str(R.BARE_CR_LF)
-        message = body.finish()
+        # every line the reader let through ends in CRLF; without a dot-stuffed line
+        # the body goes on to the next hop as it is (Message.wire_chunks)
+        message = body.finish(wire_clean=not reader.dotted)
         # Straight to the transaction: no copy into aiosmtpd's envelope and back out.
         txn, self.txn = self.txn, None
         if txn is None:

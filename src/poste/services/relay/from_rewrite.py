@@ -44,6 +44,7 @@ from poste.metrics import FORWARD_PLANS
 from poste.services.relay.fwd_token import FwdTokens
 from poste.services.relay.srs import SRSError
 from poste.smtp.address import domain_key, domain_of
+from poste.smtp.from_field import from_fields
 from poste.smtp.message import Message
 from poste.smtp.stage import Envelope
 
@@ -77,11 +78,10 @@ class Author:
 def author_of(header: bytes) -> Author | None:
     """The one address of the one From field, or None (none, several, unparseable)."""
     try:
-        msg = email.message_from_bytes(header, policy=email.policy.compat32)
-        fields = msg.get_all("From") or []
+        fields = from_fields(header)  # as email's parser would, by a regex mostly
         if len(fields) != 1:
             return None
-        pairs = [p for p in email.utils.getaddresses([str(fields[0])]) if p[1]]
+        pairs = [p for p in email.utils.getaddresses([fields[0]]) if p[1]]
     except Exception:  # the transport path never trusts the parser
         return None
     if len(pairs) != 1 or "@" not in pairs[0][1] or not domain_of(pairs[0][1]):

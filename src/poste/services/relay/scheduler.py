@@ -291,7 +291,7 @@ class Scheduler:
             return
         seen_next = entry.next_attempt
         try:
-            message = await departing(self.spool.open_message, qid)
+            message = await departing(self.spool.open_message, qid, entry.wire_clean)
         except SpoolError as exc:
             # Only an outside hand removes a message file under its envelope.
             log.error("%s: %s; dropping its envelope", qid, exc)

@@ -93,6 +93,9 @@ class Entry:
     helo: str = ""
     size: int = 0
     is_dsn: bool = False  # a bounce we generated: never bounced itself
+    # the message file goes to DATA as it is (CRLF only, no line starting with a dot:
+    # Message.wire_ready when it was queued), so delivery sends it unscanned
+    wire_clean: bool = False
 
     @property
     def pending(self) -> list[Recipient]:
@@ -234,6 +237,7 @@ class Spool:
         if not entry.id:
             entry.id = new_queue_id()
         entry.size = message.size
+        entry.wire_clean = message.wire_ready()
         if self.envelope_path(entry.id).exists():
             raise SpoolError(f"queue id {entry.id} already in the spool")
         self._write_atomic(self.message_path(entry.id), message)
@@ -300,10 +304,12 @@ class Spool:
         except FileNotFoundError:
             raise SpoolError(f"message file of {qid} is missing") from None
 
-    def open_message(self, qid: str) -> Message:
-        """The message, read from its file as it is sent; close() it after."""
+    def open_message(self, qid: str, wire_clean: bool = False) -> Message:
+        """The message, read from its file as it is sent; close() it after.
+
+        `wire_clean`: what its envelope says (`Entry.wire_clean`)."""
         try:
-            return Message.open(self.message_path(qid))
+            return Message.open(self.message_path(qid), wire_clean=wire_clean)
         except FileNotFoundError:
             raise SpoolError(f"message file of {qid} is missing") from None
 

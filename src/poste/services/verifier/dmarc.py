@@ -9,8 +9,6 @@ domain>` (RFC 7489 6.6.3).
 
 from __future__ import annotations
 
-import email
-import email.policy
 import email.utils
 import os
 import random
@@ -34,6 +32,7 @@ from poste.dns.dmarc import (  # noqa: F401  (re-exported: the verifier's DMARC 
 from poste.dns.resolver import SyncResolver
 from poste.services.verifier.spf import SPFResult
 from poste.smtp.address import domain_key
+from poste.smtp.from_field import from_fields
 
 
 class PSLError(ValueError):
@@ -89,14 +88,13 @@ class DMARCResult:
 def from_domain(message: bytes) -> tuple[str | None, str]:
     """The RFC5322.From domain, or None and why (no From, several, unparseable)."""
     try:
-        msg = email.message_from_bytes(message, policy=email.policy.compat32)
-        fields = msg.get_all("From") or []
+        fields = from_fields(message)  # as email's parser would, by a regex mostly
     except Exception as exc:  # the transport path never trusts the parser
         return None, f"message not parseable ({exc.__class__.__name__})"
     if len(fields) != 1:
         return None, "no From field" if not fields else "several From fields"
     try:
-        addresses = email.utils.getaddresses([str(fields[0])])
+        addresses = email.utils.getaddresses([fields[0]])
     except Exception:
         return None, "From not parseable"
     addresses = [a for a in addresses if a[1]]
