@@ -14,8 +14,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from poste.spam import weights_cache
 from poste.spam import corpus as corpus_module
+from poste.spam import weights_cache
 from poste.spam.corpus import iter_messages, split_mbox, split_mbox_raw, unquote_mbox
 from poste.spam.database import Database, DatabaseError
 from poste.spam.model import Classifier
