@@ -42,8 +42,8 @@ def _exit_now(code: int) -> None:
     import os
 
     try:
-        sys.stdout.flush()
+        sys.stdout.flush()  # written and flushed by the fast lane already: a formality
         sys.stderr.flush()
     except OSError:
-        sys.exit(code)  # let the usual exit report it
+        code = code or 1
     os._exit(code)

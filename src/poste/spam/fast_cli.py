@@ -102,8 +102,14 @@ def _classify(opts: dict[str, str], paths: list[str]) -> int | None:
     except (DatabaseError, CorpusError):
         return None
     # one write: the output of an mbox of 10,000 mails is ~1 MB, fine to hold
-    sys.stdout.write("".join(lines))
-    sys.stdout.flush()
+    try:
+        sys.stdout.write("".join(lines))
+        sys.stdout.flush()
+    except BrokenPipeError:  # the reader left (`| head`): nothing to say, no traceback
+        return 1
+    except OSError as exc:
+        print(f"Error: cannot write the output: {exc.strerror}", file=sys.stderr)
+        return 1
     return 0
 
 
