@@ -164,3 +164,23 @@ def test_a_mapped_mbox_file_gives_the_messages_of_its_bytes(
     path = tmp_path_factory.mktemp("mbox") / "m"
     path.write_bytes(data)
     assert [m for _, m in iter_messages(str(path))] == list(split_mbox(data))
+
+
+def test_classify_output_that_cannot_be_written_is_one_error_line(
+    tmp_path: Path, poste_bin: str
+) -> None:
+    """The fast lane ends without the interpreter's teardown: a failed write must still say so."""
+    db = tmp_path / "spam.db"
+    small_db().save(db)
+    mbox = write_mbox(tmp_path / "m.mbox", _mails(count=4))
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    with open("/dev/full", "wb") as full:
+        r = subprocess.run(
+            [poste_bin, "spam", "classify", "-j1", "--db", str(db), str(mbox)],
+            stdout=full,
+            stderr=subprocess.PIPE,
+            env=env,
+            timeout=120,
+        )
+    assert r.returncode == 1
+    assert r.stderr.decode().splitlines() == ["Error: cannot write the output: No space left on device"]
