@@ -183,4 +183,6 @@ def test_classify_output_that_cannot_be_written_is_one_error_line(
             timeout=120,
         )
     assert r.returncode == 1
-    assert r.stderr.decode().splitlines() == ["Error: cannot write the output: No space left on device"]
+    assert r.stderr.decode().splitlines() == [
+        "Error: cannot write the output: No space left on device"
+    ]
