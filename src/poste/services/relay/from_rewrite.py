@@ -33,6 +33,7 @@ import email.utils
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import authres
 
@@ -44,6 +45,7 @@ from poste.metrics import FORWARD_PLANS
 from poste.services.relay.fwd_token import FwdTokens
 from poste.services.relay.srs import SRSError
 from poste.smtp.address import domain_key, domain_of
+from poste.smtp.header_fields import field_values
 from poste.smtp.message import Message
 from poste.smtp.stage import Envelope
 
@@ -77,8 +79,10 @@ class Author:
 def author_of(header: bytes) -> Author | None:
     """The one address of the one From field, or None (none, several, unparseable)."""
     try:
-        msg = email.message_from_bytes(header, policy=email.policy.compat32)
-        fields = msg.get_all("From") or []
+        fields: list[Any] | None = field_values(header, "From")  # the parser's, faster
+        if fields is None:
+            msg = email.message_from_bytes(header, policy=email.policy.compat32)
+            fields = msg.get_all("From") or []
         if len(fields) != 1:
             return None
         pairs = [p for p in email.utils.getaddresses([str(fields[0])]) if p[1]]
