@@ -7,13 +7,16 @@ used.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
+import threading
 import time
-from collections.abc import Hashable
+from collections.abc import Hashable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import dns.asyncresolver
+import dns.exception
 import dns.name
 import dns.nameserver
 import dns.rdataclass
@@ -27,6 +30,30 @@ class NameserverError(ValueError):
 
 class NotCached(Exception):
     """`SyncResolver.resolve_cached`: the answer is not in the cache (not a DNS error)."""
+
+
+class CacheMiss(dns.exception.DNSException):
+    """`resolve` inside `SyncResolver.cached_only()` found no answer in the cache.
+
+    A DNS error to the code that asked (SPF, DKIM and DMARC turn it into `temperror`),
+    so that code needs no change; the `cached_only` block's counter says the result
+    is not to be used, and the caller runs it again where lookups may wait.
+    """
+
+    msg = "not in the cache"
+
+
+class _Misses:
+    """How many lookups of a `cached_only` block missed the cache."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def __bool__(self) -> bool:
+        return self.count > 0
+
+
+_mode = threading.local()  # `cached_only` is per thread: the event loop's, not the pool's
 
 
 @dataclass(frozen=True)
@@ -119,8 +146,42 @@ class SyncResolver(dns.resolver.Resolver):
         self._memo: dict[Hashable, tuple[float, Any]] = {}
 
     def resolve(self, *args, **kwargs):  # type: ignore[no-untyped-def, override]
+        misses = getattr(_mode, "misses", None)
+        if misses is not None:
+            return self._from_cache(misses, *args, **kwargs)
         kwargs.setdefault("tcp", self.use_tcp)
         return super().resolve(*args, **kwargs)
+
+    @contextlib.contextmanager
+    def cached_only(self) -> Iterator[_Misses]:
+        """Within the block, on this thread, `resolve` answers from the cache alone and
+        raises CacheMiss (counted) for anything else: blocking code whose lookups are
+        all cached (most mail: the same senders' domains) can run on the event loop,
+        and a result made while one missed is thrown away by the caller."""
+        misses = _Misses()
+        outer = getattr(_mode, "misses", None)
+        _mode.misses = misses
+        try:
+            yield misses
+        finally:
+            _mode.misses = outer
+
+    def _from_cache(  # the signature of dnspython's Resolver.resolve
+        self, misses: _Misses, qname: dns.name.Name | str,
+        rdtype: dns.rdatatype.RdataType | str = dns.rdatatype.A,
+        rdclass: dns.rdataclass.RdataClass | str = dns.rdataclass.IN,
+        tcp: bool = False, source: str | None = None, raise_on_no_answer: bool = True,
+        source_port: int = 0, lifetime: float | None = None, search: bool | None = None,
+    ) -> dns.resolver.Answer:
+        plain = (dns.rdataclass.RdataClass.make(rdclass) == dns.rdataclass.IN
+                 and not (self.use_search_by_default if search is None else search))
+        try:
+            if not plain:  # what resolve_cached does not do the same way: ask for real
+                raise NotCached(str(qname))
+            return self.resolve_cached(qname, rdtype, raise_on_no_answer=raise_on_no_answer)
+        except NotCached:
+            misses.count += 1
+            raise CacheMiss() from None  # type: ignore[no-untyped-call]
 
     MEMO_SIZE = 4096
 
@@ -153,7 +214,7 @@ class SyncResolver(dns.resolver.Resolver):
         return float(entry.expiration) if entry is not None else 0.0
 
     def resolve_cached(
-        self, qname: str, rdtype: dns.rdatatype.RdataType | str, *,
+        self, qname: dns.name.Name | str, rdtype: dns.rdatatype.RdataType | str, *,
         raise_on_no_answer: bool = True,
     ) -> dns.resolver.Answer:
         """The answer `resolve` would give from the cache alone, never a network wait.

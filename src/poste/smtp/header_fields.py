@@ -21,12 +21,11 @@ _FIELD = re.compile(rb"[\x21-\x39\x3b-\x7e]+:")
 def field_values(header: bytes, name: str) -> list[str] | None:
     """Every value of field `name` as `Message.get_all` (compat32) returns it; None
     when the header is not plain enough to be sure (then ask the email package)."""
-    if not header.isascii() or b"\r" in header.replace(b"\r\n", b""):
-        return None
     end = header.find(b"\r\n\r\n")
     block = header[:end + 2] if end >= 0 else header
-    if b"\n" in block.replace(b"\r\n", b""):
-        return None
+    crlf = block.count(b"\r\n")
+    if not block.isascii() or block.count(b"\r") != crlf or block.count(b"\n") != crlf:
+        return None  # 8-bit (compat32 makes Header objects of it) or a bare CR or LF
     lines = block.split(b"\r\n")
     if lines and lines[-1] == b"":
         lines.pop()
