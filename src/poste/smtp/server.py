@@ -500,7 +500,9 @@ class _Gate(asyncio.Protocol):
         transport = typing.cast(asyncio.Transport, transport)
         peer = transport.get_extra_info("peername") or ("", 0)
         sock = transport.get_extra_info("socket")
-        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+        # TCP (v4 or v6) unless a unix socket: `sock.family` builds an enum on every
+        # read, 1.7% of `poste up`'s CPU at 5 KB with a connection per mail (issue 16)
+        if sock is not None and not self.service.unix:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if self.service.unix:
             admitted = self.service.admission.admit_own("unix")
