@@ -194,7 +194,7 @@ class SyncResolver(dns.resolver.Resolver):
         A value kept here never outlives the TTL of the answers it came from.
         """
         hit = self._memo.get(key)
-        if hit is None or hit[0] <= time.time():
+        if hit is None or hit[0] <= time.time() or self.cache is None:
             return None
         return hit[1]
 
@@ -225,12 +225,17 @@ class SyncResolver(dns.resolver.Resolver):
         thread only for what is not cached.  dnspython's own first step of
         `resolve` (its `_Resolution`, pinned in the locks), without the rest.
         """
+        key = ("answer", qname, rdtype, raise_on_no_answer)
+        kept = self.memo_get(key)  # the same Answer the cache would give, without its lookup
+        if kept is not None:
+            return kept  # type: ignore[no-any-return]
         resolution = dns.resolver._Resolution(
             self, qname, rdtype, dns.rdataclass.IN, self.use_tcp, raise_on_no_answer, False
         )
         _request, answer = resolution.next_request()
         if answer is None:
             raise NotCached(f"{qname} {rdtype}")
+        self.memo_put(key, answer, float(answer.expiration))
         return answer
 
 

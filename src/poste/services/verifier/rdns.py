@@ -67,7 +67,7 @@ async def confirmed_name(
         return None
     memo = _memo_of(resolver)
     hit = memo.get(addr)
-    if hit is not None and hit[0] > time.time():
+    if hit is not None and hit[0] > time.time() and resolver.cache is not None:
         return hit[1]
     until = [float("inf")]  # the first expiry of the answers the name was found with
     try:
