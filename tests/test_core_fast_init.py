@@ -7,6 +7,8 @@ import inspect
 import aiosmtpd.smtp
 
 from poste.smtp import fast_init, server
+from poste.smtp.client import SMTPHop
+from poste.smtp.stage import Stage
 
 
 def test_aiosmtpd_sees_the_same_members_and_hook_signatures() -> None:
@@ -26,3 +28,16 @@ def test_aiosmtpd_sees_the_same_members_and_hook_signatures() -> None:
     assert fast_init.signature(hook) == inspect.signature(hook)
     assert len(fast_init.signature(Handler().handle_EHLO).parameters) == 5
     assert aiosmtpd.smtp.inspect.isclass is inspect.isclass  # the rest is the real module
+
+
+async def test_dir_of_a_connection_and_its_handler_names_what_object_dir_does() -> None:
+    """server.py's `__dir__` (class names once per class, then the instance's own): the
+    same names as Python's own, so aiosmtpd finds the same smtp_* and handle_* methods."""
+    service = server.SMTPService(Stage(), SMTPHop("127.0.0.1", 9), host="127.0.0.1", port=0)
+    conn = server._Connection(service)
+    for obj in (conn, conn.event_handler, server._Connection(service)):
+        assert dir(obj) == sorted(object.__dir__(obj))
+    hooks = {m.replace("smtp_", "") for m in dir(conn) if m.startswith("smtp_")}
+    assert set(conn._smtp_methods) == hooks and {"MAIL", "RCPT", "DATA", "EHLO"} <= hooks
+    assert set(conn._handle_hooks) == {"EHLO", "HELO", "MAIL", "RCPT", "RSET", "NOOP", "QUIT",
+                                      "exception"}

@@ -222,6 +222,19 @@ async def test_idle_timeout(tmp_path: Path) -> None:
         await c.close()
 
 
+async def test_idle_timeout_counts_from_the_last_command(tmp_path: Path) -> None:
+    """The idle timer is moved, not remade, per command (server.py `_reset_timeout`): a
+    client that keeps talking past the first timer's time is answered, then cut once idle."""
+    async with mailbox_server(tmp_path, limits=Limits(idle_timeout=1.0)) as (service, _):
+        c = await LineClient.connect(*service.sockname)
+        await hello(c)
+        for _ in range(15):  # 1.5 s of commands: the first timer fires in the middle
+            assert (await c.cmd("NOOP")).startswith("250")
+            await asyncio.sleep(0.1)
+        assert (await c.reply(timeout=10)).startswith("421 4.4.2")
+        await c.close()
+
+
 class RejectSome(Stage):
     name = "reject-some"
 

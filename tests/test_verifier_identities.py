@@ -178,3 +178,28 @@ async def test_null_sender_with_address_literal_helo_is_none_without_dns(dns: Fa
     assert 'helo="[192.0.2.10]"' in rspf and "identity=helo" in rspf
     assert 'spf=none smtp.helo="[192.0.2.10]"' in ar
     assert not any("[" in name for name, _ in dns.queries)
+
+
+async def test_a_mail_whose_answers_are_cached_is_checked_on_the_loop_alike() -> None:
+    """The second mail of a sender: every lookup cached, so `check` runs on the loop
+    (authenticate.py INLINE_BYTES) without a query, and reports what the pool did."""
+    asked: list[tuple[str, int]] = []
+    answer = records_lookup(RECORDS)
+
+    def counting(qname: str, qtype: int):  # type: ignore[no-untyped-def]
+        asked.append((qname, qtype))
+        return answer(qname, qtype)
+
+    with fake_dns(counting) as server:
+        a = auth(server)
+        first = await a.check(IP_OK, "someone@sender.test", "client.sender.test", message())
+        assert a.checked_inline == 0 and asked  # nothing cached yet: in the pool
+        seen = len(asked)
+        second = await a.check(IP_OK, "someone@sender.test", "client.sender.test", message())
+        assert a.checked_inline == 1 and len(asked) == seen
+        assert fields(a, second) == fields(a, first) and second.summary() == first.summary()
+        # another sender's domain is not cached: the loop's try is dropped, the pool asks
+        other = await a.check(IP_OTHER, "x@attacker.test", "victim.test",
+                              message("ceo@victim.test"))
+        assert a.checked_inline == 1 and len(asked) > seen
+        assert "spf=pass smtp.mailfrom=x@attacker.test" in fields(a, other)[1]

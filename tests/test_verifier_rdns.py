@@ -122,3 +122,27 @@ def test_async_twin_asks_the_same_servers() -> None:
         ("127.0.0.2", 5301),
     ]
     assert twin.lifetime == 1.5
+
+
+async def test_a_confirmed_name_is_kept_and_asked_again_for_nothing() -> None:
+    """rdns.py keeps a name found until its answers' TTL: the next connection from the
+    same address gets the same name without a query; an unconfirmed one is kept too."""
+    asked: list[str] = []
+    answer = records_lookup(RECORDS)
+
+    def counting(qname: str, qtype: int):  # type: ignore[no-untyped-def]
+        asked.append(qname)
+        return answer(qname, qtype)
+
+    with fake_dns(counting) as server:
+        a = authenticator(server.nameserver)
+        assert await a.peer_name("192.0.2.10") == "mail.sender.test"
+        assert await a.peer_name("192.0.2.11") is None
+        seen = len(asked)
+        assert await a.peer_name("192.0.2.10") == "mail.sender.test"
+        assert await a.peer_name("::ffff:192.0.2.10") == "mail.sender.test"
+        assert await a.peer_name("192.0.2.11") is None
+        assert len(asked) == seen
+        # a name whose first PTR target failed (NXDOMAIN) is not kept; the same answer
+        assert await a.peer_name("192.0.2.12") == "second.sender.test"
+        assert await a.peer_name("192.0.2.12") == "second.sender.test"

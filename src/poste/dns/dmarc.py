@@ -54,6 +54,13 @@ class DNSTrouble(Exception):
 
 
 def _txt(resolver: SyncResolver, name: str, cached_only: bool = False) -> list[str]:
+    return _txt_until(resolver, name, cached_only)[0]
+
+
+def _txt_until(
+    resolver: SyncResolver, name: str, cached_only: bool = False
+) -> tuple[list[str], float]:
+    """The TXT strings of `name` and when the answer they come from expires (0: unknown)."""
     try:
         if cached_only:  # NotCached goes up: it is no DNS trouble
             answer = resolver.resolve_cached(name, dns.rdatatype.TXT, raise_on_no_answer=False)
@@ -62,12 +69,13 @@ def _txt(resolver: SyncResolver, name: str, cached_only: bool = False) -> list[s
                 name, dns.rdatatype.TXT, raise_on_no_answer=False, search=False
             )
     except dns.resolver.NXDOMAIN:
-        return []
+        return [], resolver.nxdomain_expiration(name)
     except (dns.exception.DNSException, OSError) as exc:
         raise DNSTrouble(f"DNS lookup of {name} failed ({exc.__class__.__name__})") from None
+    expires = float(getattr(answer, "expiration", 0.0))
     if answer.rrset is None:
-        return []
-    return [b"".join(r.strings).decode("utf-8", "replace") for r in answer.rrset]
+        return [], expires
+    return [b"".join(r.strings).decode("utf-8", "replace") for r in answer.rrset], expires
 
 
 def parse_record(text: str) -> Policy | None:
@@ -106,16 +114,36 @@ def find_policy(
     organisational domain's; None when there is none; DNSTrouble on DNS trouble.
 
     `cached_only`: from the resolver's cache alone (for the event loop), NotCached
-    when a lookup would have to go out."""
+    when a lookup would have to go out.  The answer is kept (`SyncResolver.memo_get`)
+    until the first DNS answer it was made of expires."""
+    key = ("dmarc", domain, psl)
+    memo = getattr(resolver, "memo_get", None)
+    if memo is not None:
+        hit = memo(key)
+        if hit is not None:
+            return hit[0]  # type: ignore[no-any-return]
+    policy, expires = _find_policy(resolver, domain, psl, cached_only)
+    if memo is not None and expires:
+        resolver.memo_put(key, (policy,), expires)
+    return policy
+
+
+def _find_policy(
+    resolver: SyncResolver, domain: str, psl: PublicSuffixList | None, cached_only: bool,
+) -> tuple[Policy | None, float]:
+    """find_policy's answer and when the first answer it used expires (0: do not keep)."""
+    expires = float("inf")
     for where, org in ((domain, False), (org_domain(domain, psl), True)):
         if org and where == domain:
             break
-        records = [r for r in _txt(resolver, f"_dmarc.{where}", cached_only)
-                   if r.lower().startswith("v=dmarc1")]
+        texts, until = _txt_until(resolver, f"_dmarc.{where}", cached_only)
+        expires = min(expires, until)
+        records = [r for r in texts if r.lower().startswith("v=dmarc1")]
         if len(records) == 1:
             policy = parse_record(records[0])
             if policy is not None:
-                return Policy(policy.p, policy.sp, policy.adkim, policy.aspf, policy.pct, org)
+                return Policy(policy.p, policy.sp, policy.adkim, policy.aspf, policy.pct,
+                              org), expires
         if records:
-            return None  # several or broken records: no policy (RFC 7489 6.6.3)
-    return None
+            return None, expires  # several or broken records: no policy (RFC 7489 6.6.3)
+    return None, expires

@@ -94,11 +94,14 @@ class Address:
         return self.text
 
 
+@functools.lru_cache(maxsize=4096)
 def ip_of(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     """A peer's IP as poste compares it: no %zone, an IPv4-mapped IPv6 address as IPv4.
 
     A listener on `::` sees IPv4 clients as ::ffff:a.b.c.d; SPF, caps, budgets
-    and granted networks must all see the same a.b.c.d.
+    and granted networks must all see the same a.b.c.d.  Kept per text (the
+    addresses are immutable): admission, rDNS and SPF each parsed the peer's
+    again, 1.4% of `poste up`'s CPU at 5 KB, one connection per mail (issue 16).
     """
     try:
         addr = ipaddress.ip_address(text.split("%")[0])

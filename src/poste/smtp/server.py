@@ -114,8 +114,32 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _BAD_COMMAND_CODES = {500, 501, 502, 503, 504, 555}
 
 
+_class_names: dict[type, tuple[list[str], frozenset[str]]] = {}
+
+
+def _names_of(obj: object) -> list[str]:
+    """`dir(obj)`'s names, the class's found once per class (then its instance's own).
+
+    aiosmtpd's `SMTP.__init__` takes `dir()` of the protocol and of the handler on
+    every connection, to find the smtp_* and handle_* methods: the walk over every
+    class of the protocol's hierarchy was 4% of `poste up`'s CPU at 5 KB, one
+    connection per mail (issue 16).  The same names, sorted by `dir()` as before.
+    """
+    cls = type(obj)
+    known = _class_names.get(cls)
+    if known is None:
+        every = {n for c in cls.__mro__ for n in vars(c)}
+        known = _class_names[cls] = (sorted(every), frozenset(every))
+    names, seen = known
+    own = getattr(obj, "__dict__", None)
+    return names + [n for n in own if n not in seen] if own else names
+
+
 class _Connection(SMTP):
     """One client connection."""
+
+    def __dir__(self) -> list[str]:
+        return _names_of(self)
 
     def __init__(self, service: SMTPService) -> None:
         self.service = service
@@ -126,6 +150,7 @@ class _Connection(SMTP):
         self.command_size_limit = limits.max_command_line
         self.command_size_limits = collections.defaultdict(lambda: limits.max_command_line)
         self.ticket: Ticket | None = None  # set by _Gate: the slot this connection holds
+        self._deadline = 0.0  # when the idle or DATA timeout runs out (_reset_timeout)
         self._in_ehlo = False
         self._bad_commands = 0
         self._reading_rcpt = False
@@ -214,7 +239,29 @@ class _Connection(SMTP):
             self.service.background.add(task)
             task.add_done_callback(self.service.background.discard)
 
+    def _reset_timeout(self, duration: float | None = None) -> None:
+        """aiosmtpd's idle timer, moved without a new TimerHandle per command.
+
+        aiosmtpd cancels the timer and makes a new one on every command (7 per mail
+        here, each left in the loop's heap until its time): 2.9% of `poste up`'s CPU at
+        5 KB (issue 16).  The deadline moves instead; a timer that fires before it
+        re-arms for what is left (`_timeout_cb`); only a nearer deadline makes a new one.
+        """
+        wait = duration or self._timeout_duration
+        deadline = self.loop.time() + wait
+        self._deadline = deadline
+        handle = self._timeout_handle
+        if handle is not None and not handle.cancelled() and handle.when() <= deadline:
+            return
+        if handle is not None:
+            handle.cancel()
+        self._timeout_handle = self.loop.call_later(wait, self._timeout_cb)
+
     def _timeout_cb(self) -> None:
+        left = self._deadline - self.loop.time()
+        if left > 0:  # the deadline moved since the timer was set: wait for the rest
+            self._timeout_handle = self.loop.call_later(left, self._timeout_cb)
+            return
         if self.transport is not None and hasattr(self.transport, "write"):
             try:
                 self.transport.write(R.TIMEOUT.wire())  # type: ignore[attr-defined]
@@ -455,7 +502,9 @@ class _Gate(asyncio.Protocol):
         transport = typing.cast(asyncio.Transport, transport)
         peer = transport.get_extra_info("peername") or ("", 0)
         sock = transport.get_extra_info("socket")
-        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+        # TCP (v4 or v6) unless a unix socket: `sock.family` builds an enum on every
+        # read, 1.7% of `poste up`'s CPU at 5 KB with a connection per mail (issue 16)
+        if sock is not None and not self.service.unix:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if self.service.unix:
             admitted = self.service.admission.admit_own("unix")
@@ -526,6 +575,9 @@ class _Handler:
 
     def __init__(self, conn: _Connection) -> None:
         self.conn = conn
+
+    def __dir__(self) -> list[str]:
+        return _names_of(self)
 
     @property
     def stage(self) -> Stage:

@@ -87,10 +87,11 @@ def author_of(header: bytes) -> Author | None:
     if len(pairs) != 1 or "@" not in pairs[0][1] or not domain_of(pairs[0][1]):
         return None
     name, address = pairs[0]
-    try:
-        name = str(email.header.make_header(email.header.decode_header(name)))
-    except Exception:
-        pass
+    if "=?" in name:  # an encoded word (RFC 2047); else decoding gives the name back
+        try:
+            name = str(email.header.make_header(email.header.decode_header(name)))
+        except Exception:
+            pass
     return Author(" ".join(name.split())[:MAX_NAME], address, _raw_value(header, b"from"))
 
 
