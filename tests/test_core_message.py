@@ -31,6 +31,22 @@ def tricky_lines(n: int) -> list[bytes]:
     return out
 
 
+async def send_lines(where: tuple[str, int], lines: list[bytes], mail_params: str = "") -> None:
+    """One mail of `lines` in one session, dot-stuffed as a client must; its 250 asserted."""
+    c = await LineClient.connect(*where)
+    assert (await c.reply()).startswith("220")
+    await c.cmd("EHLO client.test")
+    assert (await c.cmd(f"MAIL FROM:<a@sender.test>{mail_params}")).startswith("250")
+    assert (await c.cmd("RCPT TO:<b@our.test>")).startswith("250")
+    assert (await c.cmd("DATA")).startswith("354")
+    stuffed = (b"." + line if line.startswith(b".") else line for line in lines)
+    await c.send(b"".join(stuffed) + b".\r\n")
+    reply = await c.reply(timeout=60)
+    assert reply.startswith("250"), reply
+    await c.cmd("QUIT")
+    await c.close()
+
+
 def written(lines: list[bytes], spill_at: int, folder: Path) -> Message:
     body = BodyWriter(spill_at, str(folder))
     for line in lines:
@@ -98,18 +114,7 @@ async def test_a_spilled_mail_is_sent_on_byte_for_byte(tmp_path: Path) -> None:
     limits = Limits(spill_at=256 * 1024, spill_dir=str(spill))
     async with mailbox_server(tmp_path / "box") as (dest, _):
         async with running(Stage(), SMTPHop(*dest.sockname), limits=limits) as front:
-            c = await LineClient.connect(*front.sockname)
-            assert (await c.reply()).startswith("220")
-            await c.cmd("EHLO client.test")
-            assert (await c.cmd("MAIL FROM:<a@sender.test> BODY=8BITMIME")).startswith("250")
-            assert (await c.cmd("RCPT TO:<b@our.test>")).startswith("250")
-            assert (await c.cmd("DATA")).startswith("354")
-            await c.send(b"".join(b"." + line if line.startswith(b".") else line
-                                  for line in lines) + b".\r\n")
-            reply = await c.reply(timeout=60)
-            assert reply.startswith("250"), reply
-            await c.cmd("QUIT")
-            await c.close()
+            await send_lines(front.sockname, lines, " BODY=8BITMIME")
     stored = (tmp_path / "box" / "1.eml").read_bytes()
     assert stored.endswith(b"".join(lines))
     assert os.listdir(spill) == []
@@ -185,18 +190,7 @@ async def test_a_clean_body_goes_on_unscanned_and_unchanged(tmp_path: Path) -> N
         async with running(second, SMTPHop(*dest.sockname, keep=2), limits=limits) as middle, \
                 running(first, SMTPHop(*middle.sockname, keep=2)) as front:
             for lines in (plain, dotted, plain[:40], dotted[:40] + dotted[-1:]):
-                c = await LineClient.connect(*front.sockname)
-                assert (await c.reply()).startswith("220")
-                await c.cmd("EHLO client.test")
-                assert (await c.cmd("MAIL FROM:<a@sender.test>")).startswith("250")
-                assert (await c.cmd("RCPT TO:<b@our.test>")).startswith("250")
-                assert (await c.cmd("DATA")).startswith("354")
-                await c.send(b"".join(b"." + line if line.startswith(b".") else line
-                                      for line in lines) + b".\r\n")
-                reply = await c.reply(timeout=60)
-                assert reply.startswith("250"), reply
-                await c.cmd("QUIT")
-                await c.close()
+                await send_lines(front.sockname, lines)
                 sent.append(b"".join(lines))
     assert first.clean == second.clean == [True, False, True, False]
     for i, body in enumerate(sent, 1):

@@ -191,8 +191,14 @@ def receiving_mta(
         wait_port(host, port, timeout=20)
         yield work / "maillog"
     finally:
+        # start-fg runs `master -s`, which makes itself a session leader: it is not in
+        # our process group, so it is stopped by the pid it wrote (before, a few masters
+        # outlived their tests, in a deleted folder).
+        master = _master_pid(work)
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGTERM)
+        if master is not None:
+            _stop_master(master)
         try:
             proc.wait(15)
         except subprocess.TimeoutExpired:
@@ -209,6 +215,33 @@ def _postfix_ids() -> tuple[int, int]:
 
     pw = pwd.getpwnam("postfix")
     return pw.pw_uid, pw.pw_gid
+
+
+def _master_pid(work: Path) -> int | None:
+    try:
+        return int((work / "queue" / "pid" / "master.pid").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _stop_master(pid: int, timeout: float = 10.0) -> None:
+    """SIGTERM to Postfix's master (it stops its children, then itself); SIGKILL to its
+    group if it is still there after `timeout`."""
+    import time
+
+    try:
+        if b"master" not in Path(f"/proc/{pid}/cmdline").read_bytes():
+            return  # gone, and the pid taken by another process
+        os.kill(pid, signal.SIGTERM)
+    except (OSError, ProcessLookupError):
+        return
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not Path(f"/proc/{pid}").exists():
+            return
+        time.sleep(0.05)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, signal.SIGKILL)
 
 
 def _wait_group_gone(pgid: int, timeout: float = 10.0) -> None:
