@@ -46,6 +46,16 @@ def test_relay_defaults_are_the_schedulers() -> None:
     assert policy_of(values) == Policy()
 
 
+def test_each_worker_paces_at_its_share_of_the_relays_backlog(monkeypatch: pytest.MonkeyPatch) -> None:
+    """N workers each hold back at 50/N waiting mails, so the relay's spool as a whole
+    stays where one process kept it (issue 16: two workers at 50 each reached 122)."""
+    values = {s.key: s.initial() for s in RELAY}
+    monkeypatch.setenv("POSTE_WORKER", "1/2")
+    assert policy_of(values).inflow_backlog == 25
+    monkeypatch.setenv("POSTE_WORKER", "0/1")
+    assert policy_of(values).inflow_backlog == Policy().inflow_backlog == 50
+
+
 def test_one_duration_syntax() -> None:
     assert [parse_duration(v) for v in ("200ms", "30s", "5m", "4h", "5d", 7)] == [
         0.2, 30.0, 300.0, 14400.0, 432000.0, 7.0]

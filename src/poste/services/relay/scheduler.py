@@ -63,6 +63,9 @@ DeliverFn = Callable[[str, str, list[str], Message], Awaitable[dict[str, Reply]]
 ExpandFn = Callable[[str], list[tuple[str, str]]]
 
 
+INFLOW_BACKLOG = 50  # mails waiting for or in their attempt, for the whole relay
+
+
 @dataclass
 class Policy:
     retry_min: float = default("retry-min")
@@ -75,7 +78,7 @@ class Policy:
     rescan: float = default("queue-rescan")
     # Inflow pacing (Postfix's in_flow_delay): while more than `inflow_backlog` mails wait
     # for or are in their attempt, a newly queued mail's 250 waits up to `inflow_delay` s.
-    inflow_backlog: int = 50
+    inflow_backlog: int = INFLOW_BACKLOG
     inflow_delay: float = 1.0
 
     def backoff(self, attempts: int) -> float:
