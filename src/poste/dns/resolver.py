@@ -53,6 +53,36 @@ class _Misses:
         return self.count > 0
 
 
+class TTLMemo:
+    """Values computed from DNS answers, each kept until the first of those answers
+    expires (`time.time()`, as dnspython's `Answer.expiration`), at most SIZE of them.
+
+    dnspython's cached lookup costs ~40 µs even on a hit (its `_Resolution`, a `Name`
+    from text, an NXDOMAIN built and raised): what poste derives from answers per mail
+    or per connection (a DMARC policy, a confirmed rDNS name) is kept here instead,
+    never longer than the answers' TTL (issue 16).  `get` gives None for a miss: keep
+    a value that may itself be None inside a tuple.
+    """
+
+    SIZE = 4096
+
+    def __init__(self) -> None:
+        self._kept: dict[Hashable, tuple[float, Any]] = {}
+
+    def get(self, key: Hashable) -> Any | None:
+        hit = self._kept.get(key)
+        if hit is None or hit[0] <= time.time():
+            return None
+        return hit[1]
+
+    def put(self, key: Hashable, value: Any, expires: float) -> None:
+        if expires <= time.time():
+            return  # nothing left to keep
+        if len(self._kept) >= self.SIZE:
+            self._kept.clear()  # bounded; refilled from dnspython's cache on the next lookups
+        self._kept[key] = (expires, value)
+
+
 _mode = threading.local()  # `cached_only` is per thread: the event loop's, not the pool's
 
 
@@ -143,7 +173,7 @@ class SyncResolver(dns.resolver.Resolver):
         super().__init__(configure=not nameservers)
         self.use_tcp = _point(self, nameservers, timeout)
         self.cache = dns.resolver.LRUCache()
-        self._memo: dict[Hashable, tuple[float, Any]] = {}
+        self._memo = TTLMemo()
 
     def resolve(self, *args, **kwargs):  # type: ignore[no-untyped-def, override]
         misses = getattr(_mode, "misses", None)
@@ -183,28 +213,16 @@ class SyncResolver(dns.resolver.Resolver):
             misses.count += 1
             raise CacheMiss() from None  # type: ignore[no-untyped-call]
 
-    MEMO_SIZE = 4096
-
     def memo_get(self, key: Hashable) -> Any | None:
-        """A value computed from cached answers, while the first of them lives (else None).
-
-        dnspython's cached lookup costs ~40 µs even on a hit (its `_Resolution`, a
-        `Name` from text, an NXDOMAIN built and raised): the forward plan's DMARC
-        policy, two lookups per mail, was 6% of `poste up`'s CPU at 5 KB (issue 16).
-        A value kept here never outlives the TTL of the answers it came from.
-        """
-        hit = self._memo.get(key)
-        if hit is None or hit[0] <= time.time() or self.cache is None:
-            return None
-        return hit[1]
+        """A value computed from cached answers, while the first of them lives (else None):
+        the forward plan's DMARC policy, two lookups per mail, was 6% of `poste up`'s CPU
+        at 5 KB (issue 16).  Nothing is kept when the resolver keeps no cache."""
+        return None if self.cache is None else self._memo.get(key)
 
     def memo_put(self, key: Hashable, value: Any, expires: float) -> None:
         """Keep `value` until `expires` (time.time(), as dnspython's `Answer.expiration`)."""
-        if self.cache is None or expires <= time.time():
-            return  # no cache wanted, or nothing left to keep
-        if len(self._memo) >= self.MEMO_SIZE:
-            self._memo.clear()  # bounded; refilled from dnspython's cache on the next mails
-        self._memo[key] = (expires, value)
+        if self.cache is not None:
+            self._memo.put(key, value, expires)
 
     def nxdomain_expiration(self, qname: str) -> float:
         """When the cached NXDOMAIN of `qname` expires (0: not cached)."""

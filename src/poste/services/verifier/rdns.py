@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
-import time
 import weakref
 
 import dns.asyncresolver
@@ -22,7 +21,7 @@ import dns.nameserver
 import dns.resolver
 import dns.reversename
 
-from poste.dns.resolver import SyncResolver
+from poste.dns.resolver import SyncResolver, TTLMemo
 from poste.smtp.address import ip_of
 
 log = logging.getLogger("poste.verifier")
@@ -66,9 +65,9 @@ async def confirmed_name(
     if addr is None:
         return None
     memo = _memo_of(resolver)
-    hit = memo.get(addr)
-    if hit is not None and hit[0] > time.time() and resolver.cache is not None:
-        return hit[1]
+    hit = memo.get(addr) if resolver.cache is not None else None
+    if hit is not None:
+        return hit[0]  # type: ignore[no-any-return]
     until = [float("inf")]  # the first expiry of the answers the name was found with
     try:
         async with asyncio.timeout(timeout):
@@ -76,21 +75,17 @@ async def confirmed_name(
     except (TimeoutError, dns.exception.DNSException, OSError) as exc:
         log.debug("no rDNS for %s: %s", ip, exc.__class__.__name__)
         return None
-    if resolver.cache is not None and time.time() < until[0] < float("inf"):
-        if len(memo) >= MEMO_SIZE:
-            memo.clear()
-        memo[addr] = (until[0], name)
+    if resolver.cache is not None and until[0] < float("inf"):
+        memo.put(addr, (name,), until[0])  # (name,): a name that is None is kept too
     return name
 
 
-MEMO_SIZE = 4096
-_memos: weakref.WeakKeyDictionary[
-    dns.asyncresolver.Resolver, dict[ipaddress.IPv4Address | ipaddress.IPv6Address,
-                                     tuple[float, str | None]]] = weakref.WeakKeyDictionary()
+_memos: weakref.WeakKeyDictionary[dns.asyncresolver.Resolver, TTLMemo] = (
+    weakref.WeakKeyDictionary()
+)
 
 
-def _memo_of(resolver: dns.asyncresolver.Resolver) -> dict[
-        ipaddress.IPv4Address | ipaddress.IPv6Address, tuple[float, str | None]]:
+def _memo_of(resolver: dns.asyncresolver.Resolver) -> TTLMemo:
     """Each resolver's names found, kept until the first answer they came from expires.
 
     Two lookups through dnspython's cache cost ~80 µs per connection even when both
@@ -99,7 +94,7 @@ def _memo_of(resolver: dns.asyncresolver.Resolver) -> dict[
     """
     memo = _memos.get(resolver)
     if memo is None:
-        memo = _memos[resolver] = {}
+        memo = _memos[resolver] = TTLMemo()
     return memo
 
 
