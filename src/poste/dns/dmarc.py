@@ -53,10 +53,6 @@ class DNSTrouble(Exception):
     """The record could not be looked up (a temporary error: try later)."""
 
 
-def _txt(resolver: SyncResolver, name: str, cached_only: bool = False) -> list[str]:
-    return _txt_until(resolver, name, cached_only)[0]
-
-
 def _txt_until(
     resolver: SyncResolver, name: str, cached_only: bool = False
 ) -> tuple[list[str], float]:
