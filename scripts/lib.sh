@@ -106,8 +106,10 @@ make_venv() {
   awk '/^[^ #]/ {keep = ($0 ~ /^(setuptools|wheel|packaging)==/)} keep' "$lock" >"$tools"
   "$venv/bin/pip" install -q --disable-pip-version-check --require-hashes --no-deps -r "$tools"
   rm -f "$tools"
+  # uvloop (the default event loop) from its wheel only: its sources need a C compiler and
+  # Cython, which a bare Debian lacks; with no wheel for this Python, pip says so in one line.
   "$venv/bin/pip" install -q --disable-pip-version-check --require-hashes --no-deps --use-pep517 \
-    --no-build-isolation -r "$lock"
+    --no-build-isolation --only-binary uvloop -r "$lock"
   # shellcheck disable=SC2086
   "$venv/bin/pip" install -q --disable-pip-version-check --no-deps --no-build-isolation $target
   echo "$stamp" >"$venv/.poste-complete"

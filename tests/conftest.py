@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import os
 import shutil
@@ -205,3 +206,13 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  
         report.outcome = "failed"
         reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longrepr
         report.longrepr = f"skipped under POSTE_REQUIRE_ALL=1: {reason}"
+
+
+def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, Any]:
+    """pytest-asyncio's loop for the in-process async tests: the one the serving processes
+    run on (runtime/event_loop.py), uvloop unless POSTE_EVENT_LOOP=asyncio."""
+    if os.environ.get("POSTE_EVENT_LOOP", "").strip().lower() == "asyncio":
+        return {"asyncio": asyncio.new_event_loop}
+    import uvloop
+
+    return {"uvloop": uvloop.new_event_loop}

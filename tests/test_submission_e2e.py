@@ -459,3 +459,24 @@ def test_sighup_reloads_the_users_at_once(stack: Stack, poste_bin: str, tmp_path
         proc.terminate()
         proc.wait(10)
     assert proc.returncode == 0  # SIGTERM is a clean stop
+
+
+def test_implicit_tls_client_hello_sent_at_once_is_answered(stack: Stack) -> None:
+    """Clients that send their ClientHello the moment they connect, many at once (so it is
+    there before the server accepted them): every handshake completes and gets the
+    greeting.  On uvloop those bytes came to the protocol before loop.start_tls took the
+    transport, and the handshake waited for them until its timeout (smtp/server.py _wrap)."""
+    import smtplib
+    from concurrent.futures import ThreadPoolExecutor
+
+    ctx = ssl.create_default_context(cafile=str(stack.cert))
+    ctx.check_hostname = False
+
+    def greet(k: int) -> int:
+        source = f"127.0.0.{20 + k % 8}"  # 5 sessions per address: under every per-client cap
+        with smtplib.SMTP_SSL(HOST, stack.tls_port, context=ctx, timeout=20,
+                              source_address=(source, 0)) as smtp:
+            return smtp.ehlo("client.test")[0]
+
+    with ThreadPoolExecutor(8) as pool:
+        assert list(pool.map(greet, range(40))) == [250] * 40

@@ -22,7 +22,7 @@ from poste.runtime import logs, workers
 from poste.runtime import settings as s
 from poste.runtime.hostport import parse_hostport
 from poste.runtime.metrics_http import serve_or_fail
-from poste.runtime.run import Parts, StartError, run
+from poste.runtime.run import Parts, StartError, check_loop, run
 from poste.runtime.settings import ConfigError, Setting
 from poste.smtp import listen
 from poste.smtp.message import ALLOCATOR_ENV
@@ -188,6 +188,7 @@ def serve(values: s.Values, build: Callable[[], Parts],
     with_allocator_settings()
     with flag_errors():
         logs.setup(values.get("log-format") or "plain", values.get("verbose") or 0)
+        check_loop()
         n = workers_of(values.get("workers"), refusal(values))
         if n:
             sys.exit(workers.run(n))

@@ -136,6 +136,14 @@ def run(parts: Parts, ready: Callable[[], None] | None = None) -> None:
     on_loop(Runtime(parts).serve(ready))
 
 
+def check_loop() -> None:
+    """StartError now if POSTE_EVENT_LOOP asks for a loop that cannot run (before a build)."""
+    try:
+        event_loop.runner()
+    except event_loop.EventLoopError as exc:
+        raise StartError(str(exc)) from None
+
+
 def on_loop(main: Coroutine[Any, Any, None]) -> None:
     """Run a process's serving coroutine on the event loop POSTE_EVENT_LOOP chooses."""
     try:

@@ -36,6 +36,8 @@ import socket
 import sys
 from typing import Any
 
+from poste.runtime import event_loop
+from poste.runtime.run import StartError
 from poste.smtp.listen import CONTROL_ENV, WORKER_ENV, listening
 
 log = logging.getLogger("poste.workers")
@@ -246,5 +248,12 @@ def refusal(values: Any) -> str | None:
 
 
 def run(n: int) -> int:
-    """Be the parent of `n` workers until they all stopped; the exit status."""
-    return asyncio.run(Parent(n).run())
+    """Be the parent of `n` workers until they all stopped; the exit status.
+
+    The parent runs on the loop its workers run on (runtime/event_loop.py): one choice
+    for the whole tree, and a bad POSTE_EVENT_LOOP is said once, before any worker starts.
+    """
+    try:
+        return event_loop.run(Parent(n).run())
+    except event_loop.EventLoopError as exc:
+        raise StartError(str(exc)) from None

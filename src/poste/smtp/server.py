@@ -12,6 +12,7 @@ in EHLO, async AUTH handlers, and cut-through to the next hop through
 from __future__ import annotations
 
 import asyncio
+import asyncio.sslproto as sslproto
 import base64
 import binascii
 import collections
@@ -520,20 +521,41 @@ class _Gate(asyncio.Protocol):
             return
         self.ticket = admitted
         if self.service.implicit_tls:
-            task = asyncio.get_running_loop().create_task(self._handshake(transport))
+            loop = asyncio.get_running_loop()
+            waiter, tls = self._wrap(loop, transport)
+            task = loop.create_task(self._handshake(transport, waiter, tls))
             self.service.background.add(task)
             task.add_done_callback(self.service.background.discard)
         else:
             self._hand_off(transport)
 
-    async def _handshake(self, raw: asyncio.Transport) -> None:
-        loop = asyncio.get_running_loop()
+    def _wrap(self, loop: asyncio.AbstractEventLoop, raw: asyncio.Transport
+              ) -> tuple[asyncio.Future[None], sslproto.SSLProtocol]:
+        """Put the TLS layer under this connection now, inside connection_made.
+
+        What loop.start_tls does, but synchronously: start_tls is a coroutine,
+        so it runs a step later, and uvloop delivers the bytes that came with
+        the connection (the ClientHello) in between, to this protocol, even if
+        connection_made paused reading (it starts reading after connection_made).
+        The handshake then waited for a ClientHello already consumed, until its
+        timeout.  asyncio's SSLProtocol is the layer aiosmtpd's STARTTLS uses too.
+        """
         assert self.service.tls_context is not None
+        waiter: asyncio.Future[None] = loop.create_future()
+        # (a float timeout works; typeshed says int)
+        tls = sslproto.SSLProtocol(
+            loop, self, self.service.tls_context, waiter, server_side=True,
+            ssl_handshake_timeout=self.service.limits.tls_handshake_timeout,  # type: ignore[arg-type]
+            call_connection_made=False)
+        raw.set_protocol(tls)
+        tls.connection_made(raw)
+        return waiter, tls
+
+    async def _handshake(self, raw: asyncio.Transport, waiter: asyncio.Future[None],
+                         layer: sslproto.SSLProtocol) -> None:
         try:
-            tls = await loop.start_tls(
-                raw, self, self.service.tls_context, server_side=True,
-                ssl_handshake_timeout=self.service.limits.tls_handshake_timeout,
-            )
+            await waiter
+            tls: asyncio.Transport | None = layer._app_transport
         except (OSError, ssl.SSLError, TimeoutError, ConnectionError) as exc:
             peer = raw.get_extra_info("peername") or ("?",)
             log.info("TLS handshake with %s failed: %s", peer[0], exc or type(exc).__name__)

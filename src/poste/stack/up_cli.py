@@ -15,7 +15,7 @@ import click
 from poste.runtime import logs
 from poste.runtime.command import flag_errors, option, with_allocator_settings, workers_of
 from poste.runtime.metrics_http import serve_or_fail
-from poste.runtime.run import on_loop
+from poste.runtime.run import check_loop, on_loop
 from poste.runtime.settings import WORKERS
 from poste.runtime.workers import refusal
 from poste.runtime.workers import run as run_workers
@@ -101,12 +101,14 @@ def main(
     logs.setup(log_format or cfg.log_format, verbose or int(cfg.top.get("verbose", 0)))
     if not check:
         with flag_errors():
+            check_loop()
             n = workers_of(workers if workers is not None else cfg.top.get("workers"),
                            _refusal(cfg))
         if n:
             if banner:
                 click.echo(banner, err=True)
-            sys.exit(run_workers(n))
+            with flag_errors():
+                sys.exit(run_workers(n))
     try:
         stack = build(cfg, check=check)
     except ConfigError as exc:

@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from poste.runtime import logs
+from poste.runtime import event_loop, logs
 from poste.runtime.command import flag_errors, hostport_arg
 from poste.runtime.tls import tls_files
 from poste.smtp.server import Limits, SMTPService
@@ -110,6 +110,8 @@ def main(
         await service.stop()
 
     try:
-        asyncio.run(run())
+        event_loop.run(run())  # the loop every serving process runs on
+    except event_loop.EventLoopError as exc:
+        raise click.ClickException(str(exc)) from None
     except KeyboardInterrupt:
         sys.exit(130)
