@@ -13,6 +13,7 @@ import itertools
 import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import dkim
@@ -25,6 +26,7 @@ from poste.dkim.verify import DKIMResult, verify
 from poste.dns.resolver import Nameserver, SyncResolver
 from support.dkimkit import DOMAIN, mail
 from support.fakedns import fake_dns, records_lookup
+from support.opendkim import TESTMSG
 
 
 @contextmanager
@@ -148,3 +150,33 @@ def test_odd_signatures_go_to_dkimpy() -> None:
     assert key.verify(hasher, b"\xff" * 128) is None
     assert key.verify(hasher, b"\x01" * 128) is False
     assert dkim.RSASSA_PKCS1_v1_5_verify(hasher, b"\xff" * 128, key) is False
+
+
+@pytest.mark.skipif(not Path(TESTMSG).exists(), reason="opendkim-testmsg is not installed")
+def test_opendkim_signed_mail(tmp_path: Path) -> None:
+    """A mail libopendkim signed (rsa-sha1, relaxed/simple) passes; tampered, it fails as dkimpy says."""
+    pem, der = _key(2048)
+    (tmp_path / "key.pem").write_bytes(pem)
+    r = subprocess.run(
+        [TESTMSG, "-C", "-d", DOMAIN, "-s", "od", "-k", str(tmp_path / "key.pem"),
+         "-t", str(tmp_path)],
+        input=mail("opendkim signed"), capture_output=True, timeout=30, check=True,
+    )
+    signed = r.stdout
+    assert signed.startswith(b"DKIM-Signature:"), r.stderr
+    record = b"v=DKIM1; k=rsa; p=" + base64.b64encode(der)
+    strings = [record[i:i + 255] for i in range(0, len(record), 255)]
+    lookup = records_lookup({f"od._domainkey.{DOMAIN}": [("TXT", strings)]})
+    with fake_dns(lookup) as server:
+        res = SyncResolver([Nameserver(server.host, server.port)], timeout=5.0)
+        for message, want in (
+            (signed, "pass"),
+            (signed.replace(b"Hi there.", b"Hi there!"), "fail"),
+            (signed.replace(b"Subject: opendkim", b"Subject: Opendkim"), "fail"),
+        ):
+            ours = verify(message, res)
+            with dkimpy_own():
+                theirs = verify(message, res)
+            assert [(o.result, o.reason) for o in ours] == [(t.result, t.reason) for t in theirs]
+            assert [o.result for o in ours] == [want], ours
+            assert ours[0].algorithm == "rsa-sha1"
