@@ -2,8 +2,8 @@
 
 dkimpy does the work (`dkim.ARC`): canonicalisation, the three fields of a
 set, the chain rules.  Its RSA operations go through the same hook as our
-DKIM signatures (`poste.dkim.sign`), so a `_CryptoRSA` key is signed by
-OpenSSL; RFC 8617 allows rsa-sha256 only, so a seal needs an RSA key.
+DKIM signatures and verification (`poste.dkim.fast_rsa`): seals are made
+and checked by OpenSSL; RFC 8617 allows rsa-sha256 only, so a seal needs an RSA key.
 
 Sealing copies into ARC-Authentication-Results the results of one
 Authentication-Results field: ours (`authserv_id`), and only the topmost

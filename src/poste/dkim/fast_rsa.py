@@ -1,32 +1,32 @@
-"""dkimpy's RSA signature check, done by OpenSSL (`cryptography`) instead of Python.
+"""dkimpy's RSA, done by OpenSSL (`cryptography`) where its answers stay the same.
 
-dkimpy verifies RSA itself: `RSASSA_PKCS1_v1_5_verify` builds the expected
-PKCS#1 v1.5 block and turns the signature back into bytes one byte at a time
-in Python (`int2str`), and `parse_public_key` parses the key's DER with its
-own ASN.1 reader on every signature.  Measured on a 5 KB mail with a 2048-bit
-key: 1.5 ms per `dkim.verify`, of which int2str alone is a third; OpenSSL's
-check is a few tens of microseconds.  On the inbound path every signed mail
-pays it once per signature (issue 16, docs/performance.md).
+dkimpy does RSA in pure Python: about 11 ms per 2048-bit signature made, and
+the modular exponentiation of each signature checked (~7% of `poste up`'s CPU
+at 5 KB, issue 16).  Its `DKIM.sign` and `DKIM.verify` (and ARC's, which share
+them) look up module globals at call time; we wrap them, once, with a dispatch
+on the key's type, so other callers of dkimpy in the process (the bench
+compares against them) see no change:
 
-What stays dkimpy's: which keys are acceptable.  `parse_public_key` still
-runs dkimpy's own parser (its errors and its SPKI-or-PKCS#1 leniency are
-unchanged), once per distinct key (the answer is kept, bounded); the
-resulting key also carries an OpenSSL key object built from the same
-modulus and exponent.  The check itself goes to OpenSSL only when the result
-is bound to be dkimpy's: a key of at least 1024 bits (smaller ones keep
-dkimpy's "digest too large" and "key too small" paths), a SHA-1 or SHA-256
-hash, and a signature no longer than the modulus (a shorter one is the same
-integer left-padded, which is what dkimpy's arithmetic reads; a longer one
-stays with dkimpy).  Anything else, and any key OpenSSL refuses to build,
-goes to dkimpy's own function.  One difference, on purpose: a signature
-whose integer is not below the modulus (the real one plus n, same length)
-passes dkimpy's arithmetic but is refused here, as RFC 8017 8.2.2 says
-(RSAVP1: "signature representative out of range"); no signer makes one.  tests/test_dkim_fast_rsa.py compares the two
-over generated cases.
+- signing: `parse_pem_private_key` passes a `CryptoRSA` key through untouched
+  and `RSASSA_PKCS1_v1_5_sign` signs it with OpenSSL (PKCS#1 v1.5 over the
+  prehashed SHA-256 digest, the same deterministic bytes dkimpy would make);
+- verifying: `parse_public_key` (the DER of a DNS p=) gives dkimpy's own dict
+  of modulus and exponent, as an `RSAPublic` that also holds OpenSSL's key
+  object, made once per key text and kept in a bounded cache; and
+  `RSASSA_PKCS1_v1_5_verify` checks with OpenSSL only a signature of exactly
+  the modulus' length and below it.  There PKCS#1 v1.5 has one answer, and
+  OpenSSL's is dkimpy's.  A shorter signature (dkimpy reads it as a number),
+  one not below the modulus (dkimpy reduces it), a key OpenSSL refuses (an
+  even exponent...) go to dkimpy's own function, as does every key-size and
+  key-type rule (`minkey`, k=), which dkimpy applies around these calls.
+
+ed25519 goes through dkimpy's own pynacl path (libsodium), already fast.
 """
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
@@ -36,76 +36,115 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 
-MIN_BITS = 1024  # below this dkimpy's own paths decide (and refuse: its minkey is 1024)
-KEEP = 1024  # distinct keys remembered; one per selector a sender uses
 _HASHES: dict[str, Callable[[], hashes.HashAlgorithm]] = {
-    "sha1": hashes.SHA1,
     "sha256": hashes.SHA256,
+    "sha1": hashes.SHA1,
 }
+_HOOKED = (
+    "parse_pem_private_key",
+    "RSASSA_PKCS1_v1_5_sign",
+    "parse_public_key",
+    "RSASSA_PKCS1_v1_5_verify",
+)
+KEY_CACHE_SIZE = 1024  # public keys (by their DER), most recently used kept
 
 
-class PublicKey(dict[str, int]):
-    """dkimpy's key (a dict with 'modulus' and 'publicExponent') plus OpenSSL's for it.
+class CryptoRSA:
+    """An RSA private key whose signing operation OpenSSL does."""
 
-    A dict subclass so that every dkimpy line that reads the key as a dict
-    (its bit size, its own verify on a fallback) works unchanged.
-    """
+    __slots__ = ("key",)
 
-    key: rsa.RSAPublicKey
-    length: int  # bytes in the modulus
+    def __init__(self, key: rsa.RSAPrivateKey) -> None:
+        self.key = key
+
+    def sign_digest(self, hasher: Any) -> bytes:
+        if hasher.name.lower() != "sha256":
+            raise dkim.ParameterError("only rsa-sha256 is signed with cryptography")
+        digest: bytes = hasher.digest()
+        return self.key.sign(digest, padding.PKCS1v15(), Prehashed(hashes.SHA256()))
 
 
-_dkimpy_parse: Callable[[bytes], Any] = dkim.parse_public_key
-_dkimpy_verify: Callable[[Any, bytes, Any], bool] = dkim.RSASSA_PKCS1_v1_5_verify
-_parsed: dict[bytes, dict[str, int]] = {}
+class RSAPublic(dict[str, int]):
+    """dkimpy's public key dict (modulus, publicExponent), with OpenSSL's key beside it."""
 
+    __slots__ = ("crypto", "modulus_bytes")
 
-def parse_public_key(data: bytes) -> dict[str, int]:
-    """dkimpy's parse, once per key; with an OpenSSL key attached when it can be built."""
-    found = _parsed.get(data)
-    if found is not None:
-        return found
-    pk: dict[str, int] = _dkimpy_parse(data)  # raises as dkimpy does
-    n, e = pk["modulus"], pk["publicExponent"]
-    if n.bit_length() >= MIN_BITS:
+    def __init__(self, numbers: dict[str, int]) -> None:
+        super().__init__(numbers)
+        n, e = numbers["modulus"], numbers["publicExponent"]
+        self.modulus_bytes = n.to_bytes(max(1, (n.bit_length() + 7) // 8), "big")
+        self.crypto: rsa.RSAPublicKey | None
         try:
-            key = rsa.RSAPublicNumbers(e, n).public_key()
-        except (ValueError, TypeError):  # OpenSSL's own limits (an even modulus, e = 1...)
-            pass
-        else:
-            fast = PublicKey(pk)
-            fast.key = key
-            fast.length = (n.bit_length() + 7) // 8
-            pk = fast
-    if len(_parsed) >= KEEP:
-        _parsed.pop(next(iter(_parsed)))
-    _parsed[data] = pk
-    return pk
+            self.crypto = rsa.RSAPublicNumbers(e, n).public_key()
+        except Exception:  # OpenSSL refuses what dkimpy may still use: dkimpy decides
+            self.crypto = None
+
+    def verify(self, hasher: Any, signature: bytes) -> bool | None:
+        """OpenSSL's answer, or None where it might not be dkimpy's (dkimpy's own then)."""
+        algorithm = _HASHES.get(hasher.name.lower())
+        if (
+            self.crypto is None
+            or algorithm is None
+            or len(signature) != len(self.modulus_bytes)
+            or bytes(signature) >= self.modulus_bytes
+        ):
+            return None
+        try:
+            self.crypto.verify(
+                bytes(signature), hasher.digest(), padding.PKCS1v15(), Prehashed(algorithm())
+            )
+        except InvalidSignature:
+            return False
+        return True
 
 
-def rsassa_pkcs1_v1_5_verify(hasher: Any, signature: bytes, public_key: Any) -> bool:
-    """dkimpy's verify, by OpenSSL where the answer is bound to be the same."""
-    algorithm = _HASHES.get(getattr(hasher, "name", ""))
-    if (
-        not isinstance(public_key, PublicKey)
-        or algorithm is None
-        or len(signature) > public_key.length
-    ):
-        return _dkimpy_verify(hasher, signature, public_key)
-    signature = signature.rjust(public_key.length, b"\0")
-    try:
-        public_key.key.verify(
-            signature, hasher.digest(), padding.PKCS1v15(), Prehashed(algorithm())
-        )
-    except InvalidSignature:
-        return False
-    return True
+# dkimpy's own functions, as install() found them (tests and the bench compare against them)
+DKIMPY_OWN: dict[str, Any] = {}
+_keys: OrderedDict[bytes, RSAPublic] = OrderedDict()
+_keys_lock = threading.Lock()  # the verifier's worker pool shares the cache
 
 
 def install() -> None:
-    """Make dkimpy's DKIM and ARC verification (its module globals) use these."""
-    if getattr(dkim, "_poste_fast_rsa", False):
+    """Route dkimpy's RSA operations (DKIM and ARC, signing and verifying) as above."""
+    if getattr(dkim, "_poste_rsa", False):
         return
+    for name in _HOOKED:
+        DKIMPY_OWN[name] = getattr(dkim, name)
+    parse_private: Callable[[Any], Any] = dkim.parse_pem_private_key
+    rsa_sign: Callable[[Any, Any], Any] = dkim.RSASSA_PKCS1_v1_5_sign
+    parse_public: Callable[[bytes], dict[str, int]] = dkim.parse_public_key
+    rsa_verify: Callable[[Any, bytes, Any], bool] = dkim.RSASSA_PKCS1_v1_5_verify
+
+    def parse_pem_private_key(data: Any) -> Any:
+        return data if isinstance(data, CryptoRSA) else parse_private(data)
+
+    def rsassa_sign(hasher: Any, private_key: Any) -> Any:
+        if isinstance(private_key, CryptoRSA):
+            return private_key.sign_digest(hasher)
+        return rsa_sign(hasher, private_key)
+
+    def parse_public_key(data: bytes) -> dict[str, int]:
+        with _keys_lock:
+            key = _keys.get(data)
+            if key is not None:
+                _keys.move_to_end(data)
+                return key
+        key = RSAPublic(parse_public(data))  # dkimpy's errors reach dkimpy unchanged
+        with _keys_lock:
+            _keys[data] = key
+            if len(_keys) > KEY_CACHE_SIZE:
+                _keys.popitem(last=False)
+        return key
+
+    def rsassa_verify(hasher: Any, signature: bytes, public_key: Any) -> bool:
+        if isinstance(public_key, RSAPublic):
+            answer = public_key.verify(hasher, signature)
+            if answer is not None:
+                return answer
+        return rsa_verify(hasher, signature, public_key)
+
+    dkim.parse_pem_private_key = parse_pem_private_key
+    dkim.RSASSA_PKCS1_v1_5_sign = rsassa_sign
     dkim.parse_public_key = parse_public_key
-    dkim.RSASSA_PKCS1_v1_5_verify = rsassa_pkcs1_v1_5_verify
-    dkim._poste_fast_rsa = True
+    dkim.RSASSA_PKCS1_v1_5_verify = rsassa_verify
+    dkim._poste_rsa = True

@@ -1,15 +1,8 @@
 """DKIM signing: dkimpy's canonicalisation and header logic, `cryptography`'s RSA.
 
-dkimpy does RSA in pure Python (about 11 ms per 2048-bit signature).  Its
-`DKIM.sign` looks up two module globals at call time: `parse_pem_private_key`
-(to turn the key argument into its key object) and `RSASSA_PKCS1_v1_5_sign`
-(to make the signature from the header hash).  We wrap both, once, with a
-dispatch on the key's type: a `_CryptoRSA` key is passed through untouched
-and signed by OpenSSL (PKCS#1 v1.5 over the prehashed SHA-256 digest, the
-same deterministic bytes dkimpy would produce); anything else goes to
-dkimpy's own functions, so other callers of dkimpy in the process (the bench
-compares against them) see no change.  ed25519 goes through dkimpy's own
-pynacl path (libsodium), which is already fast.
+dkimpy does RSA in pure Python; a `CryptoRSA` key is signed by OpenSSL
+instead (`fast_rsa.py`, which also does the verifier's RSA).  ed25519 goes
+through dkimpy's own pynacl path (libsodium), which is already fast.
 
 A mail we cannot sign (a header Python's parser rejects, no From:, a line in
 the header block that is not a field) is not an error for the service: the
@@ -21,16 +14,15 @@ from __future__ import annotations
 import email.policy
 import logging
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from email.headerregistry import AddressHeader, MessageIDHeader
 from typing import Any
 
 import dkim
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import padding, rsa
-from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
+from cryptography.hazmat.primitives.asymmetric import rsa
 
+from poste.dkim.fast_rsa import CryptoRSA
 from poste.dkim.keys import DKIMKey, load_key
 
 log = logging.getLogger("poste.dkim")
@@ -57,44 +49,6 @@ class Unsignable(Exception):
     """The message cannot be signed; it should go on as it is."""
 
 
-class _CryptoRSA:
-    """An RSA private key whose signing operation OpenSSL does."""
-
-    __slots__ = ("key",)
-
-    def __init__(self, key: rsa.RSAPrivateKey) -> None:
-        self.key = key
-
-    def sign_digest(self, hasher: Any) -> bytes:
-        if hasher.name.lower() != "sha256":
-            raise dkim.ParameterError("only rsa-sha256 is signed with cryptography")
-        digest: bytes = hasher.digest()
-        return self.key.sign(digest, padding.PKCS1v15(), Prehashed(hashes.SHA256()))
-
-
-def _install_hook() -> None:
-    """Route dkimpy's RSA private-key operations for `_CryptoRSA` keys to OpenSSL."""
-    if getattr(dkim, "_poste_hooked", False):
-        return
-    parse: Callable[[Any], Any] = dkim.parse_pem_private_key
-    rsa_sign: Callable[[Any, Any], Any] = dkim.RSASSA_PKCS1_v1_5_sign
-
-    def parse_pem_private_key(data: Any) -> Any:
-        return data if isinstance(data, _CryptoRSA) else parse(data)
-
-    def rsassa_sign(hasher: Any, private_key: Any) -> Any:
-        if isinstance(private_key, _CryptoRSA):
-            return private_key.sign_digest(hasher)
-        return rsa_sign(hasher, private_key)
-
-    dkim.parse_pem_private_key = parse_pem_private_key
-    dkim.RSASSA_PKCS1_v1_5_sign = rsassa_sign
-    dkim._poste_hooked = True
-
-
-_install_hook()
-
-
 @dataclass(frozen=True)
 class SigningKey:
     """One signature to make: d= domain, s= selector, and the key."""
@@ -105,7 +59,7 @@ class SigningKey:
 
     def dkimpy_key(self) -> Any:
         if isinstance(self.key.private, rsa.RSAPrivateKey):
-            return _CryptoRSA(self.key.private)
+            return CryptoRSA(self.key.private)
         return self.key.ed25519_seed_b64()
 
 
