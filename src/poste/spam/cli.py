@@ -391,6 +391,14 @@ def _fields(
     help="With --time-folds: leave out a kind of token (as train).",
 )
 @click.option(
+    "--ham-weight", type=click.FloatRange(0.0), default=None,
+    help="With --time-folds: the learner's ham weight (default 2).",
+)
+@click.option(
+    "--l2", type=click.FloatRange(0.0), default=None,
+    help="With --time-folds: the learner's L2 (default 1).",
+)
+@click.option(
     "--shrink",
     type=click.FloatRange(0.0),
     default=0.0,
@@ -420,6 +428,8 @@ def evaluate(
     min_count: int,
     drop: tuple[str, ...],
     shrink: float,
+    ham_weight: float | None,
+    l2: float | None,
     epochs: int,
     members: int,
     seed: int,
@@ -440,7 +450,8 @@ def evaluate(
     if split:
         _holdout(spam_paths, ham_paths, test_fraction, params, j,
                  inner=inner, sweep=sweep, epochs=epochs, members=members, seed=seed,
-                 time_folds=time_folds, min_count=min_count, drop=drop, shrink=shrink)
+                 time_folds=time_folds, min_count=min_count, drop=drop, shrink=shrink,
+                 ham_weight=ham_weight, l2=l2)
         return
     spam = list(tokenize_many([raw for _, raw in _messages(spam_paths)], params.max_bytes, j))
     ham = list(tokenize_many([raw for _, raw in _messages(ham_paths)], params.max_bytes, j))
@@ -470,8 +481,11 @@ def _holdout(
     min_count: int = 0,
     drop: tuple[str, ...] = (),
     shrink: float = 0.0,
+    ham_weight: float | None = None,
+    l2: float | None = None,
 ) -> None:
     from poste.spam.corpus import mail_time
+    from poste.spam.database import Learning
     from poste.spam.evaluate import (
         Folder,
         holdout,
@@ -490,15 +504,20 @@ def _holdout(
         tokens = list(tokenize_many(raws, params.max_bytes, jobs))
         folders.append(Folder(name, is_spam, raws, tokens, [mail_time(r) for r in raws]))
     if time_folds:
+        learning = Learning()
+        if ham_weight is not None:
+            learning.ham_weight = ham_weight
+        if l2 is not None:
+            learning.l2 = l2
         folds = rolling(
             folders, fraction, time_folds, params, epochs, members=members, seed=seed,
-            min_count=min_count, drop=drop, shrink=shrink,
+            min_count=min_count, drop=drop, shrink=shrink, learning=learning,
         )
         lines = [
             f"rolling time folds inside the training part ({1 - fraction:.0%} of each PATH, "
             f"cut by arrival into {time_folds + 1}); {members} member(s), seed {seed}, "
             f"{epochs} epochs, min-count {min_count}, drop {' '.join(drop) or '-'}, "
-            f"shrink {shrink:g}",
+            f"shrink {shrink:g}, ham weight {learning.ham_weight:g}, l2 {learning.l2:g}",
             "",
             *rolling_lines(folds),
         ]

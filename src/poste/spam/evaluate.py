@@ -26,7 +26,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from poste.spam.database import MEMBERS, Database
+from poste.spam.database import MEMBERS, Database, Learning
 from poste.spam.model import HAM, SPAM, UNKNOWN, Classifier, Params
 
 
@@ -353,6 +353,7 @@ def rolling(
     min_count: int = 0,
     drop: Sequence[str] = (),
     shrink: float = 0.0,
+    learning: Learning | None = None,
 ) -> list[SplitReport]:
     """Rolling-origin time cross-validation inside the time split's training part.
 
@@ -367,7 +368,8 @@ def rolling(
     (the shipped database's recipe).  shrink: each weight times c/(c+shrink),
     c the number of training mails the token was seen in (a token of few
     mails counts for less; 0 leaves the weights alone).  Scores are computed
-    from the tokens (no timing).  The last report sums the folds.
+    from the tokens (no timing).  learning: the learner's settings (the
+    defaults if None).  The last report sums the folds.
     """
     inner = training_part(folders, fraction)
     parts = [_chunks(f.times, nfolds + 1) for f in inner]
@@ -383,7 +385,7 @@ def rolling(
         ]
         if min_count > 1 or drop:
             train, _ = _filtered(train, min_count, drop)
-        db = Database(members=members)
+        db = Database(learning, members=members)
         db.fit(train, epochs, seed)
         clf = Classifier(db, params)
         clf.prepare()
