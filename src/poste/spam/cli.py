@@ -392,7 +392,7 @@ def _fields(
 )
 @click.option(
     "--ham-weight", type=click.FloatRange(0.0), default=None,
-    help="With --time-folds: the learner's ham weight (default 2).",
+    help="With --time-folds: the learner's ham weight (default 3).",
 )
 @click.option(
     "--l2", type=click.FloatRange(0.0), default=None,
@@ -445,8 +445,12 @@ def evaluate(
 
     params = _params(ham_cutoff, spam_cutoff)
     j = jobs or default_jobs()
-    if (inner or time_folds) and not split:
-        raise click.UsageError("--inner and --time-folds go with --split")
+    if inner and not split:
+        raise click.UsageError("--inner goes with --split")
+    if time_folds and not split:
+        raise click.UsageError("--time-folds goes with --split")
+    if time_folds and inner:
+        raise click.UsageError("--time-folds and --inner are two different splits: one of them")
     if split:
         _holdout(spam_paths, ham_paths, test_fraction, params, j,
                  inner=inner, sweep=sweep, epochs=epochs, members=members, seed=seed,
