@@ -94,3 +94,36 @@ def test_eval_split_needs_two_mails(tmp_path: Path, poste_bin: str) -> None:
     assert r.returncode != 0
     assert b"need at least 2 mails to split" in r.stderr
     assert b"Traceback" not in r.stderr
+
+
+def test_rolling_folds_train_on_older_parts_only(tmp_path: Path, poste_bin: str) -> None:
+    from poste.spam.evaluate import _chunks
+
+    # 4 parts by arrival, the undated mail the oldest
+    assert _chunks([5.0, None, 1.0, 9.0, 7.0, 3.0, 8.0, 2.0], 4) == [2, 0, 0, 3, 2, 1, 3, 1]
+    rng = random.Random(7)
+    spam = [dated(spammy(rng), d) for d in range(1, 21)]
+    ham = [dated(hammy(rng), d) for d in range(1, 21)]
+    write_folder(tmp_path / "spam", spam)
+    write_folder(tmp_path / "ham", ham)
+    args = [poste_bin, "spam", "eval", "--split", "--time-folds", "3", "-j1"]
+    args += ["--spam", str(tmp_path / "spam"), "--ham", str(tmp_path / "ham")]
+    r = subprocess.run(args, capture_output=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    rows = {
+        ln.split()[0] + ln.split()[1]: ln.split()[2:]
+        for ln in r.stdout.decode().splitlines()
+        if ln.startswith(("fold", "3 folds"))
+    }
+    # 15 training mails a folder (the newest 5 are the test part, never read), in 4 parts
+    # of 4, 4, 4, 3: fold 1 trains on the oldest part, labels the next
+    assert rows["fold1"][0] == "4+4"
+    assert rows["fold3"][0] == "12+12"
+    assert rows["3folds"][1] == "11/11"  # every newer spam caught, summed over the folds
+    assert rows["3folds"][2] == "0/11"
+    r = subprocess.run(
+        [poste_bin, "spam", "eval", "--time-folds", "3", "--spam", "x", "--ham", "y"],
+        capture_output=True,
+        timeout=60,
+    )
+    assert r.returncode != 0 and b"Traceback" not in r.stderr

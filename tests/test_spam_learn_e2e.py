@@ -36,21 +36,23 @@ pytestmark = pytest.mark.slow
 USER, TARGET = f"login@{DOMAIN}", "login@gmail.test"
 
 # A spam of today's kind (a crypto "bonus"): the 2002 training mail of the shipped
-# database leaves it `unknown` (checked below, before anything is learnt).
+# database leaves it `unknown` (checked below, before anything is learnt; 0.82 with the
+# ham-weight-3 database: the first wording, "Hello friend", "Your wallet", "Our team ...
+# within hours", scored 0.95 with the one before it and 0.99, `yes`, with this one).
 SPAM = (
     "From: \"Crypto Desk\" <desk@profit-wave.test>\r\n"
     f"To: {USER}\r\n"
-    "Subject: Your wallet bonus is waiting\r\n"
+    "Subject: The wallet bonus is waiting\r\n"
     "Date: Tue, 01 Dec 2026 09:00:00 +0000\r\n"
     "Message-ID: <a1@profit-wave.test>\r\n"
     "MIME-Version: 1.0\r\n"
     "Content-Type: text/plain; charset=utf-8\r\n"
     "\r\n"
-    "Hello friend,\r\n"
+    "Hello,\r\n"
     "\r\n"
     "Your account at our exchange holds a pending bonus of 0.42 BTC.\r\n"
     "Confirm your wallet today to release the transfer: https://claim.profit-wave.test/r/8812\r\n"
-    "Our team verifies each wallet within hours. Kind regards, the desk\r\n"
+    "The desk checks each wallet. Kind regards, the desk\r\n"
 )
 
 

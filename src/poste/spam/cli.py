@@ -372,6 +372,39 @@ def _fields(
     "The one to tune on.",
 )
 @click.option(
+    "--time-folds",
+    "time_folds",
+    type=click.IntRange(2, 20),
+    default=None,
+    help="With --split: rolling-origin time cross-validation inside the training part "
+    "(N+1 parts by arrival; fold k trains on the older k parts, labels the next). "
+    "The test part is never used.",
+)
+@click.option(
+    "--min-count",
+    type=click.IntRange(0),
+    default=0,
+    help="With --time-folds: leave out tokens seen in fewer training mails (as train).",
+)
+@click.option(
+    "--drop", "drop", multiple=True, metavar="PREFIX",
+    help="With --time-folds: leave out a kind of token (as train).",
+)
+@click.option(
+    "--ham-weight", type=click.FloatRange(0.0), default=None,
+    help="With --time-folds: the learner's ham weight (default 3).",
+)
+@click.option(
+    "--l2", type=click.FloatRange(0.0), default=None,
+    help="With --time-folds: the learner's L2 (default 1).",
+)
+@click.option(
+    "--shrink",
+    type=click.FloatRange(0.0),
+    default=0.0,
+    help="With --time-folds: each weight times c/(c+SHRINK), c the mails it was seen in.",
+)
+@click.option(
     "--epochs",
     type=click.IntRange(1, 100),
     default=5,
@@ -391,6 +424,12 @@ def evaluate(
     split: bool,
     test_fraction: float,
     inner: bool,
+    time_folds: int | None,
+    min_count: int,
+    drop: tuple[str, ...],
+    shrink: float,
+    ham_weight: float | None,
+    l2: float | None,
     epochs: int,
     members: int,
     seed: int,
@@ -408,9 +447,15 @@ def evaluate(
     j = jobs or default_jobs()
     if inner and not split:
         raise click.UsageError("--inner goes with --split")
+    if time_folds and not split:
+        raise click.UsageError("--time-folds goes with --split")
+    if time_folds and inner:
+        raise click.UsageError("--time-folds and --inner are two different splits: one of them")
     if split:
         _holdout(spam_paths, ham_paths, test_fraction, params, j,
-                 inner=inner, sweep=sweep, epochs=epochs, members=members, seed=seed)
+                 inner=inner, sweep=sweep, epochs=epochs, members=members, seed=seed,
+                 time_folds=time_folds, min_count=min_count, drop=drop, shrink=shrink,
+                 ham_weight=ham_weight, l2=l2)
         return
     spam = list(tokenize_many([raw for _, raw in _messages(spam_paths)], params.max_bytes, j))
     ham = list(tokenize_many([raw for _, raw in _messages(ham_paths)], params.max_bytes, j))
@@ -436,9 +481,23 @@ def _holdout(
     epochs: int,
     members: int,
     seed: int,
+    time_folds: int | None = None,
+    min_count: int = 0,
+    drop: tuple[str, ...] = (),
+    shrink: float = 0.0,
+    ham_weight: float | None = None,
+    l2: float | None = None,
 ) -> None:
     from poste.spam.corpus import mail_time
-    from poste.spam.evaluate import Folder, holdout, holdout_lines, sweep_lines
+    from poste.spam.database import Learning
+    from poste.spam.evaluate import (
+        Folder,
+        holdout,
+        holdout_lines,
+        rolling,
+        rolling_lines,
+        sweep_lines,
+    )
 
     folders = []
     for is_spam, path in [(True, p) for p in spam_paths] + [(False, p) for p in ham_paths]:
@@ -448,6 +507,28 @@ def _holdout(
         name = path.rstrip("/").rpartition(":")[2].rpartition("/")[2] or path
         tokens = list(tokenize_many(raws, params.max_bytes, jobs))
         folders.append(Folder(name, is_spam, raws, tokens, [mail_time(r) for r in raws]))
+    if time_folds:
+        learning = Learning()
+        if ham_weight is not None:
+            learning.ham_weight = ham_weight
+        if l2 is not None:
+            learning.l2 = l2
+        folds = rolling(
+            folders, fraction, time_folds, params, epochs, members=members, seed=seed,
+            min_count=min_count, drop=drop, shrink=shrink, learning=learning,
+        )
+        lines = [
+            f"rolling time folds inside the training part ({1 - fraction:.0%} of each PATH, "
+            f"cut by arrival into {time_folds + 1}); {members} member(s), seed {seed}, "
+            f"{epochs} epochs, min-count {min_count}, drop {' '.join(drop) or '-'}, "
+            f"shrink {shrink:g}, ham weight {learning.ham_weight:g}, l2 {learning.l2:g}",
+            "",
+            *rolling_lines(folds),
+        ]
+        if sweep:
+            lines += ["", *sweep_lines(folds[-1], params.ham_cutoff)]
+        click.echo("\n".join(lines))
+        return
     reports = holdout(
         folders, fraction, params, epochs, inner=inner, members=members, seed=seed
     )

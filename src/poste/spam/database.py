@@ -126,7 +126,7 @@ class Learning:
         l1: float = 0.5,
         l2: float = 1.0,
         length: int = 150,
-        ham_weight: float = 2.0,
+        ham_weight: float = 3.0,
     ) -> None:
         self.alpha = alpha
         self.beta = beta

@@ -26,7 +26,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from poste.spam.database import MEMBERS, Database
+from poste.spam.database import MEMBERS, Database, Learning
 from poste.spam.model import HAM, SPAM, UNKNOWN, Classifier, Params
 
 
@@ -255,7 +255,9 @@ def holdout(
 SWEEP = [0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.93, 0.95, 0.96, 0.97, 0.98, 0.99, 0.995, 0.999]
 
 
-def sweep_lines(report: SplitReport, ham_cutoff: float, cutoffs: Sequence[float] = SWEEP) -> list[str]:
+def sweep_lines(
+    report: SplitReport, ham_cutoff: float, cutoffs: Sequence[float] = SWEEP
+) -> list[str]:
     """Spam caught, ham labelled spam and unknown mail of one split for several spam cutoffs."""
     out = [
         f"{report.name} split, by spam cutoff (ham cutoff {ham_cutoff:g}); "
@@ -307,4 +309,124 @@ def holdout_lines(reports: Sequence[SplitReport], fraction: float) -> list[str]:
         ]
         for name, c in r.labels.items():
             out.append(f"  {name:<16}{c.get(SPAM, 0):>6}{c.get(UNKNOWN, 0):>9}{c.get(HAM, 0):>6}")
+    return out
+
+
+def _chunks(times: Sequence[float | None], parts: int) -> list[int]:
+    """Each mail's part (0 the oldest ... parts-1 the newest) in arrival order, parts of equal size.
+
+    Undated mails count as the oldest, ties keep input order (as `time_split`).
+    """
+    n = len(times)
+    order = sorted(range(n), key=lambda i: (times[i] is not None, times[i] or 0.0, i))
+    part = [0] * n
+    for rank, i in enumerate(order):
+        part[i] = rank * parts // n
+    return part
+
+
+def _filtered(
+    train: list[tuple[set[str], bool]], min_count: int, drop: Sequence[str]
+) -> tuple[list[tuple[set[str], bool]], set[str]]:
+    """The training mails without the tokens seen in fewer than min_count of them or of a dropped kind.
+
+    The same recipe as the shipped database (`train --min-count 2 --drop ...`),
+    so that a fold measures what is shipped.  Returns the mails and the kept tokens.
+    """
+    seen: dict[str, int] = {}
+    for tokens, _ in train:
+        for t in tokens:
+            seen[t] = seen.get(t, 0) + 1
+    keep = {t for t, c in seen.items() if c >= min_count and not any(t.startswith(p) for p in drop)}
+    return [(tokens & keep, is_spam) for tokens, is_spam in train], keep
+
+
+def rolling(
+    folders: Sequence[Folder],
+    fraction: float,
+    nfolds: int,
+    params: Params | None = None,
+    epochs: int = 5,
+    *,
+    members: int = MEMBERS,
+    seed: int = 0,
+    min_count: int = 0,
+    drop: Sequence[str] = (),
+    shrink: float = 0.0,
+    learning: Learning | None = None,
+) -> list[SplitReport]:
+    """Rolling-origin time cross-validation inside the time split's training part.
+
+    Why: the inner time split has one validation part with ~60 newer ham, so
+    "no false positive" there says little (0 in 7 of 8 seeds).  Here each
+    folder's training part (the test part is never read) is cut by arrival
+    into nfolds+1 parts of equal size; fold k trains on parts 0..k-1 of every
+    folder and labels part k, so every ham of parts 1..nfolds is once a newer
+    mail to a filter trained only on older ones, as in use.
+
+    min_count, drop: leave out rare tokens and kinds of token before learning
+    (the shipped database's recipe).  shrink: each weight times c/(c+shrink),
+    c the number of training mails the token was seen in (a token of few
+    mails counts for less; 0 leaves the weights alone).  Scores are computed
+    from the tokens (no timing).  learning: the learner's settings (the
+    defaults if None).  The last report sums the folds.
+    """
+    inner = training_part(folders, fraction)
+    parts = [_chunks(f.times, nfolds + 1) for f in inner]
+    spam_folders = {f.name for f in inner if f.is_spam}
+    total = SplitReport(f"{nfolds} folds", spam_folders=spam_folders)
+    reports = []
+    for k in range(1, nfolds + 1):
+        train = [
+            (tokens, folder.is_spam)
+            for folder, part in zip(inner, parts, strict=True)
+            for tokens, p in zip(folder.tokens, part, strict=True)
+            if p < k
+        ]
+        if min_count > 1 or drop:
+            train, _ = _filtered(train, min_count, drop)
+        db = Database(learning, members=members)
+        db.fit(train, epochs, seed)
+        clf = Classifier(db, params)
+        clf.prepare()
+        if shrink > 0:
+            seen = db.seen
+            table = clf._weights
+            for t in table:
+                if t != "*bias*":
+                    c = seen.get(t, 0)
+                    table[t] *= c / (c + shrink)
+        report = SplitReport(f"fold {k}", db.nspam, db.nham, spam_folders=spam_folders)
+        total.ntrain_spam += db.nspam
+        total.ntrain_ham += db.nham
+        for folder, part in zip(inner, parts, strict=True):
+            counts = report.labels.setdefault(folder.name, {})
+            sums = total.labels.setdefault(folder.name, {})
+            for tokens, p in zip(folder.tokens, part, strict=True):
+                if p != k:
+                    continue
+                r = clf.score_tokens(tokens)
+                counts[r.label] = counts.get(r.label, 0) + 1
+                sums[r.label] = sums.get(r.label, 0) + 1
+                report.scores.append((folder.is_spam, r.score))
+                total.scores.append((folder.is_spam, r.score))
+        reports.append(report)
+    reports.append(total)
+    return reports
+
+
+def rolling_lines(reports: Sequence[SplitReport]) -> list[str]:
+    """One line per fold and the sum: trained on, caught, ham as spam, unknown, highest ham."""
+    out = [
+        f"{'':<10}{'train spam+ham':>16}{'spam caught':>16}{'ham as spam':>14}"
+        f"{'unknown':>14}{'highest ham':>13}"
+    ]
+    for r in reports:
+        top = max((s for sp, s in r.scores if not sp), default=0.0)
+        caught = r.total(SPAM, True)
+        out.append(
+            f"{r.name:<10}{f'{r.ntrain_spam}+{r.ntrain_ham}':>16}"
+            f"{f'{caught}/{r.nspam}':>16}{f'{r.total(SPAM, False)}/{r.nham}':>14}"
+            f"{f'{r.total(UNKNOWN)}/{r.ntest}':>14}{top:>13.4f}"
+        )
     return out
