@@ -26,7 +26,8 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from poste.spam.database import MEMBERS, Database, Learning
+from poste.spam.database import BIAS, MEMBERS, Database, Learning
+from poste.spam.learn import train_into
 from poste.spam.model import HAM, SPAM, UNKNOWN, Classifier, Params
 
 
@@ -325,22 +326,6 @@ def _chunks(times: Sequence[float | None], parts: int) -> list[int]:
     return part
 
 
-def _filtered(
-    train: list[tuple[set[str], bool]], min_count: int, drop: Sequence[str]
-) -> tuple[list[tuple[set[str], bool]], set[str]]:
-    """The training mails without the tokens seen in fewer than min_count of them or of a dropped kind.
-
-    The same recipe as the shipped database (`train --min-count 2 --drop ...`),
-    so that a fold measures what is shipped.  Returns the mails and the kept tokens.
-    """
-    seen: dict[str, int] = {}
-    for tokens, _ in train:
-        for t in tokens:
-            seen[t] = seen.get(t, 0) + 1
-    keep = {t for t, c in seen.items() if c >= min_count and not any(t.startswith(p) for p in drop)}
-    return [(tokens & keep, is_spam) for tokens, is_spam in train], keep
-
-
 def rolling(
     folders: Sequence[Folder],
     fraction: float,
@@ -383,17 +368,16 @@ def rolling(
             for tokens, p in zip(folder.tokens, part, strict=True)
             if p < k
         ]
-        if min_count > 1 or drop:
-            train, _ = _filtered(train, min_count, drop)
         db = Database(learning, members=members)
-        db.fit(train, epochs, seed)
+        # the shipped database's recipe (`train --min-count --drop`), through its own code
+        train_into(db, train, epochs, min_count=min_count, drop_prefixes=tuple(drop), seed=seed)
         clf = Classifier(db, params)
         clf.prepare()
         if shrink > 0:
             seen = db.seen
             table = clf._weights
             for t in table:
-                if t != "*bias*":
+                if t != BIAS:
                     c = seen.get(t, 0)
                     table[t] *= c / (c + shrink)
         report = SplitReport(f"fold {k}", db.nspam, db.nham, spam_folders=spam_folders)

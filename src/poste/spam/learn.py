@@ -44,7 +44,7 @@ import math
 import os
 import re
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from email.message import Message as EmailMessage
@@ -347,7 +347,7 @@ def update_into(
 
 def train_into(
     db: Database,
-    mails: list[tuple[frozenset[str], bool]],
+    mails: Sequence[tuple[Iterable[str], bool]],
     epochs: int,
     *,
     min_count: int = 1,
