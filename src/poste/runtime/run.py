@@ -17,7 +17,7 @@ import logging
 import signal
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from poste.runtime import event_loop
 from poste.smtp import listen
@@ -144,9 +144,12 @@ def check_loop() -> None:
         raise StartError(str(exc)) from None
 
 
-def on_loop(main: Coroutine[Any, Any, None]) -> None:
+T = TypeVar("T")
+
+
+def on_loop(main: Coroutine[Any, Any, T]) -> T:
     """Run a process's serving coroutine on the event loop POSTE_EVENT_LOOP chooses."""
     try:
-        event_loop.run(main)
+        return event_loop.run(main)
     except event_loop.EventLoopError as exc:
         raise StartError(str(exc)) from None

@@ -36,8 +36,7 @@ import socket
 import sys
 from typing import Any
 
-from poste.runtime import event_loop
-from poste.runtime.run import StartError
+from poste.runtime.run import on_loop
 from poste.smtp.listen import CONTROL_ENV, WORKER_ENV, listening
 
 log = logging.getLogger("poste.workers")
@@ -253,7 +252,4 @@ def run(n: int) -> int:
     The parent runs on the loop its workers run on (runtime/event_loop.py): one choice
     for the whole tree, and a bad POSTE_EVENT_LOOP is said once, before any worker starts.
     """
-    try:
-        return event_loop.run(Parent(n).run())
-    except event_loop.EventLoopError as exc:
-        raise StartError(str(exc)) from None
+    return on_loop(Parent(n).run())
