@@ -18,13 +18,11 @@ from typing import Any
 
 import dkim
 import pytest
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
 
 from poste.dkim import fast_rsa
 from poste.dkim.verify import DKIMResult, verify
 from poste.dns.resolver import Nameserver, SyncResolver
-from support.dkimkit import DOMAIN, mail
+from support.dkimkit import DOMAIN, mail, rsa_pem_der
 from support.fakedns import fake_dns, records_lookup
 from support.opendkim import TESTMSG
 
@@ -40,25 +38,6 @@ def dkimpy_own() -> Iterator[None]:
     finally:
         for name, fn in ours.items():
             setattr(dkim, name, fn)
-
-
-def _key(bits: int) -> tuple[bytes, bytes]:
-    """(PKCS#1 PEM private key, SubjectPublicKeyInfo DER)."""
-    if bits < 1024:  # cryptography makes none this small; openssl still does
-        out = subprocess.run(["openssl", "genrsa", "-traditional", str(bits)],
-                             capture_output=True, check=True, timeout=30).stdout
-        key: Any = serialization.load_pem_private_key(out, None, unsafe_skip_rsa_key_validation=True)
-    else:
-        key = rsa.generate_private_key(public_exponent=65537, key_size=bits)
-    pem = key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.TraditionalOpenSSL,
-        serialization.NoEncryption(),
-    )
-    der = key.public_key().public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-    return pem, der
 
 
 def _cases() -> tuple[dict[str, list[tuple[str, Any]]], list[tuple[str, bytes, str]]]:
@@ -84,7 +63,7 @@ def _cases() -> tuple[dict[str, list[tuple[str, Any]]], list[tuple[str, bytes, s
         return bytes(field) + message
 
     for bits, algo in itertools.product((1024, 2048, 4096), (b"rsa-sha256", b"rsa-sha1")):
-        pem, der = _key(bits)
+        pem, der = rsa_pem_der(bits)
         p = base64.b64encode(der)
         tag = f"k{bits}{algo.decode()[-3:]}"
         publish(tag, b"v=DKIM1; k=rsa; p=" + p)
@@ -101,7 +80,7 @@ def _cases() -> tuple[dict[str, list[tuple[str, Any]]], list[tuple[str, bytes, s
         cases.append((f"{tag}-ed", sign(f"{tag}-ed", pem, algo, "ed"), "permerror"))
         publish(f"{tag}-h", b"v=DKIM1; k=rsa; h=sha256; p=" + p)
         cases.append((f"{tag}-h", sign(f"{tag}-h", pem, algo, "h"), "pass"))
-    pem, der = _key(768)  # below dkimpy's minkey (1024)
+    pem, der = rsa_pem_der(768)  # below dkimpy's minkey (1024)
     publish("small", b"v=DKIM1; k=rsa; p=" + base64.b64encode(der))
     cases.append(("small", sign("small", pem, b"rsa-sha256", "small"), "permerror"))
     publish("garbage", b"v=DKIM1; k=rsa; p=" + base64.b64encode(b"\x30\x03\x02\x01\x05"))
@@ -142,7 +121,7 @@ def test_hook_is_installed_and_keys_cached(resolver: SyncResolver) -> None:
 
 def test_odd_signatures_go_to_dkimpy() -> None:
     """A signature not of the modulus' length, or not below it: dkimpy's own answer."""
-    _pem, der = _key(1024)
+    _pem, der = rsa_pem_der(1024)
     key = dkim.parse_public_key(der)
     assert isinstance(key, fast_rsa.RSAPublic)
     hasher = dkim.HASH_ALGORITHMS[b"rsa-sha256"]()
@@ -155,7 +134,7 @@ def test_odd_signatures_go_to_dkimpy() -> None:
 @pytest.mark.skipif(not Path(TESTMSG).exists(), reason="opendkim-testmsg is not installed")
 def test_opendkim_signed_mail(tmp_path: Path) -> None:
     """A mail libopendkim signed (rsa-sha1, relaxed/simple) passes; tampered, it fails as dkimpy says."""
-    pem, der = _key(2048)
+    pem, der = rsa_pem_der(2048)
     (tmp_path / "key.pem").write_bytes(pem)
     r = subprocess.run(
         [TESTMSG, "-C", "-d", DOMAIN, "-s", "od", "-k", str(tmp_path / "key.pem"),

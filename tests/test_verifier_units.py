@@ -266,22 +266,13 @@ def test_dkim_key_record_problems_are_permerror_not_fail() -> None:
     import base64
 
     import dkim
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import rsa
 
     from poste.dkim import verify as dkim_verify
     from poste.services.verifier import spf
+    from support.dkimkit import rsa_pem_der
     from support.fakedns import fake_dns, records_lookup
 
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    pem = key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.TraditionalOpenSSL,
-        serialization.NoEncryption(),
-    )
-    der = key.public_key().public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
+    pem, der = rsa_pem_der(2048)
     pub = base64.b64encode(der).decode()
 
     def txt(text: str) -> list[bytes]:

@@ -8,12 +8,35 @@ import signal
 import subprocess
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
 
 from poste.dkim import keys as dkim_keys
 from poste.dns.records import zone_txt
 from support.net import wait_path, wait_port
 
 DOMAIN = "example.test"
+
+
+def rsa_pem_der(bits: int) -> tuple[bytes, bytes]:
+    """A new RSA key as (PKCS#1 PEM private key, SubjectPublicKeyInfo DER)."""
+    if bits < 1024:  # cryptography makes none this small; openssl still does
+        out = subprocess.run(["openssl", "genrsa", "-traditional", str(bits)],
+                             capture_output=True, check=True, timeout=30).stdout
+        key: Any = serialization.load_pem_private_key(out, None, unsafe_skip_rsa_key_validation=True)
+    else:
+        key = rsa.generate_private_key(public_exponent=65537, key_size=bits)
+    pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.TraditionalOpenSSL,
+        serialization.NoEncryption(),
+    )
+    der = key.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return pem, der
 
 
 def mail(subject: str = "Hello", body: str = "Hi there.\r\n") -> bytes:
