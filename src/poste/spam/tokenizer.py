@@ -13,7 +13,6 @@ them one per line).
 
 from __future__ import annotations
 
-import functools
 import re
 from itertools import compress
 
@@ -71,6 +70,8 @@ _NOT_LETTERS = dict.fromkeys(range(ord("A"), ord("Z") + 1)) | dict.fromkeys(
 _NOT_UPPER = dict.fromkeys(range(ord("A"), ord("Z") + 1))
 
 _SEEN_TOKENS = {name: f"header:{name}" for name in _SEEN_FIELDS}
+# the host prefixes of address fields, made once (a new string per call is hashed anew)
+_DOMAIN = {name: f"{name}:domain" for name in ("from", "reply-to", "to", "cc")}
 
 
 def words(text: str) -> set[str]:
@@ -104,13 +105,27 @@ def _clean(value: str, size: int = 20) -> str:
     return "".join(value.split()).lower()[:size]
 
 
+# prefix -> host -> its tokens: the same hosts recur in every mail.  A dict
+# per prefix, not functools.lru_cache: no key tuple to build and hash and no
+# recency list to keep, for ~7 lookups a mail; emptied when it grows too big.
+_HOSTS: dict[str, dict[str, tuple[str, ...]]] = {}
+_MAX_HOSTS = 1 << 16
+
+
 def _host_tokens(prefix: str, host: str, out: set[str]) -> None:
-    out.update(_host_token_tuple(prefix, host))
+    cache = _HOSTS.get(prefix)
+    if cache is None:
+        cache = _HOSTS[prefix] = {}
+    found = cache.get(host)
+    if found is None:
+        if len(cache) >= _MAX_HOSTS:
+            cache.clear()
+        found = cache[host] = _host_token_tuple(prefix, host)
+    out.update(found)
 
 
-@functools.lru_cache(maxsize=1 << 16)
 def _host_token_tuple(prefix: str, host: str) -> tuple[str, ...]:
-    """`prefix:host` and its owner domains (cached: the same hosts recur in every mail)."""
+    """`prefix:host` and its owner domains."""
     host = _clean(host, 255).strip(".").rsplit("@", 1)[-1]
     if not host:
         return ()
@@ -222,7 +237,7 @@ def _address_tokens(prefix: str, value: str, out: set[str]) -> None:
         addr = addr.lower()
         out.add(f"{prefix}:addr:{addr}")
         local, _, domain = addr.rpartition("@")
-        _host_tokens(f"{prefix}:domain", domain, out)
+        _host_tokens(_DOMAIN[prefix], domain, out)
         if any(map(str.isdigit, local)):  # a C loop, not a generator's frames
             out.add(f"{prefix}:local-has-digits")
     out.update([f"{prefix}:name:{w}" for w in words(name)])
@@ -262,7 +277,7 @@ def _header_tokens(part: Part, out: set[str]) -> None:
             n = value.count("@")
             out.add(f"{field}:count:{min(n, 5)}")
             for dom in _EMAIL.findall(value)[:5]:
-                _host_tokens(f"{field}:domain", dom, out)
+                _host_tokens(_DOMAIN[field], dom, out)
     for value in h.first("message-id"):
         dom = value.rpartition("@")[2].strip("<> ")
         if dom:
