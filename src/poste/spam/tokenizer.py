@@ -72,6 +72,7 @@ _NOT_UPPER = dict.fromkeys(range(ord("A"), ord("Z") + 1))
 _SEEN_TOKENS = {name: f"header:{name}" for name in _SEEN_FIELDS}
 # the host prefixes of address fields, made once (a new string per call is hashed anew)
 _DOMAIN = {name: f"{name}:domain" for name in ("from", "reply-to", "to", "cc")}
+_NAME = {name: f"{name}:name:" for name in ("from", "reply-to")}
 
 
 def words(text: str) -> set[str]:
@@ -240,7 +241,7 @@ def _address_tokens(prefix: str, value: str, out: set[str]) -> None:
         _host_tokens(_DOMAIN[prefix], domain, out)
         if any(map(str.isdigit, local)):  # a C loop, not a generator's frames
             out.add(f"{prefix}:local-has-digits")
-    out.update([f"{prefix}:name:{w}" for w in words(name)])
+    out.update(map(_NAME[prefix].__add__, words(name)))
 
 
 def _header_tokens(part: Part, out: set[str]) -> None:
