@@ -127,3 +127,44 @@ def test_rolling_folds_train_on_older_parts_only(tmp_path: Path, poste_bin: str)
         timeout=60,
     )
     assert r.returncode != 0 and b"Traceback" not in r.stderr
+
+
+def test_unseen_senders_folds_train_without_the_senders_they_label(
+    tmp_path: Path, poste_bin: str
+) -> None:
+    from poste.spam.evaluate import sender_key
+
+    assert sender_key(b"From: A <a@lists.example.co.uk>\r\n\r\nx") == "example.co.uk"
+    assert sender_key(b"From: b@Mail.Example.ORG\r\n\r\nx") == "example.org"
+    # no usable From: a sender of its own, never equal to another mail's
+    assert sender_key(b"Subject: x\r\n\r\n").startswith("#")
+    rng = random.Random(7)
+    # every spam from a sender of its own, every ham from the same one
+    spam = [
+        dated(spammy(rng).replace(b"deals@bulk-offers.example", f"d@s{d}.example".encode()), d)
+        for d in range(1, 21)
+    ]
+    ham = [dated(hammy(rng), d) for d in range(1, 21)]
+    write_folder(tmp_path / "spam", spam)
+    write_folder(tmp_path / "ham", ham)
+    args = [poste_bin, "spam", "eval", "--split", "--time-folds", "3", "--unseen-senders"]
+    args += ["-j1", "--spam", str(tmp_path / "spam"), "--ham", str(tmp_path / "ham")]
+    r = subprocess.run(args, capture_output=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    text = r.stdout.decode()
+    assert "without the older mail of the senders it labels" in text
+    rows = {
+        ln.split()[0] + ln.split()[1]: ln.split()[2:]
+        for ln in text.splitlines()
+        if ln.startswith(("fold", "3 folds"))
+    }
+    # the older spam stay (new senders each), the older ham go (their sender is labelled)
+    assert rows["fold1"][0] == "4+0"
+    assert rows["fold3"][0] == "12+0"
+    r = subprocess.run(
+        [poste_bin, "spam", "eval", "--split", "--unseen-senders", "--spam", "x", "--ham", "y"],
+        capture_output=True,
+        timeout=60,
+    )
+    assert r.returncode != 0 and b"Traceback" not in r.stderr
+    assert b"--unseen-senders goes with --time-folds" in r.stderr

@@ -381,6 +381,12 @@ def _fields(
     "The test part is never used.",
 )
 @click.option(
+    "--unseen-senders",
+    is_flag=True,
+    help="With --time-folds: each fold also trains without the older mails of the senders "
+    "(From: organisational domain) it labels, so every labelled mail is from a new sender.",
+)
+@click.option(
     "--min-count",
     type=click.IntRange(0),
     default=0,
@@ -425,6 +431,7 @@ def evaluate(
     test_fraction: float,
     inner: bool,
     time_folds: int | None,
+    unseen_senders: bool,
     min_count: int,
     drop: tuple[str, ...],
     shrink: float,
@@ -451,11 +458,13 @@ def evaluate(
         raise click.UsageError("--time-folds goes with --split")
     if time_folds and inner:
         raise click.UsageError("--time-folds and --inner are two different splits: one of them")
+    if unseen_senders and not time_folds:
+        raise click.UsageError("--unseen-senders goes with --time-folds")
     if split:
         _holdout(spam_paths, ham_paths, test_fraction, params, j,
                  inner=inner, sweep=sweep, epochs=epochs, members=members, seed=seed,
                  time_folds=time_folds, min_count=min_count, drop=drop, shrink=shrink,
-                 ham_weight=ham_weight, l2=l2)
+                 ham_weight=ham_weight, l2=l2, unseen_senders=unseen_senders)
         return
     spam = list(tokenize_many([raw for _, raw in _messages(spam_paths)], params.max_bytes, j))
     ham = list(tokenize_many([raw for _, raw in _messages(ham_paths)], params.max_bytes, j))
@@ -487,6 +496,7 @@ def _holdout(
     shrink: float = 0.0,
     ham_weight: float | None = None,
     l2: float | None = None,
+    unseen_senders: bool = False,
 ) -> None:
     from poste.spam.corpus import mail_time
     from poste.spam.database import Learning
@@ -516,12 +526,15 @@ def _holdout(
         folds = rolling(
             folders, fraction, time_folds, params, epochs, members=members, seed=seed,
             min_count=min_count, drop=drop, shrink=shrink, learning=learning,
+            unseen_senders=unseen_senders,
         )
         lines = [
             f"rolling time folds inside the training part ({1 - fraction:.0%} of each PATH, "
             f"cut by arrival into {time_folds + 1}); {members} member(s), seed {seed}, "
             f"{epochs} epochs, min-count {min_count}, drop {' '.join(drop) or '-'}, "
-            f"shrink {shrink:g}, ham weight {learning.ham_weight:g}, l2 {learning.l2:g}",
+            f"shrink {shrink:g}, ham weight {learning.ham_weight:g}, l2 {learning.l2:g}"
+            + ("; each fold without the older mail of the senders it labels" if unseen_senders
+               else ""),
             "",
             *rolling_lines(folds),
         ]
