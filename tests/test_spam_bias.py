@@ -23,7 +23,7 @@ def test_one_ham_step_moves_the_bias_ham_weight_times_as_hard() -> None:
     feats = {"alpha", "beta"}
     steps = {}
     for wb in (False, True):
-        db = Database(Learning(weight_bias=wb), members=1)
+        db = Database(Learning(ham_weight=3.0, weight_bias=wb), members=1)
         db.train(feats, False)
         steps[wb] = (db.z[BIAS], db.z["alpha"])
     # from zero the score is 0.5 and g = 0.5: the tokens take 3 * 0.5 either way
@@ -34,6 +34,10 @@ def test_one_ham_step_moves_the_bias_ham_weight_times_as_hard() -> None:
     for db in spam:
         db.train(feats, True)
     assert spam[0].z == spam[1].z
+
+
+def test_a_new_database_weights_the_bias_with_ham_weight_4() -> None:
+    assert Learning().weight_bias is True and Learning().ham_weight == 4.0
 
 
 def test_with_it_a_mail_of_unknown_tokens_stays_in_the_middle() -> None:

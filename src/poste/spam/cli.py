@@ -404,7 +404,7 @@ def _fields(
 )
 @click.option(
     "--ham-weight", type=click.FloatRange(0.0), default=None,
-    help="With --time-folds: the learner's ham weight (default 3).",
+    help="With --time-folds: the learner's ham weight (default 4).",
 )
 @click.option(
     "--l2", type=click.FloatRange(0.0), default=None,
