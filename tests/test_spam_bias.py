@@ -6,6 +6,8 @@ import json
 import struct
 from pathlib import Path
 
+import pytest
+
 from poste.spam import Classifier, Database
 from poste.spam.database import BIAS, Learning
 from poste.spam.tokenizer import tokenize
@@ -76,3 +78,22 @@ def test_update_of_a_file_goes_on_with_its_own_setting(tmp_path: Path) -> None:
         db, _ = update_into(str(path), [(frozenset(tokenize(spam[0])), True)], 1, members=2)
         assert db.learning.weight_bias is wb
         assert Database.load(path).learning.weight_bias is wb
+
+
+def test_a_cached_table_of_an_unweighted_file_trains_on_unweighted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The weight cache's header does not hold the setting: training reads it from the file."""
+    from poste.spam import weights_cache
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    path = tmp_path / "old.db"
+    _fit(False).save(path)
+    weights_cache.load(str(path))  # a miss: writes the cache
+    hit = weights_cache.load(str(path))
+    assert hit._source is not None
+    direct = Database.load(path)
+    for db in (hit, direct):
+        db.train({"alpha", "beta"}, False)
+    assert hit.learning.weight_bias is False
+    assert hit.zs == direct.zs
