@@ -29,7 +29,7 @@ def test_mail_with_no_known_token_is_unknown() -> None:
     r = clf.classify(b"Subject: zzqx\r\n\r\nqwertyuiop asdfghjkl")
     assert r.label == "unknown"
     # none of its words is known; only the content type every training mail
-    # had can weigh (ham's tokens learn twice as hard: Learning.ham_weight)
+    # had can weigh (ham's tokens learn ham_weight times as hard)
     assert [t for t in r.tokens if not t.startswith("ct:")] == []
 
 

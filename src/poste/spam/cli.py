@@ -16,7 +16,7 @@ from poste.spam.corpus import (
     split_mbox_raw,
     unquote_mbox,
 )
-from poste.spam.database import MEMBERS, Database, DatabaseError
+from poste.spam.database import MEMBERS, Database, DatabaseError, Learning
 from poste.spam.mime import DEFAULT_MAX_BYTES
 from poste.spam.model import Classifier, Params
 
@@ -165,6 +165,14 @@ def main() -> None:
     help="Save the members as one model with the same weights (a small file to ship; "
     "--update from it learns as one model).",
 )
+@click.option(
+    "--weight-bias/--no-weight-bias",
+    "weight_bias",
+    default=None,
+    help="A new database's bias learns ham's gradient times the ham weight too, as every "
+    "token does (default: yes; --no-weight-bias for the databases before it). "
+    "--update keeps the file's own.",
+)
 @click.option("--note", default=None, help="A line saying what the database was trained on.")
 @click.option(
     "--compress/--no-compress",
@@ -184,6 +192,7 @@ def train(
     drop_prefixes: tuple[str, ...],
     sparse: bool,
     merge: bool,
+    weight_bias: bool | None,
     note: str | None,
     compress: bool | None,
     members: int,
@@ -211,6 +220,9 @@ def train(
     from poste.spam.learn import train_into, update_into
 
     pre = tuple(drop_prefixes)
+    learning = Learning()
+    if weight_bias is not None:
+        learning.weight_bias = weight_bias
     try:
         if update:
             # the learn mails' read-modify-write: locked, loaded as it is now on disk, saved
@@ -219,9 +231,9 @@ def train(
             db, dropped = update_into(output, mails, epochs, min_count=min_count,
                                       drop_prefixes=pre, sparse=sparse, note=note,
                                       compress=compress, members=members, seed=seed,
-                                      merge=merge)
+                                      merge=merge, learning=learning)
         else:
-            db = Database(members=members)
+            db = Database(learning, members=members)
             dropped = train_into(db, mails, epochs, min_count=min_count, drop_prefixes=pre,
                                  sparse=sparse, note=note, seed=seed, merge=merge)
             db.save(output, compress=compress)
@@ -398,11 +410,16 @@ def _fields(
 )
 @click.option(
     "--ham-weight", type=click.FloatRange(0.0), default=None,
-    help="With --time-folds: the learner's ham weight (default 3).",
+    help="With --time-folds: the learner's ham weight (default 4).",
 )
 @click.option(
     "--l2", type=click.FloatRange(0.0), default=None,
     help="With --time-folds: the learner's L2 (default 1).",
+)
+@click.option(
+    "--weight-bias/--no-weight-bias", "weight_bias", default=None,
+    help="With --time-folds: the bias learns ham's gradient times the ham weight too "
+    "(default: as train).",
 )
 @click.option(
     "--shrink",
@@ -437,6 +454,7 @@ def evaluate(
     shrink: float,
     ham_weight: float | None,
     l2: float | None,
+    weight_bias: bool | None,
     epochs: int,
     members: int,
     seed: int,
@@ -464,7 +482,8 @@ def evaluate(
         _holdout(spam_paths, ham_paths, test_fraction, params, j,
                  inner=inner, sweep=sweep, epochs=epochs, members=members, seed=seed,
                  time_folds=time_folds, min_count=min_count, drop=drop, shrink=shrink,
-                 ham_weight=ham_weight, l2=l2, unseen_senders=unseen_senders)
+                 ham_weight=ham_weight, l2=l2, weight_bias=weight_bias,
+                 unseen_senders=unseen_senders)
         return
     spam = list(tokenize_many([raw for _, raw in _messages(spam_paths)], params.max_bytes, j))
     ham = list(tokenize_many([raw for _, raw in _messages(ham_paths)], params.max_bytes, j))
@@ -496,10 +515,10 @@ def _holdout(
     shrink: float = 0.0,
     ham_weight: float | None = None,
     l2: float | None = None,
+    weight_bias: bool | None = None,
     unseen_senders: bool = False,
 ) -> None:
     from poste.spam.corpus import mail_time
-    from poste.spam.database import Learning
     from poste.spam.evaluate import (
         Folder,
         holdout,
@@ -523,6 +542,8 @@ def _holdout(
             learning.ham_weight = ham_weight
         if l2 is not None:
             learning.l2 = l2
+        if weight_bias is not None:
+            learning.weight_bias = weight_bias
         folds = rolling(
             folders, fraction, time_folds, params, epochs, members=members, seed=seed,
             min_count=min_count, drop=drop, shrink=shrink, learning=learning,
@@ -532,7 +553,8 @@ def _holdout(
             f"rolling time folds inside the training part ({1 - fraction:.0%} of each PATH, "
             f"cut by arrival into {time_folds + 1}); {members} member(s), seed {seed}, "
             f"{epochs} epochs, min-count {min_count}, drop {' '.join(drop) or '-'}, "
-            f"shrink {shrink:g}, ham weight {learning.ham_weight:g}, l2 {learning.l2:g}"
+            f"shrink {shrink:g}, ham weight {learning.ham_weight:g}, l2 {learning.l2:g}, "
+            f"bias {'weighted' if learning.weight_bias else 'unweighted'}"
             + ("; each fold without the older mail of the senders it labels" if unseen_senders
                else ""),
             "",

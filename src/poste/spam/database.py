@@ -46,7 +46,8 @@ gzip-compressed as a whole (detected by the gzip magic on load):
     16      H     header, UTF-8 JSON object: {"model": "ftrl", "members": M,
                   "nspam": int, "nham": int, "tokens": N, "weighted": K,
                   "alpha": float, "beta": float, "l1": float, "l2": float,
-                  "length": int, "ham_weight": float, "note": str}
+                  "length": int, "ham_weight": float, "weight_bias": bool,
+                  "note": str}
                   (unknown keys are ignored)
     16+H    4     u32 length B of the token blob
     20+H    B     the N tokens, UTF-8, joined by "\\n" (tokens never hold "\\n"):
@@ -95,6 +96,9 @@ VERSION = 4
 MEMBERS = 8
 _U32 = struct.Struct("<I")
 BIAS = "*bias*"
+# whether a new database's bias learns ham's gradient times ham_weight (Learning.weight_bias):
+# chosen on the rolling time folds, with ham_weight 4 (docs/spamfilter.md)
+WEIGHT_BIAS = True
 
 
 _Packed = tuple[str, list["array.array[float]"], list["array.array[float]"], "array.array[int]", int]
@@ -113,11 +117,16 @@ class Learning:
     sqrt(length / its count) (a long newsletter is not spam for having many
     mildly spammy words: "our", "please", "click"); ham_weight: a ham mail's
     gradient counts this many times a spam's (a false positive, a good mail
-    labelled spam, costs far more than a miss).
+    labelled spam, costs far more than a miss); weight_bias: the bias learns a
+    ham's gradient times ham_weight too, as every other token does (a weighted
+    log loss; without it the tokens of every ham learn ham_weight times as hard
+    as the bias, the tokens in nearly every mail go to the ham side and the
+    bias to the spam side, +6 in the database shipped before it, so that a mail
+    with no known token scored 0.998: see docs/spamfilter.md).
     """
 
     # a plain class, not a dataclass: `import dataclasses` costs ~20 ms of a batch command's start-up
-    __slots__ = ("alpha", "beta", "ham_weight", "l1", "l2", "length")
+    __slots__ = ("alpha", "beta", "ham_weight", "l1", "l2", "length", "weight_bias")
 
     def __init__(
         self,
@@ -126,7 +135,8 @@ class Learning:
         l1: float = 0.5,
         l2: float = 1.0,
         length: int = 150,
-        ham_weight: float = 3.0,
+        ham_weight: float = 4.0,
+        weight_bias: bool = WEIGHT_BIAS,
     ) -> None:
         self.alpha = alpha
         self.beta = beta
@@ -134,9 +144,11 @@ class Learning:
         self.l2 = l2
         self.length = length
         self.ham_weight = ham_weight
+        self.weight_bias = weight_bias
 
-    def _key(self) -> tuple[float, float, float, float, int, float]:
-        return (self.alpha, self.beta, self.l1, self.l2, self.length, self.ham_weight)
+    def _key(self) -> tuple[float, float, float, float, int, float, bool]:
+        return (self.alpha, self.beta, self.l1, self.l2, self.length, self.ham_weight,
+                self.weight_bias)
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Learning) and self._key() == other._key()
@@ -145,8 +157,9 @@ class Learning:
         return hash(self._key())
 
     def __repr__(self) -> str:
-        a, b, l1, l2, n, h = self._key()
-        return f"Learning(alpha={a}, beta={b}, l1={l1}, l2={l2}, length={n}, ham_weight={h})"
+        a, b, l1, l2, n, h, wb = self._key()
+        return (f"Learning(alpha={a}, beta={b}, l1={l1}, l2={l2}, length={n}, ham_weight={h}, "
+                f"weight_bias={wb})")
 
 
 def scale(ntokens: int, length: int) -> float:
@@ -212,6 +225,7 @@ class Database:
                 loaded = Database.from_bytes(f.read())
             self._packed = loaded._packed
             self.members = loaded.members
+            self.learning = loaded.learning  # the cached table's header holds not every knob
         if self._packed is not None:
             blob, zs, ns, seen, _ = self._packed
             tokens = blob.split("\n") if len(seen) else []
@@ -349,10 +363,12 @@ class Database:
         g = (_sigmoid(x * math.fsum(ws.values())) - (1.0 if is_spam else 0.0)) * x
         g_bias = g
         if not is_spam:
-            # the tokens of a ham learn ham_weight times as hard; the bias
-            # does not, so the prior stays what the mails say and a mail
-            # with no known token stays near the middle (unknown)
+            # the tokens of a ham learn ham_weight times as hard; with
+            # weight_bias the bias too (a weighted log loss), without it
+            # (databases before it) the bias learns the plain gradient
             g *= p.ham_weight
+            if p.weight_bias:
+                g_bias = g
         for t in feats:
             gt = g_bias if t == BIAS else g
             n = ns.get(t, 0.0)
@@ -490,6 +506,7 @@ class Database:
                 "l2": p.l2,
                 "length": p.length,
                 "ham_weight": p.ham_weight,
+                "weight_bias": p.weight_bias,
                 "note": self.note,
             },
             sort_keys=True,
@@ -565,6 +582,8 @@ class Database:
                 int(header["length"]),
                 # absent from files written before it existed: they learnt with 1
                 float(header.get("ham_weight", 1.0)),
+                # absent from files written before it existed: their bias learnt unweighted
+                bool(header.get("weight_bias", False)),
             )
             arrays: list[array.array[float]] = []
             for i in range(2 * members):

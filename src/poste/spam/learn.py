@@ -49,7 +49,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from email.message import Message as EmailMessage
 
-from poste.spam.database import BIAS, MEMBERS, Database, _sigmoid, scale
+from poste.spam.database import BIAS, MEMBERS, Database, Learning, _sigmoid, scale
 from poste.spam.mime import DEFAULT_MAX_BYTES
 from poste.spam.tokenizer import tokenize
 
@@ -325,17 +325,22 @@ def update_into(
     members: int = MEMBERS,
     seed: int = 0,
     merge: bool = False,
+    learning: Learning | None = None,
 ) -> tuple[Database, int]:
     """`poste spam train --update`: go on learning the file at `path` from tokenized mails.
 
     The same read-modify-write as a learn mail (locked, loaded fresh, saved
     atomically), so an operator's batch and the users' learn mails never
     undo each other.  A missing file starts from an empty database of
-    `members` members; an existing one keeps its own members, each trained on.
+    `members` members (and `learning`'s knobs); an existing one keeps its own
+    members and knobs, each member trained on.
     Returns the database written and how many tokens were dropped.
     """
     with locked(path):
-        db = Database.load(path) if os.path.exists(path) else Database(members=members)
+        if os.path.exists(path):
+            db = Database.load(path)
+        else:
+            db = Database(learning, members=members)
         if compress is None and os.path.exists(path):
             compress = _is_gzip(path) or None
         dropped = train_into(db, mails, epochs, min_count=min_count,
