@@ -76,14 +76,19 @@ apt_install() {
 }
 
 # The Python the venvs are made with: Debian's own /usr/bin/python3 (the one python3-venv is
-# installed for) when there is one, even if another python3 (pyenv's, a self-built one) comes
-# first on PATH; POSTE_PYTHON chooses another. Why: such builds are usually made without PGO and
-# LTO (pyenv's default), and everything poste does in Python runs slower on them: `poste spam
+# installed for) when there is one new enough (3.11, as pyproject.toml asks), even if another
+# python3 (pyenv's, a self-built one) comes first on PATH; POSTE_PYTHON chooses another. Why:
+# such builds are usually made without PGO and LTO (pyenv's default), and everything poste does
+# in Python runs slower on them: `poste spam
 # classify -j1` on the spam benchmark's 8,120-mail mbox took 1.40-1.44 s of CPU on pyenv's 3.11.7
 # and 1.20-1.26 s on Debian 12's 3.11.2, the same code (2026-12-04).
 POSTE_PYTHON=${POSTE_PYTHON:-}
 if [ -z "$POSTE_PYTHON" ]; then
-  if [ -x /usr/bin/python3 ]; then POSTE_PYTHON=/usr/bin/python3; else POSTE_PYTHON=python3; fi
+  if [ -x /usr/bin/python3 ] && /usr/bin/python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
+    POSTE_PYTHON=/usr/bin/python3
+  else
+    POSTE_PYTHON=python3
+  fi
 fi
 
 # make_venv DIR LOCKFILE [PIP-INSTALL-TARGET]: a venv in DIR with exactly the locked dependencies,

@@ -432,7 +432,7 @@ def sender_key(raw: bytes) -> str:
     so it never takes others out of training.
     """
     from poste.dns.dmarc import org_domain
-    from poste.services.verifier.dmarc import from_domain
+    from poste.smtp.from_field import from_domain
 
     domain, _ = from_domain(raw)
     return org_domain(domain) if domain else f"#{id(raw)}"

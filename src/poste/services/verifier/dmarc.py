@@ -9,15 +9,10 @@ domain>` (RFC 7489 6.6.3).
 
 from __future__ import annotations
 
-import email.utils
 import os
 import random
 from dataclasses import dataclass
 
-import dns.exception
-import dns.name
-import dns.rdatatype
-import dns.resolver
 from publicsuffixlist import PublicSuffixList
 
 from poste.dkim.verify import DKIMResult
@@ -31,8 +26,7 @@ from poste.dns.dmarc import (  # noqa: F401  (re-exported: the verifier's DMARC 
 )
 from poste.dns.resolver import SyncResolver
 from poste.services.verifier.spf import SPFResult
-from poste.smtp.address import domain_key
-from poste.smtp.from_field import from_fields
+from poste.smtp.from_field import from_domain
 
 
 class PSLError(ValueError):
@@ -83,38 +77,6 @@ class DMARCResult:
         if self.result != "fail" or self.applied_policy != "reject" or self.policy is None:
             return False
         return self.policy.pct >= 100 or random.randrange(100) < self.policy.pct
-
-
-def from_domain(message: bytes) -> tuple[str | None, str]:
-    """The RFC5322.From domain, or None and why (no From, several, unparseable)."""
-    try:
-        fields = from_fields(message)  # as email's parser would, by a regex mostly
-    except Exception as exc:  # the transport path never trusts the parser
-        return None, f"message not parseable ({exc.__class__.__name__})"
-    if len(fields) != 1:
-        return None, "no From field" if not fields else "several From fields"
-    try:
-        addresses = email.utils.getaddresses([fields[0]])
-    except Exception:
-        return None, "From not parseable"
-    addresses = [a for a in addresses if a[1]]
-    if len(addresses) != 1:
-        return None, "From has no single address"
-    _, at, domain = addresses[0][1].rpartition("@")
-    if not at:
-        return None, "From has no domain"
-    domain = domain_key(domain)
-    if not domain or not _is_domain(domain):
-        return None, "From has no domain"
-    return domain, ""
-
-
-def _is_domain(text: str) -> bool:
-    try:
-        dns.name.from_text(text)
-    except (dns.exception.DNSException, UnicodeError):
-        return False
-    return all(c.isalnum() or c in "-._" for c in text)
 
 
 def evaluate_sync(
