@@ -23,11 +23,10 @@ from collections.abc import Iterator
 TYPE_CHECKING = False
 
 if TYPE_CHECKING:
-    from mmap import mmap
+    from io import BufferedIOBase
     from pathlib import Path
-    from typing import BinaryIO
 
-    Buffer = bytes | mmap
+    Buffer = bytes | bytearray
 
 _QUOTED_FROM = re.compile(rb"^>(>*From )", re.M)
 _FROM_LINE = re.compile(rb"\nFrom ")
@@ -46,46 +45,89 @@ def split_mbox(data: Buffer) -> Iterator[bytes]:
     copied out of `data` once (its blank last line cut by offset), not
     sliced again to cut it: reading an mbox was a tenth of `poste spam
     classify`'s own time.
-    `data` is bytes or a read-only mmap of the file (whose pages are the
-    page cache's: no copy of the whole file, no fault per page of it), so
-    only find and slices are used.
     """
     starts = _starts(data)
     starts.append(len(data))
+    with memoryview(data) as view:
+        yield from _cut(data, view, starts, len(starts) - 1)
+
+
+_PIECE = 1 << 20  # what split_mbox_file reads at a time (its buffer grows for a longer mail)
+
+
+def split_mbox_file(f: BufferedIOBase, piece: int = _PIECE) -> Iterator[bytes]:
+    """split_mbox(f.read()), read piece by piece into one buffer that is used again.
+
+    Why not f.read(): that copies the whole mbox into fresh memory (a page
+    fault and a copy per 4 KB; 1,900 faults and 10 ms of `poste spam
+    classify` on the 4 MB benchmark mbox) before each message is copied out
+    of it once more.  Why not mmap, which avoided that until 2026-12-04: a
+    file another program truncates while it is mapped (a mail client
+    compacting the mbox) ends the process with SIGBUS, no error line, no
+    output.  Here the buffer's pages fault once and each message is copied
+    out once; a file that shrinks under the reader just ends early.
+    Messages are cut exactly as split_mbox cuts them (tests compare both
+    over pieces of every size).
+    """
+    buf = bytearray(piece)
+    have = 0  # bytes of buf holding the file
+    starts: list[int] = []  # where the messages not yet given begin in buf
+    scan = 0  # "\nFrom " matches starting at or after this are still to be found
+    first = True
+    while True:
+        if have == len(buf):  # one message fills the buffer: make it bigger
+            buf.extend(bytes(len(buf)))
+        with memoryview(buf) as view:
+            n = f.readinto(view[have:])
+        eof = not n
+        have += n or 0
+        if (first and have >= 5) or eof:
+            if first and buf[:5] == b"From ":
+                starts.append(0)
+            first = False
+        starts.extend([m.start() + 1 for m in _FROM_LINE.finditer(buf, scan, have)])
+        scan = max(have - 5, 0)  # a match can begin in the last 5 bytes and end in the next piece
+        done = len(starts) if eof else len(starts) - 1  # the last one may not be whole yet
+        if done > 0:
+            if eof:
+                starts.append(have)
+            with memoryview(buf) as view:
+                yield from _cut(buf, view, starts, done)
+            if eof:
+                return
+            keep = starts[done]  # the first message not whole yet moves to the front
+            buf[: have - keep] = buf[keep:have]
+            have -= keep
+            scan = max(scan - keep, 0)
+            starts = [0]
+        elif eof:
+            return
+        elif not starts:  # text before the first From_ line: split_mbox drops it
+            scan = max(have - 5, 0)
+            buf[: have - scan] = buf[scan:have]
+            have -= scan
+            scan = 0
+
+
+def _cut(data: Buffer, view: memoryview, starts: list[int], count: int) -> Iterator[bytes]:
+    """The first `count` messages of data at `starts` (starts[count] ends the last one).
+
+    Each message is copied out once, through `view` (a bytearray's slice
+    would be a copy, then bytes() a second).
+    """
     find = data.find
-    for k in range(len(starts) - 1):
+    for k in range(count):
         s, end = starts[k], starts[k + 1]
         eol = find(b"\n", s, end)
         cut = end if eol < 0 else eol + 1
-        # data.endswith(b"\r\n\r\n", cut, end), then b"\n\n" (an mmap has no endswith)
         if end - cut >= 4 and data[end - 4 : end] == b"\r\n\r\n":
             end -= 2
         elif end - cut >= 2 and data[end - 2 : end] == b"\n\n":
             end -= 1
-        msg = data[cut:end]
-        if b">From " in msg:  # searched in the copy, fresh in the cache
+        msg = bytes(view[cut:end])
+        if b">From " in msg:
             msg = _QUOTED_FROM.sub(rb"\1", msg)
         yield msg
-
-
-def _map(f: BinaryIO) -> mmap | None:
-    """A read-only map of the open file f; None when it cannot be mapped (empty, a pipe).
-
-    Why map rather than read: reading copies the whole mbox into fresh
-    memory (a page fault and a copy per 4 KB), then each message is copied
-    out of it again; a map hands the page cache's pages over, and each
-    message is copied once, when its turn comes, into memory the previous
-    message freed.  On the 4 MB benchmark mbox that is 1,900 page faults
-    and 10 ms less for `poste spam classify`.
-    """
-    import mmap  # only for mboxes
-
-    try:
-        if os.fstat(f.fileno()).st_size == 0:
-            return None
-        return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-    except (OSError, ValueError, OverflowError):
-        return None
 
 
 def _is_mbox_name(name: str) -> bool:
@@ -109,20 +151,15 @@ def iter_messages(path: str) -> Iterator[tuple[str, bytes]]:
         try:
             with open(path, "rb") as f:
                 head = f.read(5)
-                is_mbox = head == b"From " or _is_mbox_name(os.path.basename(path))
-                mapped = _map(f) if is_mbox else None
-                data = b"" if mapped is not None else head + f.read()
+                if head == b"From " or _is_mbox_name(os.path.basename(path)):
+                    f.seek(0)
+                    for i, msg in enumerate(split_mbox_file(f), 1):
+                        yield f"{path}:{i}", msg
+                    return
+                data = head + f.read()
         except OSError as exc:
             raise CorpusError(f"cannot read {path}: {exc.strerror}") from None
-        if not is_mbox:
-            yield path, data
-            return
-        if mapped is None:
-            yield from ((f"{path}:{i}", msg) for i, msg in enumerate(split_mbox(data), 1))
-            return
-        with mapped:
-            for i, msg in enumerate(split_mbox(mapped), 1):
-                yield f"{path}:{i}", msg
+        yield path, data
         return
     from pathlib import Path  # not at module level: `mark` only splits mboxes
 
@@ -214,10 +251,9 @@ def _iter_tar(archive: str, folder: str) -> Iterator[tuple[str, bytes]]:
 def _starts(data: Buffer) -> list[int]:
     """Where each message of an mbox begins: at each line starting with "From ".
 
-    One regex scan, straight over an mmap too: the regex engine skips to
-    each newline by its literal prefix, faster here than bytes.find (whose
-    two-way search is made for rarer needles) and than mmap.find (a plain
-    loop), and nothing is copied to search it.
+    One regex scan: the regex engine skips to each newline by its literal
+    prefix, faster here than bytes.find (whose two-way search is made for
+    rarer needles), and nothing is copied to search it.
     """
     starts = [0] if data[:5] == b"From " else []
     starts.extend([m.start() + 1 for m in _FROM_LINE.finditer(data)])
