@@ -118,6 +118,20 @@ def main() -> None:
     """
 
 
+def _learning(
+    ham_weight: float | None = None, l2: float | None = None, weight_bias: bool | None = None
+) -> Learning:
+    """The learner's settings: the defaults, but for the options given (None: not given)."""
+    learning = Learning()
+    if ham_weight is not None:
+        learning.ham_weight = ham_weight
+    if l2 is not None:
+        learning.l2 = l2
+    if weight_bias is not None:
+        learning.weight_bias = weight_bias
+    return learning
+
+
 @main.command()
 @click.option("--spam", "spam_paths", multiple=True, metavar="PATH", help="Mails that are spam.")
 @click.option("--ham", "ham_paths", multiple=True, metavar="PATH", help="Mails that are not.")
@@ -220,9 +234,7 @@ def train(
     from poste.spam.learn import train_into, update_into
 
     pre = tuple(drop_prefixes)
-    learning = Learning()
-    if weight_bias is not None:
-        learning.weight_bias = weight_bias
+    learning = _learning(weight_bias=weight_bias)
     try:
         if update:
             # the learn mails' read-modify-write: locked, loaded as it is now on disk, saved
@@ -537,13 +549,7 @@ def _holdout(
         tokens = list(tokenize_many(raws, params.max_bytes, jobs))
         folders.append(Folder(name, is_spam, raws, tokens, [mail_time(r) for r in raws]))
     if time_folds:
-        learning = Learning()
-        if ham_weight is not None:
-            learning.ham_weight = ham_weight
-        if l2 is not None:
-            learning.l2 = l2
-        if weight_bias is not None:
-            learning.weight_bias = weight_bias
+        learning = _learning(ham_weight=ham_weight, l2=l2, weight_bias=weight_bias)
         folds = rolling(
             folders, fraction, time_folds, params, epochs, members=members, seed=seed,
             min_count=min_count, drop=drop, shrink=shrink, learning=learning,

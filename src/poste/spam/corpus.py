@@ -103,7 +103,6 @@ def split_mbox_file(f: BufferedIOBase, piece: int = _PIECE) -> Iterator[bytes]:
         elif eof:
             return
         elif not starts:  # text before the first From_ line: split_mbox drops it
-            scan = max(have - 5, 0)
             buf[: have - scan] = buf[scan:have]
             have -= scan
             scan = 0

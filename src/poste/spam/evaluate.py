@@ -373,25 +373,19 @@ def rolling(
     total = SplitReport(f"{nfolds} folds", spam_folders=spam_folders)
     reports = []
     for k in range(1, nfolds + 1):
+        # the senders of part k, whose older mail stays out (none without unseen_senders)
+        tested = {
+            key
+            for keys, part in zip(senders or (), parts, strict=False)
+            for key, p in zip(keys, part, strict=True)
+            if p == k
+        }
         train = [
             (tokens, folder.is_spam)
-            for folder, part in zip(inner, parts, strict=True)
-            for tokens, p in zip(folder.tokens, part, strict=True)
-            if p < k
+            for i, (folder, part) in enumerate(zip(inner, parts, strict=True))
+            for j, (tokens, p) in enumerate(zip(folder.tokens, part, strict=True))
+            if p < k and (senders is None or senders[i][j] not in tested)
         ]
-        if senders is not None:
-            tested = {
-                key
-                for keys, part in zip(senders, parts, strict=True)
-                for key, p in zip(keys, part, strict=True)
-                if p == k
-            }
-            train = [
-                (tokens, folder.is_spam)
-                for folder, part, keys in zip(inner, parts, senders, strict=True)
-                for tokens, p, key in zip(folder.tokens, part, keys, strict=True)
-                if p < k and key not in tested
-            ]
         db = Database(learning, members=members)
         # the shipped database's recipe (`train --min-count --drop`), through its own code
         train_into(db, train, epochs, min_count=min_count, drop_prefixes=tuple(drop), seed=seed)

@@ -339,10 +339,10 @@ def update_into(
     with locked(path):
         if os.path.exists(path):
             db = Database.load(path)
+            if compress is None:
+                compress = _is_gzip(path) or None
         else:
             db = Database(learning, members=members)
-        if compress is None and os.path.exists(path):
-            compress = _is_gzip(path) or None
         dropped = train_into(db, mails, epochs, min_count=min_count,
                              drop_prefixes=drop_prefixes, sparse=sparse, note=note, seed=seed,
                              merge=merge)
